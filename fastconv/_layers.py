@@ -1,0 +1,195 @@
+"""Layer classes: hold parameters and gradients, delegate the arithmetic to ``_functional``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastconv._functional import conv2d, conv2d_backward
+from fastconv._validation import (
+    IntPair,
+    Padding,
+    _as_int,
+    as_array,
+    as_padding,
+    as_positive_pair,
+    check_ndim,
+    compute_dtype,
+)
+
+__all__ = ["Conv2D"]
+
+
+class Conv2D:
+    """2-D convolution layer with ``forward``/``backward``, in the seeds' style.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C and F.
+    kernel_size : int or (int, int)
+        (KH, KW).
+    stride : int or (int, int), default 1
+    padding : int, (int, int) or (top, bottom, left, right), default 0
+    dilation : int or (int, int), default 1
+    bias : bool, default True
+        Whether the layer has a bias ``b`` (``b`` and ``db`` are None otherwise).
+    dtype : float32 or float64, default float32
+        dtype of ``W`` and ``b``.
+    rng : None, int or numpy.random.Generator
+        Source of the initial weights: PyTorch's default,
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = C*KH*KW``,
+        for both ``W`` and ``b``.
+    n_threads : int, optional
+        OpenMP threads for every call (see :func:`fastconv.conv2d`).
+
+    Attributes
+    ----------
+    W : ndarray, shape (F, C, KH, KW)
+    b : ndarray, shape (F,) or None
+    dW, db : ndarray or None
+        Gradients from the last :meth:`backward` (None before it).
+
+    Notes
+    -----
+    :meth:`forward` keeps a reference to its input for :meth:`backward`
+    (nothing is copied): do not modify it in place between the two calls.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import Conv2D
+    >>> layer = Conv2D(3, 8, kernel_size=3, padding=1, rng=0)
+    >>> layer
+    Conv2D(3, 8, kernel_size=(3, 3), padding=1)
+    >>> x = np.ones((2, 3, 5, 5), np.float32)
+    >>> y = layer(x)
+    >>> y.shape, y.dtype
+    ((2, 8, 5, 5), dtype('float32'))
+    >>> dx = layer.backward(np.ones_like(y))
+    >>> dx.shape, layer.dW.shape, layer.db.shape
+    ((2, 3, 5, 5), (8, 3, 3, 3), (8,))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        bias: bool = True,
+        dtype=np.float32,
+        rng=None,
+        *,
+        n_threads: int | None = None,
+    ) -> None:
+        in_channels = _as_int(in_channels, "in_channels")
+        out_channels = _as_int(out_channels, "out_channels")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
+            )
+        kh, kw = as_positive_pair(kernel_size, "kernel_size")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False, got {bias!r}")
+        rng = np.random.default_rng(rng)
+        bound = 1.0 / math.sqrt(in_channels * kh * kw)
+        W = rng.uniform(-bound, bound, (out_channels, in_channels, kh, kw)).astype(dtype)
+        b = rng.uniform(-bound, bound, out_channels).astype(dtype) if bias else None
+        self._setup(W, b, stride, padding, dilation, n_threads)
+
+    def _setup(self, W, b, stride, padding, dilation, n_threads) -> None:
+        self.W = W
+        self.b = b
+        self.stride = as_positive_pair(stride, "stride")
+        self.padding = as_padding(padding)
+        self.dilation = as_positive_pair(dilation, "dilation")
+        self.n_threads = n_threads
+        self.dW = None
+        self.db = None
+        self._x = None
+
+    @classmethod
+    def from_weights(cls, W: np.ndarray, b: np.ndarray | None = None, stride: IntPair = 1,
+                     pad: Padding = 0) -> "Conv2D":
+        """A layer around existing parameters, like the seeds' ``Convolution(W, b, stride, pad)``.
+
+        ``W`` (F, C, KH, KW) and ``b`` (F,) are used as given (no copy), so an
+        optimiser updating them in place updates the layer.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fastconv import Conv2D
+        >>> layer = Conv2D.from_weights(np.ones((4, 3, 5, 5)), np.zeros(4), stride=1, pad=2)
+        >>> layer
+        Conv2D(3, 4, kernel_size=(5, 5), padding=2, dtype=float64)
+        """
+        W = as_array(W, "W")
+        check_ndim(W, 4, "W", "(F, C, KH, KW)")
+        if b is not None:
+            b = as_array(b, "b")
+            if b.shape != (W.shape[0],):
+                raise ValueError(f"b must have shape ({W.shape[0]},) to match W.shape={W.shape}, "
+                                 f"got b.shape={b.shape}")
+        compute_dtype(W.dtype, *(() if b is None else (b.dtype,)))
+        layer = cls.__new__(cls)
+        layer._setup(W, b, stride, pad, 1, None)
+        return layer
+
+    @property
+    def in_channels(self) -> int:
+        return self.W.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.W.shape[2], self.W.shape[3])
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Convolve ``x`` (N, C, H, W) and keep it for :meth:`backward`."""
+        y = conv2d(x, self.W, self.b, self.stride, self.padding, self.dilation,
+                   n_threads=self.n_threads)
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
+        if self._x is None:
+            raise RuntimeError("Conv2D.backward called before forward")
+        dx, dW, db = conv2d_backward(dout, self._x, self.W, self.stride, self.padding,
+                                     self.dilation, n_threads=self.n_threads)
+        self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
+        self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
+        return dx
+
+    def __repr__(self) -> str:
+        parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        top, bottom, left, right = self.padding
+        if any(self.padding):
+            if top == bottom == left == right:
+                parts.append(f"padding={top}")
+            elif top == bottom and left == right:
+                parts.append(f"padding={(top, left)}")
+            else:
+                parts.append(f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.b is None:
+            parts.append("bias=False")
+        if self.W.dtype != np.float32:
+            parts.append(f"dtype={self.W.dtype}")
+        return f"{type(self).__name__}({', '.join(parts)})"

@@ -1,0 +1,254 @@
+"""Argument normalisation and every user-facing ValueError/TypeError.
+
+The kernels assume valid input: everything a user can get wrong is checked here,
+before any Cython code runs, and the messages name the argument, its value and
+the shapes involved.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import NamedTuple, Sequence, Union
+
+import numpy as np
+
+IntPair = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int]]
+
+#: The dtypes the kernels are compiled for.
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_int(value, name: str) -> int:
+    """``value`` as a Python int; bools, floats and other types are a TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    return operator.index(value)
+
+
+def as_pair(value: IntPair, name: str) -> tuple[int, int]:
+    """Normalise an int or an (h, w) pair to a tuple of two ints.
+
+    Parameters
+    ----------
+    value : int or sequence of two ints
+    name : str
+        Argument name used in error messages.
+
+    Returns
+    -------
+    (int, int)
+
+    Raises
+    ------
+    TypeError
+        If ``value`` (or an element) is not an integer (bools are rejected).
+    ValueError
+        If a sequence does not have exactly two elements.
+    """
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+        items = tuple(value)
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        return (_as_int(items[0], name), _as_int(items[1], name))
+    v = _as_int(value, name)
+    return (v, v)
+
+
+def as_positive_pair(value: IntPair, name: str) -> tuple[int, int]:
+    """Like :func:`as_pair`, and both values must be >= 1 (stride, dilation, kernel size)."""
+    pair = as_pair(value, name)
+    if pair[0] < 1 or pair[1] < 1:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, int]:
+    """Normalise padding to ``(top, bottom, left, right)``.
+
+    Accepts an int (all four sides), an ``(ph, pw)`` pair (top = bottom = ph,
+    left = right = pw) or the seeds' 4-tuple ``(top, bottom, left, right)``.
+
+    Raises
+    ------
+    TypeError
+        If a value is not an integer.
+    ValueError
+        If a value is negative or the sequence length is not 1, 2 or 4.
+    """
+    if isinstance(value, str):
+        raise ValueError(
+            f"{name}={value!r}: string padding is not supported yet; "
+            "use an int, (ph, pw) or (top, bottom, left, right)"
+        )
+    if isinstance(value, bytes):
+        raise TypeError(f"{name} must be an int or a tuple of ints, got {value!r}")
+    if isinstance(value, Sequence) or isinstance(value, np.ndarray):
+        items = tuple(_as_int(v, name) for v in value)
+        if len(items) == 1:
+            items = items * 4
+        elif len(items) == 2:
+            items = (items[0], items[0], items[1], items[1])
+        elif len(items) != 4:
+            raise ValueError(
+                f"{name} must be an int, (ph, pw) or (top, bottom, left, right), got {value!r}"
+            )
+    else:
+        items = (_as_int(value, name),) * 4
+    if min(items) < 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    return items
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                     dilation: int = 1) -> int:
+    """Output length along one axis: ``(size + pads - d*(k-1) - 1) // stride + 1``.
+
+    May be < 1; callers turn that into an error with their own context.
+    """
+    span = dilation * (kernel - 1) + 1
+    padded = size + pad_before + pad_after
+    if padded < span:
+        return 0
+    return (padded - span) // stride + 1
+
+
+def compute_dtype(*dtypes) -> np.dtype:
+    """The float dtype a computation on arrays of ``dtypes`` runs in.
+
+    NumPy promotion, then: float16 becomes float32, integers and bools become
+    float64 (as ``np.mean`` does). Complex, object, string and other kinds are
+    a TypeError.
+    """
+    for dt in dtypes:
+        if dt.kind not in "biuf":
+            raise TypeError(
+                f"unsupported dtype {dt}: fastconv computes in float32 or float64 "
+                "(integer and bool inputs are converted to float64)"
+            )
+    dt = np.result_type(*dtypes)
+    if dt.kind in "biu":
+        return np.dtype(np.float64)
+    if dt.itemsize < 4:
+        return np.dtype(np.float32)
+    if dt not in SUPPORTED_DTYPES:  # longdouble
+        raise TypeError(f"unsupported dtype {dt}: fastconv computes in float32 or float64")
+    return dt
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """``value`` as an ndarray (without copying); None and non-numeric objects are errors."""
+    if value is None:
+        raise TypeError(f"{name} must be an array, got None")
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} has unsupported dtype {arr.dtype}: fastconv computes in float32 or "
+            "float64 (integer and bool inputs are converted to float64)"
+        )
+    return arr
+
+
+def as_shape(value, name: str, ndim: int) -> tuple[int, ...]:
+    """A shape of ``ndim`` non-negative ints."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a tuple of {ndim} ints, got {value!r}")
+    shape = tuple(_as_int(v, name) for v in value)
+    if len(shape) != ndim or min(shape) < 0:
+        raise ValueError(f"{name} must be {ndim} non-negative ints, got {value!r}")
+    return shape
+
+
+def check_ndim(arr: np.ndarray, ndim: int, name: str, layout: str) -> None:
+    if arr.ndim != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D {layout}, got {arr.ndim}-D array with shape {arr.shape}"
+        )
+
+
+class ConvGeometry(NamedTuple):
+    """Every size of one 2-D convolution, validated (the kernels' contract)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    F: int
+    KH: int
+    KW: int
+    stride_h: int
+    stride_w: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    dilation_h: int
+    dilation_w: int
+    OH: int
+    OW: int
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.F, self.OH, self.OW)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.F, self.C, self.KH, self.KW)
+
+    @property
+    def is_pointwise(self) -> bool:
+        """1x1 kernel, stride 1, no padding: the input plane already is the column matrix."""
+        return (self.KH == 1 and self.KW == 1 and self.stride_h == 1 and self.stride_w == 1
+                and self.pad_top == 0 and self.pad_bottom == 0
+                and self.pad_left == 0 and self.pad_right == 0)
+
+
+def conv_geometry(x_shape, w_shape, stride, padding, dilation) -> ConvGeometry:
+    """Validate and collect the sizes of ``conv2d(x, w)``.
+
+    ``x_shape`` is (N, C, H, W) and ``w_shape`` is (F, C, KH, KW); both have
+    already been checked to be 4-D.
+    """
+    sh, sw = as_positive_pair(stride, "stride")
+    dh, dw = as_positive_pair(dilation, "dilation")
+    top, bottom, left, right = as_padding(padding)
+    N, C, H, W = (int(s) for s in x_shape)
+    F, CW, KH, KW = (int(s) for s in w_shape)
+    if C != CW:
+        raise ValueError(
+            f"x has {C} channels but weight expects {CW} "
+            f"(x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)})"
+        )
+    if F < 1 or KH < 1 or KW < 1 or C < 1:
+        raise ValueError(f"weight must have non-zero sizes, got weight.shape={tuple(w_shape)}")
+    OH = conv_output_size(H, KH, sh, top, bottom, dh)
+    OW = conv_output_size(W, KW, sw, left, right, dw)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"output size would be {OH}x{OW} (< 1): input {H}x{W} with "
+            f"padding (top, bottom, left, right)={(top, bottom, left, right)} is smaller than "
+            f"the dilated kernel {dh * (KH - 1) + 1}x{dw * (KW - 1) + 1} "
+            f"(x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)}, "
+            f"dilation={(dh, dw)})"
+        )
+    return ConvGeometry(N, C, H, W, F, KH, KW, sh, sw, top, bottom, left, right, dh, dw, OH, OW)
+
+
+def resolve_n_threads(n_threads, max_threads: int) -> int:
+    """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1)."""
+    if n_threads is None:
+        return max_threads
+    n = _as_int(n_threads, "n_threads")
+    if n == 0:
+        raise ValueError("n_threads=0 is invalid: use None for all cores, a positive count, "
+                         "or a negative one to count back from all cores")
+    if n < 0:
+        return max(max_threads + 1 + n, 1)
+    return n
