@@ -1,0 +1,695 @@
+"""The standard benchmark suite behind ``python -m fastconv bench``.
+
+Times :func:`fastconv.conv2d` and :func:`fastconv.conv2d_backward` on a fixed
+set of layer shapes against the pure-NumPy reference, the bare BLAS gemm the
+forward pass is built on, and (when it is installed) PyTorch, and prints a
+GitHub-markdown table. ``--memory`` instead measures the extra peak memory of
+one forward + backward pass.
+
+Everything is data-driven: a row of the suite is a :class:`Shape` in
+:data:`SUITE`, a column of the table is an entry of :data:`SUITE_COLUMNS`, so
+adding either is a one-line change. :func:`run_suite` and :func:`format_table`
+are public to this module so that the tests and asv benchmarks reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+#: The two passes every shape is timed for, in table order.
+PASSES = ("forward", "backward")
+
+#: Default repeats per measurement (the median is reported), and with ``--quick``.
+DEFAULT_REPEAT = 7
+QUICK_REPEAT = 3
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One convolution layer of the suite: square stride and symmetric padding.
+
+    Parameters
+    ----------
+    name : str
+        Row label, also what ``--only`` selects.
+    N, C, H, W : int
+        Input batch, channels, height and width.
+    F, KH, KW : int
+        Number of filters and kernel height and width.
+    stride, pad : int
+        Stride and zero padding, the same along both axes and on all sides.
+    """
+
+    name: str
+    N: int
+    C: int
+    H: int
+    W: int
+    F: int
+    KH: int
+    KW: int
+    stride: int
+    pad: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, H, W)``."""
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """``(F, C, KH, KW)``."""
+        return (self.F, self.C, self.KH, self.KW)
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """``(OH, OW)`` with ``OH = (H + 2*pad - KH) // stride + 1``."""
+        oh = (self.H + 2 * self.pad - self.KH) // self.stride + 1
+        ow = (self.W + 2 * self.pad - self.KW) // self.stride + 1
+        return (oh, ow)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """``(N, F, OH, OW)``."""
+        return (self.N, self.F) + self.output_hw
+
+    @property
+    def gemm_mnk(self) -> tuple[int, int, int]:
+        """``(M, K, N)`` of the forward pass as one GEMM: ``W (F x C*KH*KW) @ col``.
+
+        The whole batch is one GEMM with ``N = batch*OH*OW`` columns: the
+        bound no im2col scheme can beat, whatever its per-image tiling.
+        """
+        oh, ow = self.output_hw
+        return (self.F, self.C * self.KH * self.KW, self.N * oh * ow)
+
+    def forward_flops(self) -> int:
+        """``2*N*F*OH*OW*C*KH*KW``: one multiply and one add per weight tap."""
+        m, k, n = self.gemm_mnk
+        return 2 * m * k * n
+
+    def backward_flops(self) -> int:
+        """Twice the forward: one GEMM of the same size each for dx and dW.
+
+        The bias gradient (a sum over ``N*OH*OW``) is negligible and not counted.
+        """
+        return 2 * self.forward_flops()
+
+    def flops(self, pass_: str) -> int:
+        """:meth:`forward_flops` or :meth:`backward_flops` by pass name."""
+        return self.forward_flops() if pass_ == "forward" else self.backward_flops()
+
+    def with_batch(self, n: int) -> "Shape":
+        """The same layer with batch size ``n``."""
+        return dataclasses.replace(self, N=n)
+
+    def make_inputs(self, dtype="float32", seed: int = 0) -> dict[str, np.ndarray]:
+        """Random ``x``, ``weight``, ``bias`` and ``grad_output`` of ``dtype``.
+
+        The weight is scaled by ``1/sqrt(C*KH*KW)`` so outputs stay O(1): no
+        overflow in float32 and no denormals to slow anyone down.
+        """
+        rng = np.random.default_rng(seed)
+        dtype = np.dtype(dtype)
+        k = self.C * self.KH * self.KW
+        weight = rng.standard_normal(self.weight_shape, dtype=dtype)
+        weight *= dtype.type(1.0 / np.sqrt(k))
+        return {
+            "x": rng.standard_normal(self.input_shape, dtype=dtype),
+            "weight": weight,
+            "bias": rng.standard_normal(self.F, dtype=dtype),
+            "grad_output": rng.standard_normal(self.output_shape, dtype=dtype),
+        }
+
+
+#: The standard suite, in table order.
+SUITE = (
+    Shape("lenet-mnist", 100, 1, 28, 28, 30, 5, 5, 1, 0),
+    Shape("cifar-3x3", 64, 3, 32, 32, 32, 3, 3, 1, 1),
+    Shape("resnet-stem", 8, 3, 224, 224, 64, 7, 7, 2, 3),
+    Shape("resnet-1x1", 8, 256, 56, 56, 64, 1, 1, 1, 0),
+    Shape("resnet-3x3", 8, 64, 56, 56, 64, 3, 3, 1, 1),
+    Shape("resnet-3x3-s2", 8, 128, 56, 56, 128, 3, 3, 2, 1),
+    Shape("vgg-mid", 8, 128, 56, 56, 128, 3, 3, 1, 1),
+    Shape("deep-7x7", 32, 512, 7, 7, 512, 3, 3, 1, 1),
+)
+
+#: Shape measured by ``--memory`` when no name is given.
+DEFAULT_MEMORY_SHAPE = "vgg-mid"
+
+#: ``(row key, header)`` of the timing table; ``{gemm}`` becomes sgemm or dgemm.
+#: A column is printed only when some row has a value for it, so optional
+#: measurements (reference, gemm, torch) need no special cases.
+SUITE_COLUMNS = (
+    ("shape", "shape"),
+    ("pass", "pass"),
+    ("fastconv_ms", "fastconv ms"),
+    ("reference_ms", "reference ms"),
+    ("speedup", "speedup"),
+    ("gflops", "GFLOP/s"),
+    ("gemm_ms", "{gemm} ms"),
+    ("vs_gemm", "vs {gemm}"),
+    ("torch_ms", "torch ms"),
+    ("vs_torch", "vs torch"),
+)
+
+#: ``(row key, header)`` of the ``--memory`` table.
+MEMORY_COLUMNS = (
+    ("shape", "shape"),
+    ("N", "N"),
+    ("arrays_mib", "arrays MiB"),
+    ("fastconv_extra_mib", "fastconv extra MiB"),
+    ("reference_extra_mib", "reference extra MiB"),
+)
+
+
+# --------------------------------------------------------------------------
+# measuring
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def time_call(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    """Median wall time of ``fn()`` in milliseconds over ``repeat`` runs.
+
+    One untimed warm-up run comes first, so cached workspaces, page faults and
+    BLAS thread start-up stay out of the numbers. Returns the median and the
+    warm-up's result (for a correctness check that costs no extra run).
+    """
+    result = fn()
+    times = []
+    for _ in range(max(repeat, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, result
+
+
+def _as_tuple(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def relative_error(result, expected) -> float:
+    """Largest ``max|a - b| / max|b|`` over the arrays of two results."""
+    worst = 0.0
+    for a, b in zip(_as_tuple(result), _as_tuple(expected)):
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), np.finfo(np.float64).tiny)
+        worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)) / scale)
+    return worst
+
+
+def _conv_call(module, pass_: str, shape: Shape, arrays: dict, **kwargs) -> Callable[[], object]:
+    """A no-argument call of ``module.conv2d`` or ``module.conv2d_backward``.
+
+    ``module`` is :mod:`fastconv` or :mod:`fastconv.reference`: both share the
+    positional signature, only fastconv takes ``n_threads``.
+    """
+    x, w, b, g = arrays["x"], arrays["weight"], arrays["bias"], arrays["grad_output"]
+    s, p = shape.stride, shape.pad
+    if pass_ == "forward":
+        return lambda: module.conv2d(x, w, b, s, p, **kwargs)
+    return lambda: module.conv2d_backward(g, x, w, s, p, **kwargs)
+
+
+def gemm_call(shape: Shape, dtype="float32", seed: int = 0) -> Callable[[], object]:
+    """A no-argument call of BLAS ``?gemm`` of the forward pass's size.
+
+    ``A`` (F x K) and ``B`` (K x batch*OH*OW) are Fortran-ordered: scipy's
+    f2py wrapper hands those to BLAS as they are, while C-ordered operands
+    would be copied on every call and the copy timed with the product.
+    """
+    from scipy.linalg.blas import get_blas_funcs
+
+    rng = np.random.default_rng(seed)
+    m, k, n = shape.gemm_mnk
+    a = np.asfortranarray(rng.standard_normal((m, k), dtype=dtype))
+    b = np.asfortranarray(rng.standard_normal((k, n), dtype=dtype))
+    gemm = get_blas_funcs("gemm", (a, b))
+    return lambda: gemm(1.0, a, b)
+
+
+def _import_torch():
+    """:mod:`torch` if it imports, else None: torch is never a dependency."""
+    try:
+        import torch
+    except Exception:  # ImportError, or a broken install failing in its own way
+        return None
+    return torch
+
+
+def _torch_call(torch, pass_: str, shape: Shape, arrays: dict) -> Callable[[], object]:
+    """A no-argument call of torch's conv2d forward, or of its backward alone.
+
+    The backward runs the graph of one precomputed forward with
+    ``grad_outputs=g`` (the gradient of ``(y * g).sum()``) and
+    ``retain_graph=True``, so the timing holds the backward and nothing else,
+    like fastconv's.
+    """
+    conv2d = torch.nn.functional.conv2d
+    x, w, b, g = (torch.from_numpy(arrays[k]) for k in ("x", "weight", "bias", "grad_output"))
+    s, p = shape.stride, shape.pad
+    if pass_ == "forward":
+        def forward():
+            with torch.no_grad():
+                return conv2d(x, w, b, s, p)
+        return forward
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = conv2d(x, w, b, s, p)
+    return lambda: torch.autograd.grad(y, (x, w, b), grad_outputs=g, retain_graph=True)
+
+
+def run_suite(
+    shapes: Iterable[Shape] = SUITE,
+    threads: Optional[int] = None,
+    dtype="float32",
+    repeat: int = DEFAULT_REPEAT,
+    *,
+    reference: bool = True,
+    reference_repeat: Optional[int] = None,
+    gemm: bool = True,
+    torch: Optional[bool] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[dict]:
+    """Time every shape x pass and return one dict per table row.
+
+    Parameters
+    ----------
+    shapes : iterable of Shape
+        Rows to time, in order (default: the whole :data:`SUITE`).
+    threads : int, optional
+        Thread count for everything: fastconv's ``n_threads``, the BLAS behind
+        the reference and the gemm (via ``threadpoolctl``) and torch. Default:
+        :func:`usable_cpus`.
+    dtype : {"float32", "float64"}
+    repeat : int
+        Timed runs per measurement after one warm-up; the median is reported.
+    reference : bool
+        Time :mod:`fastconv.reference` too.
+    reference_repeat : int, optional
+        Timed runs of the slow reference (default: ``repeat``).
+    gemm : bool
+        Time the bare forward GEMM (forward rows only).
+    torch : bool, optional
+        Time PyTorch; None means "if it imports".
+    progress : callable, optional
+        Called with one line of text per row (``main`` sends them to stderr).
+
+    Returns
+    -------
+    list of dict
+        Keys: ``shape``, ``pass``, ``dtype``, ``threads``, ``flops`` and the
+        keys of :data:`SUITE_COLUMNS`; times in milliseconds; a measurement
+        that was not made is None. ``rel_err`` is fastconv's largest relative
+        deviation from the reference (None without the reference).
+    """
+    import fastconv
+    from threadpoolctl import threadpool_limits
+
+    threads = usable_cpus() if threads is None else int(threads)
+    dtype = np.dtype(dtype)
+    reference_repeat = repeat if reference_repeat is None else reference_repeat
+    ref_module = None
+    if reference:
+        from fastconv import reference as ref_module
+    torch_module = _import_torch() if torch is None or torch else None
+    if torch and torch_module is None:
+        raise RuntimeError("torch=True but `import torch` failed")
+
+    rows = []
+    for shape in shapes:
+        arrays = shape.make_inputs(dtype)
+        # One BLAS limit around everything, so the reference, the gemm and any
+        # BLAS call fastconv makes outside its own OpenMP regions all get the
+        # same thread count as fastconv's n_threads.
+        with threadpool_limits(limits=threads, user_api="blas"):
+            for pass_ in PASSES:
+                row = _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
+                                threads, dtype, repeat, reference_repeat, gemm)
+                rows.append(row)
+                if progress is not None:
+                    progress(_progress_line(row))
+    return rows
+
+
+def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
+              threads, dtype, repeat, reference_repeat, gemm) -> dict:
+    """Measure one table row (see :func:`run_suite` for the keys)."""
+    flops = shape.flops(pass_)
+    fast_ms, fast_result = time_call(
+        _conv_call(fastconv, pass_, shape, arrays, n_threads=threads), repeat)
+    row = {
+        "shape": shape.name, "pass": pass_, "dtype": dtype.name, "threads": threads,
+        "flops": flops, "fastconv_ms": fast_ms, "gflops": flops / (fast_ms * 1e-3) / 1e9,
+        "reference_ms": None, "speedup": None, "rel_err": None,
+        "gemm_ms": None, "vs_gemm": None, "torch_ms": None, "vs_torch": None,
+    }
+    if ref_module is not None:
+        ref_ms, ref_result = time_call(
+            _conv_call(ref_module, pass_, shape, arrays), reference_repeat)
+        row["reference_ms"] = ref_ms
+        row["speedup"] = ref_ms / fast_ms
+        row["rel_err"] = relative_error(fast_result, ref_result)
+        del ref_result
+    del fast_result
+    if gemm and pass_ == "forward":
+        row["gemm_ms"], _ = time_call(gemm_call(shape, dtype), repeat)
+        row["vs_gemm"] = fast_ms / row["gemm_ms"]
+    if torch_module is not None:
+        saved = torch_module.get_num_threads()
+        torch_module.set_num_threads(threads)
+        try:
+            row["torch_ms"], _ = time_call(_torch_call(torch_module, pass_, shape, arrays), repeat)
+        finally:
+            torch_module.set_num_threads(saved)
+        row["vs_torch"] = row["torch_ms"] / fast_ms
+    return row
+
+
+def _progress_line(row: dict) -> str:
+    parts = [f"{row['shape']} {row['pass']}: fastconv {_format_value(row['fastconv_ms'])} ms"]
+    for key, label in (("reference_ms", "reference"), ("gemm_ms", "gemm"), ("torch_ms", "torch")):
+        if row[key] is not None:
+            parts.append(f"{label} {_format_value(row[key])} ms")
+    if row["rel_err"] is not None:
+        parts.append(f"rel err vs reference {row['rel_err']:.1e}")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------
+# memory
+
+
+def _memory_child() -> None:
+    """Subprocess body of :func:`measure_memory`: print one JSON result.
+
+    Reads a JSON spec from ``sys.argv[1]``. The inputs are made before
+    tracing starts, so the traced peak is what one forward + backward
+    allocates, cached workspaces of a first call included.
+    """
+    import tracemalloc
+
+    from threadpoolctl import threadpool_limits
+
+    spec = json.loads(sys.argv[1])
+    shape = Shape(**spec["shape"])
+    arrays = shape.make_inputs(spec["dtype"])
+    if spec["impl"] == "fastconv":
+        import fastconv as module
+        kwargs = {"n_threads": spec["threads"]}
+    else:
+        from fastconv import reference as module
+        kwargs = {}
+    forward = _conv_call(module, "forward", shape, arrays, **kwargs)
+    backward = _conv_call(module, "backward", shape, arrays, **kwargs)
+    with threadpool_limits(limits=spec["threads"], user_api="blas"):
+        tracemalloc.start()
+        results = (forward(),) + _as_tuple(backward())
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    returned = sum(np.asarray(r).nbytes for r in results if r is not None)
+    print(json.dumps({"peak": peak, "returned": returned}))
+
+
+def _memory_in_subprocess(shape: Shape, impl: str, threads: int, dtype) -> dict:
+    """Run :func:`_memory_child` in a fresh interpreter (nothing cached yet)."""
+    spec = {"shape": dataclasses.asdict(shape), "impl": impl, "threads": threads,
+            "dtype": np.dtype(dtype).name}
+    import fastconv
+
+    # The child must import the same fastconv as this process, wherever that
+    # came from (an installed build, a source checkout on PYTHONPATH).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastconv.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, env.get("PYTHONPATH")) if p)
+    code = "from fastconv._bench import _memory_child; _memory_child()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {impl} on {shape} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(
+    shape: Shape,
+    threads: Optional[int] = None,
+    dtype="float32",
+    batches: Optional[Sequence[int]] = None,
+    *,
+    reference: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[dict]:
+    """Extra peak memory of one ``conv2d`` + ``conv2d_backward``, first call.
+
+    Parameters
+    ----------
+    shape : Shape
+    threads : int, optional
+        As in :func:`run_suite` (per-thread workspaces grow with it).
+    dtype : {"float32", "float64"}
+    batches : sequence of int, optional
+        Batch sizes to measure (default ``(N, 2N)``: does the workspace grow
+        with the batch?).
+    reference : bool
+        Measure :mod:`fastconv.reference` too.
+    progress : callable, optional
+        Called with one line of text per measurement.
+
+    Returns
+    -------
+    list of dict
+        One per batch size, with the keys of :data:`MEMORY_COLUMNS` (MiB):
+        ``arrays_mib`` is what the caller holds anyway (the inputs ``x, weight,
+        bias, grad_output`` plus the returned arrays), split into
+        ``inputs_mib`` and ``outputs_mib``; ``<impl>_extra_mib`` is on top of it.
+
+    Notes
+    -----
+    Each measurement runs in a fresh subprocess under :mod:`tracemalloc`,
+    which sees every NumPy array allocation (NumPy reports them), so
+    workspaces cached by a first call count. It does not see raw ``malloc``
+    in compiled code (per-thread buffers allocated inside a parallel region,
+    BLAS's internal buffers). "Extra" is the traced peak minus the bytes of
+    the returned ``y, grad_x, grad_weight, grad_bias``; the inputs are made
+    before tracing starts and are not counted either.
+    """
+    threads = usable_cpus() if threads is None else int(threads)
+    batches = (shape.N, 2 * shape.N) if batches is None else tuple(batches)
+    impls = ("fastconv", "reference") if reference else ("fastconv",)
+    itemsize = np.dtype(dtype).itemsize
+    rows = []
+    for n in batches:
+        s = shape.with_batch(n)
+        inputs = (math.prod(s.input_shape) + math.prod(s.weight_shape) + s.F
+                  + math.prod(s.output_shape)) * itemsize
+        row = {"shape": s.name, "N": n, "dtype": np.dtype(dtype).name, "threads": threads,
+               "inputs_mib": inputs / MIB, "outputs_mib": None, "arrays_mib": None,
+               "fastconv_extra_mib": None, "reference_extra_mib": None}
+        for impl in impls:
+            result = _memory_in_subprocess(s, impl, threads, dtype)
+            row["outputs_mib"] = result["returned"] / MIB
+            row["arrays_mib"] = row["inputs_mib"] + row["outputs_mib"]
+            row[f"{impl}_extra_mib"] = (result["peak"] - result["returned"]) / MIB
+            if progress is not None:
+                progress(f"{s.name} N={n} {impl}: extra peak "
+                         f"{_format_value(row[f'{impl}_extra_mib'])} MiB")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------
+# output
+
+
+def _format_value(value) -> str:
+    """Three significant digits without exponents (10.1, 1.23, 1234), '' for None."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 0.01 or magnitude == 0:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
+
+
+def format_table(rows: Sequence[dict], columns=SUITE_COLUMNS) -> str:
+    """A GitHub-markdown table of ``rows``: header, separator, one line per row.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        As returned by :func:`run_suite` or :func:`measure_memory`.
+    columns : sequence of (key, header)
+        Columns in order. A column whose key is None (or missing) in every
+        row is left out; ``{gemm}`` in a header becomes ``sgemm`` or ``dgemm``
+        after the rows' dtype.
+
+    Returns
+    -------
+    str
+        Without a trailing newline. Text columns are left-aligned, numbers
+        right-aligned, and cells are padded so the table also reads as text.
+    """
+    dtype = rows[0].get("dtype", "float32") if rows else "float32"
+    gemm = "dgemm" if dtype == "float64" else "sgemm"
+    shown = [(key, header.format(gemm=gemm)) for key, header in columns
+             if any(row.get(key) is not None for row in rows)]
+    cells = [[_format_value(row.get(key)) for key, _ in shown] for row in rows]
+    numeric = [all(not isinstance(row.get(key), str) for row in rows) for key, _ in shown]
+    widths = [max([len(header)] + [len(line[i]) for line in cells])
+              for i, (_, header) in enumerate(shown)]
+
+    def line(values):
+        padded = (v.rjust(w) if num else v.ljust(w)
+                  for v, w, num in zip(values, widths, numeric))
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line([h for _, h in shown]), rule] + [line(c) for c in cells])
+
+
+def describe_environment(threads: int, dtype, how: str) -> str:
+    """One line naming what the numbers depend on: versions, BLAS, threads, ``how``."""
+    import platform
+
+    import fastconv
+    from threadpoolctl import threadpool_info
+
+    blas = sorted({f"{i.get('internal_api')} {i.get('version')}"
+                   + (f" ({i['architecture']})" if i.get("architecture") else "")
+                   for i in threadpool_info() if i.get("user_api") == "blas"})
+    version = getattr(fastconv, "__version__", "?")
+    return (f"fastconv {version}, numpy {np.__version__}, BLAS: {', '.join(blas) or '?'}; "
+            f"{platform.machine()} {platform.processor() or ''}".rstrip()
+            + f"; {np.dtype(dtype).name}, {threads} thread{'s' if threads != 1 else ''}, {how}")
+
+
+# --------------------------------------------------------------------------
+# command line
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastconv bench",
+        description="Time fastconv's conv2d forward and backward on a standard suite of "
+                    "layer shapes and print a GitHub-markdown table to stdout "
+                    "(progress goes to stderr).",
+        epilog="shapes: " + ", ".join(s.name for s in SUITE),
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_REPEAT} repeats instead of {DEFAULT_REPEAT}, and 1 for the "
+                             "reference")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="T",
+                        help="threads for fastconv, BLAS and torch (default: all usable cores, "
+                             f"here {usable_cpus()})")
+    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+                        help="time only these shapes (repeatable, or a comma-separated list)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--repeat", type=_positive_int, default=None, metavar="R",
+                        help="timed runs per measurement, after one warm-up "
+                             f"(default {DEFAULT_REPEAT})")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the pure-NumPy reference")
+    parser.add_argument("--no-torch", dest="torch", action="store_false",
+                        help="skip PyTorch even if it is installed")
+    parser.add_argument("--memory", nargs="?", const=DEFAULT_MEMORY_SHAPE, default=None,
+                        metavar="NAME",
+                        help="instead of timing, measure the extra peak memory of one "
+                             "forward + backward at batch N and 2N "
+                             f"(default shape: {DEFAULT_MEMORY_SHAPE})")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def select_shapes(names: Optional[Iterable[str]]) -> tuple[Shape, ...]:
+    """The suite shapes named in ``names`` (comma lists allowed), in suite order.
+
+    Raises
+    ------
+    ValueError
+        If a name is not in :data:`SUITE`; the message lists the valid names.
+    """
+    if not names:
+        return SUITE
+    wanted = {n.strip() for item in names for n in item.split(",") if n.strip()}
+    known = {s.name for s in SUITE}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"unknown shape name(s) {', '.join(unknown)}; "
+                         f"valid names: {', '.join(s.name for s in SUITE)}")
+    return tuple(s for s in SUITE if s.name in wanted)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fastconv bench``; returns the exit status.
+
+    Invalid options (an unknown ``--only`` name included) exit with status 2
+    and a message on stderr, as argparse does.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        shapes = select_shapes(args.only)
+        memory_shape = select_shapes([args.memory])[0] if args.memory else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    threads = args.threads or usable_cpus()
+
+    if memory_shape is not None:
+        rows = measure_memory(memory_shape, threads, args.dtype,
+                              reference=args.reference, progress=_stderr)
+        print(format_table(rows, MEMORY_COLUMNS))
+        print()
+        print(describe_environment(threads, args.dtype, "first call in a fresh process"))
+        return 0
+
+    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    reference_repeat = 1 if args.quick else repeat
+    _stderr(f"timing {len(shapes)} shape(s) x {len(PASSES)} passes, {args.dtype}, "
+            f"{threads} threads, {repeat} repeats")
+    rows = run_suite(shapes, threads, args.dtype, repeat, reference=args.reference,
+                     reference_repeat=reference_repeat, torch=None if args.torch else False,
+                     progress=_stderr)
+    print(format_table(rows))
+    print()
+    print(describe_environment(threads, args.dtype, f"median of {repeat} runs after a warm-up"))
+    return 0

@@ -1,0 +1,36 @@
+"""Comparison helpers with dtype-aware tolerances."""
+
+import numpy as np
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual - expected| relative to max |expected| (the scale of the result)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    if expected.size == 0:
+        return 0.0
+    scale = max(np.abs(expected).max(), np.finfo(np.float64).tiny)
+    return float(np.abs(actual - expected).max() / scale)
+
+
+def tolerance(dtype, reduction_length: int) -> float:
+    """float64: 1e-10 flat (far above what the kernels show, ~1e-15); float32: grows
+    with the length of the sums behind each element (rounding error ~ sqrt(n) eps)."""
+    if np.dtype(dtype) == np.float64:
+        return 1e-10
+    return 2e-6 * max(1.0, np.sqrt(reduction_length))
+
+
+def assert_matches(actual, expected, dtype, reduction_length: int, what: str = "") -> None:
+    assert np.asarray(actual).dtype == np.dtype(dtype), (what, np.asarray(actual).dtype, dtype)
+    err = relative_error(actual, expected)
+    tol = tolerance(dtype, reduction_length)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def random_problem(rng, N, C, H, W, F, KH, KW, dtype):
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    weight = rng.standard_normal((F, C, KH, KW)).astype(dtype)
+    bias = rng.standard_normal(F).astype(dtype)
+    return x, weight, bias

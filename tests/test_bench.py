@@ -1,0 +1,156 @@
+"""Tests of the benchmark harness (``python -m fastconv bench``).
+
+Only the plumbing is checked: shapes, FLOP counts, table layout, option
+handling. Timing values and ratios are never asserted on.
+"""
+
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from fastconv import _bench
+from fastconv._bench import SUITE, Shape, format_table, run_suite
+
+TINY = Shape("tiny", N=2, C=3, H=8, W=8, F=4, KH=3, KW=3, stride=1, pad=1)
+SUITE_NAMES = [s.name for s in SUITE]
+
+
+def _row(shape="a", pass_="forward", **values):
+    row = {"shape": shape, "pass": pass_, "dtype": "float32", "fastconv_ms": 1.5,
+           "reference_ms": None, "speedup": None, "gflops": 12.0, "gemm_ms": None,
+           "vs_gemm": None, "torch_ms": None, "vs_torch": None}
+    row.update(values)
+    return row
+
+
+def test_suite_names_are_unique():
+    assert len(set(SUITE_NAMES)) == len(SUITE_NAMES)
+
+
+def test_flops_of_suite_shape_match_hand_computation():
+    vgg = {s.name: s for s in SUITE}["vgg-mid"]
+    assert vgg.output_hw == (56, 56)
+    # 2 * N * F * OH * OW * C * KH * KW
+    assert vgg.forward_flops() == 2 * 8 * 128 * 56 * 56 * 128 * 3 * 3 == 7_398_752_256
+    assert vgg.backward_flops() == 2 * 7_398_752_256
+    stem = {s.name: s for s in SUITE}["resnet-stem"]
+    assert stem.output_shape == (8, 64, 112, 112)
+    assert stem.gemm_mnk == (64, 3 * 7 * 7, 8 * 112 * 112)
+    assert stem.flops("forward") == 2 * 8 * 64 * 112 * 112 * 3 * 7 * 7
+
+
+def test_make_inputs_shapes_and_dtype():
+    arrays = TINY.make_inputs("float64")
+    assert arrays["x"].shape == (2, 3, 8, 8)
+    assert arrays["weight"].shape == (4, 3, 3, 3)
+    assert arrays["bias"].shape == (4,)
+    assert arrays["grad_output"].shape == (2, 4, 8, 8)
+    assert all(a.dtype == np.float64 for a in arrays.values())
+    np.testing.assert_array_equal(arrays["x"], TINY.make_inputs("float64")["x"])
+
+
+def test_format_table_has_header_and_one_line_per_row():
+    rows = [_row("a", "forward", gemm_ms=0.5, vs_gemm=3.0), _row("a", "backward"),
+            _row("bb", "forward", gemm_ms=0.25, vs_gemm=6.0)]
+    lines = format_table(rows).splitlines()
+    assert len(lines) == 2 + len(rows)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["shape", "pass", "fastconv ms", "GFLOP/s", "sgemm ms", "vs sgemm"]
+    assert set(lines[1]) <= set("|-:")
+    # every line has the same number of cells, empty ones included
+    assert {line.count("|") for line in lines} == {len(header) + 1}
+    assert lines[2].split("|")[1].strip() == "a"
+
+
+def test_format_table_shows_optional_columns_and_dgemm():
+    rows = [_row(dtype="float64", reference_ms=30.0, speedup=20.0, gemm_ms=1.0,
+                 vs_gemm=1.5, torch_ms=2.0, vs_torch=1.33)]
+    header = format_table(rows).splitlines()[0]
+    for name in ("reference ms", "speedup", "dgemm ms", "vs dgemm", "torch ms", "vs torch"):
+        assert name in header
+
+
+def test_select_shapes_accepts_comma_lists_and_repeats():
+    shapes = _bench.select_shapes(["vgg-mid,lenet-mnist", "vgg-mid"])
+    assert [s.name for s in shapes] == ["lenet-mnist", "vgg-mid"]
+    assert _bench.select_shapes(None) == SUITE
+
+
+def test_only_unknown_name_exits_nonzero_listing_valid_names(capsys):
+    with pytest.raises(SystemExit) as info:
+        _bench.main(["--only", "lenet-mnist,no-such-net"])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert "no-such-net" in err
+    assert all(name in err for name in SUITE_NAMES)
+
+
+def test_module_without_subcommand_exits_2(capsys):
+    from fastconv.__main__ import main
+
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().err
+
+
+def test_run_suite_on_tiny_shape():
+    rows = run_suite([TINY], threads=1, dtype="float32", repeat=1, torch=False)
+    assert [(r["shape"], r["pass"]) for r in rows] == [("tiny", "forward"), ("tiny", "backward")]
+    forward_flops = 2 * 2 * 4 * 8 * 8 * 3 * 3 * 3
+    assert [r["flops"] for r in rows] == [forward_flops, 2 * forward_flops]
+    for r in rows:
+        assert r["fastconv_ms"] > 0 and r["reference_ms"] > 0 and r["gflops"] > 0
+        assert r["torch_ms"] is None
+        # the harness compares fastconv with the reference on the same arrays
+        assert r["rel_err"] < 1e-4
+    assert rows[0]["gemm_ms"] > 0 and rows[1]["gemm_ms"] is None
+    assert len(format_table(rows).splitlines()) == 4
+
+
+def test_run_suite_with_torch():
+    pytest.importorskip("torch")
+    rows = run_suite([TINY], threads=1, repeat=1, reference=False, gemm=False, torch=True)
+    assert all(r["torch_ms"] > 0 and r["vs_torch"] > 0 for r in rows)
+    assert "torch ms" in format_table(rows)
+
+
+def test_gemm_operands_are_not_copied():
+    # scipy's f2py gemm copies operands that are not Fortran-ordered; such a
+    # copy would be timed as part of "sgemm ms".
+    shape = Shape("gemm", N=4, C=16, H=16, W=16, F=8, KH=3, KW=3, stride=1, pad=1)
+    call = _bench.gemm_call(shape, "float32")
+    call()
+    tracemalloc.start()
+    c = call()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    m, k, n = shape.gemm_mnk
+    assert c.shape == (m, n)
+    assert peak < 1.5 * c.nbytes  # the result only; B alone is 18x larger
+
+
+def test_measure_memory_on_tiny_shape():
+    rows = _bench.measure_memory(TINY, threads=1, batches=(2,))
+    (row,) = rows
+    returned = (2 * 4 * 8 * 8 + 2 * 3 * 8 * 8 + 4 * 3 * 3 * 3 + 4) * 4
+    assert row["outputs_mib"] * _bench.MIB == pytest.approx(returned)
+    assert row["fastconv_extra_mib"] is not None and row["reference_extra_mib"] is not None
+    assert len(format_table(rows, _bench.MEMORY_COLUMNS).splitlines()) == 3
+
+
+def test_cli_quick_prints_a_table(tmp_path):
+    # One small shape, --quick, no reference, no torch import: a few seconds.
+    # The timeout only guards against a hang.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastconv", "bench", "--only", "lenet-mnist", "--quick",
+         "--no-reference", "--no-torch"],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 4
+    assert "fastconv ms" in table[0] and "lenet-mnist" in table[2]
+    assert "lenet-mnist" in proc.stderr  # progress goes to stderr
