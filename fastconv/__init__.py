@@ -9,9 +9,19 @@ dgemm for float64), behind a small NumPy-native API:
 * :mod:`fastconv.reference` - the pure-NumPy oracle the tests compare against.
 """
 
-from fastconv import reference
-from fastconv._functional import col2im, conv2d, conv2d_backward, im2col
-from fastconv._layers import Conv2D
+import os
+
+# libgomp spins ~300k iterations (here: milliseconds) after every parallel
+# region before its threads sleep, stealing a core from whatever runs next: a
+# multi-threaded np.dot right after a conv ran ~50% slower. A bounded spin keeps
+# back-to-back convolutions as fast as before (measured in README "Threads").
+# Must be set before the extensions load libgomp; the user's settings win.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+from fastconv import reference  # noqa: E402
+from fastconv._functional import col2im, conv2d, conv2d_backward, im2col  # noqa: E402
+from fastconv._layers import Conv2D  # noqa: E402
 
 __version__ = "0.1.0"
 

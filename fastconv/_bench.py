@@ -180,6 +180,10 @@ MEMORY_COLUMNS = (
 # measuring
 
 
+#: Pause before each measurement so the previous one's spinning threads go idle.
+SETTLE_SECONDS = 0.25
+
+
 def usable_cpus() -> int:
     """Cores this process may run on (the affinity mask, not the machine's count)."""
     try:
@@ -192,9 +196,14 @@ def time_call(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     """Median wall time of ``fn()`` in milliseconds over ``repeat`` runs.
 
     One untimed warm-up run comes first, so cached workspaces, page faults and
-    BLAS thread start-up stay out of the numbers. Returns the median and the
-    warm-up's result (for a correctness check that costs no extra run).
+    BLAS thread start-up stay out of the numbers. Before it, a pause lets the
+    previous measurement's thread pools go idle: OpenBLAS workers spin for
+    ~0.1 s after a multi-threaded call and halved the speed of an OpenMP
+    region started right after (measured on resnet-3x3: 32 ms vs 16 ms).
+    Returns the median and the warm-up's result (for a correctness check that
+    costs no extra run).
     """
+    time.sleep(SETTLE_SECONDS)
     result = fn()
     times = []
     for _ in range(max(repeat, 1)):

@@ -1,20 +1,25 @@
 """Convolution drivers: OpenMP over work items, per-thread workspaces, BLAS gemm.
 
-Work items are (image, column tile) for everything that reads columns
-(forward, grad_weight) and (image, channel block) for grad_x, whose col2im
-scatter must not race: channel c's rows of the column matrix only write plane
-c. The tile plan (``tile_p``, ``c_block``) comes from ``fastconv._tiling``; the
-workspaces come from ``fastconv._workspace`` and never depend on the batch.
-BLAS must be single-threaded while these run (``fastconv._threads``).
+A *column tile* is either a group of whole images (``images_per_tile > 1``,
+small planes: one gemm then has enough columns to run at full speed) or a
+range of output columns ``[p0, p1)`` of one image (large planes, and N = 1
+inference, where cutting images keeps every thread busy).
 
-Every array argument has been validated, cast and made contiguous by
-``fastconv._functional``.
+* forward and grad_weight run one work item per column tile;
+* grad_x runs one item per image group, or per (image, channel block) when
+  images are cut: col2im scatters into overlapping pixels, so two threads must
+  never share an image's plane, and channel c's rows only write plane c.
+
+The tile plan comes from ``fastconv._tiling``, the workspaces from
+``fastconv._workspace``; neither depends on the batch size. BLAS must be
+single-threaded while these run (``fastconv._threads``). Every array argument
+has been validated, cast and made contiguous by ``fastconv._functional``.
 """
 
 cimport openmp
 from cython cimport floating
-from cython.parallel cimport parallel, prange
-from libc.string cimport memset
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
 
 from fastconv._blas cimport gemm_rm
 from fastconv._im2col cimport ConvGeom, col2im_tile_add, im2col_tile, make_geom
@@ -24,59 +29,135 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef struct Tile:
+    Py_ssize_t n0, n1      # images [n0, n1)
+    Py_ssize_t p0, p1      # output columns [p0, p1) of each image
+    Py_ssize_t width       # p1 - p0
+    Py_ssize_t total       # (n1 - n0) * width: the tile's column count
+
+
+cdef inline Tile tile_of(Py_ssize_t item, Py_ssize_t N, Py_ssize_t P, Py_ssize_t images_per_tile,
+                         Py_ssize_t tile_p) noexcept nogil:
+    cdef Tile t
+    cdef Py_ssize_t tiles_per_image = ceil_div(P, tile_p)
+    cdef Py_ssize_t group = item // tiles_per_image
+    t.n0 = group * images_per_tile
+    t.n1 = min(t.n0 + images_per_tile, N)
+    t.p0 = (item - group * tiles_per_image) * tile_p
+    t.p1 = min(t.p0 + tile_p, P)
+    t.width = t.p1 - t.p0
+    t.total = (t.n1 - t.n0) * t.width
+    return t
+
+
+cdef inline Py_ssize_t n_tiles(Py_ssize_t N, Py_ssize_t P, Py_ssize_t images_per_tile,
+                               Py_ssize_t tile_p) noexcept nogil:
+    return ceil_div(N, images_per_tile) * ceil_div(P, tile_p)
+
+
+cdef void tile_columns(const floating *x, const ConvGeom *g, const Tile *t,
+                       floating *col) noexcept nogil:
+    """The tile's column matrix (K x total): the images' column blocks side by side."""
+    cdef Py_ssize_t j, image_size = g.C * g.H * g.W
+    for j in range(t.n1 - t.n0):
+        im2col_tile(x + (t.n0 + j) * image_size, g, 0, g.C, t.p0, t.p1,
+                    col + j * t.width, t.total)
+
+
+cdef void gather_planes(const floating *src, Py_ssize_t F, Py_ssize_t P, const Tile *t,
+                        floating *dst) noexcept nogil:
+    """dst[f, j*width + q] = src[n0 + j, f, p0 + q]: an (N, F, P) tile as one F x total matrix."""
+    cdef Py_ssize_t j, f
+    for j in range(t.n1 - t.n0):
+        for f in range(F):
+            memcpy(dst + f * t.total + j * t.width, src + ((t.n0 + j) * F + f) * P + t.p0,
+                   t.width * sizeof(floating))
+
+
+cdef void scatter_planes(const floating *src, Py_ssize_t F, Py_ssize_t P, const Tile *t,
+                         const floating *bias, floating *dst) noexcept nogil:
+    """The inverse of :func:`gather_planes`, adding ``bias[f]`` on the way (if not NULL)."""
+    cdef Py_ssize_t j, f, q
+    cdef const floating *s
+    cdef floating *d
+    cdef floating b
+    for j in range(t.n1 - t.n0):
+        for f in range(F):
+            s = src + f * t.total + j * t.width
+            d = dst + ((t.n0 + j) * F + f) * P + t.p0
+            if bias == NULL:
+                memcpy(d, s, t.width * sizeof(floating))
+            else:
+                b = bias[f]
+                for q in range(t.width):
+                    d[q] = s[q] + b
+
+
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
             const floating[::1] bias, floating[:, :, ::1] y,
-            floating[::1] workspace, object geometry, Py_ssize_t tile_p, int n_threads):
-    """y[n] = w2d @ im2col(x[n]) (+ bias), one column tile at a time.
+            floating[::1] workspace, object geometry, Py_ssize_t images_per_tile,
+            Py_ssize_t tile_p, int n_threads):
+    """y[n] = w2d @ im2col(x[n]) (+ bias), one column tile per work item.
 
     # IN  x: (N, C, H, W); w2d: (F, C*KH*KW); bias: (F,) or None
     # OUT y: (N, F, OH*OW)
-    # workspace: n_threads * K * tile_p elements (unused for pointwise convs)
+    # workspace: n_threads * workspace_per_thread(...) elements
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef bint pointwise = geometry.is_pointwise
-    cdef bint has_bias = bias is not None
+    cdef const floating *bias_ptr = NULL
     cdef Py_ssize_t N = x.shape[0], F = w2d.shape[0], K = w2d.shape[1]
     cdef Py_ssize_t P = g.OH * g.OW
-    cdef Py_ssize_t n_tiles = ceil_div(P, tile_p)
-    cdef Py_ssize_t item, n, p0, p1, f, p, tid
+    cdef Py_ssize_t col_size = K * images_per_tile * tile_p
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t item, f, q
+    cdef Tile t
     cdef const floating *cols
+    cdef floating *ws
     cdef floating *out
     cdef floating beta
-    cdef int ldcol
+    cdef int ldcol, ldout
     if N == 0:
         return
-    for item in prange(N * n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
-        n = item // n_tiles
-        p0 = (item - n * n_tiles) * tile_p
-        p1 = min(p0 + tile_p, P)
-        tid = openmp.omp_get_thread_num()
-        if pointwise:
+    if bias is not None:
+        bias_ptr = &bias[0]
+    for item in prange(n_tiles(N, P, images_per_tile, tile_p), nogil=True,
+                       num_threads=n_threads, schedule="static"):
+        t = tile_of(item, N, P, images_per_tile, tile_p)
+        ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+        if pointwise and t.n1 - t.n0 == 1:
             # the input plane (C x P) already is the column matrix
-            cols = &x[n, 0, 0, 0] + p0
+            cols = &x[t.n0, 0, 0, 0] + t.p0
             ldcol = <int> P
         else:
-            im2col_tile(&x[n, 0, 0, 0], &g, 0, g.C, p0, p1, &workspace[tid * K * tile_p])
-            cols = &workspace[tid * K * tile_p]
-            ldcol = <int> (p1 - p0)
-        out = &y[n, 0, p0]
+            tile_columns(&x[0, 0, 0, 0], &g, &t, ws)
+            cols = ws
+            ldcol = <int> t.total
         beta = 0
-        if has_bias:
-            beta = 1
-            for f in range(F):
-                for p in range(p1 - p0):
-                    out[f * P + p] = bias[f]
-        gemm_rm(False, False, <int> F, <int> (p1 - p0), <int> K,
-                1, &w2d[0, 0], <int> K, cols, ldcol, beta, out, <int> P)
+        if t.n1 - t.n0 == 1:
+            out = &y[t.n0, 0, t.p0]
+            ldout = <int> P
+            if bias_ptr != NULL:
+                beta = 1
+                for f in range(F):
+                    for q in range(t.width):
+                        out[f * P + q] = bias_ptr[f]
+        else:
+            out = ws + col_size
+            ldout = <int> t.total
+        gemm_rm(False, False, <int> F, <int> t.total, <int> K,
+                1, &w2d[0, 0], <int> K, cols, ldcol, beta, out, ldout)
+        if t.n1 - t.n0 > 1:
+            scatter_planes(out, F, P, &t, bias_ptr, &y[0, 0, 0])
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,
                     floating[:, ::1] partial, floating[::1] workspace, object geometry,
-                    Py_ssize_t tile_p, int n_threads, bint with_bias):
-    """Per-thread partial sums of grad_weight (and grad_bias), to be reduced by :func:`reduce_rows`.
+                    Py_ssize_t images_per_tile, Py_ssize_t tile_p, int n_threads):
+    """Per-thread partial sums of grad_weight and grad_bias, to be reduced by :func:`reduce_rows`.
 
-    partial[t, :F*K] += dy[n][:, tile] @ im2col(x[n])[:, tile].T and
-    partial[t, F*K:] += dy[n][:, tile].sum(axis=1) over the items of thread t.
+    partial[t, :F*K] += dy_tile @ cols_tile.T and partial[t, F*K:] += dy_tile.sum(axis=1)
+    over the tiles of thread t.
 
     # IN  x: (N, C, H, W); dy: (N, F, OH*OW)
     # OUT partial: (n_threads, F*K + F), zeroed here
@@ -86,86 +167,110 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
     cdef Py_ssize_t N = x.shape[0], F = dy.shape[1]
     cdef Py_ssize_t K = g.C * g.KH * g.KW
     cdef Py_ssize_t P = g.OH * g.OW
-    cdef Py_ssize_t n_tiles = ceil_div(P, tile_p)
-    cdef Py_ssize_t item, n, p0, p1, f, p, tid
+    cdef Py_ssize_t col_size = K * images_per_tile * tile_p
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t item, f, q
+    cdef Tile t
     cdef const floating *cols
     cdef const floating *grad
+    cdef floating *ws
     cdef floating *acc
     cdef floating total
-    cdef int ldcol
+    cdef int ldcol, ldgrad
     memset(&partial[0, 0], 0, partial.shape[0] * partial.shape[1] * sizeof(floating))
     if N == 0:
         return
-    for item in prange(N * n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
-        n = item // n_tiles
-        p0 = (item - n * n_tiles) * tile_p
-        p1 = min(p0 + tile_p, P)
-        tid = openmp.omp_get_thread_num()
-        if pointwise:
-            cols = &x[n, 0, 0, 0] + p0
+    for item in prange(n_tiles(N, P, images_per_tile, tile_p), nogil=True,
+                       num_threads=n_threads, schedule="static"):
+        t = tile_of(item, N, P, images_per_tile, tile_p)
+        ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+        acc = &partial[openmp.omp_get_thread_num(), 0]
+        if pointwise and t.n1 - t.n0 == 1:
+            cols = &x[t.n0, 0, 0, 0] + t.p0
             ldcol = <int> P
         else:
-            im2col_tile(&x[n, 0, 0, 0], &g, 0, g.C, p0, p1, &workspace[tid * K * tile_p])
-            cols = &workspace[tid * K * tile_p]
-            ldcol = <int> (p1 - p0)
-        grad = &dy[n, 0, p0]
-        acc = &partial[tid, 0]
-        gemm_rm(False, True, <int> F, <int> K, <int> (p1 - p0),
-                1, grad, <int> P, cols, ldcol, 1, acc, <int> K)
-        if with_bias:
-            for f in range(F):
-                total = 0
-                for p in range(p1 - p0):
-                    total = total + grad[f * P + p]
-                acc[F * K + f] = acc[F * K + f] + total
+            tile_columns(&x[0, 0, 0, 0], &g, &t, ws)
+            cols = ws
+            ldcol = <int> t.total
+        if t.n1 - t.n0 == 1:
+            grad = &dy[t.n0, 0, t.p0]
+            ldgrad = <int> P
+        else:
+            gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
+            grad = ws + col_size
+            ldgrad = <int> t.total
+        gemm_rm(False, True, <int> F, <int> K, <int> t.total,
+                1, grad, ldgrad, cols, ldcol, 1, acc, <int> K)
+        for f in range(F):
+            total = 0
+            for q in range(t.total):
+                total = total + grad[f * ldgrad + q]
+            acc[F * K + f] = acc[F * K + f] + total
 
 
 def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
                    floating[:, :, :, ::1] dx, floating[::1] workspace, object geometry,
-                   Py_ssize_t tile_p, Py_ssize_t c_block, int n_threads):
-    """dx[n] = col2im(w2d.T @ dy[n]), one (image, channel block) per work item.
+                   Py_ssize_t images_per_tile, Py_ssize_t tile_p, Py_ssize_t c_block,
+                   int n_threads):
+    """dx[n] = col2im(w2d.T @ dy[n]).
+
+    One work item per image group (``images_per_tile > 1``), else per (image,
+    channel block), each looping over the image's column tiles.
 
     # IN  w2d: (F, C*KH*KW); dy: (N, F, OH*OW)
     # OUT dx: (N, C, H, W), every element written
-    # workspace: n_threads * (c_block*KH*KW) * tile_p elements (unused for pointwise convs)
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef bint pointwise = geometry.is_pointwise
     cdef Py_ssize_t N = dx.shape[0], F = w2d.shape[0], K = w2d.shape[1]
     cdef Py_ssize_t KK = g.KH * g.KW
     cdef Py_ssize_t P = g.OH * g.OW
+    cdef Py_ssize_t image_size = g.C * g.H * g.W
     cdef Py_ssize_t plane_size = g.H * g.W
+    cdef Py_ssize_t col_size = K * images_per_tile * tile_p
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t n_blocks = ceil_div(g.C, c_block)
-    cdef Py_ssize_t n_tiles = ceil_div(P, tile_p)
-    cdef Py_ssize_t ws_per_thread = c_block * KK * tile_p
-    cdef Py_ssize_t item, n, c0, c1, t, p0, p1, tid
+    cdef Py_ssize_t tiles_per_image = ceil_div(P, tile_p)
+    cdef Py_ssize_t item, j, n, c0, c1, k, p0, p1
+    cdef Tile t
+    cdef floating *ws
     cdef floating *image
-    cdef floating *dcol
     if N == 0:
+        return
+    if images_per_tile > 1:
+        for item in prange(ceil_div(N, images_per_tile), nogil=True, num_threads=n_threads,
+                           schedule="static"):
+            t = tile_of(item, N, P, images_per_tile, P)
+            ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+            gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
+            gemm_rm(True, False, <int> K, <int> t.total, <int> F,
+                    1, &w2d[0, 0], <int> K, ws + col_size, <int> t.total, 0, ws, <int> t.total)
+            for j in range(t.n1 - t.n0):
+                image = &dx[t.n0 + j, 0, 0, 0]
+                memset(image, 0, image_size * sizeof(floating))
+                col2im_tile_add(ws + j * P, &g, 0, g.C, 0, P, t.total, image)
         return
     for item in prange(N * n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
         n = item // n_blocks
         c0 = (item - n * n_blocks) * c_block
         c1 = min(c0 + c_block, g.C)
-        tid = openmp.omp_get_thread_num()
+        ws = &workspace[openmp.omp_get_thread_num() * per_thread]
         image = &dx[n, 0, 0, 0]
-        if pointwise:
-            for t in range(n_tiles):
-                p0 = t * tile_p
-                p1 = min(p0 + tile_p, P)
+        if not pointwise:
+            memset(image + c0 * plane_size, 0, (c1 - c0) * plane_size * sizeof(floating))
+        for k in range(tiles_per_image):
+            p0 = k * tile_p
+            p1 = min(p0 + tile_p, P)
+            if pointwise:
+                # dx's plane block is the column block itself: write it directly
                 gemm_rm(True, False, <int> (c1 - c0), <int> (p1 - p0), <int> F,
                         1, &w2d[0, c0], <int> K, &dy[n, 0, p0], <int> P,
                         0, image + c0 * P + p0, <int> P)
-        else:
-            dcol = &workspace[tid * ws_per_thread]
-            memset(image + c0 * plane_size, 0, (c1 - c0) * plane_size * sizeof(floating))
-            for t in range(n_tiles):
-                p0 = t * tile_p
-                p1 = min(p0 + tile_p, P)
+            else:
                 gemm_rm(True, False, <int> ((c1 - c0) * KK), <int> (p1 - p0), <int> F,
                         1, &w2d[0, c0 * KK], <int> K, &dy[n, 0, p0], <int> P,
-                        0, dcol, <int> (p1 - p0))
-                col2im_tile_add(dcol, &g, c0, c1, p0, p1, image)
+                        0, ws, <int> (p1 - p0))
+                col2im_tile_add(ws, &g, c0, c1, p0, p1, p1 - p0, image)
 
 
 def reduce_rows(const floating[:, ::1] partial, floating[::1] out, int n_threads):

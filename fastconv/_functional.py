@@ -47,9 +47,13 @@ def _check_out(out, shape, dtype) -> np.ndarray:
     return out
 
 
-def _plan(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
-    P = geometry.OH * geometry.OW
-    return plan(geometry.N, geometry.C, geometry.KH * geometry.KW, P, dtype.itemsize, n_threads)
+def _plan_and_workspace(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
+    """The tile plan and a scratch array of n_threads equal per-thread slices."""
+    KK = geometry.KH * geometry.KW
+    tiles = plan(geometry.N, geometry.C, KK, geometry.OH * geometry.OW, dtype.itemsize,
+                 n_threads)
+    per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.F, geometry.is_pointwise)
+    return tiles, workspace("columns", dtype, n_threads * max(per_thread, 1))
 
 
 def conv2d(
@@ -146,12 +150,10 @@ def conv2d(
     if out is not None and (np.may_share_memory(out, xc) or np.may_share_memory(out, w2d)):
         raise ValueError("out must not overlap x or weight")
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    tiles = _plan(geometry, dtype, n_threads)
-    K = w2d.shape[1]
-    columns = workspace("columns", dtype, 0 if geometry.is_pointwise else n_threads * K * tiles.tile_p)
+    tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     with single_threaded_blas:
-        _conv.forward(xc, w2d, b, y.reshape(geometry.N, geometry.F, -1), columns, geometry,
-                      tiles.tile_p, n_threads)
+        _conv.forward(xc, w2d, b, y.reshape(geometry.N, geometry.F, -1), scratch, geometry,
+                      tiles.images_per_tile, tiles.tile_p, n_threads)
     return y
 
 
@@ -241,14 +243,14 @@ def conv2d_backward(
     xc = np.ascontiguousarray(x, dtype=dtype)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(F, K)
     dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(N, F, -1)
-    tiles = _plan(geometry, dtype, n_threads)
-    columns = workspace("columns", dtype, 0 if geometry.is_pointwise else n_threads * K * tiles.tile_p)
+    tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     partial = workspace("partial", dtype, n_threads * (F * K + F)).reshape(n_threads, F * K + F)
     with single_threaded_blas:
-        _conv.backward_weight(xc, dy, partial, columns, geometry, tiles.tile_p, n_threads, True)
+        _conv.backward_weight(xc, dy, partial, scratch, geometry, tiles.images_per_tile,
+                              tiles.tile_p, n_threads)
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
-        _conv.backward_input(w2d, dy, grad_x, columns, geometry, tiles.tile_p, tiles.c_block,
-                             n_threads)
+        _conv.backward_input(w2d, dy, grad_x, scratch, geometry, tiles.images_per_tile,
+                             tiles.tile_p, tiles.c_block, n_threads)
     return grad_x, grad_weight, grad_bias
 
 

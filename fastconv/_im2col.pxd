@@ -15,8 +15,8 @@ cdef ConvGeom make_geom(object geometry) except *
 
 cdef void im2col_tile(const floating *img, const ConvGeom *g,
                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
-                      floating *col) noexcept nogil
+                      floating *col, Py_ssize_t ld) noexcept nogil
 
 cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
                           Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
-                          floating *img) noexcept nogil
+                          Py_ssize_t ld, floating *img) noexcept nogil

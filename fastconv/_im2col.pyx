@@ -66,21 +66,21 @@ cdef inline Py_ssize_t clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexcep
 
 cdef void im2col_tile(const floating *img, const ConvGeom *g,
                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
-                      floating *col) noexcept nogil:
+                      floating *col, Py_ssize_t ld) noexcept nogil:
     """col[(c - c0, kh, kw), p - p0] = img[c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw] (0 outside).
 
     # IN  img: one image, (C, H, W) contiguous
-    # OUT col: ((c1 - c0) * KH * KW) rows of (p1 - p0) contiguous columns
+    # OUT col: ((c1 - c0) * KH * KW) rows of (p1 - p0) columns, row stride ld
     """
-    cdef Py_ssize_t ld = p1 - p0
     cdef Py_ssize_t plane_size = g.H * g.W
     cdef Py_ssize_t c, kh, kw, p, oh, ow, ow0, ow1, ih, a, b, lo, hi, base
     cdef const floating *plane
-    cdef floating *dst = col
+    cdef floating *dst
     for c in range(c0, c1):
         plane = img + c * plane_size
         for kh in range(g.KH):
             for kw in range(g.KW):
+                dst = col + (((c - c0) * g.KH + kh) * g.KW + kw) * ld
                 valid_ow_range(g, kw, &lo, &hi)
                 p = p0
                 while p < p1:
@@ -112,23 +112,24 @@ cdef void im2col_tile(const floating *img, const ConvGeom *g,
 
 cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
                           Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
-                          floating *img) noexcept nogil:
+                          Py_ssize_t ld, floating *img) noexcept nogil:
     """The adjoint of :func:`im2col_tile`: img[c, ih, iw] += col[(c - c0, kh, kw), p - p0].
 
     Only the planes ``c0 .. c1 - 1`` are written, so callers may run disjoint
     channel ranges of one image in parallel.
 
-    # IN  col: ((c1 - c0) * KH * KW) rows of (p1 - p0) contiguous columns
+    # IN  col: ((c1 - c0) * KH * KW) rows of (p1 - p0) columns, row stride ld
     # OUT img: one image, (C, H, W) contiguous, accumulated into
     """
     cdef Py_ssize_t plane_size = g.H * g.W
     cdef Py_ssize_t c, kh, kw, p, oh, ow, ow0, ow1, ih, a, b, lo, hi, base
     cdef floating *plane
-    cdef const floating *src = col
+    cdef const floating *src
     for c in range(c0, c1):
         plane = img + c * plane_size
         for kh in range(g.KH):
             for kw in range(g.KW):
+                src = col + (((c - c0) * g.KH + kh) * g.KW + kw) * ld
                 valid_ow_range(g, kw, &lo, &hi)
                 p = p0
                 while p < p1:

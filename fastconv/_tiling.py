@@ -12,16 +12,27 @@ from typing import NamedTuple
 #: Target size of one thread's column tile (K rows x tile_p columns). A tile
 #: in the 1 MiB range stays in this machine's L2/L3 between im2col writing it
 #: and gemm reading it; see README "Design" for the measurement.
-COLUMN_TILE_BYTES = 1 << 20
+COLUMN_TILE_BYTES = 2 << 20
 #: Fewer columns than this make gemm calls too thin to run at full speed.
-MIN_TILE_COLUMNS = 128
+MIN_TILE_COLUMNS = 256
 #: BLAS takes 32-bit ints for every dimension and leading dimension.
 BLAS_INT_MAX = 2**31 - 1
 
 
 class TilePlan(NamedTuple):
-    tile_p: int     # output columns per column tile
-    c_block: int    # input channels per grad_x work item
+    """How one convolution is cut into work items (see ``fastconv._conv``)."""
+
+    images_per_tile: int  # > 1: a tile is a group of whole images (then tile_p == P)
+    tile_p: int           # output columns per tile within one image
+    c_block: int          # input channels per grad_x work item when images are cut
+
+    def workspace_per_thread(self, K: int, F: int, pointwise: bool) -> int:
+        """Elements of scratch one thread needs: the tile's columns (K x total) and,
+        for image groups, an F x total staging tile for the output or grad_output."""
+        total = self.images_per_tile * self.tile_p
+        if self.images_per_tile > 1:
+            return (K + F) * total
+        return 0 if pointwise else K * total
 
 
 def _splits_per_image(n_images: int, n_threads: int, at_least: int, at_most: int) -> int:
@@ -51,12 +62,19 @@ def check_blas_limits(F: int, K: int, P: int) -> None:
 
 
 def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> TilePlan:
-    """Tile plan for one convolution of N images with K = C*KK rows and P output columns."""
+    """Tile plan for N images with K = C*KK column rows and P output columns each."""
     K = C * KK
-    budget_p = max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize))
-    tiles = _splits_per_image(N, n_threads, at_least=math.ceil(P / budget_p), at_most=P)
+    budget = max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize))
+    if 2 * P <= budget and N > n_threads:
+        # Small planes: stack whole images so each gemm has enough columns,
+        # keeping at least one group per thread.
+        groups = _splits_per_image(1, n_threads, at_least=math.ceil(N * P / budget), at_most=N)
+        images_per_tile = math.ceil(N / groups)
+        if images_per_tile > 1:
+            return TilePlan(images_per_tile=images_per_tile, tile_p=P, c_block=C)
+    # Large planes, or too few images for the threads (N = 1 inference): cut images.
+    tiles = _splits_per_image(N, n_threads, at_least=math.ceil(P / budget), at_most=P)
     tile_p = min(math.ceil(P / tiles), BLAS_INT_MAX)
     # grad_x splits an image by channel blocks instead (col2im must not race).
     blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)
-    c_block = math.ceil(C / blocks)
-    return TilePlan(tile_p=tile_p, c_block=c_block)
+    return TilePlan(images_per_tile=1, tile_p=tile_p, c_block=math.ceil(C / blocks))
