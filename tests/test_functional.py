@@ -87,9 +87,13 @@ def test_many_tiles(monkeypatch, N, kernel, stride, padding, n_threads, dtype):
 def test_larger_layer_with_default_tiles(dtype):
     """K*P big enough that the default plan uses several tiles per image."""
     rng = np.random.default_rng(4)
-    x, weight, bias = random_problem(rng, 2, 32, 40, 36, 16, 3, 3, dtype)
-    plan = _tiling.plan(2, 32, 9, 40 * 36, dtype.itemsize, 2)
-    assert plan.tile_p < 40 * 36
+    C, H, W = 64, 40, 36
+    # enough columns that one image's column matrix exceeds the tile budget
+    while C * 9 * H * W * dtype.itemsize <= 2 * _tiling.COLUMN_TILE_BYTES:
+        H *= 2
+    plan = _tiling.plan(2, C, 9, H * W, dtype.itemsize, 2)
+    assert plan.images_per_tile == 1 and plan.tile_p < H * W
+    x, weight, bias = random_problem(rng, 2, C, H, W, 8, 3, 3, dtype)
     check_against_reference(x, weight, bias, 1, 1, 1, 2, dtype, rng)
 
 
