@@ -166,6 +166,16 @@ SUITE_COLUMNS = (
     ("vs_torch", "vs torch"),
 )
 
+#: ``(row key, header)`` of the ``--scaling`` table.
+SCALING_COLUMNS = (
+    ("shape", "shape"),
+    ("N", "N"),
+    ("pass", "pass"),
+    ("one_thread_ms", "1 thread ms"),
+    ("threads_ms", "{threads} threads ms"),
+    ("scaling", "speedup"),
+)
+
 #: ``(row key, header)`` of the ``--memory`` table.
 MEMORY_COLUMNS = (
     ("shape", "shape"),
@@ -630,6 +640,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="skip the pure-NumPy reference")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="skip PyTorch even if it is installed")
+    parser.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                        help="override the batch size of the selected shapes")
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead of the suite table, time fastconv at 1 thread and at "
+                             "--threads threads side by side (e.g. --only vgg-mid --batch 1)")
     parser.add_argument("--memory", nargs="?", const=DEFAULT_MEMORY_SHAPE, default=None,
                         metavar="NAME",
                         help="instead of timing, measure the extra peak memory of one "
@@ -664,6 +679,34 @@ def select_shapes(names: Optional[Iterable[str]]) -> tuple[Shape, ...]:
     return tuple(s for s in SUITE if s.name in wanted)
 
 
+def measure_scaling(shapes: Iterable[Shape], threads: int, dtype="float32",
+                    repeat: int = DEFAULT_REPEAT, *, progress=None) -> list[dict]:
+    """fastconv at 1 thread and at ``threads`` threads, side by side in this process.
+
+    Returns one dict per shape x pass with the keys of :data:`SCALING_COLUMNS`.
+    """
+    import fastconv
+    from threadpoolctl import threadpool_limits
+
+    rows = []
+    for shape in shapes:
+        arrays = shape.make_inputs(dtype)
+        for pass_ in PASSES:
+            times = {}
+            for n in (1, threads):
+                with threadpool_limits(limits=n, user_api="blas"):
+                    times[n], _ = time_call(
+                        _conv_call(fastconv, pass_, shape, arrays, n_threads=n), repeat)
+            row = {"shape": shape.name, "N": shape.N, "pass": pass_,
+                   "one_thread_ms": times[1], "threads_ms": times[threads],
+                   "scaling": times[1] / times[threads]}
+            rows.append(row)
+            if progress is not None:
+                progress(f"{shape.name} N={shape.N} {pass_}: 1 thread {times[1]:.3g} ms, "
+                         f"{threads} threads {times[threads]:.3g} ms")
+    return rows
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -682,6 +725,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     threads = args.threads or usable_cpus()
+    if args.batch is not None:
+        shapes = tuple(s.with_batch(args.batch) for s in shapes)
+    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+
+    if args.scaling:
+        rows = measure_scaling(shapes, threads, args.dtype, repeat, progress=_stderr)
+        columns = tuple((key, header.format(threads=threads)) for key, header in SCALING_COLUMNS)
+        print(format_table(rows, columns))
+        print()
+        print(describe_environment(threads, args.dtype, f"median of {repeat} runs after a warm-up"))
+        return 0
 
     if memory_shape is not None:
         rows = measure_memory(memory_shape, threads, args.dtype,
@@ -691,7 +745,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(describe_environment(threads, args.dtype, "first call in a fresh process"))
         return 0
 
-    repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
     reference_repeat = 1 if args.quick else repeat
     _stderr(f"timing {len(shapes)} shape(s) x {len(PASSES)} passes, {args.dtype}, "
             f"{threads} threads, {repeat} repeats")

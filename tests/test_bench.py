@@ -154,3 +154,15 @@ def test_cli_quick_prints_a_table(tmp_path):
     assert len(table) == 4
     assert "fastconv ms" in table[0] and "lenet-mnist" in table[2]
     assert "lenet-mnist" in proc.stderr  # progress goes to stderr
+
+
+def test_scaling_table_with_batch_override(capsys):
+    """--scaling --batch times the selected shape at 1 and T threads and prints both columns."""
+    from fastconv import _bench
+
+    assert _bench.main(["--only", "lenet-mnist", "--batch", "2", "--scaling", "--repeat", "1",
+                        "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 thread ms | 2 threads ms | speedup |" in out
+    lines = [line for line in out.splitlines() if line.startswith("| lenet-mnist")]
+    assert len(lines) == 2 and all("| 2 |" in line for line in lines)
