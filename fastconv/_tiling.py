@@ -17,6 +17,10 @@ COLUMN_TILE_BYTES = 2 << 20
 #: Fewer columns make gemm calls too thin: single-threaded sgemm with F=512,
 #: K=4608 ran at 57 GFLOP/s with 49 columns, 84 with 196, 97 with 784.
 MIN_TILE_COLUMNS = 512
+#: Images are stacked into one tile only when a plane has fewer than half this
+#: many columns: stacking stages the output through a buffer, an extra pass
+#: that cost lenet-mnist (P=576, K=25, bound by output writes) ~20%.
+GROUP_BELOW_COLUMNS = MIN_TILE_COLUMNS
 #: BLAS takes 32-bit ints for every dimension and leading dimension.
 BLAS_INT_MAX = 2**31 - 1
 
@@ -67,7 +71,7 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
     """Tile plan for N images with K = C*KK column rows and P output columns each."""
     K = C * KK
     budget = max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize))
-    if 2 * P <= budget and N > n_threads:
+    if 2 * P <= min(budget, GROUP_BELOW_COLUMNS) and N > n_threads:
         # Small planes: stack whole images so each gemm has enough columns,
         # keeping at least one group per thread.
         groups = _splits_per_image(1, n_threads, at_least=math.ceil(N * P / budget), at_most=N)
