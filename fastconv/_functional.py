@@ -147,9 +147,9 @@ def conv2d(
 
     xc = np.ascontiguousarray(x, dtype=dtype)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
-    if out is not None and (np.may_share_memory(out, xc) or np.may_share_memory(out, w2d)):
-        raise ValueError("out must not overlap x or weight")
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    if out is not None and any(np.may_share_memory(out, a) for a in (xc, w2d, b) if a is not None):
+        raise ValueError("out must not overlap x, weight or bias")
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     with single_threaded_blas:
         _conv.forward(xc, w2d, b, y.reshape(geometry.N, geometry.F, -1), scratch, geometry,
@@ -254,12 +254,14 @@ def conv2d_backward(
     return grad_x, grad_weight, grad_bias
 
 
-def _seed_geometry(shape, filter_h, filter_w, stride, pad) -> ConvGeometry:
+def _seed_geometry(shape, filter_h, filter_w, stride, pad, x_name) -> ConvGeometry:
     """Geometry of the seeds' im2col/col2im (no dilation, one pseudo-filter)."""
     for value, name in ((filter_h, "filter_h"), (filter_w, "filter_w")):
         if _as_int(value, name) < 1:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    return conv_geometry(shape, (1, shape[1], int(filter_h), int(filter_w)), stride, pad, 1)
+    return conv_geometry(shape, (1, shape[1], int(filter_h), int(filter_w)), stride, pad, 1,
+                         x_name=x_name, padding_name="pad",
+                         kernel_desc=f"filter_h={int(filter_h)}, filter_w={int(filter_w)}")
 
 
 def im2col(
@@ -288,8 +290,8 @@ def im2col(
     -------
     col : ndarray, shape (N*OH*OW, C*filter_h*filter_w)
         Row ``(n, oh, ow)`` holds the window at that output position, channel
-        major then kernel row then kernel column. Same dtype as the input
-        (float32 stays float32).
+        major then kernel row then kernel column. float32 and float64 inputs
+        keep their dtype; others are converted as in :func:`conv2d`.
 
     Examples
     --------
@@ -304,7 +306,7 @@ def im2col(
     """
     x = as_array(input_data, "input_data")
     check_ndim(x, 4, "input_data", "(N, C, H, W)")
-    geometry = _seed_geometry(x.shape, filter_h, filter_w, stride, pad)
+    geometry = _seed_geometry(x.shape, filter_h, filter_w, stride, pad, "input_data")
     dtype = compute_dtype(x.dtype)
     n_threads = effective_n_threads(n_threads)
     K = geometry.C * geometry.KH * geometry.KW
@@ -337,7 +339,8 @@ def col2im(
     Returns
     -------
     img : ndarray, shape input_shape
-        Same dtype as ``col``; the padding is cropped away.
+        Same dtype as ``col`` (float32 or float64; others are converted as in
+        :func:`conv2d`); the padding is cropped away.
 
     Examples
     --------
@@ -351,7 +354,7 @@ def col2im(
     col = as_array(col, "col")
     check_ndim(col, 2, "col", "(N*OH*OW, C*filter_h*filter_w)")
     input_shape = as_shape(input_shape, "input_shape", 4)
-    geometry = _seed_geometry(input_shape, filter_h, filter_w, stride, pad)
+    geometry = _seed_geometry(input_shape, filter_h, filter_w, stride, pad, "input_shape")
     expected = (geometry.N * geometry.OH * geometry.OW, geometry.C * geometry.KH * geometry.KW)
     if col.shape != expected:
         raise ValueError(

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from fastconv._functional import conv2d, conv2d_backward
+from fastconv._threads import effective_n_threads
 from fastconv._validation import (
     IntPair,
     Padding,
@@ -93,7 +94,8 @@ class Conv2D:
                 f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
             )
         kh, kw = as_positive_pair(kernel_size, "kernel_size")
-        dtype = np.dtype(dtype)
+        # np.dtype(None) would silently mean float64
+        dtype = None if dtype is None else np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         if not isinstance(bias, (bool, np.bool_)):
@@ -104,12 +106,13 @@ class Conv2D:
         b = rng.uniform(-bound, bound, out_channels).astype(dtype) if bias else None
         self._setup(W, b, stride, padding, dilation, n_threads)
 
-    def _setup(self, W, b, stride, padding, dilation, n_threads) -> None:
+    def _setup(self, W, b, stride, padding, dilation, n_threads, padding_name="padding") -> None:
         self.W = W
         self.b = b
         self.stride = as_positive_pair(stride, "stride")
-        self.padding = as_padding(padding)
+        self.padding = as_padding(padding, padding_name)
         self.dilation = as_positive_pair(dilation, "dilation")
+        effective_n_threads(n_threads)  # reject n_threads=0 or a non-int now, not at forward
         self.n_threads = n_threads
         self.dW = None
         self.db = None
@@ -133,6 +136,8 @@ class Conv2D:
         """
         W = as_array(W, "W")
         check_ndim(W, 4, "W", "(F, C, KH, KW)")
+        if min(W.shape) < 1:
+            raise ValueError(f"W must have non-zero sizes, got W.shape={W.shape}")
         if b is not None:
             b = as_array(b, "b")
             if b.shape != (W.shape[0],):
@@ -140,7 +145,7 @@ class Conv2D:
                                  f"got b.shape={b.shape}")
         compute_dtype(W.dtype, *(() if b is None else (b.dtype,)))
         layer = cls.__new__(cls)
-        layer._setup(W, b, stride, pad, 1, None)
+        layer._setup(W, b, stride, pad, 1, None, padding_name="pad")
         return layer
 
     @property
@@ -193,3 +198,12 @@ class Conv2D:
         if self.W.dtype != np.float32:
             parts.append(f"dtype={self.W.dtype}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+# ---------------------------------------------------------------------------
+# Pooling and activation layers: no parameters, only the forward's state.
+
+
+def _short(pair: tuple[int, int]):
+    """``2`` for ``(2, 2)``, the pair otherwise (PyTorch's repr style)."""
+    return pair[0] if pair[0] == pair[1] else pair

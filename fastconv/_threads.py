@@ -54,7 +54,7 @@ class _SingleThreadedBlas:
                 self._saved = [lib.num_threads for lib in libraries]
                 for lib, n in zip(libraries, self._saved):
                     if n != 1:
-                        lib.set_num_threads(1)
+                        _set_num_threads(lib, 1)
             self._depth += 1
         return self
 
@@ -64,8 +64,21 @@ class _SingleThreadedBlas:
             if self._depth == 0:
                 for lib, n in zip(self._libraries, self._saved):
                     if n != 1:
-                        lib.set_num_threads(n)
+                        _set_num_threads(lib, n)
         return False
+
+
+def _set_num_threads(lib, n: int) -> None:
+    """Set a BLAS library's thread count from whichever Python thread we are on.
+
+    threadpoolctl (>= 3.6) lets only one "controlling" Python thread change a
+    pthreads OpenBLAS and silently ignores the others, so a conv called from a
+    worker thread would run BLAS multi-threaded inside its OpenMP region (and a
+    worker leaving last could never restore the count). The lock and depth
+    counter of :class:`_SingleThreadedBlas` already serialise our changes
+    process-wide, so the raw setter is safe here.
+    """
+    getattr(lib, "_real_set_num_threads", lib.set_num_threads)(n)
 
 
 #: Context manager: ``with single_threaded_blas: ...`` around every kernel call.

@@ -76,6 +76,12 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
         # keeping at least one group per thread.
         groups = _splits_per_image(1, n_threads, at_least=math.ceil(N * P / budget), at_most=N)
         images_per_tile = math.ceil(N / groups)
+        # ceil(N / images_per_tile) groups may not be the balanced count asked
+        # for (N=6 in 4 groups gives 3 groups of 2): shrink the groups until the
+        # few there are split evenly across the threads.
+        while (images_per_tile > 1 and math.ceil(N / images_per_tile) < 4 * n_threads
+               and math.ceil(N / images_per_tile) % n_threads):
+            images_per_tile -= 1
         if images_per_tile > 1:
             return TilePlan(images_per_tile=images_per_tile, tile_p=P, c_block=C)
     # Large planes, or too few images for the threads (N = 1 inference): cut images.

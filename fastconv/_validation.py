@@ -27,6 +27,13 @@ def _as_int(value, name: str) -> int:
     return operator.index(value)
 
 
+def _unwrap_0d(value):
+    """A 0-d array is a scalar (``np.array(2)`` is as good as ``2``)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]
+    return value
+
+
 def as_pair(value: IntPair, name: str) -> tuple[int, int]:
     """Normalise an int or an (h, w) pair to a tuple of two ints.
 
@@ -49,6 +56,7 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
     """
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    value = _unwrap_0d(value)
     if isinstance(value, Sequence) or isinstance(value, np.ndarray):
         items = tuple(value)
         if len(items) != 2:
@@ -86,6 +94,7 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
         )
     if isinstance(value, bytes):
         raise TypeError(f"{name} must be an int or a tuple of ints, got {value!r}")
+    value = _unwrap_0d(value)
     if isinstance(value, Sequence) or isinstance(value, np.ndarray):
         items = tuple(_as_int(v, name) for v in value)
         if len(items) == 1:
@@ -210,33 +219,42 @@ class ConvGeometry(NamedTuple):
                 and self.pad_left == 0 and self.pad_right == 0)
 
 
-def conv_geometry(x_shape, w_shape, stride, padding, dilation) -> ConvGeometry:
+def conv_geometry(x_shape, w_shape, stride, padding, dilation, *, x_name: str = "x",
+                  padding_name: str = "padding", kernel_desc: str | None = None,
+                  ) -> ConvGeometry:
     """Validate and collect the sizes of ``conv2d(x, w)``.
 
     ``x_shape`` is (N, C, H, W) and ``w_shape`` is (F, C, KH, KW); both have
-    already been checked to be 4-D.
+    already been checked to be 4-D. ``x_name``, ``padding_name`` and
+    ``kernel_desc`` let callers with other argument names (the seeds'
+    ``im2col(input_data, filter_h, filter_w, stride, pad)``) get messages in
+    their own terms.
     """
     sh, sw = as_positive_pair(stride, "stride")
     dh, dw = as_positive_pair(dilation, "dilation")
-    top, bottom, left, right = as_padding(padding)
+    top, bottom, left, right = as_padding(padding, padding_name)
     N, C, H, W = (int(s) for s in x_shape)
     F, CW, KH, KW = (int(s) for s in w_shape)
+    x_desc = (f"{x_name}={tuple(x_shape)}" if x_name.endswith("shape")
+              else f"{x_name}.shape={tuple(x_shape)}")
+    if kernel_desc is None:
+        kernel_desc = f"weight.shape={tuple(w_shape)}"
+    if C < 1 or H < 1 or W < 1:
+        raise ValueError(f"{x_name} must have at least one channel and non-empty planes "
+                         f"(only N may be 0), got {x_desc}")
     if C != CW:
-        raise ValueError(
-            f"x has {C} channels but weight expects {CW} "
-            f"(x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)})"
-        )
-    if F < 1 or KH < 1 or KW < 1 or C < 1:
-        raise ValueError(f"weight must have non-zero sizes, got weight.shape={tuple(w_shape)}")
+        raise ValueError(f"{x_name} has {C} channels but weight expects {CW} ({x_desc}, {kernel_desc})")
+    if F < 1 or KH < 1 or KW < 1:
+        raise ValueError(f"weight must have non-zero sizes, got {kernel_desc}")
     OH = conv_output_size(H, KH, sh, top, bottom, dh)
     OW = conv_output_size(W, KW, sw, left, right, dw)
     if OH < 1 or OW < 1:
         raise ValueError(
             f"output size would be {OH}x{OW} (< 1): input {H}x{W} with "
-            f"padding (top, bottom, left, right)={(top, bottom, left, right)} is smaller than "
-            f"the dilated kernel {dh * (KH - 1) + 1}x{dw * (KW - 1) + 1} "
-            f"(x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)}, "
-            f"dilation={(dh, dw)})"
+            f"{padding_name} (top, bottom, left, right)={(top, bottom, left, right)} is smaller "
+            f"than the {'dilated ' if (dh, dw) != (1, 1) else ''}kernel "
+            f"{dh * (KH - 1) + 1}x{dw * (KW - 1) + 1} ({x_desc}, {kernel_desc}"
+            + (f", dilation={(dh, dw)})" if (dh, dw) != (1, 1) else ")")
         )
     return ConvGeometry(N, C, H, W, F, KH, KW, sh, sw, top, bottom, left, right, dh, dw, OH, OW)
 

@@ -3,8 +3,8 @@
 Fresh pages cost about 2 us per 4 KiB on first touch, a visible share of a
 small layer, so the per-thread column tiles and grad_weight partial sums are
 kept between calls. Buffers are per Python thread (``threading.local``), so
-concurrent callers never share scratch memory, and their size depends on the
-tile plan and ``n_threads``, never on the batch size.
+concurrent callers never share scratch memory, and their size is bounded by
+the tile budget and ``n_threads`` (``fastconv._tiling``), not by the batch size.
 """
 
 from __future__ import annotations
