@@ -6,10 +6,14 @@ forward pass is built on, and (when it is installed) PyTorch, and prints a
 GitHub-markdown table. ``--memory`` instead measures the extra peak memory of
 one forward + backward pass.
 
+A second table times max and avg pooling (:data:`POOL_SUITE`, forward,
+backward and their sum) against the reference's im2col pooling.
+
 Everything is data-driven: a row of the suite is a :class:`Shape` in
-:data:`SUITE`, a column of the table is an entry of :data:`SUITE_COLUMNS`, so
-adding either is a one-line change. :func:`run_suite` and :func:`format_table`
-are public to this module so that the tests and asv benchmarks reuse them.
+:data:`SUITE` (a :class:`PoolShape` in :data:`POOL_SUITE`), a column of the
+table is an entry of :data:`SUITE_COLUMNS`, so adding either is a one-line change.
+:func:`run_suite`, :func:`run_pool_suite` and :func:`format_table` are public to this
+module so that the tests and asv benchmarks reuse them.
 """
 
 from __future__ import annotations
@@ -149,6 +153,65 @@ SUITE = (
 
 #: Shape measured by ``--memory`` when no name is given.
 DEFAULT_MEMORY_SHAPE = "vgg-mid"
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolShape:
+    """One pooling layer of :data:`POOL_SUITE`: square kernel, stride and padding.
+
+    Parameters
+    ----------
+    name : str
+        Row label, also what ``--only`` selects.
+    op : {"max", "avg"}
+        :func:`fastconv.max_pool2d` (timed with ``return_indices=True`` and
+        a backward that uses them, as :class:`fastconv.MaxPool2D` runs) or
+        :func:`fastconv.avg_pool2d`.
+    N, C, H, W : int
+        Input batch, channels, height and width.
+    kernel, stride, pad : int
+    """
+
+    name: str
+    op: str
+    N: int
+    C: int
+    H: int
+    W: int
+    kernel: int
+    stride: int
+    pad: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, OH, OW)`` with ``OH = (H + 2*pad - kernel) // stride + 1``."""
+        oh = (self.H + 2 * self.pad - self.kernel) // self.stride + 1
+        ow = (self.W + 2 * self.pad - self.kernel) // self.stride + 1
+        return (self.N, self.C, oh, ow)
+
+    def with_batch(self, n: int) -> "PoolShape":
+        return dataclasses.replace(self, N=n)
+
+    def make_inputs(self, dtype="float32", seed: int = 0) -> dict[str, np.ndarray]:
+        """Random ``x`` and ``grad_output`` of ``dtype`` (continuous: no ties)."""
+        rng = np.random.default_rng(seed)
+        return {"x": rng.standard_normal(self.input_shape, dtype=np.dtype(dtype)),
+                "grad_output": rng.standard_normal(self.output_shape, dtype=np.dtype(dtype))}
+
+
+#: The pooling rows of ``python -m fastconv bench`` (a second table), in order.
+POOL_SUITE = (
+    PoolShape("maxpool-2x2-s2", "max", 8, 64, 112, 112, 2, 2, 0),
+    PoolShape("maxpool-3x3-s2-p1", "max", 8, 64, 112, 112, 3, 2, 1),
+    PoolShape("avgpool-2x2-s2", "avg", 8, 64, 112, 112, 2, 2, 0),
+)
+
+#: Passes of a pooling row: each timed alone, then their sum.
+POOL_PASSES = ("forward", "backward", "fwd+bwd")
 
 #: ``(row key, header)`` of the timing table; ``{gemm}`` becomes sgemm or dgemm.
 #: A column is printed only when some row has a value for it, so optional
@@ -405,6 +468,118 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
     return row
 
 
+def _pool_calls(module, shape: PoolShape, arrays: dict, **kwargs):
+    """``(forward, backward)`` no-argument calls of ``module``'s pooling functions.
+
+    ``module`` is :mod:`fastconv` or :mod:`fastconv.reference` (same
+    signatures; only fastconv takes ``n_threads``). Max pooling's backward
+    uses the indices of one forward made here, as a layer's backward does.
+    """
+    x, g = arrays["x"], arrays["grad_output"]
+    k, s, p = shape.kernel, shape.stride, shape.pad
+    if shape.op == "max":
+        _, indices = module.max_pool2d(x, k, s, p, return_indices=True, **kwargs)
+        return (lambda: module.max_pool2d(x, k, s, p, return_indices=True, **kwargs),
+                lambda: module.max_pool2d_backward(g, x, k, s, p, indices=indices, **kwargs))
+    return (lambda: module.avg_pool2d(x, k, s, p, **kwargs),
+            lambda: module.avg_pool2d_backward(g, x, k, s, p, **kwargs))
+
+
+def _torch_pool_calls(torch, shape: PoolShape, arrays: dict):
+    """torch's forward (no grad) and its backward alone, like :func:`_torch_call`."""
+    F = torch.nn.functional
+    k, s, p = shape.kernel, shape.stride, shape.pad
+    x = torch.from_numpy(arrays["x"])
+    g = torch.from_numpy(arrays["grad_output"])
+
+    def pool(t):
+        if shape.op == "max":
+            return F.max_pool2d(t, k, s, p, return_indices=True)[0]
+        return F.avg_pool2d(t, k, s, p)
+
+    def forward():
+        with torch.no_grad():
+            return pool(x)
+
+    xg = x.clone().requires_grad_()
+    y = pool(xg)
+    return forward, lambda: torch.autograd.grad(y, (xg,), grad_outputs=g, retain_graph=True)
+
+
+def run_pool_suite(
+    shapes: Iterable[PoolShape] = POOL_SUITE,
+    threads: Optional[int] = None,
+    dtype="float32",
+    repeat: int = DEFAULT_REPEAT,
+    *,
+    reference: bool = True,
+    reference_repeat: Optional[int] = None,
+    torch: Optional[bool] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list[dict]:
+    """Time fastconv's pooling against the NumPy reference: one dict per shape x pass.
+
+    Parameters are those of :func:`run_suite` (there is no gemm here). Rows
+    have the keys of :data:`SUITE_COLUMNS` (the GEMM and FLOP ones None, so
+    :func:`format_table` leaves them out) plus ``rel_err``; the ``fwd+bwd``
+    row holds the sums of the forward and backward medians.
+    """
+    import fastconv
+    from threadpoolctl import threadpool_limits
+
+    threads = usable_cpus() if threads is None else int(threads)
+    dtype = np.dtype(dtype)
+    reference_repeat = repeat if reference_repeat is None else reference_repeat
+    ref_module = None
+    if reference:
+        from fastconv import reference as ref_module
+    torch_module = _import_torch() if torch is None or torch else None
+    if torch and torch_module is None:
+        raise RuntimeError("torch=True but `import torch` failed")
+
+    rows = []
+    for shape in shapes:
+        arrays = shape.make_inputs(dtype)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            timed = {}
+            for impl, module, kwargs, n in (("fastconv", fastconv, {"n_threads": threads}, repeat),
+                                            ("reference", ref_module, {}, reference_repeat)):
+                if module is None:
+                    continue
+                calls = _pool_calls(module, shape, arrays, **kwargs)
+                timed[impl] = [time_call(call, n) for call in calls]
+            if torch_module is not None:
+                saved = torch_module.get_num_threads()
+                torch_module.set_num_threads(threads)
+                try:
+                    timed["torch"] = [time_call(call, repeat)
+                                      for call in _torch_pool_calls(torch_module, shape, arrays)]
+                finally:
+                    torch_module.set_num_threads(saved)
+        for i, pass_ in enumerate(POOL_PASSES):
+            def ms(impl):
+                if impl not in timed:
+                    return None
+                if i < 2:
+                    return timed[impl][i][0]
+                return timed[impl][0][0] + timed[impl][1][0]
+
+            fast_ms, ref_ms, torch_ms = ms("fastconv"), ms("reference"), ms("torch")
+            row = {
+                "shape": shape.name, "pass": pass_, "dtype": dtype.name, "threads": threads,
+                "flops": None, "fastconv_ms": fast_ms, "gflops": None,
+                "reference_ms": ref_ms, "speedup": None if ref_ms is None else ref_ms / fast_ms,
+                "rel_err": None, "gemm_ms": None, "vs_gemm": None,
+                "torch_ms": torch_ms, "vs_torch": None if torch_ms is None else torch_ms / fast_ms,
+            }
+            if ref_ms is not None and i < 2:
+                row["rel_err"] = relative_error(timed["fastconv"][i][1], timed["reference"][i][1])
+            rows.append(row)
+            if progress is not None:
+                progress(_progress_line(row))
+    return rows
+
+
 def _progress_line(row: dict) -> str:
     parts = [f"{row['shape']} {row['pass']}: fastconv {_format_value(row['fastconv_ms'])} ms"]
     for key, label in (("reference_ms", "reference"), ("gemm_ms", "gemm"), ("torch_ms", "torch")):
@@ -620,9 +795,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastconv bench",
         description="Time fastconv's conv2d forward and backward on a standard suite of "
-                    "layer shapes and print a GitHub-markdown table to stdout "
-                    "(progress goes to stderr).",
-        epilog="shapes: " + ", ".join(s.name for s in SUITE),
+                    "layer shapes, then its max/avg pooling, and print GitHub-markdown "
+                    "tables to stdout (progress goes to stderr).",
+        epilog="shapes: " + ", ".join(s.name for s in SUITE)
+               + "; pooling shapes: " + ", ".join(s.name for s in POOL_SUITE),
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_REPEAT} repeats instead of {DEFAULT_REPEAT}, and 1 for the "
@@ -679,6 +855,28 @@ def select_shapes(names: Optional[Iterable[str]]) -> tuple[Shape, ...]:
     return tuple(s for s in SUITE if s.name in wanted)
 
 
+def select_suites(names: Optional[Iterable[str]]) -> tuple[tuple[Shape, ...],
+                                                           tuple[PoolShape, ...]]:
+    """The convolution and pooling shapes named in ``names`` (both suites when empty).
+
+    Raises
+    ------
+    ValueError
+        If a name is in neither :data:`SUITE` nor :data:`POOL_SUITE`; the
+        message lists the valid names.
+    """
+    if not names:
+        return SUITE, POOL_SUITE
+    wanted = {n.strip() for item in names for n in item.split(",") if n.strip()}
+    every = SUITE + POOL_SUITE
+    unknown = sorted(wanted - {s.name for s in every})
+    if unknown:
+        raise ValueError(f"unknown shape name(s) {', '.join(unknown)}; "
+                         f"valid names: {', '.join(s.name for s in every)}")
+    return (tuple(s for s in SUITE if s.name in wanted),
+            tuple(s for s in POOL_SUITE if s.name in wanted))
+
+
 def measure_scaling(shapes: Iterable[Shape], threads: int, dtype="float32",
                     repeat: int = DEFAULT_REPEAT, *, progress=None) -> list[dict]:
     """fastconv at 1 thread and at ``threads`` threads, side by side in this process.
@@ -720,13 +918,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        shapes = select_shapes(args.only)
+        shapes, pool_shapes = select_suites(args.only)
         memory_shape = select_shapes([args.memory])[0] if args.memory else None
     except ValueError as exc:
         parser.error(str(exc))
     threads = args.threads or usable_cpus()
     if args.batch is not None:
         shapes = tuple(s.with_batch(args.batch) for s in shapes)
+        pool_shapes = tuple(s.with_batch(args.batch) for s in pool_shapes)
     repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
 
     if args.scaling:
@@ -746,12 +945,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     reference_repeat = 1 if args.quick else repeat
-    _stderr(f"timing {len(shapes)} shape(s) x {len(PASSES)} passes, {args.dtype}, "
-            f"{threads} threads, {repeat} repeats")
-    rows = run_suite(shapes, threads, args.dtype, repeat, reference=args.reference,
-                     reference_repeat=reference_repeat, torch=None if args.torch else False,
-                     progress=_stderr)
-    print(format_table(rows))
-    print()
+    torch = None if args.torch else False
+    if shapes:
+        _stderr(f"timing {len(shapes)} shape(s) x {len(PASSES)} passes, {args.dtype}, "
+                f"{threads} threads, {repeat} repeats")
+        rows = run_suite(shapes, threads, args.dtype, repeat, reference=args.reference,
+                         reference_repeat=reference_repeat, torch=torch, progress=_stderr)
+        print(format_table(rows))
+        print()
+    if pool_shapes:
+        _stderr(f"timing {len(pool_shapes)} pooling shape(s), forward and backward")
+        rows = run_pool_suite(pool_shapes, threads, args.dtype, repeat, reference=args.reference,
+                              reference_repeat=reference_repeat, torch=torch, progress=_stderr)
+        print(format_table(rows))
+        print()
     print(describe_environment(threads, args.dtype, f"median of {repeat} runs after a warm-up"))
     return 0

@@ -8,18 +8,28 @@ import numpy as np
 
 from fastconv._functional import conv2d, conv2d_backward
 from fastconv._threads import effective_n_threads
+from fastconv._pooling import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
+    relu,
+    relu_backward,
+)
 from fastconv._validation import (
     IntPair,
     Padding,
     _as_int,
     as_array,
+    as_bool,
     as_padding,
+    as_pool_padding,
     as_positive_pair,
     check_ndim,
     compute_dtype,
 )
 
-__all__ = ["Conv2D"]
+__all__ = ["Conv2D", "MaxPool2D", "AvgPool2D", "ReLU"]
 
 
 class Conv2D:
@@ -207,3 +217,202 @@ class Conv2D:
 def _short(pair: tuple[int, int]):
     """``2`` for ``(2, 2)``, the pair otherwise (PyTorch's repr style)."""
     return pair[0] if pair[0] == pair[1] else pair
+
+
+class _Pool2D:
+    """Shared argument handling of :class:`MaxPool2D` and :class:`AvgPool2D`."""
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode, n_threads) -> None:
+        self.kernel_size = as_positive_pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else as_positive_pair(stride, "stride")
+        self.padding = as_pool_padding(padding, self.kernel_size)
+        self.ceil_mode = as_bool(ceil_mode, "ceil_mode")
+        self.n_threads = n_threads
+        self._x = None
+
+    def _repr_parts(self) -> list[str]:
+        parts = [f"kernel_size={_short(self.kernel_size)}"]
+        if self.stride != self.kernel_size:
+            parts.append(f"stride={_short(self.stride)}")
+        if self.padding != (0, 0):
+            parts.append(f"padding={_short(self.padding)}")
+        return parts
+
+    def _input(self, name: str):
+        if self._x is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self._x
+
+
+class MaxPool2D(_Pool2D):
+    """2-D max pooling layer (:func:`fastconv.max_pool2d`) with ``forward``/``backward``.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Default: ``kernel_size``.
+    padding : int or (int, int), default 0
+        -inf padding, at most half the kernel size.
+    dilation : int or (int, int), default 1
+    ceil_mode : bool, default False
+    n_threads : int, optional
+        OpenMP threads for every call.
+
+    Notes
+    -----
+    :meth:`forward` keeps the argmax indices (int64, the size of the output)
+    and a reference to its input for :meth:`backward`, which then only
+    scatters the gradient.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import MaxPool2D
+    >>> pool = MaxPool2D(3, stride=2, padding=1)
+    >>> pool
+    MaxPool2D(kernel_size=3, stride=2, padding=1)
+    >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+    >>> pool(x)
+    array([[[[ 5.,  7.],
+             [13., 15.]]]])
+    >>> pool.backward(np.ones((1, 1, 2, 2)))[0, 0]
+    array([[0., 0., 0., 0.],
+           [0., 1., 0., 1.],
+           [0., 0., 0., 0.],
+           [0., 1., 0., 1.]])
+    """
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
+                 dilation: IntPair = 1, ceil_mode: bool = False, *,
+                 n_threads: int | None = None) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode, n_threads)
+        self.dilation = as_positive_pair(dilation, "dilation")
+        self.indices = None
+
+    def _args(self):
+        return (self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Pool ``x`` (N, C, H, W) and keep the argmax for :meth:`backward`."""
+        y, self.indices = max_pool2d(x, *self._args(), return_indices=True,
+                                     n_threads=self.n_threads)
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """``dx``: each ``dout`` element added at its window's argmax."""
+        x = self._input("x")
+        return max_pool2d_backward(dout, x, *self._args(), indices=self.indices,
+                                   n_threads=self.n_threads)
+
+    def __repr__(self) -> str:
+        parts = self._repr_parts()
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={_short(self.dilation)}")
+        if self.ceil_mode:
+            parts.append("ceil_mode=True")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class AvgPool2D(_Pool2D):
+    """2-D average pooling layer (:func:`fastconv.avg_pool2d`) with ``forward``/``backward``.
+
+    Parameters
+    ----------
+    kernel_size : int or (int, int)
+    stride : int or (int, int), optional
+        Default: ``kernel_size``.
+    padding : int or (int, int), default 0
+    ceil_mode : bool, default False
+    count_include_pad : bool, default True
+    n_threads : int, optional
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import AvgPool2D
+    >>> pool = AvgPool2D(2, count_include_pad=False)
+    >>> pool
+    AvgPool2D(kernel_size=2, count_include_pad=False)
+    >>> pool(np.arange(16.0).reshape(1, 1, 4, 4))
+    array([[[[ 2.5,  4.5],
+             [10.5, 12.5]]]])
+    >>> pool.backward(np.ones((1, 1, 2, 2)))[0, 0, 0]
+    array([0.25, 0.25, 0.25, 0.25])
+    """
+
+    def __init__(self, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
+                 ceil_mode: bool = False, count_include_pad: bool = True, *,
+                 n_threads: int | None = None) -> None:
+        super().__init__(kernel_size, stride, padding, ceil_mode, n_threads)
+        self.count_include_pad = as_bool(count_include_pad, "count_include_pad")
+
+    def _args(self):
+        return (self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                self.count_include_pad)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Average-pool ``x`` (N, C, H, W); keeps a reference to it for :meth:`backward`."""
+        y = avg_pool2d(x, *self._args(), n_threads=self.n_threads)
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """``dx``: each ``dout`` element spread evenly (by PyTorch's divisor) over its window."""
+        x = self._input("x")
+        return avg_pool2d_backward(dout, x, *self._args(), n_threads=self.n_threads)
+
+    def __repr__(self) -> str:
+        parts = self._repr_parts()
+        if self.ceil_mode:
+            parts.append("ceil_mode=True")
+        if not self.count_include_pad:
+            parts.append("count_include_pad=False")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+class ReLU:
+    """Rectified linear unit layer (:func:`fastconv.relu`), any input shape.
+
+    Parameters
+    ----------
+    n_threads : int, optional
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import ReLU
+    >>> act = ReLU()
+    >>> act
+    ReLU()
+    >>> act(np.array([-1.0, 2.0]))
+    array([0., 2.])
+    >>> act.backward(np.array([5.0, 5.0]))
+    array([0., 5.])
+    """
+
+    def __init__(self, *, n_threads: int | None = None) -> None:
+        self.n_threads = n_threads
+        self._x = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """``max(x, 0)``; keeps a reference to ``x`` for :meth:`backward`."""
+        y = relu(x, n_threads=self.n_threads)
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """``dout`` where the forward input was positive, else 0."""
+        if self._x is None:
+            raise RuntimeError("ReLU.backward called before forward")
+        return relu_backward(dout, self._x, n_threads=self.n_threads)
+
+    def __repr__(self) -> str:
+        return "ReLU()"

@@ -270,3 +270,107 @@ def resolve_n_threads(n_threads, max_threads: int) -> int:
     if n < 0:
         return max(max_threads + 1 + n, 1)
     return n
+
+
+# ---------------------------------------------------------------------------
+# Pooling (fastconv._pooling): PyTorch's argument rules.
+# ---------------------------------------------------------------------------
+
+
+def as_bool(value, name: str) -> bool:
+    """``value`` as a bool; only True/False (and NumPy bools) are accepted."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1,
+                     ceil_mode: bool = False) -> int:
+    """PyTorch's pooling output length along one axis.
+
+    ``(size + 2*pad - dilation*(kernel-1) - 1 [+ stride - 1 if ceil_mode]) // stride + 1``
+    (floor division), and with ``ceil_mode`` the last window must start inside
+    the input or the left padding: if ``(out - 1)*stride >= size + pad`` the
+    last window is dropped. May be < 1; callers raise with their own context.
+    """
+    span = dilation * (kernel - 1) + 1
+    numerator = size + 2 * pad - span + (stride - 1 if ceil_mode else 0)
+    out = numerator // stride + 1
+    if ceil_mode and out > 0 and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def as_pool_padding(padding: IntPair, kernel_size: tuple[int, int]) -> tuple[int, int]:
+    """Pooling padding ``(ph, pw)``: symmetric, non-negative, at most ``kernel // 2`` (PyTorch)."""
+    if isinstance(padding, (Sequence, np.ndarray)) and not isinstance(padding, (str, bytes)) \
+            and len(padding) != 2:
+        raise ValueError(
+            f"padding must be an int or a pair (ph, pw) for pooling (symmetric, as in "
+            f"PyTorch), got {padding!r}"
+        )
+    ph, pw = as_pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    kh, kw = kernel_size
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(
+            f"padding={padding!r} must be at most half of kernel_size={(kh, kw)} "
+            f"(pad <= kernel // 2 on each axis, as in PyTorch)"
+        )
+    return ph, pw
+
+
+class PoolGeometry(NamedTuple):
+    """Every size of one 2-D pooling, validated (the pooling kernels' contract).
+
+    Padding is symmetric: ``pad_h`` rows above and below, ``pad_w`` columns
+    left and right; ``pad <= kernel // 2`` on both axes.
+    """
+
+    N: int
+    C: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dilation_h: int
+    dilation_w: int
+    ceil_mode: bool
+    OH: int
+    OW: int
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.OH, self.OW)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+
+def pool_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode) -> PoolGeometry:
+    """Validate and collect the sizes of ``max_pool2d``/``avg_pool2d`` of ``x``.
+
+    ``x_shape`` is (N, C, H, W), already checked to be 4-D. ``stride=None``
+    means ``stride = kernel_size``.
+    """
+    kh, kw = as_positive_pair(kernel_size, "kernel_size")
+    sh, sw = (kh, kw) if stride is None else as_positive_pair(stride, "stride")
+    ph, pw = as_pool_padding(padding, (kh, kw))
+    dh, dw = as_positive_pair(dilation, "dilation")
+    ceil_mode = as_bool(ceil_mode, "ceil_mode")
+    N, C, H, W = (int(s) for s in x_shape)
+    OH = pool_output_size(H, kh, sh, ph, dh, ceil_mode)
+    OW = pool_output_size(W, kw, sw, pw, dw, ceil_mode)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"output size would be {OH}x{OW} (< 1): input {H}x{W} with padding {(ph, pw)} "
+            f"is smaller than the window {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} "
+            f"(x.shape={tuple(x_shape)}, kernel_size={(kh, kw)}, dilation={(dh, dw)})"
+        )
+    return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, OH, OW)

@@ -366,3 +366,318 @@ def conv2d_input_grad_full(grad_output, weight, input_shape, padding=0):
 
     w_rot = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)      # (C, F, KH, KW)
     return conv2d(dy, w_rot)
+
+
+# ---------------------------------------------------------------------------
+# Pooling and activations
+#
+# The seeds' pooling layer (the book's ``Pooling``): im2col every window into
+# one row, take ``max``/``argmax`` (or the mean) of each row, and scatter the
+# gradient back with col2im. Two bugs of the book's version are fixed here:
+#
+# * its output size ``1 + (H - pool_h) / stride`` ignores the padding, so any
+#   pad > 0 produced wrongly shaped (or crashing) reshapes;
+# * its im2col pads with zeros, so a window of negative inputs touching the
+#   border returned 0 from max pooling. Max pooling must pad with -inf.
+#
+# On top of that these functions follow PyTorch: stride defaults to the kernel
+# size, ``ceil_mode``, ``count_include_pad`` and dilation (max only).
+# ---------------------------------------------------------------------------
+
+from fastconv._validation import compute_dtype, pool_geometry  # noqa: E402
+
+__all__ += ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+            "global_avg_pool2d", "global_avg_pool2d_backward", "relu", "relu_backward"]
+
+
+def _pool_columns(x, g, fill, *, planes=None):
+    """One row per window, ``(planes*OH*OW, KH*KW)``, of ``x`` padded with ``fill``.
+
+    Each (n, c) plane is treated as a one-channel image, so rows come out in
+    ``(n, c, oh, ow)`` order and ``row.reshape(N, C, OH, OW)`` is NCHW. Beyond
+    the symmetric padding, ``ceil_mode`` windows may hang past the bottom and
+    right edges: the padded image is extended there with ``fill`` too (such
+    taps are never inputs and never padding).
+    """
+    x = np.asarray(x)
+    planes = g.N * g.C if planes is None else planes
+    span_h = g.dilation_h * (g.KH - 1) + 1
+    span_w = g.dilation_w * (g.KW - 1) + 1
+    extra_h = max((g.OH - 1) * g.stride_h + span_h - (g.H + 2 * g.pad_h), 0)
+    extra_w = max((g.OW - 1) * g.stride_w + span_w - (g.W + 2 * g.pad_w), 0)
+    padded = np.pad(x.reshape(planes, 1, g.H, g.W),
+                    [(0, 0), (0, 0), (g.pad_h, g.pad_h + extra_h), (g.pad_w, g.pad_w + extra_w)],
+                    mode="constant", constant_values=fill)
+    return im2col(padded, g.KH, g.KW, (g.stride_h, g.stride_w), 0,
+                  (g.dilation_h, g.dilation_w))
+
+
+def _fold_columns(dcol, g):
+    """col2im of window rows back to the padded planes, cropped to (N, C, H, W)."""
+    span_h = g.dilation_h * (g.KH - 1) + 1
+    span_w = g.dilation_w * (g.KW - 1) + 1
+    Hp = max(g.H + 2 * g.pad_h, (g.OH - 1) * g.stride_h + span_h)
+    Wp = max(g.W + 2 * g.pad_w, (g.OW - 1) * g.stride_w + span_w)
+    padded = col2im(dcol, (g.N * g.C, 1, Hp, Wp), g.KH, g.KW, (g.stride_h, g.stride_w), 0,
+                    (g.dilation_h, g.dilation_w))
+    grad_x = padded[:, 0, g.pad_h:g.pad_h + g.H, g.pad_w:g.pad_w + g.W]
+    return np.ascontiguousarray(grad_x).reshape(g.N, g.C, g.H, g.W)
+
+
+def _inside(g, H_extent, W_extent, offset_h, offset_w):
+    """Window rows of a one-plane mask: True where the tap is inside the given extent.
+
+    The extent is ``H_extent x W_extent`` starting ``offset`` into the padded
+    image (the input: offset = padding; the padded input: offset 0).
+    """
+    span_h = g.dilation_h * (g.KH - 1) + 1
+    span_w = g.dilation_w * (g.KW - 1) + 1
+    Hp = max(g.H + 2 * g.pad_h, (g.OH - 1) * g.stride_h + span_h)
+    Wp = max(g.W + 2 * g.pad_w, (g.OW - 1) * g.stride_w + span_w)
+    mask = np.zeros((1, 1, Hp, Wp), dtype=bool)
+    mask[0, 0, offset_h:offset_h + H_extent, offset_w:offset_w + W_extent] = True
+    return im2col(mask, g.KH, g.KW, (g.stride_h, g.stride_w), 0, (g.dilation_h, g.dilation_w))
+
+
+def _max_taps(x, g):
+    """Output, and the argmax tap ``kh*KW + kw`` of every window (-1: no input in it)."""
+    col = _pool_columns(x, g, -np.inf)                        # (planes*OH*OW, KH*KW)
+    valid = np.tile(_inside(g, g.H, g.W, g.pad_h, g.pad_w), (g.N * g.C, 1))
+    y = col.max(axis=1)                                       # NaN if the window has one
+    # PyTorch's scan keeps the first tap that reaches the maximum, but the
+    # *last* NaN; padding (-inf) never counts, even when the inputs are -inf.
+    first_max = np.argmax((col == y[:, None]) & valid, axis=1)
+    nan = np.isnan(col)
+    last_nan = col.shape[1] - 1 - np.argmax(nan[:, ::-1], axis=1)
+    tap = np.where(np.isnan(y), last_nan, first_max)
+    tap[~valid.any(axis=1)] = -1
+    return y, tap
+
+
+def _taps_to_indices(tap, g):
+    """Window taps -> flat positions ``ih*W + iw`` in the input plane (-1 stays -1)."""
+    oh = np.arange(g.OH).reshape(1, -1, 1)
+    ow = np.arange(g.OW).reshape(1, 1, -1)
+    tap = tap.reshape(g.N * g.C, g.OH, g.OW)
+    ih = oh * g.stride_h - g.pad_h + (tap // g.KW) * g.dilation_h
+    iw = ow * g.stride_w - g.pad_w + (tap % g.KW) * g.dilation_w
+    return np.where(tap < 0, -1, ih * g.W + iw).astype(np.int64)
+
+
+def _indices_to_taps(indices, g):
+    """Inverse of :func:`_taps_to_indices` for positions inside their windows."""
+    oh = np.arange(g.OH).reshape(1, -1, 1)
+    ow = np.arange(g.OW).reshape(1, 1, -1)
+    indices = np.asarray(indices).reshape(g.N * g.C, g.OH, g.OW)
+    kh = (indices // g.W - (oh * g.stride_h - g.pad_h)) // g.dilation_h
+    kw = (indices % g.W - (ow * g.stride_w - g.pad_w)) // g.dilation_w
+    return np.where(indices < 0, -1, kh * g.KW + kw).reshape(-1)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """Max pooling with PyTorch's semantics, the seeds' im2col way.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel_size, stride, padding, dilation, ceil_mode, return_indices
+        As :func:`fastconv.max_pool2d` (stride None = kernel_size; padding is
+        symmetric, at most half the kernel, and acts as -inf).
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+    indices : ndarray of int64, only with ``return_indices``
+        Flat positions ``ih*W + iw`` of the maxima in their input planes.
+
+    Notes
+    -----
+    Each window is one row of ``im2col`` of the (-inf padded) planes;
+    ``y`` is the row maximum. Ties go to the first tap, a NaN wins (the last
+    NaN's tap is reported, like PyTorch's CPU kernel).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> x = -np.arange(1.0, 10.0).reshape(1, 1, 3, 3)      # all negative
+    >>> reference.max_pool2d(x, 2, stride=2, padding=1)    # padding never wins
+    array([[[[-1., -2.],
+             [-4., -5.]]]])
+    """
+    x = np.asarray(x)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    x = x.astype(compute_dtype(x.dtype), copy=False)
+    y, tap = _max_taps(x, g)
+    y = y.reshape(g.output_shape)
+    return (y, _taps_to_indices(tap, g).reshape(g.output_shape)) if return_indices else y
+
+
+def max_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, dilation=1,
+                        ceil_mode=False, indices=None):
+    """Gradient of :func:`max_pool2d`: each output's gradient goes to its argmax.
+
+    The book's backward: a zero matrix with one row per window gets the
+    gradient at the argmax tap, and col2im folds it back (overlapping windows
+    add up). ``indices`` (from ``return_indices=True``) replaces the argmax
+    search when given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> x = np.array([[[[1., 3.], [2., 0.]]]])
+    >>> reference.max_pool2d_backward(np.ones((1, 1, 1, 1)), x, 2)
+    array([[[[0., 1.],
+             [0., 0.]]]])
+    """
+    x = np.asarray(x)
+    grad_output = np.asarray(grad_output)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    if grad_output.shape != g.output_shape:
+        raise ValueError(f"grad_output has shape {grad_output.shape} but the forward output "
+                         f"has shape {g.output_shape}")
+    dtype = compute_dtype(grad_output.dtype, x.dtype)
+    if indices is None:
+        _, tap = _max_taps(x.astype(dtype, copy=False), g)
+    else:
+        tap = _indices_to_taps(indices, g)
+    rows = np.flatnonzero(tap >= 0)
+    dcol = np.zeros((tap.size, g.KH * g.KW), dtype=dtype)
+    dcol[rows, tap[rows]] = grad_output.reshape(-1)[rows]
+    return _fold_columns(dcol, g)
+
+
+def _avg_divisor(g, count_include_pad):
+    """PyTorch's divisor per window (one plane's worth, ``(OH*OW,)``)."""
+    if count_include_pad:
+        # the window's area inside the padded input: ceil_mode overhang excluded
+        inside = _inside(g, g.H + 2 * g.pad_h, g.W + 2 * g.pad_w, 0, 0)
+    else:
+        inside = _inside(g, g.H, g.W, g.pad_h, g.pad_w)
+    return inside.sum(axis=1)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    """Average pooling with PyTorch's semantics, the seeds' im2col way.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C, H, W)
+    kernel_size, stride, padding, ceil_mode, count_include_pad
+        As :func:`fastconv.avg_pool2d`.
+
+    Returns
+    -------
+    y : ndarray, shape (N, C, OH, OW)
+
+    Notes
+    -----
+    Row sums of ``im2col`` of the zero-padded planes, divided by the count of
+    a boolean mask's taps: ones over the padded input (``count_include_pad``)
+    or over the input only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.avg_pool2d(np.ones((1, 1, 3, 3)), 2, ceil_mode=True,
+    ...                      count_include_pad=False)
+    array([[[[1., 1.],
+             [1., 1.]]]])
+    """
+    x = np.asarray(x)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode)
+    x = x.astype(compute_dtype(x.dtype), copy=False)
+    col = _pool_columns(x, g, 0)
+    divisor = np.tile(_avg_divisor(g, count_include_pad), g.N * g.C)
+    return (col.sum(axis=1) / divisor).astype(x.dtype, copy=False).reshape(g.output_shape)
+
+
+def avg_pool2d_backward(grad_output, x, kernel_size, stride=None, padding=0, ceil_mode=False,
+                        count_include_pad=True):
+    """Gradient of :func:`avg_pool2d`: ``grad / divisor`` to every tap, folded by col2im.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.avg_pool2d_backward(np.ones((1, 1, 1, 1)), np.zeros((1, 1, 2, 2)), 2)
+    array([[[[0.25, 0.25],
+             [0.25, 0.25]]]])
+    """
+    x = np.asarray(x)
+    grad_output = np.asarray(grad_output)
+    g = pool_geometry(x.shape, kernel_size, stride, padding, 1, ceil_mode)
+    if grad_output.shape != g.output_shape:
+        raise ValueError(f"grad_output has shape {grad_output.shape} but the forward output "
+                         f"has shape {g.output_shape}")
+    dtype = compute_dtype(grad_output.dtype, x.dtype)
+    divisor = np.tile(_avg_divisor(g, count_include_pad), g.N * g.C)
+    share = (grad_output.reshape(-1) / divisor).astype(dtype, copy=False)
+    dcol = np.repeat(share[:, None], g.KH * g.KW, axis=1)
+    return _fold_columns(dcol, g)
+
+
+def global_avg_pool2d(x, keepdims=False):
+    """Mean of every (n, c) plane: shape (N, C), or (N, C, 1, 1) with ``keepdims``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.global_avg_pool2d(np.arange(8.0).reshape(1, 2, 2, 2))
+    array([[1.5, 5.5]])
+    """
+    x = np.asarray(x)
+    x = x.astype(compute_dtype(x.dtype), copy=False)
+    return x.mean(axis=(2, 3), keepdims=keepdims)
+
+
+def global_avg_pool2d_backward(grad_output, x):
+    """Gradient of :func:`global_avg_pool2d`: ``grad / (H*W)`` on every element of the plane.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.global_avg_pool2d_backward(np.array([[2.0]]), np.zeros((1, 1, 1, 2)))
+    array([[[[1., 1.]]]])
+    """
+    x = np.asarray(x)
+    N, C, H, W = x.shape
+    grad_output = np.asarray(grad_output).reshape(N, C, 1, 1)
+    dtype = compute_dtype(grad_output.dtype, x.dtype)
+    return np.broadcast_to(grad_output / (H * W), x.shape).astype(dtype)
+
+
+def relu(x):
+    """``max(x, 0)`` elementwise; NaN propagates (``np.maximum`` keeps NaN).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.relu(np.array([-1.0, 0.5, np.nan]))
+    array([0. , 0.5, nan])
+    """
+    x = np.asarray(x)
+    x = x.astype(compute_dtype(x.dtype), copy=False)
+    return np.maximum(x, 0)
+
+
+def relu_backward(grad_output, x):
+    """``grad_output`` where ``x > 0``, else 0 (zero at x = 0 and at NaN).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> reference.relu_backward(np.ones(3), np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 1.])
+    """
+    grad_output = np.asarray(grad_output)
+    x = np.asarray(x)
+    dtype = compute_dtype(grad_output.dtype, x.dtype)
+    return np.where(x > 0, grad_output, 0).astype(dtype)

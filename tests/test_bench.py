@@ -166,3 +166,53 @@ def test_scaling_table_with_batch_override(capsys):
     assert "| 1 thread ms | 2 threads ms | speedup |" in out
     lines = [line for line in out.splitlines() if line.startswith("| lenet-mnist")]
     assert len(lines) == 2 and all("| 2 |" in line for line in lines)
+
+
+# --------------------------------------------------------------------------
+# pooling rows
+
+TINY_POOLS = (_bench.PoolShape("tiny-max", "max", 2, 3, 9, 8, 3, 2, 1),
+              _bench.PoolShape("tiny-avg", "avg", 2, 3, 8, 8, 2, 2, 0))
+
+
+def test_pool_suite_shapes():
+    names = [s.name for s in _bench.POOL_SUITE]
+    assert names == ["maxpool-2x2-s2", "maxpool-3x3-s2-p1", "avgpool-2x2-s2"]
+    assert not set(names) & set(SUITE_NAMES)
+    assert all(s.input_shape == (8, 64, 112, 112) for s in _bench.POOL_SUITE)
+    assert [s.output_shape for s in _bench.POOL_SUITE] == [(8, 64, 56, 56)] * 3
+    arrays = TINY_POOLS[0].make_inputs("float64")
+    assert arrays["x"].shape == (2, 3, 9, 8) and arrays["grad_output"].shape == (2, 3, 5, 4)
+
+
+def test_run_pool_suite_on_tiny_shapes():
+    rows = _bench.run_pool_suite(TINY_POOLS, threads=1, repeat=1, torch=False)
+    assert [(r["shape"], r["pass"]) for r in rows] == [
+        (name, p) for name in ("tiny-max", "tiny-avg") for p in ("forward", "backward", "fwd+bwd")]
+    for forward, backward, total in (rows[:3], rows[3:]):
+        assert total["fastconv_ms"] == pytest.approx(forward["fastconv_ms"]
+                                                     + backward["fastconv_ms"])
+        assert total["speedup"] == pytest.approx(total["reference_ms"] / total["fastconv_ms"])
+        assert forward["rel_err"] < 1e-6 and backward["rel_err"] < 1e-6
+        assert total["rel_err"] is None
+    header = format_table(rows).splitlines()[0]
+    assert "reference ms" in header and "speedup" in header
+    assert "GFLOP/s" not in header and "sgemm" not in header
+
+
+def test_select_suites_splits_names_and_rejects_unknown():
+    conv, pool = _bench.select_suites(["lenet-mnist,avgpool-2x2-s2"])
+    assert [s.name for s in conv] == ["lenet-mnist"]
+    assert [s.name for s in pool] == ["avgpool-2x2-s2"]
+    assert _bench.select_suites(None) == (SUITE, _bench.POOL_SUITE)
+    with pytest.raises(ValueError, match="maxpool-2x2-s2"):
+        _bench.select_suites(["maxpool-9x9"])
+
+
+def test_cli_pool_rows_only(capsys):
+    """--only with a pooling name prints only the pooling table."""
+    assert _bench.main(["--only", "avgpool-2x2-s2", "--batch", "1", "--repeat", "1",
+                        "--no-reference", "--no-torch", "--threads", "1"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3
+    assert all("avgpool-2x2-s2" in line for line in table[2:])

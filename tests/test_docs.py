@@ -9,6 +9,7 @@ import pytest
 import fastconv
 import fastconv._functional
 import fastconv._layers
+import fastconv._pooling
 import fastconv.reference
 
 
@@ -16,6 +17,7 @@ import fastconv.reference
     (fastconv, False),                  # the package docstring has no examples
     (fastconv._functional, True),
     (fastconv._layers, True),
+    (fastconv._pooling, True),
     (fastconv.reference, True),
 ], ids=lambda v: v.__name__ if isinstance(v, types.ModuleType) else str(v))
 def test_doctests(module, has_examples):
