@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from fastconv._validation import conv_output_size
+
 #: The two passes every shape is timed for, in table order.
 PASSES = ("forward", "backward")
 
@@ -81,9 +83,8 @@ class Shape:
     @property
     def output_hw(self) -> tuple[int, int]:
         """``(OH, OW)`` with ``OH = (H + 2*pad - KH) // stride + 1``."""
-        oh = (self.H + 2 * self.pad - self.KH) // self.stride + 1
-        ow = (self.W + 2 * self.pad - self.KW) // self.stride + 1
-        return (oh, ow)
+        return (conv_output_size(self.H, self.KH, self.stride, self.pad, self.pad),
+                conv_output_size(self.W, self.KW, self.stride, self.pad, self.pad))
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:

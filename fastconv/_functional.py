@@ -12,7 +12,7 @@ from fastconv._validation import (
     IntPair,
     Padding,
     as_array,
-    _as_int,
+    as_int,
     as_shape,
     check_ndim,
     compute_dtype,
@@ -257,7 +257,7 @@ def conv2d_backward(
 def _seed_geometry(shape, filter_h, filter_w, stride, pad, x_name) -> ConvGeometry:
     """Geometry of the seeds' im2col/col2im (no dilation, one pseudo-filter)."""
     for value, name in ((filter_h, "filter_h"), (filter_w, "filter_w")):
-        if _as_int(value, name) < 1:
+        if as_int(value, name) < 1:
             raise ValueError(f"{name} must be positive, got {value!r}")
     return conv_geometry(shape, (1, shape[1], int(filter_h), int(filter_w)), stride, pad, 1,
                          x_name=x_name, padding_name="pad",

@@ -19,7 +19,7 @@ from fastconv._pooling import (
 from fastconv._validation import (
     IntPair,
     Padding,
-    _as_int,
+    as_int,
     as_array,
     as_bool,
     as_padding,
@@ -97,8 +97,8 @@ class Conv2D:
         *,
         n_threads: int | None = None,
     ) -> None:
-        in_channels = _as_int(in_channels, "in_channels")
-        out_channels = _as_int(out_channels, "out_channels")
+        in_channels = as_int(in_channels, "in_channels")
+        out_channels = as_int(out_channels, "out_channels")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(
                 f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"

@@ -20,8 +20,8 @@ Padding = Union[int, Sequence[int]]
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _as_int(value, name: str) -> int:
-    """``value`` as a Python int; bools, floats and other types are a TypeError."""
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int; bools, floats and other types are a TypeError naming ``name``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     return operator.index(value)
@@ -61,8 +61,8 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
         items = tuple(value)
         if len(items) != 2:
             raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-        return (_as_int(items[0], name), _as_int(items[1], name))
-    v = _as_int(value, name)
+        return (as_int(items[0], name), as_int(items[1], name))
+    v = as_int(value, name)
     return (v, v)
 
 
@@ -96,7 +96,7 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
         raise TypeError(f"{name} must be an int or a tuple of ints, got {value!r}")
     value = _unwrap_0d(value)
     if isinstance(value, Sequence) or isinstance(value, np.ndarray):
-        items = tuple(_as_int(v, name) for v in value)
+        items = tuple(as_int(v, name) for v in value)
         if len(items) == 1:
             items = items * 4
         elif len(items) == 2:
@@ -106,7 +106,7 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
                 f"{name} must be an int, (ph, pw) or (top, bottom, left, right), got {value!r}"
             )
     else:
-        items = (_as_int(value, name),) * 4
+        items = (as_int(value, name),) * 4
     if min(items) < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return items
@@ -165,7 +165,7 @@ def as_shape(value, name: str, ndim: int) -> tuple[int, ...]:
     """A shape of ``ndim`` non-negative ints."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise TypeError(f"{name} must be a tuple of {ndim} ints, got {value!r}")
-    shape = tuple(_as_int(v, name) for v in value)
+    shape = tuple(as_int(v, name) for v in value)
     if len(shape) != ndim or min(shape) < 0:
         raise ValueError(f"{name} must be {ndim} non-negative ints, got {value!r}")
     return shape
@@ -263,7 +263,7 @@ def resolve_n_threads(n_threads, max_threads: int) -> int:
     """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1)."""
     if n_threads is None:
         return max_threads
-    n = _as_int(n_threads, "n_threads")
+    n = as_int(n_threads, "n_threads")
     if n == 0:
         raise ValueError("n_threads=0 is invalid: use None for all cores, a positive count, "
                          "or a negative one to count back from all cores")
