@@ -1,0 +1,130 @@
+"""Features added after the core engine: pooling, depthwise, transposed convolution, NHWC.
+
+Each benchmark's ``setup`` looks the feature up on the commit under test
+(a function with ``hasattr``, a keyword argument with ``inspect.signature``)
+and raises ``NotImplementedError`` when it is missing, so these rows read
+"n/a" on older commits and start their graphs on the commit that adds them.
+Shapes are the bench rows the feature issues name (#3, #4); float32 only.
+"""
+
+import numpy as np
+
+from .common import (
+    N_THREADS,
+    PASSES,
+    SHAPE_NAMES,
+    Benchmark,
+    get_shape,
+    require_functions,
+    require_params,
+    usable_cpus,
+)
+
+
+def _randn(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+class Pooling(Benchmark):
+    """``max_pool2d`` / ``avg_pool2d`` and their backward on 8x64x112x112 (issue #4's rows)."""
+
+    #: name -> (function, kernel_size, stride, padding)
+    KINDS = {
+        "max 2x2 s2": ("max_pool2d", 2, 2, 0),
+        "max 3x3 s2 p1": ("max_pool2d", 3, 2, 1),
+        "avg 2x2 s2": ("avg_pool2d", 2, 2, 0),
+    }
+    params = [tuple(KINDS), PASSES, N_THREADS]
+    param_names = ["kind", "pass", "n_threads"]
+
+    def setup(self, kind, pass_, n_threads):
+        function, k, s, p = self.KINDS[kind]
+        forward, backward = require_functions(function, function + "_backward")
+        x = _randn((8, 64, 112, 112))
+        kwargs = dict(kernel_size=k, stride=s, padding=p, n_threads=n_threads)
+        y = forward(x, **kwargs)
+        if pass_ == "forward":
+            self.call = lambda: forward(x, **kwargs)
+        else:
+            g = _randn(y.shape, seed=1)
+            self.call = lambda: backward(g, x, **kwargs)
+        self.call()
+
+    def time_pool(self, kind, pass_, n_threads):
+        self.call()
+
+
+class Depthwise(Benchmark):
+    """mobilenet-dw: 8x256x56x56, 3x3, stride 1, padding 1, groups = 256 (issue #3's row)."""
+
+    params = [PASSES, N_THREADS]
+    param_names = ["pass", "n_threads"]
+
+    def setup(self, pass_, n_threads):
+        conv2d, conv2d_backward = require_functions("conv2d", "conv2d_backward")
+        require_params(conv2d, "groups")
+        require_params(conv2d_backward, "groups")
+        x = _randn((8, 256, 56, 56))
+        w = _randn((256, 1, 3, 3), seed=1) / np.float32(3.0)
+        b = _randn(256, seed=2)
+        kwargs = dict(stride=1, padding=1, groups=256, n_threads=n_threads)
+        if pass_ == "forward":
+            self.call = lambda: conv2d(x, w, b, **kwargs)
+        else:
+            g = _randn(x.shape, seed=3)
+            self.call = lambda: conv2d_backward(g, x, w, **kwargs)
+        self.call()
+
+    def time_depthwise(self, pass_, n_threads):
+        self.call()
+
+
+class Transposed(Benchmark):
+    """dcgan-up: 16x256x16x16 -> 128 channels, 4x4, stride 2, padding 1 (issue #3's row)."""
+
+    params = [PASSES, N_THREADS]
+    param_names = ["pass", "n_threads"]
+
+    def setup(self, pass_, n_threads):
+        forward, backward = require_functions("conv_transpose2d", "conv_transpose2d_backward")
+        x = _randn((16, 256, 16, 16))
+        w = _randn((256, 128, 4, 4), seed=1) / np.float32(np.sqrt(256 * 16))
+        b = _randn(128, seed=2)
+        kwargs = dict(stride=2, padding=1, n_threads=n_threads)
+        y = forward(x, w, b, **kwargs)
+        if pass_ == "forward":
+            self.call = lambda: forward(x, w, b, **kwargs)
+        else:
+            g = _randn(y.shape, seed=3)
+            self.call = lambda: backward(g, x, w, **kwargs)
+        self.call()
+
+    def time_conv_transpose(self, pass_, n_threads):
+        self.call()
+
+
+class ChannelsLast(Benchmark):
+    """The standard suite with ``layout="NHWC"`` (compare with conv.Forward/Backward), all cores."""
+
+    params = [SHAPE_NAMES, PASSES]
+    param_names = ["shape", "pass"]
+
+    def setup(self, name, pass_):
+        conv2d, conv2d_backward = require_functions("conv2d", "conv2d_backward")
+        require_params(conv2d, "layout")
+        require_params(conv2d_backward, "layout")
+        shape = get_shape(name)
+        arrays = shape.make_inputs("float32")
+        x = np.ascontiguousarray(arrays["x"].transpose(0, 2, 3, 1))
+        g = np.ascontiguousarray(arrays["grad_output"].transpose(0, 2, 3, 1))
+        w, b = arrays["weight"], arrays["bias"]
+        kwargs = dict(stride=shape.stride, padding=shape.pad, layout="NHWC",
+                      n_threads=usable_cpus())
+        if pass_ == "forward":
+            self.call = lambda: conv2d(x, w, b, **kwargs)
+        else:
+            self.call = lambda: conv2d_backward(g, x, w, **kwargs)
+        self.call()
+
+    def time_nhwc(self, name, pass_):
+        self.call()
