@@ -140,3 +140,57 @@ def seed_col2im(col, input_shape, filter_h, filter_w, stride=1, pad=0):
             img[:, :, y:y_max:stride, x:x_max:stride] += col[:, :, y, x, :, :]
 
     return img[:, :, pad:H + pad, pad:W + pad]
+
+
+def seed_convolution_class(im2col, col2im):
+    """Seed 000's ``Convolution`` layer verbatim (seed 003's forward is the same), over the
+    given ``im2col``/``col2im``: the seeds' own, or fastconv's for the one-import drop-in."""
+
+    class Convolution:
+        def __init__(self, W, b, stride=1, pad=0):
+            self.W = W
+            self.b = b
+            self.stride = stride # 步长
+            self.pad = pad # 填充
+
+            # 中间数据（backward时使用）
+            self.x = None
+            self.col = None
+            self.col_W = None
+
+            # 权重和偏置参数的梯度
+            self.dW = None
+            self.db = None
+
+        def forward(self, x):
+            FN, C, FH, FW = self.W.shape # filter里面其实就是权重
+            N, C, H, W = x.shape
+            out_h = 1 + int((H + 2*self.pad - FH) / self.stride)
+            out_w = 1 + int((W + 2*self.pad - FW) / self.stride)
+
+            col = im2col(x, FH, FW, self.stride, self.pad)
+            col_W = self.W.reshape(FN, -1).T
+
+            out = np.dot(col, col_W) + self.b
+            out = out.reshape(N, out_h, out_w, -1).transpose(0, 3, 1, 2)
+
+            self.x = x
+            self.col = col
+            self.col_W = col_W
+
+            return out
+
+        def backward(self, dout):
+            FN, C, FH, FW = self.W.shape
+            dout = dout.transpose(0,2,3,1).reshape(-1, FN)
+
+            self.db = np.sum(dout, axis=0) # 偏置的梯度
+            self.dW = np.dot(self.col.T, dout)
+            self.dW = self.dW.transpose(1, 0).reshape(FN, C, FH, FW)
+
+            dcol = np.dot(dout, self.col_W.T) # x的梯度：dout点乘W^T
+            dx = col2im(dcol, self.x.shape, FH, FW, self.stride, self.pad) # col2im是im2col的逆操作
+
+            return dx
+
+    return Convolution

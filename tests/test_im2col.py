@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 from _helpers import assert_matches
-from _naive import seed_col2im, seed_im2col
+from _naive import seed_col2im, seed_convolution_class, seed_im2col
 
 import fastconv
 from fastconv import reference
@@ -144,57 +144,8 @@ def test_n_threads_do_not_change_the_result():
 
 # --- the one-import drop-in ---------------------------------------------------------
 
-im2col, col2im = fastconv.im2col, fastconv.col2im   # the seeds' `from common.util import ...`
-
-
-class Convolution:
-    """Seed 000's layer (seed 003's forward is the same), verbatim but for the import above."""
-
-    def __init__(self, W, b, stride=1, pad=0):
-        self.W = W
-        self.b = b
-        self.stride = stride # 步长
-        self.pad = pad # 填充
-
-        # 中间数据（backward时使用）
-        self.x = None
-        self.col = None
-        self.col_W = None
-
-        # 权重和偏置参数的梯度
-        self.dW = None
-        self.db = None
-
-    def forward(self, x):
-        FN, C, FH, FW = self.W.shape # filter里面其实就是权重
-        N, C, H, W = x.shape
-        out_h = 1 + int((H + 2*self.pad - FH) / self.stride)
-        out_w = 1 + int((W + 2*self.pad - FW) / self.stride)
-
-        col = im2col(x, FH, FW, self.stride, self.pad)
-        col_W = self.W.reshape(FN, -1).T
-
-        out = np.dot(col, col_W) + self.b
-        out = out.reshape(N, out_h, out_w, -1).transpose(0, 3, 1, 2)
-
-        self.x = x
-        self.col = col
-        self.col_W = col_W
-
-        return out
-
-    def backward(self, dout):
-        FN, C, FH, FW = self.W.shape
-        dout = dout.transpose(0,2,3,1).reshape(-1, FN)
-
-        self.db = np.sum(dout, axis=0) # 偏置的梯度
-        self.dW = np.dot(self.col.T, dout)
-        self.dW = self.dW.transpose(1, 0).reshape(FN, C, FH, FW)
-
-        dcol = np.dot(dout, self.col_W.T) # x的梯度：dout点乘W^T
-        dx = col2im(dcol, self.x.shape, FH, FW, self.stride, self.pad) # col2im是im2col的逆操作
-
-        return dx
+# the seeds' layer with `from common.util import im2col, col2im` swapped for fastconv's
+Convolution = seed_convolution_class(fastconv.im2col, fastconv.col2im)
 
 
 @pytest.mark.parametrize("kernel, stride, pad", [

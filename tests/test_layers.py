@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from _helpers import assert_matches
-from _naive import seed_col2im, seed_im2col
+from _naive import seed_col2im, seed_convolution_class, seed_im2col
 
 import fastconv
 from fastconv import Conv2D, reference
@@ -182,50 +182,7 @@ def test_repr_shows_only_non_default_arguments(layer, text):
 
 # --- from_weights: the seeds' Convolution(W, b, stride, pad) ------------------------
 
-class SeedConvolution:
-    """Seed 000's Convolution layer, verbatim (with the seeds' own im2col/col2im)."""
-
-    def __init__(self, W, b, stride=1, pad=0):
-        self.W = W
-        self.b = b
-        self.stride = stride
-        self.pad = pad
-        self.x = None
-        self.col = None
-        self.col_W = None
-        self.dW = None
-        self.db = None
-
-    def forward(self, x):
-        FN, C, FH, FW = self.W.shape
-        N, C, H, W = x.shape
-        out_h = 1 + int((H + 2*self.pad - FH) / self.stride)
-        out_w = 1 + int((W + 2*self.pad - FW) / self.stride)
-
-        col = seed_im2col(x, FH, FW, self.stride, self.pad)
-        col_W = self.W.reshape(FN, -1).T
-
-        out = np.dot(col, col_W) + self.b
-        out = out.reshape(N, out_h, out_w, -1).transpose(0, 3, 1, 2)
-
-        self.x = x
-        self.col = col
-        self.col_W = col_W
-
-        return out
-
-    def backward(self, dout):
-        FN, C, FH, FW = self.W.shape
-        dout = dout.transpose(0, 2, 3, 1).reshape(-1, FN)
-
-        self.db = np.sum(dout, axis=0)
-        self.dW = np.dot(self.col.T, dout)
-        self.dW = self.dW.transpose(1, 0).reshape(FN, C, FH, FW)
-
-        dcol = np.dot(dout, self.col_W.T)
-        dx = seed_col2im(dcol, self.x.shape, FH, FW, self.stride, self.pad)
-
-        return dx
+SeedConvolution = seed_convolution_class(seed_im2col, seed_col2im)
 
 
 @pytest.mark.parametrize("stride, pad", [(1, 0), (1, 1), (2, 0), (2, 1), (3, 2)])
