@@ -362,6 +362,20 @@ def _torch_call(torch, pass_: str, shape: Shape, arrays: dict) -> Callable[[], o
     return lambda: torch.autograd.grad(y, (x, w, b), grad_outputs=g, retain_graph=True)
 
 
+def _suite_setup(threads, dtype, repeat, reference_repeat, reference, torch):
+    """The arguments shared by :func:`run_suite` and :func:`run_pool_suite`, resolved:
+    thread count, dtype, reference repeats, and the reference and torch modules (or None)."""
+    threads = usable_cpus() if threads is None else int(threads)
+    reference_repeat = repeat if reference_repeat is None else reference_repeat
+    ref_module = None
+    if reference:
+        from fastconv import reference as ref_module
+    torch_module = _import_torch() if torch is None or torch else None
+    if torch and torch_module is None:
+        raise RuntimeError("torch=True but `import torch` failed")
+    return threads, np.dtype(dtype), reference_repeat, ref_module, torch_module
+
+
 def run_suite(
     shapes: Iterable[Shape] = SUITE,
     threads: Optional[int] = None,
@@ -409,15 +423,8 @@ def run_suite(
     import fastconv
     from threadpoolctl import threadpool_limits
 
-    threads = usable_cpus() if threads is None else int(threads)
-    dtype = np.dtype(dtype)
-    reference_repeat = repeat if reference_repeat is None else reference_repeat
-    ref_module = None
-    if reference:
-        from fastconv import reference as ref_module
-    torch_module = _import_torch() if torch is None or torch else None
-    if torch and torch_module is None:
-        raise RuntimeError("torch=True but `import torch` failed")
+    threads, dtype, reference_repeat, ref_module, torch_module = _suite_setup(
+        threads, dtype, repeat, reference_repeat, reference, torch)
 
     rows = []
     for shape in shapes:
@@ -528,15 +535,8 @@ def run_pool_suite(
     import fastconv
     from threadpoolctl import threadpool_limits
 
-    threads = usable_cpus() if threads is None else int(threads)
-    dtype = np.dtype(dtype)
-    reference_repeat = repeat if reference_repeat is None else reference_repeat
-    ref_module = None
-    if reference:
-        from fastconv import reference as ref_module
-    torch_module = _import_torch() if torch is None or torch else None
-    if torch and torch_module is None:
-        raise RuntimeError("torch=True but `import torch` failed")
+    threads, dtype, reference_repeat, ref_module, torch_module = _suite_setup(
+        threads, dtype, repeat, reference_repeat, reference, torch)
 
     rows = []
     for shape in shapes:

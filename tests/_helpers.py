@@ -1,5 +1,7 @@
 """Comparison helpers with dtype-aware tolerances."""
 
+import threading
+
 import numpy as np
 
 
@@ -34,3 +36,22 @@ def random_problem(rng, N, C, H, W, F, KH, KW, dtype):
     weight = rng.standard_normal((F, C, KH, KW)).astype(dtype)
     bias = rng.standard_normal(F).astype(dtype)
     return x, weight, bias
+
+
+def run_in_thread(function):
+    """``function()`` run in a fresh Python thread (fresh thread-local workspaces, not the
+    main thread); its result is returned and its exception re-raised here."""
+    result, errors = [], []
+
+    def run():
+        try:
+            result.append(function())
+        except BaseException as error:      # surfaced in the caller's thread below
+            errors.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]

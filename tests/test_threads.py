@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+from _helpers import run_in_thread
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import fastconv
@@ -141,23 +142,6 @@ def test_conv2d_leaves_blas_threads_as_they_were(blas_at_two_threads):
     assert set(blas_thread_counts()) == {2}
 
 
-def _in_thread(function):
-    result, errors = [], []
-
-    def run():
-        try:
-            result.append(function())
-        except BaseException as error:
-            errors.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def _counts_inside():
     with single_threaded_blas:
         return set(blas_thread_counts())
@@ -183,7 +167,7 @@ def test_single_threaded_blas_in_a_fresh_process_worker_thread():
 def test_single_threaded_blas_in_a_worker_thread(blas_at_two_threads):
     """conv2d from a worker thread after the main thread used fastconv: BLAS must still be 1."""
     assert _counts_inside() == {1}                      # main thread first
-    assert _in_thread(_counts_inside) == {1}            # then a worker thread
+    assert run_in_thread(_counts_inside) == {1}            # then a worker thread
 
 
 def test_single_threaded_blas_overlapping_threads_restore(blas_at_two_threads):

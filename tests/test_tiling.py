@@ -9,10 +9,10 @@ still feeds every thread, and few work items are split evenly across threads.
 import itertools
 import re
 import math
-import threading
 
 import numpy as np
 import pytest
+from _helpers import run_in_thread
 
 import fastconv
 from fastconv import _tiling, _workspace
@@ -202,24 +202,14 @@ def test_blas_limits_checked_before_allocating():
 
 def _columns_buffer_sizes(calls):
     """Run ``calls`` in a fresh thread (fresh workspaces); the "columns" buffer size after each."""
-    sizes = []
-    errors = []
+    def sizes():
+        result = []
+        for call in calls:
+            dtype = call()
+            result.append(_workspace._local.buffers[("columns", np.dtype(dtype))].size)
+        return result
 
-    def run():
-        try:
-            for call in calls:
-                dtype = call()
-                buffer = _workspace._local.buffers[("columns", np.dtype(dtype))]
-                sizes.append(buffer.size)
-        except BaseException as error:      # surfaced in the test's thread below
-            errors.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return sizes
+    return run_in_thread(sizes)
 
 
 def _large_plane_hw(C, KK, itemsize):
