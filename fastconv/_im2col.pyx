@@ -33,6 +33,8 @@ cdef ConvGeom make_geom(object geometry) except *:
     g.dilation_w = geometry.dilation_w
     g.OH = geometry.OH
     g.OW = geometry.OW
+    g.groups = geometry.groups
+    g.mode = geometry.mode_code
     return g
 
 

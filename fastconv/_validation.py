@@ -14,7 +14,14 @@ from typing import NamedTuple, Sequence, Union
 import numpy as np
 
 IntPair = Union[int, Sequence[int]]
-Padding = Union[int, Sequence[int]]
+Padding = Union[int, str, Sequence[int]]
+
+#: ``padding`` strings accepted by conv2d, conv2d_backward and Conv2D.
+PADDING_STRINGS = ("valid", "same", "full")
+#: ``padding_mode`` values, PyTorch's names; the index is the kernels' PAD_* code.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+#: ``layout`` values of conv2d / conv2d_backward.
+LAYOUTS = ("NCHW", "NHWC")
 
 #: The dtypes the kernels are compiled for.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -89,8 +96,9 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
     """
     if isinstance(value, str):
         raise ValueError(
-            f"{name}={value!r}: string padding is not supported yet; "
-            "use an int, (ph, pw) or (top, bottom, left, right)"
+            f"{name}={value!r}: string padding is resolved against the input size and only "
+            f"conv2d, conv2d_backward and Conv2D accept it; here use an int, (ph, pw) or "
+            f"(top, bottom, left, right)"
         )
     if isinstance(value, bytes):
         raise TypeError(f"{name} must be an int or a tuple of ints, got {value!r}")
@@ -110,6 +118,49 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
     if min(items) < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return items
+
+
+def resolve_string_padding(padding: str, name: str, size: tuple[int, int],
+                           kernel: tuple[int, int], stride: tuple[int, int],
+                           dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``'valid'``, ``'same'`` or ``'full'`` as ``(top, bottom, left, right)`` for one input.
+
+    * ``'valid'``: no padding;
+    * ``'full'``: ``d*(k-1)`` on every side (every partial overlap, seed 003);
+    * ``'same'``: TensorFlow's rule, also for stride > 1: the output is
+      ``ceil(in / stride)``, the total padding
+      ``max((out - 1)*stride + d*(k - 1) + 1 - in, 0)`` is split with the
+      extra pixel at the bottom/right. For stride 1 this is PyTorch's ``'same'``.
+
+    Upper-case spellings (TensorFlow's ``'SAME'``) are accepted.
+    """
+    key = padding.lower()
+    if key not in PADDING_STRINGS:
+        raise ValueError(
+            f"{name}={padding!r} is not a padding string; use one of "
+            f"{', '.join(repr(p) for p in PADDING_STRINGS)}, an int or a tuple of ints"
+        )
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        span = d * (k - 1)
+        if key == "valid":
+            pads += [0, 0]
+        elif key == "full":
+            pads += [span, span]
+        else:
+            out = -(-n // s)
+            total = max((out - 1) * s + span + 1 - n, 0)
+            pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def as_choice(value, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``, else a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+    return value
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
@@ -198,6 +249,18 @@ class ConvGeometry(NamedTuple):
     dilation_w: int
     OH: int
     OW: int
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def mode_code(self) -> int:
+        """``padding_mode`` as the kernels' PAD_* code (``fastconv/_im2col.pxd``)."""
+        return PADDING_MODES.index(self.padding_mode)
+
+    @property
+    def is_depthwise(self) -> bool:
+        """One input channel per group (groups == C): each filter sees one channel."""
+        return self.groups == self.C
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
@@ -209,7 +272,7 @@ class ConvGeometry(NamedTuple):
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.F, self.C, self.KH, self.KW)
+        return (self.F, self.C // self.groups, self.KH, self.KW)
 
     @property
     def is_pointwise(self) -> bool:
@@ -219,33 +282,57 @@ class ConvGeometry(NamedTuple):
                 and self.pad_left == 0 and self.pad_right == 0)
 
 
-def conv_geometry(x_shape, w_shape, stride, padding, dilation, *, x_name: str = "x",
-                  padding_name: str = "padding", kernel_desc: str | None = None,
+def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups=1, padding_mode="zeros",
+                  *, x_name: str = "x", padding_name: str = "padding",
+                  kernel_desc: str | None = None, string_padding: bool = False,
                   ) -> ConvGeometry:
     """Validate and collect the sizes of ``conv2d(x, w)``.
 
-    ``x_shape`` is (N, C, H, W) and ``w_shape`` is (F, C, KH, KW); both have
-    already been checked to be 4-D. ``x_name``, ``padding_name`` and
+    ``x_shape`` is (N, C, H, W) and ``w_shape`` is (F, C/groups, KH, KW); both
+    have already been checked to be 4-D. ``x_name``, ``padding_name`` and
     ``kernel_desc`` let callers with other argument names (the seeds'
     ``im2col(input_data, filter_h, filter_w, stride, pad)``) get messages in
-    their own terms.
+    their own terms; ``string_padding`` lets ``padding`` be ``'valid'``,
+    ``'same'`` or ``'full'``.
     """
     sh, sw = as_positive_pair(stride, "stride")
     dh, dw = as_positive_pair(dilation, "dilation")
-    top, bottom, left, right = as_padding(padding, padding_name)
+    groups = as_int(groups, "groups")
+    padding_mode = as_choice(padding_mode, "padding_mode", PADDING_MODES)
     N, C, H, W = (int(s) for s in x_shape)
     F, CW, KH, KW = (int(s) for s in w_shape)
     x_desc = (f"{x_name}={tuple(x_shape)}" if x_name.endswith("shape")
               else f"{x_name}.shape={tuple(x_shape)}")
     if kernel_desc is None:
         kernel_desc = f"weight.shape={tuple(w_shape)}"
+    if string_padding and isinstance(padding, str):
+        if KH < 1 or KW < 1:
+            raise ValueError(f"weight must have non-zero sizes, got {kernel_desc}")
+        top, bottom, left, right = resolve_string_padding(padding, padding_name, (H, W),
+                                                          (KH, KW), (sh, sw), (dh, dw))
+    else:
+        top, bottom, left, right = as_padding(padding, padding_name)
     if C < 1 or H < 1 or W < 1:
         raise ValueError(f"{x_name} must have at least one channel and non-empty planes "
                          f"(only N may be 0), got {x_desc}")
-    if C != CW:
-        raise ValueError(f"{x_name} has {C} channels but weight expects {CW} ({x_desc}, {kernel_desc})")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    if C % groups or F % groups:
+        raise ValueError(
+            f"groups={groups} must divide both the input channels C={C} and the filters "
+            f"F={F} ({x_desc}, {kernel_desc})"
+        )
+    if C != CW * groups:
+        if groups == 1:
+            raise ValueError(
+                f"{x_name} has {C} channels but weight expects {CW} ({x_desc}, {kernel_desc})")
+        raise ValueError(
+            f"{x_name} has {C} channels but weight expects groups * C/groups = "
+            f"{groups} * {CW} = {groups * CW} ({x_desc}, {kernel_desc}, groups={groups})"
+        )
     if F < 1 or KH < 1 or KW < 1:
         raise ValueError(f"weight must have non-zero sizes, got {kernel_desc}")
+    _check_padding_mode_fits(padding_mode, (top, bottom, left, right), H, W, padding_name, x_desc)
     OH = conv_output_size(H, KH, sh, top, bottom, dh)
     OW = conv_output_size(W, KW, sw, left, right, dw)
     if OH < 1 or OW < 1:
@@ -256,7 +343,27 @@ def conv_geometry(x_shape, w_shape, stride, padding, dilation, *, x_name: str = 
             f"{dh * (KH - 1) + 1}x{dw * (KW - 1) + 1} ({x_desc}, {kernel_desc}"
             + (f", dilation={(dh, dw)})" if (dh, dw) != (1, 1) else ")")
         )
-    return ConvGeometry(N, C, H, W, F, KH, KW, sh, sw, top, bottom, left, right, dh, dw, OH, OW)
+    return ConvGeometry(N, C, H, W, F, KH, KW, sh, sw, top, bottom, left, right, dh, dw, OH, OW,
+                        groups, padding_mode)
+
+
+def _check_padding_mode_fits(mode: str, pads, H: int, W: int, padding_name: str,
+                             x_desc: str) -> None:
+    """PyTorch's limits: reflect padding < the input size (one mirror image, no repeated
+    edge), circular padding <= the input size (one wrap)."""
+    if mode not in ("reflect", "circular"):
+        return
+    top, bottom, left, right = pads
+    for pad, size, side in ((top, H, "top"), (bottom, H, "bottom"),
+                            (left, W, "left"), (right, W, "right")):
+        too_big = pad >= size if mode == "reflect" else pad > size
+        if too_big:
+            limit = "smaller than" if mode == "reflect" else "at most"
+            raise ValueError(
+                f"padding_mode={mode!r} needs each {padding_name} {limit} the input size: "
+                f"{side} padding {pad} vs size {size} ({padding_name} (top, bottom, left, "
+                f"right)={tuple(pads)}, {x_desc})"
+            )
 
 
 def resolve_n_threads(n_threads, max_threads: int) -> int:

@@ -99,10 +99,25 @@ SHARED_ERRORS = [
                      "got (1, 2, 3)"), id="padding-len3"),
     pytest.param(dict(padding=()), ValueError, esc("padding must be an int, (ph, pw)"),
                  id="padding-empty"),
-    pytest.param(dict(padding="same"), ValueError,
-                 esc("padding='same': string padding is not supported"), id="padding-same"),
-    pytest.param(dict(padding="valid"), ValueError,
-                 esc("padding='valid': string padding is not supported"), id="padding-valid"),
+    pytest.param(dict(padding="middle"), ValueError,
+                 esc("padding='middle' is not a padding string; use one of 'valid', 'same', "
+                     "'full'"), id="padding-unknown-string"),
+    pytest.param(dict(padding_mode="mirror"), ValueError,
+                 esc("padding_mode must be one of 'zeros', 'reflect', 'replicate', 'circular', "
+                     "got 'mirror'"), id="padding_mode-unknown"),
+    pytest.param(dict(padding=7, padding_mode="reflect"), ValueError,
+                 esc("padding_mode='reflect' needs each padding smaller than the input size: "
+                     "top padding 7 vs size 7"), id="reflect-too-big"),
+    pytest.param(dict(padding=(0, 0, 0, 8), padding_mode="circular"), ValueError,
+                 esc("padding_mode='circular' needs each padding at most the input size: "
+                     "right padding 8 vs size 7"), id="circular-too-big"),
+    pytest.param(dict(groups=0), ValueError, esc("groups must be positive, got 0"),
+                 id="groups-0"),
+    pytest.param(dict(groups=2.0), TypeError, esc("groups must be an int, got 2.0"),
+                 id="groups-float"),
+    pytest.param(dict(groups=3), ValueError,
+                 esc("groups=3 must divide both the input channels C=3 and the filters F=4"),
+                 id="groups-not-dividing"),
     pytest.param(dict(padding=1.5), TypeError,
                  esc("padding must be an int, got 1.5 of type float"),
                  id="padding-float"),
@@ -134,12 +149,12 @@ SHARED_ERRORS = [
 ]
 
 
-def _conv2d(x=X, weight=W, stride=1, padding=0, dilation=1, n_threads=None):
-    return conv2d(x, weight, B, stride, padding, dilation, n_threads=n_threads)
+def _conv2d(x=X, weight=W, stride=1, padding=0, dilation=1, groups=1, **keywords):
+    return conv2d(x, weight, B, stride, padding, dilation, groups, **keywords)
 
 
-def _conv2d_backward(x=X, weight=W, stride=1, padding=0, dilation=1, n_threads=None):
-    return conv2d_backward(DY, x, weight, stride, padding, dilation, n_threads=n_threads)
+def _conv2d_backward(x=X, weight=W, stride=1, padding=0, dilation=1, groups=1, **keywords):
+    return conv2d_backward(DY, x, weight, stride, padding, dilation, groups, **keywords)
 
 
 @pytest.mark.parametrize("overrides, error, match", SHARED_ERRORS)
@@ -321,7 +336,8 @@ IM2COL_ERRORS = [
     pytest.param(lambda: im2col(IMG, 3, 3, pad=(1, 2, 3)), ValueError, esc("got (1, 2, 3)"),
                  id="pad-len3"),
     pytest.param(lambda: im2col(IMG, 3, 3, pad="same"), ValueError,
-                 "'same': string padding is not supported", id="pad-same"),
+                 "pad='same': string padding is resolved against the input size and only "
+                 "conv2d", id="pad-same"),
     pytest.param(lambda: im2col(IMG, 8, 3), ValueError,
                  esc("output size would be 0x5 (< 1): input 7x7"), id="output-empty"),
     pytest.param(lambda: im2col(IMG, 3, 3, n_threads=0), ValueError,
@@ -601,7 +617,7 @@ def test_as_padding(value, expected):
                                 "got (1, 2, 3)")),
     ((1, 2, 3, 4, 5), ValueError, esc("got (1, 2, 3, 4, 5)")),
     ((), ValueError, esc("got ()")),
-    ("same", ValueError, esc("pad='same': string padding is not supported yet")),
+    ("same", ValueError, esc("pad='same': string padding is resolved against the input size")),
     (b"1", TypeError, esc("pad must be an int or a tuple of ints, got b'1'")),
     (1.0, TypeError, esc("pad must be an int, got 1.0 of type float")),
     (True, TypeError, esc("pad must be an int, got True of type bool")),
