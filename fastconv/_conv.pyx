@@ -99,18 +99,22 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
             Py_ssize_t tile_p, int n_threads):
     """y[n] = w2d @ im2col(x[n]) (+ bias), one column tile per work item.
 
-    # IN  x: (N, C, H, W); w2d: (F, C*KH*KW); bias: (F,) or None
+    With groups, group gi's filters (a row block of w2d) multiply group gi's
+    channels (a row block of the same column tile): one gemm per group.
+
+    # IN  x: (N, C, H, W); w2d: (F, C/groups*KH*KW); bias: (F,) or None
     # OUT y: (N, F, OH*OW)
     # workspace: n_threads * workspace_per_thread(...) elements
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef bint pointwise = geometry.is_pointwise
     cdef const floating *bias_ptr = NULL
-    cdef Py_ssize_t N = x.shape[0], F = w2d.shape[0], K = w2d.shape[1]
+    cdef Py_ssize_t N = x.shape[0], F = w2d.shape[0], Kg = w2d.shape[1]
+    cdef Py_ssize_t Fg = F // g.groups, K = Kg * g.groups
     cdef Py_ssize_t P = g.OH * g.OW
     cdef Py_ssize_t col_size = K * images_per_tile * tile_p
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, f, q
+    cdef Py_ssize_t item, f, q, gi
     cdef Tile t
     cdef const floating *cols
     cdef floating *ws
@@ -145,8 +149,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
         else:
             out = ws + col_size
             ldout = <int> t.total
-        gemm_rm(False, False, <int> F, <int> t.total, <int> K,
-                1, &w2d[0, 0], <int> K, cols, ldcol, beta, out, ldout)
+        for gi in range(g.groups):
+            gemm_rm(False, False, <int> Fg, <int> t.total, <int> Kg,
+                    1, &w2d[gi * Fg, 0], <int> Kg, cols + gi * Kg * ldcol, ldcol,
+                    beta, out + gi * Fg * ldout, ldout)
         if t.n1 - t.n0 > 1:
             scatter_planes(out, F, P, &t, bias_ptr, &y[0, 0, 0])
 
@@ -156,20 +162,21 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                     Py_ssize_t images_per_tile, Py_ssize_t tile_p, int n_threads):
     """Per-thread partial sums of grad_weight and grad_bias, to be reduced by :func:`reduce_rows`.
 
-    partial[t, :F*K] += dy_tile @ cols_tile.T and partial[t, F*K:] += dy_tile.sum(axis=1)
-    over the tiles of thread t.
+    partial[t, :F*Kg] += dy_tile @ cols_tile.T (group by group: Kg = K/groups columns
+    per filter) and partial[t, F*Kg:] += dy_tile.sum(axis=1) over the tiles of thread t.
 
     # IN  x: (N, C, H, W); dy: (N, F, OH*OW)
-    # OUT partial: (n_threads, F*K + F), zeroed here
+    # OUT partial: (n_threads, F*Kg + F), zeroed here
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef bint pointwise = geometry.is_pointwise
     cdef Py_ssize_t N = x.shape[0], F = dy.shape[1]
     cdef Py_ssize_t K = g.C * g.KH * g.KW
+    cdef Py_ssize_t Kg = K // g.groups, Fg = F // g.groups
     cdef Py_ssize_t P = g.OH * g.OW
     cdef Py_ssize_t col_size = K * images_per_tile * tile_p
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, f, q
+    cdef Py_ssize_t item, f, q, gi
     cdef Tile t
     cdef const floating *cols
     cdef const floating *grad
@@ -199,13 +206,15 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
             gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
             grad = ws + col_size
             ldgrad = <int> t.total
-        gemm_rm(False, True, <int> F, <int> K, <int> t.total,
-                1, grad, ldgrad, cols, ldcol, 1, acc, <int> K)
+        for gi in range(g.groups):
+            gemm_rm(False, True, <int> Fg, <int> Kg, <int> t.total,
+                    1, grad + gi * Fg * ldgrad, ldgrad, cols + gi * Kg * ldcol, ldcol,
+                    1, acc + gi * Fg * Kg, <int> Kg)
         for f in range(F):
             total = 0
             for q in range(t.total):
                 total = total + grad[f * ldgrad + q]
-            acc[F * K + f] = acc[F * K + f] + total
+            acc[F * Kg + f] = acc[F * Kg + f] + total
 
 
 def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
@@ -217,12 +226,16 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
     One work item per image group (``images_per_tile > 1``), else per (image,
     channel block), each looping over the image's column tiles.
 
-    # IN  w2d: (F, C*KH*KW); dy: (N, F, OH*OW)
+    With groups, channel c's rows of the column tile come from its group's
+    filters only: one gemm per group (per group a channel block meets).
+
+    # IN  w2d: (F, C/groups*KH*KW); dy: (N, F, OH*OW)
     # OUT dx: (N, C, H, W), every element written
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef bint pointwise = geometry.is_pointwise
-    cdef Py_ssize_t N = dx.shape[0], F = w2d.shape[0], K = w2d.shape[1]
+    cdef Py_ssize_t N = dx.shape[0], F = w2d.shape[0], Kg = w2d.shape[1]
+    cdef Py_ssize_t K = Kg * g.groups, Fg = F // g.groups, Cg = g.C // g.groups
     cdef Py_ssize_t KK = g.KH * g.KW
     cdef Py_ssize_t P = g.OH * g.OW
     cdef Py_ssize_t image_size = g.C * g.H * g.W
@@ -231,7 +244,7 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t n_blocks = ceil_div(g.C, c_block)
     cdef Py_ssize_t tiles_per_image = ceil_div(P, tile_p)
-    cdef Py_ssize_t item, j, n, c0, c1, k, p0, p1
+    cdef Py_ssize_t item, j, n, c0, c1, k, p0, p1, gi, cs, ce
     cdef Tile t
     cdef floating *ws
     cdef floating *image
@@ -243,8 +256,10 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
             t = tile_of(item, N, P, images_per_tile, P)
             ws = &workspace[openmp.omp_get_thread_num() * per_thread]
             gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
-            gemm_rm(True, False, <int> K, <int> t.total, <int> F,
-                    1, &w2d[0, 0], <int> K, ws + col_size, <int> t.total, 0, ws, <int> t.total)
+            for gi in range(g.groups):
+                gemm_rm(True, False, <int> Kg, <int> t.total, <int> Fg,
+                        1, &w2d[gi * Fg, 0], <int> Kg, ws + col_size + gi * Fg * t.total,
+                        <int> t.total, 0, ws + gi * Kg * t.total, <int> t.total)
             for j in range(t.n1 - t.n0):
                 image = &dx[t.n0 + j, 0, 0, 0]
                 memset(image, 0, image_size * sizeof(floating))
@@ -261,15 +276,21 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
         for k in range(tiles_per_image):
             p0 = k * tile_p
             p1 = min(p0 + tile_p, P)
-            if pointwise:
-                # dx's plane block is the column block itself: write it directly
-                gemm_rm(True, False, <int> (c1 - c0), <int> (p1 - p0), <int> F,
-                        1, &w2d[0, c0], <int> K, &dy[n, 0, p0], <int> P,
-                        0, image + c0 * P + p0, <int> P)
-            else:
-                gemm_rm(True, False, <int> ((c1 - c0) * KK), <int> (p1 - p0), <int> F,
-                        1, &w2d[0, c0 * KK], <int> K, &dy[n, 0, p0], <int> P,
-                        0, ws, <int> (p1 - p0))
+            # the groups that channels [c0, c1) belong to, each block [cs, ce) of it
+            for gi in range(c0 // Cg, (c1 - 1) // Cg + 1):
+                cs = max(c0, gi * Cg)
+                ce = min(c1, (gi + 1) * Cg)
+                if pointwise:
+                    # dx's plane block is the column block itself: write it directly
+                    gemm_rm(True, False, <int> (ce - cs), <int> (p1 - p0), <int> Fg,
+                            1, &w2d[gi * Fg, cs - gi * Cg], <int> Kg, &dy[n, gi * Fg, p0],
+                            <int> P, 0, image + cs * P + p0, <int> P)
+                else:
+                    gemm_rm(True, False, <int> ((ce - cs) * KK), <int> (p1 - p0), <int> Fg,
+                            1, &w2d[gi * Fg, (cs - gi * Cg) * KK], <int> Kg,
+                            &dy[n, gi * Fg, p0], <int> P,
+                            0, ws + (cs - c0) * KK * (p1 - p0), <int> (p1 - p0))
+            if not pointwise:
                 col2im_tile_add(ws, &g, c0, c1, p0, p1, p1 - p0, image)
 
 
@@ -287,3 +308,36 @@ def reduce_rows(const floating[:, ::1] partial, floating[::1] out, int n_threads
         for t in range(T):
             total = total + partial[t, i]
         out[i] = total
+
+
+def channel_sums(const floating[:, :, ::1] y, floating[::1] out, int n_threads):
+    """out[c] = y[:, c, :].sum(): a bias gradient.
+
+    # IN  y: (N, C, P)
+    # OUT out: (C,)
+    """
+    cdef Py_ssize_t N = y.shape[0], C = y.shape[1], P = y.shape[2]
+    cdef Py_ssize_t c, n, q
+    cdef floating total
+    for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
+        total = 0
+        for n in range(N):
+            for q in range(P):
+                total = total + y[n, c, q]
+        out[c] = total
+
+
+def add_channel_bias(floating[:, :, ::1] y, const floating[::1] bias, int n_threads):
+    """y[:, c, :] += bias[c], in place.
+
+    # IN/OUT y: (N, C, P); IN bias: (C,)
+    """
+    cdef Py_ssize_t N = y.shape[0], C = y.shape[1], P = y.shape[2]
+    cdef Py_ssize_t item, n, c, q
+    cdef floating b
+    for item in prange(N * C, nogil=True, num_threads=n_threads, schedule="static"):
+        n = item // C
+        c = item - n * C
+        b = bias[c]
+        for q in range(P):
+            y[n, c, q] = y[n, c, q] + b

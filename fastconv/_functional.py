@@ -5,13 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv, _im2col
+# (filled in when the depthwise and NHWC engines land)
+_depthwise = _nhwc = None
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
+    ALGORITHMS,
+    LAYOUTS,
     ConvGeometry,
     IntPair,
     Padding,
     as_array,
+    as_choice,
     as_int,
     as_shape,
     check_ndim,
@@ -23,16 +28,57 @@ from fastconv._workspace import workspace
 __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
 
-def _conv_inputs(x, weight, stride, padding, dilation, x_name="x"):
-    """Validated arrays and geometry shared by the forward and backward passes."""
+def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm,
+                 x_name="x"):
+    """Validated arrays, geometry and kernel choice shared by the forward and backward passes.
+
+    The geometry is layout-free: for NHWC input its (N, C, H, W) are read from
+    the (N, H, W, C) array.
+    """
+    layout = as_choice(layout, "layout", LAYOUTS)
+    algorithm = as_choice(algorithm, "algorithm", ALGORITHMS)
     x = as_array(x, x_name)
     weight = as_array(weight, "weight")
-    check_ndim(x, 4, x_name, "(N, C, H, W)")
-    check_ndim(weight, 4, "weight", "(F, C, KH, KW)")
-    geometry = conv_geometry(x.shape, weight.shape, stride, padding, dilation)
+    check_ndim(x, 4, x_name, "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)")
+    check_ndim(weight, 4, "weight", "(F, C/groups, KH, KW)")
+    x_shape = x.shape if layout == "NCHW" else (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
+    geometry = conv_geometry(x_shape, weight.shape, stride, padding, dilation, groups,
+                             padding_mode, string_padding=True)
     check_blas_limits(geometry.F, geometry.C * geometry.KH * geometry.KW,
                       geometry.OH * geometry.OW)
-    return x, weight, geometry
+    return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout)
+
+
+def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str) -> str:
+    """The kernel family to run: ``'direct'`` (depthwise NCHW) or ``'im2col'``.
+
+    "auto" takes the direct kernel for grouped depthwise layers: they are
+    memory-bound, and im2col + GEMM would run one tiny GEMM per channel. A
+    single-channel input (C = groups = 1) is a plain convolution whose GEMM
+    has F rows; it stays with im2col.
+    """
+    direct_applies = geometry.is_depthwise and layout == "NCHW"
+    if algorithm == "direct" and not direct_applies:
+        raise ValueError(
+            "algorithm='direct' is the depthwise kernel: it needs groups == C (one input "
+            f"channel per group) and layout='NCHW', got groups={geometry.groups}, "
+            f"C={geometry.C}, layout={layout!r}"
+        )
+    if algorithm == "auto":
+        return "direct" if direct_applies and geometry.groups > 1 else "im2col"
+    return algorithm
+
+
+def _bias_gradient_wanted(bias, F: int) -> bool:
+    """``conv2d_backward(..., bias=...)``: True/False, None (no bias) or the forward's bias."""
+    if bias is None:
+        return False
+    if isinstance(bias, (bool, np.bool_)):
+        return bool(bias)
+    bias = as_array(bias, "bias")
+    if bias.shape != (F,):
+        raise ValueError(f"bias must have shape ({F},) (one per filter), got {bias.shape}")
+    return True
 
 
 def _check_out(out, shape, dtype) -> np.ndarray:
@@ -63,38 +109,59 @@ def conv2d(
     stride: IntPair = 1,
     padding: Padding = 0,
     dilation: IntPair = 1,
+    groups: int = 1,
     *,
+    padding_mode: str = "zeros",
+    layout: str = "NCHW",
+    algorithm: str = "auto",
     out: np.ndarray | None = None,
     n_threads: int | None = None,
 ) -> np.ndarray:
-    """2-D convolution (cross-correlation, as in every deep-learning library) of NCHW input.
+    """2-D convolution (cross-correlation, as in every deep-learning library) of a batch.
 
     ``y[n, f, oh, ow] = bias[f] + sum_{c, kh, kw} weight[f, c, kh, kw] *
-    x_padded[n, c, oh*sh + kh*dh, ow*sw + kw*dw]``.
+    x_padded[n, g*C/groups + c, oh*sh + kh*dh, ow*sw + kw*dw]`` with
+    ``g = f // (F/groups)`` the group of filter ``f``.
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, H, W)
+    x : ndarray, shape (N, C, H, W), or (N, H, W, C) with ``layout="NHWC"``
         Input batch.
-    weight : ndarray, shape (F, C, KH, KW)
-        Filters.
+    weight : ndarray, shape (F, C/groups, KH, KW)
+        Filters (this shape in both layouts).
     bias : ndarray, shape (F,), optional
         Added to every output position of each filter.
     stride : int or (int, int), default 1
         Step between windows, ``(sh, sw)``.
-    padding : int, (int, int) or (int, int, int, int), default 0
-        Zero padding: all sides, ``(ph, pw)``, or ``(top, bottom, left, right)``.
+    padding : int, (int, int), (int, int, int, int) or str, default 0
+        All sides, ``(ph, pw)``, ``(top, bottom, left, right)``, or
+        ``'valid'`` (none), ``'full'`` (``d*(k-1)`` on each side) or
+        ``'same'`` (TensorFlow's rule, also for stride > 1: the output is
+        ``ceil(in / stride)``, the odd pixel of padding goes bottom/right; for
+        stride 1 this is PyTorch's ``'same'``).
     dilation : int or (int, int), default 1
         Spacing between kernel taps, ``(dh, dw)``.
-    out : ndarray, shape (N, F, OH, OW), optional
-        C-contiguous array of the result dtype to write into (and return).
+    groups : int, default 1
+        Channels and filters split into ``groups`` independent convolutions;
+        ``groups == C`` is a depthwise convolution (``F = m*C``).
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}, default 'zeros'
+        What the padding holds, with PyTorch's meaning. The kernels read the
+        border in place; no padded copy of the input is made.
+    layout : {'NCHW', 'NHWC'}, default 'NCHW'
+        Memory order of ``x`` and of the result. NHWC runs a channels-last
+        engine on the array as given (no transposed copy).
+    algorithm : {'auto', 'im2col', 'direct'}, default 'auto'
+        'direct' is the depthwise kernel (groups == C, NCHW); 'im2col' the
+        column-tile + GEMM engine; 'auto' picks 'direct' wherever it applies.
+    out : ndarray, optional
+        C-contiguous array of the result's shape and dtype to write into (and return).
     n_threads : int, optional
         OpenMP threads: None = all usable cores (honours ``OMP_NUM_THREADS``),
         negative counts back from all cores (-1 = all).
 
     Returns
     -------
-    y : ndarray, shape (N, F, OH, OW)
+    y : ndarray, shape (N, F, OH, OW), or (N, OH, OW, F) with ``layout="NHWC"``
         ``OH = (H + top + bottom - dh*(KH-1) - 1) // sh + 1`` and likewise ``OW``.
         The dtype follows NumPy promotion of the inputs: float32 stays
         float32, integers and bools compute in float64, float16 in float32.
@@ -103,17 +170,20 @@ def conv2d(
     ------
     TypeError
         Non-array or unsupported dtype (complex, object, str), non-integer
-        stride/padding/dilation.
+        stride/padding/dilation/groups.
     ValueError
-        Wrong ndim, channel mismatch, bias of the wrong length, non-positive
-        stride or dilation, negative padding, output size < 1, bad ``out``.
+        Wrong ndim, channel mismatch, groups not dividing C and F, bias of the
+        wrong length, non-positive stride or dilation, negative padding, an
+        unknown padding string, padding_mode, layout or algorithm, reflect
+        padding not smaller than the input (circular: larger), output size < 1,
+        bad ``out``.
 
     Notes
     -----
-    Each image's output is ``weight.reshape(F, K) @ col`` with the column
-    matrix ``col`` of shape (K = C*KH*KW, OH*OW) built tile by tile in a
-    per-thread workspace (never for the whole batch). Non-contiguous inputs
-    are copied once; inputs are never modified.
+    Each image's output is ``weight.reshape(F, K) @ col`` (one product per
+    group) with the column matrix ``col`` of shape (K = C*KH*KW, OH*OW) built
+    tile by tile in a per-thread workspace (never for the whole batch).
+    Non-contiguous inputs are copied once; inputs are never modified.
 
     Examples
     --------
@@ -127,8 +197,14 @@ def conv2d(
     >>> fastconv.conv2d(np.zeros((8, 3, 32, 32), np.float32),
     ...                 np.zeros((16, 3, 3, 3), np.float32), padding=1).shape
     (8, 16, 32, 32)
+    >>> fastconv.conv2d(np.zeros((1, 8, 15, 15)), np.zeros((8, 1, 3, 3)), stride=2,
+    ...                 padding="same", groups=8).shape
+    (1, 8, 8, 8)
+    >>> fastconv.conv2d(x, w, padding=(0, 1, 0, 1), padding_mode="replicate")[0, 0, 3]
+    array([50., 54., 58., 60.])
     """
-    x, weight, geometry = _conv_inputs(x, weight, stride, padding, dilation)
+    x, weight, geometry, layout, algorithm = _conv_inputs(
+        x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm)
     dtypes = [x.dtype, weight.dtype]
     if bias is not None:
         bias = as_array(bias, "bias")
@@ -141,15 +217,24 @@ def conv2d(
     dtype = compute_dtype(*dtypes)
     n_threads = effective_n_threads(n_threads)
     shape = geometry.output_shape
+    if layout == "NHWC":
+        shape = (shape[0], shape[2], shape[3], shape[1])
     y = np.empty(shape, dtype) if out is None else _check_out(out, shape, dtype)
     if geometry.N == 0:
         return y
 
     xc = np.ascontiguousarray(x, dtype=dtype)
-    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    if out is not None and any(np.may_share_memory(out, a) for a in (xc, w2d, b) if a is not None):
+    if out is not None and any(np.may_share_memory(out, a) for a in (xc, weight, b)
+                               if a is not None):
         raise ValueError("out must not overlap x, weight or bias")
+    if layout == "NHWC":
+        return _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
+    if algorithm == "direct":
+        w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
+        _depthwise.forward(xc, w, b, y, geometry, n_threads)
+        return y
+    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     with single_threaded_blas:
         _conv.forward(xc, w2d, b, y.reshape(geometry.N, geometry.F, -1), scratch, geometry,
@@ -164,33 +249,44 @@ def conv2d_backward(
     stride: IntPair = 1,
     padding: Padding = 0,
     dilation: IntPair = 1,
+    groups: int = 1,
     *,
+    padding_mode: str = "zeros",
+    layout: str = "NCHW",
+    algorithm: str = "auto",
+    bias=True,
     n_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
 
     Parameters
     ----------
-    grad_output : ndarray, shape (N, F, OH, OW)
+    grad_output : ndarray, shape (N, F, OH, OW), or (N, OH, OW, F) with ``layout="NHWC"``
         Gradient of the loss with respect to the convolution's output.
-    x : ndarray, shape (N, C, H, W)
+    x : ndarray, shape (N, C, H, W), or (N, H, W, C) with ``layout="NHWC"``
         The forward pass's input.
-    weight : ndarray, shape (F, C, KH, KW)
+    weight : ndarray, shape (F, C/groups, KH, KW)
         The forward pass's filters.
-    stride, padding, dilation
+    stride, padding, dilation, groups, padding_mode, layout, algorithm
         As given to :func:`conv2d`.
+    bias : bool, None or ndarray, default True
+        Whether the forward pass had a bias: False or None skip its gradient
+        (``grad_bias`` is then None); the forward's bias array counts as True.
     n_threads : int, optional
         As in :func:`conv2d`.
 
     Returns
     -------
-    grad_x : ndarray, shape (N, C, H, W)
-        ``col2im(weight.reshape(F, K).T @ dY)`` per image: the full
-        convolution of dY with the 180-degree-rotated kernel.
-    grad_weight : ndarray, shape (F, C, KH, KW)
+    grad_x : ndarray, the shape of ``x``
+        ``col2im(weight.reshape(F, K).T @ dY)`` per image (per group): the
+        full convolution of dY with the 180-degree-rotated kernel. With a
+        padding_mode other than 'zeros', the gradient of each padding pixel
+        is added to the input pixel it copied.
+    grad_weight : ndarray, shape (F, C/groups, KH, KW)
         ``sum_n dY[n] @ col[n].T``.
-    grad_bias : ndarray, shape (F,)
-        ``grad_output.sum(axis=(0, 2, 3))``.
+    grad_bias : ndarray, shape (F,), or None
+        ``grad_output`` summed over all but the channel axis; None when
+        ``bias`` is False or None.
 
     Raises
     ------
@@ -219,32 +315,48 @@ def conv2d_backward(
     >>> dw[0, 0], db
     (array([[8., 8.],
            [8., 8.]]), array([8.]))
+    >>> fastconv.conv2d_backward(dy, x, w, bias=False)[2] is None
+    True
     """
-    x, weight, geometry = _conv_inputs(x, weight, stride, padding, dilation)
+    x, weight, geometry, layout, algorithm = _conv_inputs(
+        x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm)
     grad_output = as_array(grad_output, "grad_output")
-    if grad_output.shape != geometry.output_shape:
+    expected = geometry.output_shape
+    if layout == "NHWC":
+        expected = (expected[0], expected[2], expected[3], expected[1])
+    if grad_output.shape != expected:
         raise ValueError(
-            f"grad_output must have the forward output's shape {geometry.output_shape} "
+            f"grad_output must have the forward output's shape {expected} "
             f"(x.shape={x.shape}, weight.shape={weight.shape}), got {grad_output.shape}"
         )
+    with_bias = _bias_gradient_wanted(bias, geometry.F)
     dtype = compute_dtype(grad_output.dtype, x.dtype, weight.dtype)
     n_threads = effective_n_threads(n_threads)
+    if layout == "NHWC":
+        return _nhwc.backward(grad_output, x, weight, geometry, dtype, n_threads,
+                              with_bias=with_bias)
     N, F = geometry.N, geometry.F
-    K = geometry.C * geometry.KH * geometry.KW
+    Kg = geometry.C // geometry.groups * geometry.KH * geometry.KW
     grad_x = np.empty(geometry.input_shape, dtype)
-    # grad_weight and grad_bias are reduced together from one buffer of F*K + F
-    weight_and_bias = np.empty(F * K + F, dtype)
-    grad_weight = weight_and_bias[: F * K].reshape(geometry.weight_shape)
-    grad_bias = weight_and_bias[F * K:]
+    # grad_weight and grad_bias are reduced together from one buffer of F*Kg + F
+    weight_and_bias = np.empty(F * Kg + F, dtype)
+    grad_weight = weight_and_bias[: F * Kg].reshape(geometry.weight_shape)
+    grad_bias = weight_and_bias[F * Kg:] if with_bias else None
     if N == 0:
         weight_and_bias.fill(0)
         return grad_x, grad_weight, grad_bias
 
     xc = np.ascontiguousarray(x, dtype=dtype)
-    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(F, K)
-    dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(N, F, -1)
+    dy = np.ascontiguousarray(grad_output, dtype=dtype)
+    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(F, Kg)
+    if algorithm == "direct":
+        _depthwise.backward_weight(xc, dy, grad_weight.reshape(F, -1), grad_bias, geometry,
+                                   n_threads)
+        _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)
+        return grad_x, grad_weight, grad_bias
+    dy = dy.reshape(N, F, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
-    partial = workspace("partial", dtype, n_threads * (F * K + F)).reshape(n_threads, F * K + F)
+    partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
     with single_threaded_blas:
         _conv.backward_weight(xc, dy, partial, scratch, geometry, tiles.images_per_tile,
                               tiles.tile_p, n_threads)

@@ -69,7 +69,11 @@ cdef inline Py_ssize_t clamp(Py_ssize_t v, Py_ssize_t lo, Py_ssize_t hi) noexcep
 cdef void im2col_tile(const floating *img, const ConvGeom *g,
                       Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
                       floating *col, Py_ssize_t ld) noexcept nogil:
-    """col[(c - c0, kh, kw), p - p0] = img[c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw] (0 outside).
+    """col[(c - c0, kh, kw), p - p0] = img[c, oh*sh - pt + kh*dh, ow*sw - pl + kw*dw].
+
+    Outside the image the value is 0 (``g.mode == PAD_ZEROS``) or the pixel
+    :func:`source_index` maps it to (reflect, replicate, circular): the
+    padding is read in place, never materialised.
 
     # IN  img: one image, (C, H, W) contiguous
     # OUT col: ((c1 - c0) * KH * KW) rows of (p1 - p0) columns, row stride ld
@@ -91,25 +95,48 @@ cdef void im2col_tile(const floating *img, const ConvGeom *g,
                     ow1 = ow0 + (p1 - p)
                     if ow1 > g.OW:
                         ow1 = g.OW
-                    ih = oh * g.stride_h - g.pad_top + kh * g.dilation_h
-                    # one unsigned compare covers 0 <= ih < H
-                    if <size_t> ih >= <size_t> g.H:
+                    ih = source_index(oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H,
+                                      g.mode)
+                    if ih < 0:
                         memset(dst, 0, (ow1 - ow0) * sizeof(floating))
                     else:
                         a = clamp(lo, ow0, ow1)
                         b = clamp(hi, a, ow1)
                         base = ih * g.W + kw * g.dilation_w - g.pad_left
                         if a > ow0:
-                            memset(dst, 0, (a - ow0) * sizeof(floating))
+                            border_gather(plane + ih * g.W, g, kw, ow0, a, dst)
                         if g.stride_w == 1:
                             memcpy(dst + (a - ow0), plane + base + a, (b - a) * sizeof(floating))
                         else:
                             for ow in range(a, b):
                                 dst[ow - ow0] = plane[base + ow * g.stride_w]
                         if ow1 > b:
-                            memset(dst + (b - ow0), 0, (ow1 - b) * sizeof(floating))
+                            border_gather(plane + ih * g.W, g, kw, b, ow1, dst + (b - ow0))
                     dst += ow1 - ow0
                     p += ow1 - ow0
+
+
+cdef inline void border_gather(const floating *row, const ConvGeom *g, Py_ssize_t kw,
+                               Py_ssize_t ow_a, Py_ssize_t ow_b, floating *dst) noexcept nogil:
+    """dst[ow - ow_a] for output columns [ow_a, ow_b) whose input column is padding."""
+    cdef Py_ssize_t ow, iw
+    if g.mode == PAD_ZEROS:
+        memset(dst, 0, (ow_b - ow_a) * sizeof(floating))
+        return
+    for ow in range(ow_a, ow_b):
+        iw = source_index(ow * g.stride_w - g.pad_left + kw * g.dilation_w, g.W, g.mode)
+        dst[ow - ow_a] = row[iw]
+
+
+cdef inline void border_scatter(const floating *src, const ConvGeom *g, Py_ssize_t kw,
+                                Py_ssize_t ow_a, Py_ssize_t ow_b, floating *row) noexcept nogil:
+    """The adjoint of :func:`border_gather`: padding columns add into the pixel they copied."""
+    cdef Py_ssize_t ow, iw
+    if g.mode == PAD_ZEROS:
+        return
+    for ow in range(ow_a, ow_b):
+        iw = source_index(ow * g.stride_w - g.pad_left + kw * g.dilation_w, g.W, g.mode)
+        row[iw] += src[ow - ow_a]
 
 
 cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
@@ -140,13 +167,18 @@ cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
                     ow1 = ow0 + (p1 - p)
                     if ow1 > g.OW:
                         ow1 = g.OW
-                    ih = oh * g.stride_h - g.pad_top + kh * g.dilation_h
-                    if <size_t> ih < <size_t> g.H:
+                    ih = source_index(oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H,
+                                      g.mode)
+                    if ih >= 0:
                         a = clamp(lo, ow0, ow1)
                         b = clamp(hi, a, ow1)
                         base = ih * g.W + kw * g.dilation_w - g.pad_left
+                        if a > ow0:
+                            border_scatter(src, g, kw, ow0, a, plane + ih * g.W)
                         for ow in range(a, b):
                             plane[base + ow * g.stride_w] += src[ow - ow0]
+                        if ow1 > b:
+                            border_scatter(src + (b - ow0), g, kw, b, ow1, plane + ih * g.W)
                     src += ow1 - ow0
                     p += ow1 - ow0
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from fastconv._functional import conv2d, conv2d_backward
+from fastconv._transposed import conv_transpose2d, conv_transpose2d_backward
 from fastconv._threads import effective_n_threads
 from fastconv._pooling import (
     avg_pool2d,
@@ -17,22 +18,100 @@ from fastconv._pooling import (
     relu_backward,
 )
 from fastconv._validation import (
+    ALGORITHMS,
+    LAYOUTS,
+    PADDING_MODES,
+    PADDING_STRINGS,
     IntPair,
     Padding,
+    as_choice,
     as_int,
     as_array,
     as_bool,
+    as_pair,
     as_padding,
     as_pool_padding,
     as_positive_pair,
     check_ndim,
     compute_dtype,
+    resolve_string_padding,
+    transposed_geometry,
 )
 
-__all__ = ["Conv2D", "MaxPool2D", "AvgPool2D", "ReLU"]
+__all__ = ["Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "ReLU"]
 
 
-class Conv2D:
+def _uniform_init(rng, fan_in: int, weight_shape, n_bias: int, bias: bool, dtype):
+    """PyTorch's default: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for the weight and the bias."""
+    rng = np.random.default_rng(rng)
+    bound = 1.0 / math.sqrt(fan_in)
+    W = rng.uniform(-bound, bound, weight_shape).astype(dtype)
+    b = rng.uniform(-bound, bound, n_bias).astype(dtype) if bias else None
+    return W, b
+
+
+def _layer_args(in_channels, out_channels, kernel_size, groups, bias, dtype):
+    """The checks every convolution layer constructor shares."""
+    in_channels = as_int(in_channels, "in_channels")
+    out_channels = as_int(out_channels, "out_channels")
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(
+            f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
+        )
+    kernel_size = as_positive_pair(kernel_size, "kernel_size")
+    groups = as_int(groups, "groups")
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"groups={groups} must be positive and divide in_channels={in_channels} "
+                         f"and out_channels={out_channels}")
+    # np.dtype(None) would silently mean float64
+    dtype = None if dtype is None else np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if not isinstance(bias, (bool, np.bool_)):
+        raise TypeError(f"bias must be True or False, got {bias!r}")
+    return in_channels, out_channels, kernel_size, groups, dtype
+
+
+def _padding_repr(padding) -> str | None:
+    """``padding=...`` in the shortest form that means the same, None for no padding."""
+    if isinstance(padding, str):
+        return f"padding={padding!r}" if padding != "valid" else None
+    top, bottom, left, right = padding
+    if not any(padding):
+        return None
+    if top == bottom == left == right:
+        return f"padding={top}"
+    if top == bottom and left == right:
+        return f"padding={(top, left)}"
+    return f"padding={padding}"
+
+
+class _ConvLayerBase:
+    """What both convolution layers share: parameters, gradients and the forward's input."""
+
+    def _store_gradients(self, dW, db) -> None:
+        self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
+        self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
+
+    def _forward_input(self):
+        if self._x is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self._x
+
+    def _common_repr_parts(self) -> list[str]:
+        parts = []
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.b is None:
+            parts.append("bias=False")
+        if self.W.dtype != np.float32:
+            parts.append(f"dtype={self.W.dtype}")
+        return parts
+
+
+class Conv2D(_ConvLayerBase):
     """2-D convolution layer with ``forward``/``backward``, in the seeds' style.
 
     Parameters
@@ -42,22 +121,32 @@ class Conv2D:
     kernel_size : int or (int, int)
         (KH, KW).
     stride : int or (int, int), default 1
-    padding : int, (int, int) or (top, bottom, left, right), default 0
+    padding : int, (int, int), (top, bottom, left, right) or str, default 0
+        As in :func:`fastconv.conv2d`; ``'same'``, ``'valid'`` and ``'full'``
+        are resolved for each input's size.
     dilation : int or (int, int), default 1
+    groups : int, default 1
+        Must divide ``in_channels`` and ``out_channels``; ``groups ==
+        in_channels`` is a depthwise layer.
     bias : bool, default True
         Whether the layer has a bias ``b`` (``b`` and ``db`` are None otherwise).
+    padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}, default 'zeros'
     dtype : float32 or float64, default float32
         dtype of ``W`` and ``b``.
     rng : None, int or numpy.random.Generator
         Source of the initial weights: PyTorch's default,
-        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = C*KH*KW``,
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = C/groups*KH*KW``,
         for both ``W`` and ``b``.
+    layout : {'NCHW', 'NHWC'}, default 'NCHW'
+        Layout of the inputs and outputs (``W`` is (F, C/groups, KH, KW) in both).
+    algorithm : {'auto', 'im2col', 'direct'}, default 'auto'
+        As in :func:`fastconv.conv2d`.
     n_threads : int, optional
         OpenMP threads for every call (see :func:`fastconv.conv2d`).
 
     Attributes
     ----------
-    W : ndarray, shape (F, C, KH, KW)
+    W : ndarray, shape (F, C/groups, KH, KW)
     b : ndarray, shape (F,) or None
     dW, db : ndarray or None
         Gradients from the last :meth:`backward` (None before it).
@@ -81,6 +170,8 @@ class Conv2D:
     >>> dx = layer.backward(np.ones_like(y))
     >>> dx.shape, layer.dW.shape, layer.db.shape
     ((2, 3, 5, 5), (8, 3, 3, 3), (8,))
+    >>> Conv2D(32, 32, 3, stride=2, padding="same", groups=32, padding_mode="reflect")
+    Conv2D(32, 32, kernel_size=(3, 3), stride=(2, 2), padding='same', groups=32, padding_mode='reflect')
     """
 
     def __init__(
@@ -91,37 +182,41 @@ class Conv2D:
         stride: IntPair = 1,
         padding: Padding = 0,
         dilation: IntPair = 1,
+        groups: int = 1,
         bias: bool = True,
+        padding_mode: str = "zeros",
         dtype=np.float32,
         rng=None,
         *,
+        layout: str = "NCHW",
+        algorithm: str = "auto",
         n_threads: int | None = None,
     ) -> None:
-        in_channels = as_int(in_channels, "in_channels")
-        out_channels = as_int(out_channels, "out_channels")
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
-            )
-        kh, kw = as_positive_pair(kernel_size, "kernel_size")
-        # np.dtype(None) would silently mean float64
-        dtype = None if dtype is None else np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        if not isinstance(bias, (bool, np.bool_)):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
-        rng = np.random.default_rng(rng)
-        bound = 1.0 / math.sqrt(in_channels * kh * kw)
-        W = rng.uniform(-bound, bound, (out_channels, in_channels, kh, kw)).astype(dtype)
-        b = rng.uniform(-bound, bound, out_channels).astype(dtype) if bias else None
-        self._setup(W, b, stride, padding, dilation, n_threads)
+        in_channels, out_channels, (kh, kw), groups, dtype = _layer_args(
+            in_channels, out_channels, kernel_size, groups, bias, dtype)
+        W, b = _uniform_init(rng, in_channels // groups * kh * kw,
+                             (out_channels, in_channels // groups, kh, kw), out_channels, bias,
+                             dtype)
+        self._setup(W, b, stride, padding, dilation, groups, padding_mode, layout, algorithm,
+                    n_threads)
 
-    def _setup(self, W, b, stride, padding, dilation, n_threads, padding_name="padding") -> None:
+    def _setup(self, W, b, stride, padding, dilation, groups, padding_mode, layout, algorithm,
+               n_threads, padding_name="padding") -> None:
         self.W = W
         self.b = b
         self.stride = as_positive_pair(stride, "stride")
-        self.padding = as_padding(padding, padding_name)
+        if isinstance(padding, str):
+            # resolved per input (same/full depend on the size); checked now, lower-cased
+            if padding.lower() not in PADDING_STRINGS:
+                resolve_string_padding(padding, padding_name, (1, 1), (1, 1), (1, 1), (1, 1))
+            self.padding = padding.lower()
+        else:
+            self.padding = as_padding(padding, padding_name)
         self.dilation = as_positive_pair(dilation, "dilation")
+        self.groups = groups
+        self.padding_mode = as_choice(padding_mode, "padding_mode", PADDING_MODES)
+        self.layout = as_choice(layout, "layout", LAYOUTS)
+        self.algorithm = as_choice(algorithm, "algorithm", ALGORITHMS)
         effective_n_threads(n_threads)  # reject n_threads=0 or a non-int now, not at forward
         self.n_threads = n_threads
         self.dW = None
@@ -154,13 +249,16 @@ class Conv2D:
                 raise ValueError(f"b must have shape ({W.shape[0]},) to match W.shape={W.shape}, "
                                  f"got b.shape={b.shape}")
         compute_dtype(W.dtype, *(() if b is None else (b.dtype,)))
+        if isinstance(pad, str):
+            # the seeds' layer takes numbers; keep its error
+            as_padding(pad, "pad")
         layer = cls.__new__(cls)
-        layer._setup(W, b, stride, pad, 1, None, padding_name="pad")
+        layer._setup(W, b, stride, pad, 1, 1, "zeros", "NCHW", "auto", None, padding_name="pad")
         return layer
 
     @property
     def in_channels(self) -> int:
-        return self.W.shape[1]
+        return self.W.shape[1] * self.groups
 
     @property
     def out_channels(self) -> int:
@@ -170,10 +268,14 @@ class Conv2D:
     def kernel_size(self) -> tuple[int, int]:
         return (self.W.shape[2], self.W.shape[3])
 
+    def _arguments(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups, padding_mode=self.padding_mode, layout=self.layout,
+                    algorithm=self.algorithm, n_threads=self.n_threads)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Convolve ``x`` (N, C, H, W) and keep it for :meth:`backward`."""
-        y = conv2d(x, self.W, self.b, self.stride, self.padding, self.dilation,
-                   n_threads=self.n_threads)
+        """Convolve ``x`` (N, C, H, W), or (N, H, W, C) for NHWC, and keep it for :meth:`backward`."""
+        y = conv2d(x, self.W, self.b, **self._arguments())
         self._x = x
         return y
 
@@ -181,37 +283,154 @@ class Conv2D:
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
         """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
-        if self._x is None:
-            raise RuntimeError("Conv2D.backward called before forward")
-        dx, dW, db = conv2d_backward(dout, self._x, self.W, self.stride, self.padding,
-                                     self.dilation, n_threads=self.n_threads)
-        self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
-        self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
+        x = self._forward_input()
+        dx, dW, db = conv2d_backward(dout, x, self.W, bias=self.b is not None,
+                                     **self._arguments())
+        self._store_gradients(dW, db)
         return dx
 
     def __repr__(self) -> str:
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
         if self.stride != (1, 1):
             parts.append(f"stride={self.stride}")
-        top, bottom, left, right = self.padding
-        if any(self.padding):
-            if top == bottom == left == right:
-                parts.append(f"padding={top}")
-            elif top == bottom and left == right:
-                parts.append(f"padding={(top, left)}")
-            else:
-                parts.append(f"padding={self.padding}")
-        if self.dilation != (1, 1):
-            parts.append(f"dilation={self.dilation}")
-        if self.b is None:
-            parts.append("bias=False")
-        if self.W.dtype != np.float32:
-            parts.append(f"dtype={self.W.dtype}")
+        padding = _padding_repr(self.padding)
+        if padding:
+            parts.append(padding)
+        parts += self._common_repr_parts()
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        if self.layout != "NCHW":
+            parts.append(f"layout={self.layout!r}")
+        if self.algorithm != "auto":
+            parts.append(f"algorithm={self.algorithm!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-# ---------------------------------------------------------------------------
-# Pooling and activation layers: no parameters, only the forward's state.
+class ConvTranspose2D(_ConvLayerBase):
+    """2-D transposed convolution layer (:func:`fastconv.conv_transpose2d`), PyTorch's semantics.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        C_in and C_out.
+    kernel_size : int or (int, int)
+    stride : int or (int, int), default 1
+    padding : int or (int, int), default 0
+        Cropped from each side of the full output.
+    output_padding : int or (int, int), default 0
+        Extra bottom/right rows and columns; < max(stride, dilation).
+    groups : int, default 1
+    bias : bool, default True
+    dilation : int or (int, int), default 1
+    dtype : float32 or float64, default float32
+    rng : None, int or numpy.random.Generator
+        PyTorch's default initialisation, ``fan_in = C_out/groups*KH*KW``.
+    n_threads : int, optional
+
+    Attributes
+    ----------
+    W : ndarray, shape (C_in, C_out/groups, KH, KW)
+    b : ndarray, shape (C_out,) or None
+    dW, db : ndarray or None
+        Gradients from the last :meth:`backward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import ConvTranspose2D
+    >>> up = ConvTranspose2D(16, 8, kernel_size=4, stride=2, padding=1, rng=0)
+    >>> up
+    ConvTranspose2D(16, 8, kernel_size=(4, 4), stride=(2, 2), padding=1)
+    >>> y = up(np.ones((2, 16, 5, 5), np.float32))
+    >>> y.shape
+    (2, 8, 10, 10)
+    >>> up.backward(np.ones_like(y)).shape, up.dW.shape, up.db.shape
+    ((2, 16, 5, 5), (16, 8, 4, 4), (8,))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        output_padding: IntPair = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: IntPair = 1,
+        dtype=np.float32,
+        rng=None,
+        *,
+        n_threads: int | None = None,
+    ) -> None:
+        in_channels, out_channels, (kh, kw), groups, dtype = _layer_args(
+            in_channels, out_channels, kernel_size, groups, bias, dtype)
+        self.stride = as_positive_pair(stride, "stride")
+        self.dilation = as_positive_pair(dilation, "dilation")
+        # Validate everything now, on a stand-in input big enough for any padding
+        # (transposed_geometry raises the string-padding error before parsing pads).
+        probe = 2 * max(as_pair(padding, "padding") if not isinstance(padding, str) else (0,)) + 1
+        transposed_geometry((0, in_channels, probe, probe),
+                            (in_channels, out_channels // groups, kh, kw), self.stride, padding,
+                            output_padding, groups, self.dilation)
+        ph, pw = as_pair(padding, "padding")
+        self.output_padding = as_pair(output_padding, "output_padding")
+        self.padding = (ph, pw)
+        self.groups = groups
+        W, b = _uniform_init(rng, out_channels // groups * kh * kw,
+                             (in_channels, out_channels // groups, kh, kw), out_channels, bias,
+                             dtype)
+        self.W, self.b = W, b
+        effective_n_threads(n_threads)
+        self.n_threads = n_threads
+        self.dW = None
+        self.db = None
+        self._x = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.W.shape[1] * self.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.W.shape[2], self.W.shape[3])
+
+    def _arguments(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding,
+                    output_padding=self.output_padding, groups=self.groups,
+                    dilation=self.dilation, n_threads=self.n_threads)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Transposed-convolve ``x`` (N, C_in, H, W) and keep it for :meth:`backward`."""
+        y = conv_transpose2d(x, self.W, self.b, **self._arguments())
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
+        x = self._forward_input()
+        dx, dW, db = conv_transpose2d_backward(dout, x, self.W, bias=self.b is not None,
+                                               **self._arguments())
+        self._store_gradients(dW, db)
+        return dx
+
+    def __repr__(self) -> str:
+        parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
+        if self.stride != (1, 1):
+            parts.append(f"stride={self.stride}")
+        if self.padding != (0, 0):
+            parts.append(f"padding={_short(self.padding)}")
+        if self.output_padding != (0, 0):
+            parts.append(f"output_padding={_short(self.output_padding)}")
+        parts += self._common_repr_parts()
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def _short(pair: tuple[int, int]):

@@ -22,6 +22,8 @@ PADDING_STRINGS = ("valid", "same", "full")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: ``layout`` values of conv2d / conv2d_backward.
 LAYOUTS = ("NCHW", "NHWC")
+#: ``algorithm`` values of conv2d / conv2d_backward ("direct": the depthwise kernel).
+ALGORITHMS = ("auto", "im2col", "direct")
 
 #: The dtypes the kernels are compiled for.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -364,6 +366,71 @@ def _check_padding_mode_fits(mode: str, pads, H: int, W: int, padding_name: str,
                 f"{side} padding {pad} vs size {size} ({padding_name} (top, bottom, left, "
                 f"right)={tuple(pads)}, {x_desc})"
             )
+
+
+def transposed_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
+                           output_padding: int) -> int:
+    """PyTorch's ``(size - 1)*stride - 2*pad + dilation*(kernel - 1) + output_padding + 1``."""
+    return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1
+
+
+def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, groups, dilation,
+                        ) -> ConvGeometry:
+    """Validate ``conv_transpose2d(x, w)`` and return the geometry of the convolution it is
+    the adjoint of.
+
+    ``x_shape`` is (N, C_in, H, W) and ``w_shape`` (C_in, C_out/groups, KH, KW).
+    The returned geometry describes ``conv2d`` from the transposed output
+    (N, C_out, H_out, W_out) back to x: F = C_in, OH = H, OW = W, top/left
+    padding = ``padding``, bottom/right = ``padding - output_padding``. That
+    bottom/right padding may be negative: the ``output_padding`` extra rows
+    and columns then receive no input (only the bias), as in PyTorch; the
+    kernels only read it through OH/OW, which match x.
+    """
+    if isinstance(padding, str):
+        raise ValueError(
+            f"conv_transpose2d takes no string padding (got padding={padding!r}): its "
+            "padding crops the output; use an int or (ph, pw)"
+        )
+    sh, sw = as_positive_pair(stride, "stride")
+    dh, dw = as_positive_pair(dilation, "dilation")
+    ph, pw = as_pair(padding, "padding")
+    oph, opw = as_pair(output_padding, "output_padding")
+    groups = as_int(groups, "groups")
+    N, C_in, H, W = (int(s) for s in x_shape)
+    CW, Cg_out, KH, KW = (int(s) for s in w_shape)
+    desc = f"x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)}"
+    if min(ph, pw) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    if min(oph, opw) < 0:
+        raise ValueError(f"output_padding must be non-negative, got {output_padding!r}")
+    if oph >= max(sh, dh) or opw >= max(sw, dw):
+        raise ValueError(
+            f"output_padding={(oph, opw)} must be smaller than max(stride, dilation) on each "
+            f"axis, got stride={(sh, sw)}, dilation={(dh, dw)}"
+        )
+    if C_in < 1 or H < 1 or W < 1:
+        raise ValueError("x must have at least one channel and non-empty planes "
+                         f"(only N may be 0), got x.shape={tuple(x_shape)}")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    if Cg_out < 1 or KH < 1 or KW < 1:
+        raise ValueError(f"weight must have non-zero sizes, got weight.shape={tuple(w_shape)}")
+    if C_in != CW:
+        raise ValueError(f"x has {C_in} channels but weight expects {CW} "
+                         f"(weight is (C_in, C_out/groups, KH, KW); {desc})")
+    if C_in % groups:
+        raise ValueError(f"groups={groups} must divide the input channels C_in={C_in} ({desc})")
+    OH = transposed_output_size(H, KH, sh, ph, dh, oph)
+    OW = transposed_output_size(W, KW, sw, pw, dw, opw)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"output size would be {OH}x{OW} (< 1): padding={(ph, pw)} crops more than "
+            f"(H-1)*stride + dilation*(k-1) + output_padding + 1 ({desc}, stride={(sh, sw)}, "
+            f"dilation={(dh, dw)}, output_padding={(oph, opw)})"
+        )
+    return ConvGeometry(N, Cg_out * groups, OH, OW, C_in, KH, KW, sh, sw, ph, ph - oph,
+                        pw, pw - opw, dh, dw, H, W, groups, "zeros")
 
 
 def resolve_n_threads(n_threads, max_threads: int) -> int:

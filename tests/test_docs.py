@@ -10,6 +10,7 @@ import fastconv
 import fastconv._functional
 import fastconv._layers
 import fastconv._pooling
+import fastconv._transposed
 import fastconv.reference
 
 
@@ -18,6 +19,7 @@ import fastconv.reference
     (fastconv._functional, True),
     (fastconv._layers, True),
     (fastconv._pooling, True),
+    (fastconv._transposed, True),
     (fastconv.reference, True),
 ], ids=lambda v: v.__name__ if isinstance(v, types.ModuleType) else str(v))
 def test_doctests(module, has_examples):

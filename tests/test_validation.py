@@ -47,7 +47,7 @@ SHARED_ERRORS = [
                  esc("x must be 4-D (N, C, H, W), got 5-D array with shape (1, 2, 3, 7, 7)"),
                  id="x-5d"),
     pytest.param(dict(weight=np.ones((4, 3, 3, 3, 1))), ValueError,
-                 esc("weight must be 4-D (F, C, KH, KW), got 5-D array with shape "
+                 esc("weight must be 4-D (F, C/groups, KH, KW), got 5-D array with shape "
                      "(4, 3, 3, 3, 1)"),
                  id="weight-5d"),
     pytest.param(dict(weight=np.ones((8, 4, 3, 3))), ValueError,
@@ -457,8 +457,19 @@ CONV2D_ERRORS = [
     pytest.param(dict(padding=-1), ValueError, esc("padding must be non-negative, got -1"),
                  id="padding-negative"),
     pytest.param(dict(padding=(1, 2, 3)), ValueError, esc("got (1, 2, 3)"), id="padding-len3"),
-    pytest.param(dict(padding="same"), ValueError, "string padding is not supported",
-                 id="padding-same"),
+    pytest.param(dict(padding="middle"), ValueError,
+                 esc("padding='middle' is not a padding string"), id="padding-unknown-string"),
+    pytest.param(dict(padding_mode="mirror"), ValueError,
+                 esc("padding_mode must be one of 'zeros', 'reflect'"), id="padding_mode-unknown"),
+    pytest.param(dict(groups=2), ValueError,
+                 esc("groups=2 must be positive and divide in_channels=3 and out_channels=4"),
+                 id="groups-not-dividing"),
+    pytest.param(dict(groups=0), ValueError, esc("groups=0 must be positive"), id="groups-0"),
+    pytest.param(dict(layout="CHWN"), ValueError,
+                 esc("layout must be one of 'NCHW', 'NHWC', got 'CHWN'"), id="layout-unknown"),
+    pytest.param(dict(algorithm="fft"), ValueError,
+                 esc("algorithm must be one of 'auto', 'im2col', 'direct', got 'fft'"),
+                 id="algorithm-unknown"),
     pytest.param(dict(dilation=0), ValueError, esc("dilation must be positive, got 0"),
                  id="dilation-0"),
     pytest.param(dict(dtype=np.int32), TypeError,
@@ -534,7 +545,8 @@ FROM_WEIGHTS_ERRORS = [
     pytest.param(lambda: Conv2D.from_weights(W, B, pad=(1, 2, 3)), ValueError,
                  esc("got (1, 2, 3)"), id="pad-len3"),
     pytest.param(lambda: Conv2D.from_weights(W, B, pad="same"), ValueError,
-                 "'same': string padding is not supported", id="pad-same"),
+                 esc("pad='same': string padding is resolved against the input size"),
+                 id="pad-same"),
 ]
 
 

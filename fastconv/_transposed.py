@@ -1,0 +1,219 @@
+"""Transposed convolution: the adjoint of ``conv2d`` with respect to its input.
+
+``conv_transpose2d(x, w)`` is exactly the grad_x pass of the convolution that
+maps the (larger) transposed output back to ``x``, so it runs the engine's
+backward-data kernel (GEMM, then col2im); its backward runs the engine's
+forward (grad_x) and grad-weight kernels. The geometry of that convolution
+comes from ``fastconv._validation.transposed_geometry``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastconv import _conv
+from fastconv._functional import _bias_gradient_wanted, _plan_and_workspace
+from fastconv._threads import effective_n_threads, single_threaded_blas
+from fastconv._tiling import check_blas_limits
+from fastconv._validation import (
+    IntPair,
+    as_array,
+    check_ndim,
+    compute_dtype,
+    transposed_geometry,
+)
+from fastconv._workspace import workspace
+
+__all__ = ["conv_transpose2d", "conv_transpose2d_backward"]
+
+
+def _transposed_inputs(x, weight, stride, padding, output_padding, groups, dilation):
+    x = as_array(x, "x")
+    weight = as_array(weight, "weight")
+    check_ndim(x, 4, "x", "(N, C_in, H, W)")
+    check_ndim(weight, 4, "weight", "(C_in, C_out/groups, KH, KW)")
+    geometry = transposed_geometry(x.shape, weight.shape, stride, padding, output_padding,
+                                   groups, dilation)
+    check_blas_limits(geometry.F, geometry.C * geometry.KH * geometry.KW, geometry.OH * geometry.OW)
+    return x, weight, geometry
+
+
+def conv_transpose2d(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    output_padding: IntPair = 0,
+    groups: int = 1,
+    dilation: IntPair = 1,
+    *,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """2-D transposed convolution ("deconvolution") of NCHW input, PyTorch's semantics.
+
+    Every input pixel scatters ``x[n, c, i, j] * weight[c, :, kh, kw]`` to
+    output pixel ``(i*sh - ph + kh*dh, j*sw - pw + kw*dw)``: the adjoint of
+    :func:`conv2d` with the same stride, padding, dilation and groups.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C_in, H, W)
+    weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+        PyTorch's ``ConvTranspose2d.weight`` layout (input channels first).
+    bias : ndarray, shape (C_out,), optional
+    stride : int or (int, int), default 1
+    padding : int or (int, int), default 0
+        Rows/columns cropped from each side of the full output (no strings:
+        padding here shrinks the output).
+    output_padding : int or (int, int), default 0
+        Extra rows/columns at the bottom/right, to pick one of the output
+        sizes a strided conv2d maps to the same size; must be smaller than
+        ``max(stride, dilation)`` on each axis.
+    groups : int, default 1
+        C_in and C_out split into ``groups`` independent transposed convolutions.
+    dilation : int or (int, int), default 1
+    n_threads : int, optional
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    y : ndarray, shape (N, C_out, H_out, W_out)
+        ``H_out = (H - 1)*sh - 2*ph + dh*(KH - 1) + output_padding_h + 1``,
+        likewise ``W_out``; the dtype as in :func:`conv2d`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`conv2d`; also string padding, negative padding or
+        output_padding, output_padding >= max(stride, dilation), groups not
+        dividing C_in, an output size < 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastconv
+    >>> x = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    >>> fastconv.conv_transpose2d(x, np.ones((1, 1, 2, 2)), stride=2)
+    array([[[[1., 1., 2., 2.],
+             [1., 1., 2., 2.],
+             [3., 3., 4., 4.],
+             [3., 3., 4., 4.]]]])
+    >>> fastconv.conv_transpose2d(np.zeros((16, 256, 16, 16), np.float32),
+    ...                           np.zeros((256, 128, 4, 4), np.float32), stride=2,
+    ...                           padding=1).shape
+    (16, 128, 32, 32)
+    """
+    x, weight, geometry = _transposed_inputs(x, weight, stride, padding, output_padding, groups,
+                                             dilation)
+    dtypes = [x.dtype, weight.dtype]
+    if bias is not None:
+        bias = as_array(bias, "bias")
+        if bias.shape != (geometry.C,):
+            raise ValueError(f"bias must have shape ({geometry.C},) (C_out = weight.shape[1] "
+                             f"* groups), got bias.shape={bias.shape}")
+        dtypes.append(bias.dtype)
+    dtype = compute_dtype(*dtypes)
+    n_threads = effective_n_threads(n_threads)
+    y = np.empty(geometry.input_shape, dtype)
+    if geometry.N == 0:
+        return y
+    N, C_in = geometry.N, geometry.F
+    xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
+    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
+    tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
+    with single_threaded_blas:
+        _conv.backward_input(w2d, xc, y, scratch, geometry, tiles.images_per_tile,
+                             tiles.tile_p, tiles.c_block, n_threads)
+    if bias is not None:
+        _conv.add_channel_bias(y.reshape(N, geometry.C, -1),
+                               np.ascontiguousarray(bias, dtype=dtype), n_threads)
+    return y
+
+
+def conv_transpose2d_backward(
+    grad_output: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    output_padding: IntPair = 0,
+    groups: int = 1,
+    dilation: IntPair = 1,
+    *,
+    bias=True,
+    n_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Gradients of :func:`conv_transpose2d` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (N, C_out, H_out, W_out)
+    x : ndarray, shape (N, C_in, H, W)
+        The forward pass's input.
+    weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+    stride, padding, output_padding, groups, dilation
+        As given to :func:`conv_transpose2d`.
+    bias : bool, None or ndarray, default True
+        Whether the forward had a bias (False/None: ``grad_bias`` is None).
+    n_threads : int, optional
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    grad_x : ndarray, shape (N, C_in, H, W)
+        ``conv2d(grad_output, weight, stride, padding, dilation, groups)``.
+    grad_weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+        ``sum_n x[n] @ im2col(grad_output[n]).T``, per group.
+    grad_bias : ndarray, shape (C_out,), or None
+        ``grad_output`` summed over all but the channel axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastconv
+    >>> x, w = np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2))
+    >>> dx, dw, db = fastconv.conv_transpose2d_backward(np.ones((1, 1, 4, 4)), x, w, stride=2)
+    >>> dx[0, 0], dw[0, 0], db
+    (array([[4., 4.],
+           [4., 4.]]), array([[4., 4.],
+           [4., 4.]]), array([16.]))
+    """
+    x, weight, geometry = _transposed_inputs(x, weight, stride, padding, output_padding, groups,
+                                             dilation)
+    grad_output = as_array(grad_output, "grad_output")
+    if grad_output.shape != geometry.input_shape:
+        raise ValueError(
+            f"grad_output must have the forward output's shape {geometry.input_shape} "
+            f"(x.shape={x.shape}, weight.shape={weight.shape}), got {grad_output.shape}"
+        )
+    with_bias = _bias_gradient_wanted(bias, geometry.C)
+    dtype = compute_dtype(grad_output.dtype, x.dtype, weight.dtype)
+    n_threads = effective_n_threads(n_threads)
+    N, C_in, C_out = geometry.N, geometry.F, geometry.C
+    Kg = C_out // geometry.groups * geometry.KH * geometry.KW
+    grad_x = np.empty(x.shape, dtype)
+    # the grad-weight kernel also sums its "dy" (here x) per channel: room for it, unused
+    weight_and_x_sums = np.empty(C_in * Kg + C_in, dtype)
+    grad_weight = weight_and_x_sums[: C_in * Kg].reshape(weight.shape)
+    grad_bias = np.empty(C_out, dtype) if with_bias else None
+    if N == 0:
+        grad_weight.fill(0)
+        if with_bias:
+            grad_bias.fill(0)
+        return grad_x, grad_weight, grad_bias
+
+    dy = np.ascontiguousarray(grad_output, dtype=dtype)
+    xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
+    w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, Kg)
+    tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
+    partial = workspace("partial", dtype, n_threads * (C_in * Kg + C_in)).reshape(n_threads, -1)
+    with single_threaded_blas:
+        _conv.forward(dy, w2d, None, grad_x.reshape(N, C_in, -1), scratch, geometry,
+                      tiles.images_per_tile, tiles.tile_p, n_threads)
+        _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
+                              tiles.tile_p, n_threads)
+        _conv.reduce_rows(partial, weight_and_x_sums, n_threads)
+    if with_bias:
+        _conv.channel_sums(dy.reshape(N, C_out, -1), grad_bias, n_threads)
+    return grad_x, grad_weight, grad_bias
