@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from fastconv._validation import conv_output_size
+from fastconv._validation import conv_output_size, transposed_output_size
 
 #: The two passes every shape is timed for, in table order.
 PASSES = ("forward", "backward")
@@ -54,9 +54,15 @@ class Shape:
     N, C, H, W : int
         Input batch, channels, height and width.
     F, KH, KW : int
-        Number of filters and kernel height and width.
+        Number of filters (output channels) and kernel height and width.
     stride, pad : int
         Stride and zero padding, the same along both axes and on all sides.
+    groups : int, default 1
+        ``groups == C``: a depthwise layer (timed with the direct kernel and,
+        in the "grouped im2col" column, with ``algorithm="im2col"``).
+    transposed : bool, default False
+        A :func:`fastconv.conv_transpose2d` layer from C to F channels
+        (weight ``(C, F/groups, KH, KW)``).
     """
 
     name: str
@@ -69,6 +75,8 @@ class Shape:
     KW: int
     stride: int
     pad: int
+    groups: int = 1
+    transposed: bool = False
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -77,12 +85,18 @@ class Shape:
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
-        """``(F, C, KH, KW)``."""
-        return (self.F, self.C, self.KH, self.KW)
+        """``(F, C/groups, KH, KW)``, or ``(C, F/groups, KH, KW)`` when transposed."""
+        if self.transposed:
+            return (self.C, self.F // self.groups, self.KH, self.KW)
+        return (self.F, self.C // self.groups, self.KH, self.KW)
 
     @property
     def output_hw(self) -> tuple[int, int]:
-        """``(OH, OW)`` with ``OH = (H + 2*pad - KH) // stride + 1``."""
+        """``(OH, OW)``: ``(H + 2*pad - KH) // stride + 1``, or for a transposed layer
+        ``(H - 1)*stride - 2*pad + KH``."""
+        if self.transposed:
+            return (transposed_output_size(self.H, self.KH, self.stride, self.pad, 1, 0),
+                    transposed_output_size(self.W, self.KW, self.stride, self.pad, 1, 0))
         return (conv_output_size(self.H, self.KH, self.stride, self.pad, self.pad),
                 conv_output_size(self.W, self.KW, self.stride, self.pad, self.pad))
 
@@ -92,19 +106,28 @@ class Shape:
         return (self.N, self.F) + self.output_hw
 
     @property
+    def is_plain(self) -> bool:
+        """An ungrouped convolution: one GEMM per image, NHWC available."""
+        return self.groups == 1 and not self.transposed
+
+    @property
     def gemm_mnk(self) -> tuple[int, int, int]:
         """``(M, K, N)`` of the forward pass as one GEMM: ``W (F x C*KH*KW) @ col``.
 
         The whole batch is one GEMM with ``N = batch*OH*OW`` columns: the
-        bound no im2col scheme can beat, whatever its per-image tiling.
+        bound no im2col scheme can beat, whatever its per-image tiling. A
+        transposed layer's forward is ``W.T (F*KH*KW x C) @ x`` (then col2im).
+        Only meaningful for ungrouped layers.
         """
+        if self.transposed:
+            return (self.F * self.KH * self.KW, self.C, self.N * self.H * self.W)
         oh, ow = self.output_hw
         return (self.F, self.C * self.KH * self.KW, self.N * oh * ow)
 
     def forward_flops(self) -> int:
-        """``2*N*F*OH*OW*C*KH*KW``: one multiply and one add per weight tap."""
+        """``2*N*F*OH*OW*C/groups*KH*KW``: one multiply and one add per weight tap."""
         m, k, n = self.gemm_mnk
-        return 2 * m * k * n
+        return 2 * m * k * n // self.groups
 
     def backward_flops(self) -> int:
         """Twice the forward: one GEMM of the same size each for dx and dW.
@@ -129,7 +152,7 @@ class Shape:
         """
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
-        k = self.C * self.KH * self.KW
+        k = math.prod(self.weight_shape[1:])
         weight = rng.standard_normal(self.weight_shape, dtype=dtype)
         weight *= dtype.type(1.0 / np.sqrt(k))
         return {
@@ -150,6 +173,8 @@ SUITE = (
     Shape("resnet-3x3-s2", 8, 128, 56, 56, 128, 3, 3, 2, 1),
     Shape("vgg-mid", 8, 128, 56, 56, 128, 3, 3, 1, 1),
     Shape("deep-7x7", 32, 512, 7, 7, 512, 3, 3, 1, 1),
+    Shape("mobilenet-dw", 8, 256, 56, 56, 256, 3, 3, 1, 1, groups=256),
+    Shape("dcgan-up", 16, 256, 16, 16, 128, 4, 4, 2, 1, transposed=True),
 )
 
 #: Shape measured by ``--memory`` when no name is given.
@@ -226,6 +251,10 @@ SUITE_COLUMNS = (
     ("gflops", "GFLOP/s"),
     ("gemm_ms", "{gemm} ms"),
     ("vs_gemm", "vs {gemm}"),
+    ("nhwc_ms", "NHWC ms"),
+    ("nhwc_vs_nchw", "NHWC/NCHW"),
+    ("im2col_ms", "grouped im2col ms"),
+    ("vs_im2col", "vs im2col"),
     ("torch_ms", "torch ms"),
     ("vs_torch", "vs torch"),
 )
@@ -303,16 +332,34 @@ def relative_error(result, expected) -> float:
 
 
 def _conv_call(module, pass_: str, shape: Shape, arrays: dict, **kwargs) -> Callable[[], object]:
-    """A no-argument call of ``module.conv2d`` or ``module.conv2d_backward``.
+    """A no-argument call of ``module.conv2d`` or ``module.conv2d_backward``
+    (``conv_transpose2d[_backward]`` for a transposed shape).
 
     ``module`` is :mod:`fastconv` or :mod:`fastconv.reference`: both share the
-    positional signature, only fastconv takes ``n_threads``.
+    positional signature, only fastconv takes ``n_threads``, ``layout`` and
+    ``algorithm``. With ``layout="NHWC"``, ``arrays`` must hold NHWC ``x`` and
+    ``grad_output`` (see :func:`nhwc_arrays`).
     """
     x, w, b, g = arrays["x"], arrays["weight"], arrays["bias"], arrays["grad_output"]
     s, p = shape.stride, shape.pad
+    if shape.transposed:
+        if pass_ == "forward":
+            return lambda: module.conv_transpose2d(x, w, b, s, p, groups=shape.groups, **kwargs)
+        return lambda: module.conv_transpose2d_backward(g, x, w, s, p, groups=shape.groups,
+                                                        **kwargs)
+    if shape.groups != 1:
+        kwargs["groups"] = shape.groups
     if pass_ == "forward":
         return lambda: module.conv2d(x, w, b, s, p, **kwargs)
     return lambda: module.conv2d_backward(g, x, w, s, p, **kwargs)
+
+
+def nhwc_arrays(arrays: dict) -> dict:
+    """``arrays`` with ``x`` and ``grad_output`` as channels-last copies (made untimed)."""
+    out = dict(arrays)
+    for key in ("x", "grad_output"):
+        out[key] = np.ascontiguousarray(arrays[key].transpose(0, 2, 3, 1))
+    return out
 
 
 def gemm_call(shape: Shape, dtype="float32", seed: int = 0) -> Callable[[], object]:
@@ -349,9 +396,15 @@ def _torch_call(torch, pass_: str, shape: Shape, arrays: dict) -> Callable[[], o
     ``retain_graph=True``, so the timing holds the backward and nothing else,
     like fastconv's.
     """
-    conv2d = torch.nn.functional.conv2d
+    functional = torch.nn.functional
     x, w, b, g = (torch.from_numpy(arrays[k]) for k in ("x", "weight", "bias", "grad_output"))
     s, p = shape.stride, shape.pad
+    if shape.transposed:
+        def conv2d(x, w, b, s, p):
+            return functional.conv_transpose2d(x, w, b, s, p, groups=shape.groups)
+    else:
+        def conv2d(x, w, b, s, p):
+            return functional.conv2d(x, w, b, s, p, groups=shape.groups)
     if pass_ == "forward":
         def forward():
             with torch.no_grad():
@@ -453,6 +506,7 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
         "flops": flops, "fastconv_ms": fast_ms, "gflops": flops / (fast_ms * 1e-3) / 1e9,
         "reference_ms": None, "speedup": None, "rel_err": None,
         "gemm_ms": None, "vs_gemm": None, "torch_ms": None, "vs_torch": None,
+        "nhwc_ms": None, "nhwc_vs_nchw": None, "im2col_ms": None, "vs_im2col": None,
     }
     if ref_module is not None:
         ref_ms, ref_result = time_call(
@@ -462,7 +516,17 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
         row["rel_err"] = relative_error(fast_result, ref_result)
         del ref_result
     del fast_result
-    if gemm and pass_ == "forward":
+    if shape.is_plain:
+        row["nhwc_ms"], _ = time_call(
+            _conv_call(fastconv, pass_, shape, nhwc_arrays(arrays), n_threads=threads,
+                       layout="NHWC"), repeat)
+        row["nhwc_vs_nchw"] = row["nhwc_ms"] / fast_ms
+    if shape.groups == shape.C and not shape.transposed:
+        row["im2col_ms"], _ = time_call(
+            _conv_call(fastconv, pass_, shape, arrays, n_threads=threads, algorithm="im2col"),
+            repeat)
+        row["vs_im2col"] = row["im2col_ms"] / fast_ms
+    if gemm and pass_ == "forward" and shape.groups == 1:
         row["gemm_ms"], _ = time_call(gemm_call(shape, dtype), repeat)
         row["vs_gemm"] = fast_ms / row["gemm_ms"]
     if torch_module is not None:
