@@ -21,7 +21,8 @@ Compared with the seed code this version
 * pads with zeros or, like PyTorch's ``nn.Conv2d(padding_mode=...)``, with a
   reflected, replicated or circular border, whose gradient is folded back
   onto the pixels the border copied;
-* has grouped (and depthwise) convolution and an NHWC layout;
+* has grouped (and depthwise) convolution, an NHWC layout, and the transposed
+  convolution, which is the adjoint of ``conv2d`` with respect to its input;
 * raises ``ValueError`` instead of returning empty or mis-shaped arrays when
   the dilated kernel does not fit into the padded input.
 
@@ -41,9 +42,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastconv._validation import as_int, as_padding, as_positive_pair, conv_output_size
+from fastconv._validation import as_int, as_pair, as_padding, as_positive_pair, conv_output_size
 
-__all__ = ["im2col", "col2im", "conv2d", "conv2d_backward", "conv2d_input_grad_full"]
+__all__ = ["im2col", "col2im", "conv2d", "conv2d_backward", "conv2d_input_grad_full",
+           "conv_transpose2d", "conv_transpose2d_backward"]
 
 #: ``padding_mode`` (PyTorch's names) -> the ``np.pad`` mode that builds that border.
 _NUMPY_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge",
@@ -601,6 +603,243 @@ def conv2d_input_grad_full(grad_output, weight, input_shape, padding=0):
 
     w_rot = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)      # (C, F, KH, KW)
     return conv2d(dy, w_rot)
+
+
+# ---------------------------------------------------------------------------
+# Transposed convolution
+#
+# conv_transpose2d(x, w) is the adjoint of x -> conv2d(x, w) with the same
+# stride, padding, dilation and groups: the weight (C_in, C_out/G, KH, KW) is
+# that conv2d's (F, C/G, KH, KW), mapping C_out channels to C_in. So its
+# forward is conv2d's input gradient: per group one GEMM W[g].T @ x[n, g]
+# gives the column matrix, and col2im scatters it onto a canvas. PyTorch's
+# output_padding adds rows/columns at the bottom/right of the canvas before
+# the padding is cropped; they only receive what would have been cropped.
+# ---------------------------------------------------------------------------
+
+class _TransposedShape(NamedTuple):
+    """The sizes of one ``conv_transpose2d``, every argument normalised and checked."""
+
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    KH: int
+    KW: int
+    stride: tuple
+    dilation: tuple
+    pads: tuple              # (top, bottom, left, right), cropped from the canvas
+    output_padding: tuple
+    groups: int
+    canvas_hw: tuple         # what col2im fills: (H-1)*s + d*(k-1) + 1
+    OH: int
+    OW: int
+
+
+def _transposed_shape(x_shape, w_shape, stride, padding, output_padding, groups, dilation):
+    """Check every argument of ``conv_transpose2d`` and compute the output size."""
+    N, C_in, H, W = (int(s) for s in x_shape)
+    CW, C_out_g, KH, KW = (int(s) for s in w_shape)
+    stride = as_positive_pair(stride, "stride")
+    dilation = as_positive_pair(dilation, "dilation")
+    groups = as_int(groups, "groups")
+    if min(C_in, H, W, C_out_g, KH, KW) < 1:
+        raise ValueError(f"only the batch may be empty, got x.shape={tuple(x_shape)}, "
+                         f"weight.shape={tuple(w_shape)}")
+    if isinstance(padding, str):
+        # 'same' and friends are defined by the output size of a forward conv;
+        # PyTorch's conv_transpose2d has no string padding either.
+        raise ValueError(f"padding={padding!r}: conv_transpose2d takes an int, (ph, pw) or "
+                         "(top, bottom, left, right), not a padding string")
+    pads = as_padding(padding)
+    output_padding = as_pair(output_padding, "output_padding")
+    for op, s, d in zip(output_padding, stride, dilation):
+        # PyTorch's rule: more would add rows that no input pixel can reach.
+        if not 0 <= op < max(s, d):
+            raise ValueError(f"output_padding={output_padding} must be non-negative and "
+                             f"smaller than max(stride, dilation) on each axis (stride="
+                             f"{stride}, dilation={dilation})")
+    if groups < 1 or C_in % groups:
+        raise ValueError(f"groups={groups} must be positive and divide the input channels "
+                         f"C_in={C_in} (x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)})")
+    if CW != C_in:
+        raise ValueError(f"x has {C_in} channels but weight expects {CW} (weight is "
+                         f"(C_in, C_out/groups, KH, KW); x.shape={tuple(x_shape)}, "
+                         f"weight.shape={tuple(w_shape)})")
+    canvas_hw = ((H - 1) * stride[0] + dilation[0] * (KH - 1) + 1,
+                 (W - 1) * stride[1] + dilation[1] * (KW - 1) + 1)
+    top, bottom, left, right = pads
+    OH = canvas_hw[0] + output_padding[0] - top - bottom
+    OW = canvas_hw[1] + output_padding[1] - left - right
+    if OH < 1 or OW < 1:
+        raise ValueError(f"output size would be {OH}x{OW} (< 1): padding (top, bottom, left, "
+                         f"right)={pads} crops more than the {canvas_hw[0]}x{canvas_hw[1]} "
+                         f"the transposed convolution produces (x.shape={tuple(x_shape)}, "
+                         f"weight.shape={tuple(w_shape)})")
+    return _TransposedShape(N, C_in, H, W, C_out_g * groups, KH, KW, stride, dilation, pads,
+                            output_padding, groups, canvas_hw, OH, OW)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """Transposed 2-D convolution (a.k.a. fractionally strided or "deconvolution").
+
+    The adjoint of :func:`conv2d` with respect to its input:
+    ``<conv2d(u, weight, ...), x> == <u, conv_transpose2d(x, weight, ...)>``
+    for the same stride, padding, dilation and groups.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C_in, H, W)
+    weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+        PyTorch's layout: the first axis is the input channels.
+    bias : ndarray, shape (C_out,), optional
+    stride : int or (int, int), default 1
+    padding : int, (ph, pw) or (top, bottom, left, right), default 0
+        Rows and columns cropped from each side of the full result (strings
+        are not accepted).
+    output_padding : int or (int, int), default 0
+        Extra rows (columns) at the bottom (right); must be smaller than
+        ``max(stride, dilation)`` on each axis.
+    groups : int, default 1
+        Must divide ``C_in``; input channels of group ``g`` feed output
+        channels ``[g*C_out/groups, (g+1)*C_out/groups)``.
+    dilation : int or (int, int), default 1
+
+    Returns
+    -------
+    y : ndarray, shape (N, C_out, OH, OW)
+        In dtype ``np.result_type(x, weight)``.
+
+    Raises
+    ------
+    ValueError
+        If the channel counts or ``groups`` do not fit, ``padding`` is a
+        string, ``output_padding`` is too large, or the output would be empty.
+
+    Notes
+    -----
+    ``OH = (H - 1)*sh - top - bottom + dh*(KH - 1) + output_padding_h + 1``
+    (with symmetric padding ``p``: ``(H - 1)*s - 2p + d*(k - 1) + op + 1``).
+    Input pixel ``(i, j)`` adds ``x[n, c, i, j] * weight[c, :, kh, kw]`` at
+    ``(i*sh + kh*dh - top, j*sw + kw*dw - left)`` of the output: the columns
+    ``W[g].T @ x[n, g]`` folded by ``col2im``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> x = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    >>> w = np.ones((1, 1, 2, 2))    # each pixel spreads over a 2x2 block
+    >>> reference.conv_transpose2d(x, w)
+    array([[[[ 1.,  3.,  2.],
+             [ 4., 10.,  6.],
+             [ 3.,  7.,  4.]]]])
+    >>> reference.conv_transpose2d(x, w, stride=2).shape
+    (1, 1, 4, 4)
+    """
+    x = np.asarray(x)
+    weight = np.asarray(weight)
+    _check_4d(x, "x")
+    _check_4d(weight, "weight")
+    dtype = np.result_type(x, weight)
+    x, weight = (a.astype(dtype, copy=False) for a in (x, weight))
+    t = _transposed_shape(x.shape, weight.shape, stride, padding, output_padding, groups,
+                          dilation)
+    G = t.groups
+
+    xg = x.reshape(t.N, G, t.C_in // G, t.H * t.W)                  # (N, G, C_in/G, P)
+    w = weight.reshape(G, t.C_in // G, t.C_out // G * t.KH * t.KW)   # (G, C_in/G, Kg)
+    # As conv2d_backward's dcol: col[n, g] = W[g].T @ x[n, g], rows (c_out, kh, kw).
+    col = np.matmul(w.swapaxes(-1, -2), xg)                          # (N, G, Kg, P)
+    col = col.reshape(t.N, t.C_out, t.KH, t.KW, t.H, t.W)
+    canvas = _fold(col, t.canvas_hw, t.stride, t.dilation)
+    # output_padding extends the canvas at the bottom/right, padding crops it.
+    top, bottom, left, right = t.pads
+    canvas = np.pad(canvas, [(0, 0), (0, 0), (0, t.output_padding[0]),
+                             (0, t.output_padding[1])])
+    out = np.ascontiguousarray(canvas[:, :, top:top + t.OH, left:left + t.OW])
+    if bias is not None:
+        # In place, so a float64 bias cannot promote a float32 result.
+        out += np.asarray(bias).reshape(-1, 1, 1)
+    return out
+
+
+def conv_transpose2d_backward(grad_output, x, weight, stride=1, padding=0, output_padding=0,
+                              groups=1, dilation=1):
+    """Gradients of :func:`conv_transpose2d` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (N, C_out, OH, OW)
+        ``dL/dy``.
+    x : ndarray, shape (N, C_in, H, W)
+        The forward input.
+    weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+    stride, padding, output_padding, groups, dilation
+        As for the forward call.
+
+    Returns
+    -------
+    grad_x : ndarray, shape (N, C_in, H, W)
+    grad_weight : ndarray, shape (C_in, C_out/groups, KH, KW)
+    grad_bias : ndarray, shape (C_out,)
+        ``grad_output`` summed over ``(0, 2, 3)``. All in dtype
+        ``np.result_type(grad_output, x, weight)``.
+
+    Raises
+    ------
+    ValueError
+        If ``grad_output`` does not have the forward output's shape, or for
+        any argument :func:`conv_transpose2d` rejects.
+
+    Notes
+    -----
+    The forward is ``crop(col2im(W.T @ x))``, so ``dL/dx = W @ im2col(pad(dy))``
+    and ``dL/dW = x @ im2col(pad(dy)).T`` per group: ``grad_x`` is
+    ``conv2d(grad_output, weight)`` with the same stride, padding, dilation
+    and groups (the output padding rows are simply not read).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import reference
+    >>> rng = np.random.default_rng(0)
+    >>> x, w = rng.normal(size=(2, 4, 3, 3)), rng.normal(size=(4, 3, 4, 4))
+    >>> dy = rng.normal(size=reference.conv_transpose2d(x, w, stride=2, padding=1).shape)
+    >>> gx, gw, gb = reference.conv_transpose2d_backward(dy, x, w, stride=2, padding=1)
+    >>> bool(np.allclose(gx, reference.conv2d(dy, w, stride=2, padding=1)))
+    True
+    >>> gw.shape, gb.shape
+    ((4, 3, 4, 4), (3,))
+    """
+    grad_output, x, weight = (np.asarray(a) for a in (grad_output, x, weight))
+    for arr, name in ((grad_output, "grad_output"), (x, "x"), (weight, "weight")):
+        _check_4d(arr, name)
+    dtype = np.result_type(grad_output, x, weight)
+    grad_output, x, weight = (a.astype(dtype, copy=False) for a in (grad_output, x, weight))
+    t = _transposed_shape(x.shape, weight.shape, stride, padding, output_padding, groups,
+                          dilation)
+    if grad_output.shape != (t.N, t.C_out, t.OH, t.OW):
+        raise ValueError(f"grad_output has shape {grad_output.shape} but the forward output "
+                         f"has shape {(t.N, t.C_out, t.OH, t.OW)}")
+    G = t.groups
+
+    # Adjoint of the crop: dy back on the zero canvas; of the output padding:
+    # drop those rows again. Then the canvas unrolls to exactly H x W windows.
+    top, bottom, left, right = t.pads
+    canvas = np.pad(grad_output, [(0, 0), (0, 0), (top, bottom), (left, right)])
+    canvas = canvas[:, :, :t.canvas_hw[0], :t.canvas_hw[1]]
+    col = _unfold(canvas, t.KH, t.KW, t.stride, t.dilation, t.H, t.W)
+    col = col.reshape(t.N, G, t.C_out // G * t.KH * t.KW, t.H * t.W)  # (N, G, Kg, P)
+    xg = x.reshape(t.N, G, t.C_in // G, t.H * t.W)                  # (N, G, C_in/G, P)
+    w = weight.reshape(G, t.C_in // G, t.C_out // G * t.KH * t.KW)   # (G, C_in/G, Kg)
+
+    grad_bias = grad_output.sum(axis=(0, 2, 3))
+    grad_x = np.matmul(w, col).reshape(x.shape)
+    grad_weight = np.matmul(xg, col.swapaxes(-1, -2)).sum(axis=0).reshape(weight.shape)
+    return grad_x, np.ascontiguousarray(grad_weight), grad_bias
 
 
 # ---------------------------------------------------------------------------
