@@ -3,9 +3,14 @@
 * :func:`naive_conv2d` and :func:`naive_im2col` are the definition of the
   convolution written as loops over output positions (seed 002's style), with
   their own output-size computation so a bug in ``conv_output_size`` cannot
-  hide in both the oracle and the code under test.
+  hide in both the oracle and the code under test. ``naive_conv2d`` also has
+  groups, padding strings and padding modes, each worked out here from its
+  definition (the border by index arithmetic, not ``np.pad``'s modes).
+* :func:`naive_conv_transpose2d` is PyTorch's definition of the transposed
+  convolution as a gather: output pixel ``o`` sums the input pixels ``i``
+  and taps ``k`` with ``i*s + k*d - pad == o`` (the reference scatters).
 * :func:`numerical_gradients` is central finite differences of
-  ``L = sum(conv2d(x, w, b) * grad_output)``.
+  ``L = sum(conv2d(x, w, b) * grad_output)`` (or of any other forward).
 * :func:`seed_im2col` / :func:`seed_col2im` are the seeds' (and the book's)
   functions copied verbatim, int stride and pad only: the historical contract
   that ``fastconv.im2col`` / ``col2im`` are drop-in replacements for.
@@ -37,25 +42,142 @@ def _padded_and_sizes(x, KH, KW, stride, padding, dilation):
     return xp, (sh, sw), (dh, dw), (span_h, span_w), (OH, OW)
 
 
-def naive_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1):
-    """Loop definition of conv2d; accumulates in float64, returns ``result_type(x, weight)``."""
+def _naive_source(i, size, mode):
+    """The input index that padded position ``i`` (``-pad <= i < size + pad``) holds,
+    or None for a zero. One reflection/wrap at most (PyTorch's limits)."""
+    if 0 <= i < size:
+        return i
+    if mode == "zeros":
+        return None
+    if mode == "replicate":
+        return 0 if i < 0 else size - 1
+    if mode == "reflect":             # mirror about the edge pixel, which is not repeated
+        return -i if i < 0 else 2 * (size - 1) - i
+    if mode == "circular":
+        return i % size
+    raise ValueError(f"unknown padding_mode {mode!r}")
+
+
+def _naive_pad(x, pads, mode):
+    """``x`` (float64) with its border, one padded pixel at a time."""
+    top, bottom, left, right = pads
+    N, C, H, W = x.shape
+    out = np.zeros((N, C, H + top + bottom, W + left + right))
+    for i in range(-top, H + bottom):
+        for j in range(-left, W + right):
+            si, sj = _naive_source(i, H, mode), _naive_source(j, W, mode)
+            if si is not None and sj is not None:
+                out[:, :, i + top, j + left] = x[:, :, si, sj]
+    return out
+
+
+def _naive_string_padding(padding, size, kernel, stride, dilation):
+    """'valid' / 'full' / 'same' as ``(top, bottom, left, right)``, by search for 'same'.
+
+    'same' wants ``ceil(size / stride)`` outputs (counted as the number of
+    strided positions in the input) from the least total padding, the odd
+    pixel at the bottom/right: the smallest ``t`` whose window count reaches it.
+    """
+    key = padding.lower()
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        span = d * (k - 1) + 1
+        if key == "valid":
+            pads += [0, 0]
+        elif key == "full":
+            pads += [span - 1, span - 1]
+        elif key == "same":
+            wanted = len(range(0, n, s))
+            t = 0
+            while len(range(0, n + t - span + 1, s)) < wanted:
+                t += 1
+            pads += [t // 2, t - t // 2]
+        else:
+            raise ValueError(f"unknown padding string {padding!r}")
+    return tuple(pads)
+
+
+def naive_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                 padding_mode="zeros"):
+    """Loop definition of conv2d; accumulates in float64, returns ``result_type(x, weight)``.
+
+    Filter ``f`` sees the ``C/groups`` input channels of group ``f // (F/groups)``.
+    """
     x = np.asarray(x)
     weight = np.asarray(weight)
-    F, C, KH, KW = weight.shape
-    N = x.shape[0]
-    xp, (sh, sw), (dh, dw), (span_h, span_w), (OH, OW) = _padded_and_sizes(
-        x, KH, KW, stride, padding, dilation)
+    F, Cg, KH, KW = weight.shape
+    N, C, H, W = x.shape
+    sh, sw = as_positive_pair(stride, "stride")
+    dh, dw = as_positive_pair(dilation, "dilation")
+    if isinstance(padding, str):
+        pads = _naive_string_padding(padding, (H, W), (KH, KW), (sh, sw), (dh, dw))
+    else:
+        pads = as_padding(padding)
+    assert C == Cg * groups and F % groups == 0, (x.shape, weight.shape, groups)
+    xp = _naive_pad(np.asarray(x, dtype=np.float64), pads, padding_mode)
+    span_h, span_w = dh * (KH - 1) + 1, dw * (KW - 1) + 1
+    # Count the window positions that fit, rather than trusting a formula.
+    OH = len(range(0, xp.shape[2] - span_h + 1, sh))
+    OW = len(range(0, xp.shape[3] - span_w + 1, sw))
+    if OH < 1 or OW < 1:
+        raise ValueError(f"empty output {OH}x{OW}")
     w64 = weight.astype(np.float64)
     b64 = np.zeros(F) if bias is None else np.asarray(bias, dtype=np.float64)
+    filters_per_group = F // groups
 
     out = np.zeros((N, F, OH, OW))
     for n in range(N):
         for f in range(F):
+            c0 = (f // filters_per_group) * Cg          # first input channel of f's group
             for oh in range(OH):
                 for ow in range(OW):
                     i, j = oh * sh, ow * sw
-                    window = xp[n, :, i:i + span_h:dh, j:j + span_w:dw]   # (C, KH, KW)
+                    window = xp[n, c0:c0 + Cg, i:i + span_h:dh, j:j + span_w:dw]  # (Cg, KH, KW)
                     out[n, f, oh, ow] = np.sum(window * w64[f]) + b64[f]
+    return out.astype(np.result_type(x, weight))
+
+
+def naive_conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0,
+                           groups=1, dilation=1):
+    """Loop definition of PyTorch's conv_transpose2d, gathered per output pixel.
+
+    ``y[n, co, oh, ow] = b[co] + sum x[n, ci, ih, iw] * weight[ci, co % Cog, kh, kw]``
+    over the ``ci`` of ``co``'s group and all ``(ih, kh)``, ``(iw, kw)`` with
+    ``ih*sh + kh*dh - top == oh`` and ``iw*sw + kw*dw - left == ow``.
+    """
+    x = np.asarray(x)
+    weight = np.asarray(weight)
+    N, C_in, H, W = x.shape
+    _, Cog, KH, KW = weight.shape
+    sh, sw = as_positive_pair(stride, "stride")
+    dh, dw = as_positive_pair(dilation, "dilation")
+    oph, opw = (output_padding, output_padding) if np.isscalar(output_padding) \
+        else tuple(output_padding)
+    top, bottom, left, right = as_padding(padding)
+    # PyTorch's documented output size.
+    OH = (H - 1) * sh - top - bottom + dh * (KH - 1) + oph + 1
+    OW = (W - 1) * sw - left - right + dw * (KW - 1) + opw + 1
+    Cig = C_in // groups
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    b64 = np.zeros(Cog * groups) if bias is None else np.asarray(bias, dtype=np.float64)
+
+    out = np.zeros((N, Cog * groups, OH, OW))
+    for co in range(Cog * groups):
+        g, cog = divmod(co, Cog)
+        for oh in range(OH):
+            for ow in range(OW):
+                total = b64[co] * np.ones(N)
+                for kh in range(KH):
+                    ih, rem_h = divmod(oh + top - kh * dh, sh)
+                    if rem_h or not 0 <= ih < H:
+                        continue
+                    for kw in range(KW):
+                        iw, rem_w = divmod(ow + left - kw * dw, sw)
+                        if rem_w or not 0 <= iw < W:
+                            continue
+                        cis = slice(g * Cig, (g + 1) * Cig)
+                        total += x64[:, cis, ih, iw] @ w64[cis, cog, kh, kw]
+                out[:, co, oh, ow] = total
     return out.astype(np.result_type(x, weight))
 
 
@@ -74,20 +196,26 @@ def naive_im2col(x, filter_h, filter_w, stride=1, pad=0, dilation=1):
     return np.array(rows).astype(x.dtype)
 
 
-def numerical_gradients(x, weight, bias, grad_output, stride=1, padding=0, dilation=1, eps=1e-6):
-    """Central differences of ``sum(reference.conv2d(x, w, b) * grad_output)``, in float64.
+def numerical_gradients(x, weight, bias, grad_output, stride=1, padding=0, dilation=1, eps=1e-6,
+                        *, forward=None, **options):
+    """Central differences of ``sum(forward(x, w, b, ...) * grad_output)``, in float64.
 
-    Returns ``(gx, gw, gb)``; a ``bias`` of None is treated as zeros (the bias
-    gradient does not depend on the bias value).
+    ``forward`` defaults to ``reference.conv2d``; it is called as
+    ``forward(x, w, b, stride=..., padding=..., dilation=..., **options)``
+    (``options``: groups, padding_mode, output_padding, ...), so
+    ``reference.conv_transpose2d`` works too. Returns ``(gx, gw, gb)``; a
+    ``bias`` of None is treated as zeros (the bias gradient does not depend on
+    the bias value), with as many entries as ``grad_output`` has channels.
     """
+    forward = reference.conv2d if forward is None else forward
     x = np.array(x, dtype=np.float64)
     weight = np.array(weight, dtype=np.float64)
-    F = weight.shape[0]
-    bias = np.zeros(F) if bias is None else np.array(bias, dtype=np.float64)
     g = np.asarray(grad_output, dtype=np.float64)
+    bias = np.zeros(g.shape[1]) if bias is None else np.array(bias, dtype=np.float64)
 
     def loss():
-        return np.sum(reference.conv2d(x, weight, bias, stride, padding, dilation) * g)
+        return np.sum(forward(x, weight, bias, stride=stride, padding=padding,
+                              dilation=dilation, **options) * g)
 
     grads = []
     for arr in (x, weight, bias):
