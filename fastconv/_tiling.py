@@ -123,16 +123,15 @@ class NhwcPlan(NamedTuple):
 def _balanced_count(at_least: int, n_threads: int, at_most: int) -> int:
     """A work-item count >= at_least (and >= n_threads) that keeps the threads evenly busy.
 
-    With few items the count is rounded up to a multiple of n_threads (3
-    items on 2 threads leave one thread idle a third of the time).
+    The count is rounded up to a multiple of n_threads where there are enough
+    items (13 equal tiles on 2 threads leave one thread idle 1/14 of the time).
     """
     count = max(at_least, n_threads)
-    if count < 4 * n_threads:
-        candidate = count
-        while candidate <= at_most and candidate % n_threads:
-            candidate += 1
-        if candidate <= at_most:
-            count = candidate
+    candidate = count
+    while candidate <= at_most and candidate % n_threads:
+        candidate += 1
+    if candidate <= at_most:
+        count = candidate
     return max(1, min(count, at_most))
 
 
