@@ -95,14 +95,15 @@ cdef inline void add_n(floating *dst, const floating *src, Py_ssize_t n) noexcep
         dst[i] += src[i]
 
 
-cdef inline void row_position(const ConvGeom *g, Py_ssize_t r, Py_ssize_t *n, Py_ssize_t *oh,
-                              Py_ssize_t *ow) noexcept nogil:
-    cdef Py_ssize_t P = g.OH * g.OW
-    cdef Py_ssize_t rem
-    n[0] = r // P
-    rem = r - n[0] * P
-    oh[0] = rem // g.OW
-    ow[0] = rem - oh[0] * g.OW
+cdef inline void interior_columns(const ConvGeom *g, Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
+    """Output columns ``ow`` in ``[lo, hi)`` read every kernel tap inside the image's width."""
+    cdef Py_ssize_t last = g.W - 1 - (g.KW - 1) * g.dilation_w + g.pad_left   # ow*sw <= last
+    lo[0] = (g.pad_left + g.stride_w - 1) // g.stride_w
+    hi[0] = last // g.stride_w + 1 if last >= 0 else 0
+    if hi[0] > g.OW:
+        hi[0] = g.OW
+    if lo[0] > hi[0]:
+        lo[0] = hi[0]
 
 
 cdef inline void run_taps(Py_ssize_t W, Py_ssize_t KW, Py_ssize_t iw0, Py_ssize_t *lo,
@@ -116,6 +117,105 @@ cdef inline void run_taps(Py_ssize_t W, Py_ssize_t KW, Py_ssize_t iw0, Py_ssize_
         lo[0] = hi[0]
 
 
+cdef void gather_pixel(const floating *image, const ConvGeom *g, const Chunks *ch,
+                       Py_ssize_t ih0, Py_ssize_t iw0, floating *dst) noexcept nogil:
+    """One column row, any position: border taps go through ``source_index``.
+
+    # IN  image: x[n] + c_first, (H, W, C) contiguous
+    # OUT dst: the row's chunks
+    """
+    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KW = g.KW, dh = g.dilation_h, dw = g.dilation_w
+    cdef int mode = g.mode
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, iws, lo = 0, hi = 0
+    cdef const floating *row
+    cdef const floating *src
+    cdef floating *d
+    if ch.run:
+        run_taps(W, KW, iw0, &lo, &hi)
+        for kh in range(g.KH):
+            d = dst + kh * run_len
+            ih = source_index(ih0 + kh * dh, H, mode)
+            if ih < 0:
+                memset(d, 0, run_len * sizeof(floating))
+                continue
+            row = image + ih * W * C
+            copy_n(d + lo * C, row + (iw0 + lo) * C, (hi - lo) * C)
+            for kw in range(lo):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws < 0:
+                    memset(d + kw * C, 0, C * sizeof(floating))
+                else:
+                    copy_n(d + kw * C, row + iws * C, C)
+            for kw in range(hi, KW):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws < 0:
+                    memset(d + kw * C, 0, C * sizeof(floating))
+                else:
+                    copy_n(d + kw * C, row + iws * C, C)
+        return
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * dh, H, mode)
+        row = image + (ih if ih >= 0 else 0) * W * C
+        for kw in range(KW):
+            d = dst + (kh * KW + kw) * tstride
+            iws = source_index(iw0 + kw * dw, W, mode)
+            if ih < 0 or iws < 0:
+                for gi in range(ch.n_groups):
+                    memset(d + gi * gstride, 0, width * sizeof(floating))
+            else:
+                src = row + iws * C
+                for gi in range(ch.n_groups):
+                    copy_n(d + gi * gstride, src + gi * width, width)
+
+
+cdef void gather_interior(const floating *image, const ConvGeom *g, const Chunks *ch,
+                          Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t count,
+                          floating *dst, Py_ssize_t ld) noexcept nogil:
+    """``count`` consecutive column rows of one output row whose taps are all inside the
+    image's width: kernel row outermost, so a tap costs one copy and no index mapping.
+
+    # IN  image: x[n] + c_first; (ih0, iw0): the first row's padded window corner
+    # OUT dst: count rows of row stride ld
+    """
+    cdef Py_ssize_t C = g.C, KW = g.KW, dw = g.dilation_w
+    cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t n_groups = ch.n_groups
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o
+    cdef const floating *row
+    cdef const floating *src
+    cdef floating *d
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * g.dilation_h, g.H, g.mode)
+        if ih < 0:
+            for o in range(count):
+                for kw in range(KW):
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        memset(d + gi * gstride, 0, width * sizeof(floating))
+            continue
+        row = image + ih * WC + iw0 * C
+        if ch.run:
+            for o in range(count):
+                copy_n(dst + o * ld + kh * run_len, row + o * step, run_len)
+        elif width == 1:
+            # depthwise: one channel per group
+            for o in range(count):
+                for kw in range(KW):
+                    src = row + o * step + kw * dw * C
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        d[gi * gstride] = src[gi]
+        else:
+            for o in range(count):
+                for kw in range(KW):
+                    src = row + o * step + kw * dw * C
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        copy_n(d + gi * gstride, src + gi * width, width)
+
+
 cdef void gather_rows(const floating *x, const ConvGeom *g, const Chunks *ch,
                       Py_ssize_t r0, Py_ssize_t r1, floating *col, Py_ssize_t ld) noexcept nogil:
     """col[r - r0, chunk (gi, kh, kw)] = x[n, ih', iw', c_first + gi*width :+ width].
@@ -127,76 +227,111 @@ cdef void gather_rows(const floating *x, const ConvGeom *g, const Chunks *ch,
     # IN  x: (N, H, W, C) contiguous
     # OUT col: (r1 - r0) rows of row stride ld; the chunks described by ch are written
     """
-    # the geometry in locals: every memcpy would otherwise make the compiler reload it
-    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KH = g.KH, KW = g.KW, OH = g.OH, OW = g.OW
-    cdef Py_ssize_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w
-    cdef Py_ssize_t pt = g.pad_top, pl = g.pad_left
-    cdef int mode = g.mode
-    cdef bint run = ch.run
-    cdef Py_ssize_t width = ch.width, n_groups = ch.n_groups
-    cdef Py_ssize_t gstride = ch.group_stride, tstride = ch.tap_stride
-    cdef Py_ssize_t WC = W * C, HWC = H * W * C, run_len = KW * C
-    cdef Py_ssize_t n, oh, ow, r, kh, kw, gi, ih, ih0, iw0, iws, lo = 0, hi = 0
+    cdef Py_ssize_t P = g.OH * g.OW, OW = g.OW, HWC = g.H * g.W * g.C
+    cdef Py_ssize_t r, n, oh, ow, end, a, b, o, lo, hi
     cdef const floating *image
-    cdef const floating *row
-    cdef const floating *src
     cdef floating *dst
-    cdef floating *d
-    row_position(g, r0, &n, &oh, &ow)
-    for r in range(r0, r1):
-        dst = col + (r - r0) * ld
+    interior_columns(g, &lo, &hi)
+    r = r0
+    while r < r1:
+        # the rest of one output row: [ow, end)
+        n = r // P
+        oh = (r - n * P) // OW
+        ow = r - n * P - oh * OW
+        end = min(OW, ow + (r1 - r))
         image = x + n * HWC + ch.c_first
-        ih0 = oh * sh - pt
-        iw0 = ow * sw - pl
-        if run:
-            run_taps(W, KW, iw0, &lo, &hi)
-            for kh in range(KH):
-                d = dst + kh * run_len
-                ih = source_index(ih0 + kh * dh, H, mode)
-                if ih < 0:
-                    memset(d, 0, run_len * sizeof(floating))
-                    continue
-                row = image + ih * WC
-                # for C = 1 or 3 this one copy replaces KW tiny ones
-                copy_n(d + lo * C, row + (iw0 + lo) * C, (hi - lo) * C)
-                for kw in range(lo):
-                    iws = source_index(iw0 + kw, W, mode)
-                    if iws < 0:
-                        memset(d + kw * C, 0, C * sizeof(floating))
-                    else:
-                        copy_n(d + kw * C, row + iws * C, C)
-                for kw in range(hi, KW):
-                    iws = source_index(iw0 + kw, W, mode)
-                    if iws < 0:
-                        memset(d + kw * C, 0, C * sizeof(floating))
-                    else:
-                        copy_n(d + kw * C, row + iws * C, C)
-        else:
-            for kh in range(KH):
-                ih = source_index(ih0 + kh * dh, H, mode)
-                row = image + (ih if ih >= 0 else 0) * WC
+        dst = col + (r - r0) * ld
+        a = min(max(lo, ow), end)
+        b = min(max(hi, a), end)
+        for o in range(ow, a):
+            gather_pixel(image, g, ch, oh * g.stride_h - g.pad_top, o * g.stride_w - g.pad_left,
+                         dst + (o - ow) * ld)
+        if b > a:
+            gather_interior(image, g, ch, oh * g.stride_h - g.pad_top,
+                            a * g.stride_w - g.pad_left, b - a, dst + (a - ow) * ld, ld)
+        for o in range(b, end):
+            gather_pixel(image, g, ch, oh * g.stride_h - g.pad_top, o * g.stride_w - g.pad_left,
+                         dst + (o - ow) * ld)
+        r += end - ow
+
+
+cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch,
+                        Py_ssize_t ih0, Py_ssize_t iw0, floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_pixel`: image[ih', iw', chunk channels] += src's chunks."""
+    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KW = g.KW, dh = g.dilation_h, dw = g.dilation_w
+    cdef int mode = g.mode
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, iws, lo = 0, hi = 0
+    cdef floating *row
+    cdef floating *d
+    cdef const floating *s
+    if ch.run:
+        run_taps(W, KW, iw0, &lo, &hi)
+        for kh in range(g.KH):
+            ih = source_index(ih0 + kh * dh, H, mode)
+            if ih < 0:
+                continue
+            s = src + kh * run_len
+            row = image + ih * W * C
+            add_n(row + (iw0 + lo) * C, s + lo * C, (hi - lo) * C)
+            for kw in range(lo):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws >= 0:
+                    add_n(row + iws * C, s + kw * C, C)
+            for kw in range(hi, KW):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws >= 0:
+                    add_n(row + iws * C, s + kw * C, C)
+        return
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * dh, H, mode)
+        if ih < 0:
+            continue
+        row = image + ih * W * C
+        for kw in range(KW):
+            iws = source_index(iw0 + kw * dw, W, mode)
+            if iws < 0:
+                continue
+            s = src + (kh * KW + kw) * tstride
+            d = row + iws * C
+            for gi in range(ch.n_groups):
+                add_n(d + gi * width, s + gi * gstride, width)
+
+
+cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g,
+                           const Chunks *ch, Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t count,
+                           floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_interior`."""
+    cdef Py_ssize_t C = g.C, KW = g.KW, dw = g.dilation_w
+    cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t n_groups = ch.n_groups
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o
+    cdef floating *row
+    cdef floating *d
+    cdef const floating *s
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * g.dilation_h, g.H, g.mode)
+        if ih < 0:
+            continue
+        row = image + ih * WC + iw0 * C
+        if ch.run:
+            for o in range(count):
+                add_n(row + o * step, src + o * ld + kh * run_len, run_len)
+        elif width == 1:
+            for o in range(count):
                 for kw in range(KW):
-                    d = dst + (kh * KW + kw) * tstride
-                    iws = source_index(iw0 + kw * dw, W, mode)
-                    if ih < 0 or iws < 0:
-                        for gi in range(n_groups):
-                            memset(d + gi * gstride, 0, width * sizeof(floating))
-                    elif width == 1:
-                        # depthwise: one channel per group
-                        src = row + iws * C
-                        for gi in range(n_groups):
-                            d[gi * gstride] = src[gi]
-                    else:
-                        src = row + iws * C
-                        for gi in range(n_groups):
-                            copy_n(d + gi * gstride, src + gi * width, width)
-        ow += 1
-        if ow == OW:
-            ow = 0
-            oh += 1
-            if oh == OH:
-                oh = 0
-                n += 1
+                    d = row + o * step + kw * dw * C
+                    s = src + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        d[gi] += s[gi * gstride]
+        else:
+            for o in range(count):
+                for kw in range(KW):
+                    d = row + o * step + kw * dw * C
+                    s = src + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        add_n(d + gi * width, s + gi * gstride, width)
 
 
 cdef void scatter_rows(const floating *col, Py_ssize_t ld, const ConvGeom *g, const Chunks *ch,
@@ -209,68 +344,31 @@ cdef void scatter_rows(const floating *col, Py_ssize_t ld, const ConvGeom *g, co
     # IN  col: (r1 - r0) rows of row stride ld
     # OUT x: (N, H, W, C) contiguous, accumulated into
     """
-    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KH = g.KH, KW = g.KW, OH = g.OH, OW = g.OW
-    cdef Py_ssize_t sh = g.stride_h, sw = g.stride_w, dh = g.dilation_h, dw = g.dilation_w
-    cdef Py_ssize_t pt = g.pad_top, pl = g.pad_left
-    cdef int mode = g.mode
-    cdef bint run = ch.run
-    cdef Py_ssize_t width = ch.width, n_groups = ch.n_groups
-    cdef Py_ssize_t gstride = ch.group_stride, tstride = ch.tap_stride
-    cdef Py_ssize_t WC = W * C, HWC = H * W * C, run_len = KW * C
-    cdef Py_ssize_t n, oh, ow, r, kh, kw, gi, ih, ih0, iw0, iws, lo = 0, hi = 0
+    cdef Py_ssize_t P = g.OH * g.OW, OW = g.OW, HWC = g.H * g.W * g.C
+    cdef Py_ssize_t r, n, oh, ow, end, a, b, o, lo, hi
     cdef floating *image
-    cdef floating *row
-    cdef floating *dst
     cdef const floating *src
-    cdef const floating *s
-    row_position(g, r0, &n, &oh, &ow)
-    for r in range(r0, r1):
-        src = col + (r - r0) * ld
+    interior_columns(g, &lo, &hi)
+    r = r0
+    while r < r1:
+        n = r // P
+        oh = (r - n * P) // OW
+        ow = r - n * P - oh * OW
+        end = min(OW, ow + (r1 - r))
         image = x + n * HWC + ch.c_first
-        ih0 = oh * sh - pt
-        iw0 = ow * sw - pl
-        if run:
-            run_taps(W, KW, iw0, &lo, &hi)
-            for kh in range(KH):
-                ih = source_index(ih0 + kh * dh, H, mode)
-                if ih < 0:
-                    continue
-                s = src + kh * run_len
-                row = image + ih * WC
-                add_n(row + (iw0 + lo) * C, s + lo * C, (hi - lo) * C)
-                for kw in range(lo):
-                    iws = source_index(iw0 + kw, W, mode)
-                    if iws >= 0:
-                        add_n(row + iws * C, s + kw * C, C)
-                for kw in range(hi, KW):
-                    iws = source_index(iw0 + kw, W, mode)
-                    if iws >= 0:
-                        add_n(row + iws * C, s + kw * C, C)
-        else:
-            for kh in range(KH):
-                ih = source_index(ih0 + kh * dh, H, mode)
-                if ih < 0:
-                    continue
-                row = image + ih * WC
-                for kw in range(KW):
-                    iws = source_index(iw0 + kw * dw, W, mode)
-                    if iws < 0:
-                        continue
-                    s = src + (kh * KW + kw) * tstride
-                    dst = row + iws * C
-                    if width == 1:
-                        for gi in range(n_groups):
-                            dst[gi] += s[gi * gstride]
-                    else:
-                        for gi in range(n_groups):
-                            add_n(dst + gi * width, s + gi * gstride, width)
-        ow += 1
-        if ow == OW:
-            ow = 0
-            oh += 1
-            if oh == OH:
-                oh = 0
-                n += 1
+        src = col + (r - r0) * ld
+        a = min(max(lo, ow), end)
+        b = min(max(hi, a), end)
+        for o in range(ow, a):
+            scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
+                          o * g.stride_w - g.pad_left, image)
+        if b > a:
+            scatter_interior(src + (a - ow) * ld, ld, g, ch, oh * g.stride_h - g.pad_top,
+                             a * g.stride_w - g.pad_left, b - a, image)
+        for o in range(b, end):
+            scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
+                          o * g.stride_w - g.pad_left, image)
+        r += end - ow
 
 
 cdef inline Py_ssize_t split_point(Py_ssize_t total, Py_ssize_t parts, Py_ssize_t i) noexcept nogil:
@@ -481,3 +579,4 @@ def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
                             1, &dy[r0, g0 * Fg], <int> F, &wt[g0, t * Cg + a, 0], <int> Fg,
                             0, ws + t * cb, <int> ldw)
             scatter_rows(ws, ldw, &g, &bch, r0, r1, &dx[0, 0, 0, 0])
+
