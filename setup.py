@@ -26,7 +26,7 @@ COMPILER_DIRECTIVES = {
     "embedsignature": True,
 }
 
-EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise"]
+EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc"]
 
 
 class ForcedBuildExt(build_ext):

@@ -90,3 +90,78 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
     # grad_x splits an image by channel blocks instead (col2im must not race).
     blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)
     return TilePlan(images_per_tile=1, tile_p=tile_p, c_block=math.ceil(C / blocks))
+
+
+# ---------------------------------------------------------------------------
+# Channels-last (NHWC) engine, fastconv._conv_nhwc: tiles are ranges of the
+# batch's output rows r = (n*OH + oh)*OW + ow, whose column rows hold K values.
+# ---------------------------------------------------------------------------
+
+#: Target size of one thread's NHWC column tile (rows x K).
+NHWC_TILE_BYTES = COLUMN_TILE_BYTES
+#: Fewer rows make gemm calls too thin (the rows are gemm's long dimension).
+NHWC_MIN_TILE_ROWS = MIN_TILE_COLUMNS
+
+
+class NhwcPlan(NamedTuple):
+    """How one NHWC convolution is cut into work items (see ``fastconv._conv_nhwc``)."""
+
+    n_tiles: int          # forward, grad_weight (and pointwise grad_x): row tiles of the batch
+    tile_rows: int        # most rows in any tile: the workspace holds tile_rows x K
+    n_items: int          # grad_x: items of whole images when c_block >= C
+    c_block: int          # grad_x: channels per (image, block) item when < C
+
+    def workspace_per_thread(self, K: int, pointwise: bool) -> int:
+        """Elements of scratch one thread needs: one column tile (tile_rows x K).
+
+        A pointwise forward and grad_weight read the input in place and a
+        pointwise grad_x writes dx directly: no scratch at all.
+        """
+        return 0 if pointwise else self.tile_rows * K
+
+
+def _balanced_count(at_least: int, n_threads: int, at_most: int) -> int:
+    """A work-item count >= at_least (and >= n_threads) that keeps the threads evenly busy.
+
+    The count is rounded up to a multiple of n_threads where there are enough
+    items (13 equal tiles on 2 threads leave one thread idle 1/14 of the time).
+    """
+    count = max(at_least, n_threads)
+    candidate = count
+    while candidate <= at_most and candidate % n_threads:
+        candidate += 1
+    if candidate <= at_most:
+        count = candidate
+    return max(1, min(count, at_most))
+
+
+def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
+              n_threads: int) -> NhwcPlan:
+    """Tile plan for N images of P output positions with K = C*KK column values per row.
+
+    Row tiles (forward, grad_weight) may span images. grad_x must never let
+    two threads scatter into one image: it runs items of whole images when
+    they spread evenly over the threads, else (image, channel block) items
+    whose blocks are whole groups where there are enough groups.
+    """
+    K = C * KK
+    for name, value in (("C*KH*KW", K),):
+        if value > BLAS_INT_MAX:
+            raise ValueError(f"{name}={value} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}")
+    R = N * P
+    budget = min(max(NHWC_MIN_TILE_ROWS, NHWC_TILE_BYTES // (K * itemsize), 1), BLAS_INT_MAX)
+    n_tiles = _balanced_count(math.ceil(R / budget), n_threads, max(R, 1))
+    tile_rows = math.ceil(R / n_tiles) if R else 1
+    blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)
+    if blocks == 1:
+        images_per_item = max(1, budget // max(P, 1))
+        n_items = _balanced_count(math.ceil(N / images_per_item), n_threads, max(N, 1))
+        # grad_x cuts an item's rows into tiles of at most tile_rows too
+        item_rows = math.ceil(N / n_items) * P
+        return NhwcPlan(n_tiles, max(tile_rows, min(budget, item_rows)), n_items, C)
+    Cg = C // groups
+    if blocks <= groups:
+        c_block = math.ceil(groups / blocks) * Cg
+    else:
+        c_block = math.ceil(Cg / math.ceil(blocks / groups))
+    return NhwcPlan(n_tiles, max(tile_rows, min(budget, P)), 0, c_block)

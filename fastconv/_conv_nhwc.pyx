@@ -1,0 +1,582 @@
+"""Channels-last (NHWC) convolution drivers: row tiles, per-thread workspaces, BLAS gemm.
+
+The column matrix of the whole batch has one *row* per output position
+``r = (n*OH + oh)*OW + ow`` and ``K = C*KH*KW`` columns ordered
+``(g, kh, kw, cg)``: per group and kernel tap, a chunk of ``Cg = C/G``
+input channels copied from the pixel ``x[n, ih, iw, g*Cg:(g+1)*Cg]``. Then
+
+* forward: ``Y[rows, g*Fg:(g+1)*Fg] = col[rows, g*Kg:(g+1)*Kg] @ wt[g]``
+  where ``wt`` is the weight as (G, Kg = KH*KW*Cg, Fg); the output rows of a
+  tile are contiguous in NHWC, so a tile may span images and needs no staging;
+* grad_weight: per-thread partial sums of ``col_g.T @ dY_g`` (and of dY's
+  rows for the bias), reduced afterwards;
+* grad_x: ``dcol_g = dY_g @ wt[g].T``, scattered back into the pixels it
+  came from. Rows of one image overlap in dx, so a work item owns whole
+  images, or (few images for the threads) one block of an image's channels.
+
+A tile is a range of rows ``[r0, r1)``; it is only ever materialised in the
+calling thread's slice of the workspace, whose size comes from
+``fastconv._tiling.plan_nhwc`` and never depends on the batch. BLAS must be
+single-threaded while these run (``fastconv._threads``). Every array argument
+has been validated, cast and made contiguous by ``fastconv._nhwc``.
+"""
+
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+
+from fastconv._blas cimport gemm_rm
+from fastconv._im2col cimport ConvGeom, make_geom, source_index
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef struct Chunks:
+    # Where the (group, tap) chunks of one column row live; tap t = kh*KW + kw.
+    Py_ssize_t c_first       # input channel of the first group's chunk
+    Py_ssize_t n_groups      # groups side by side in a column row
+    Py_ssize_t width         # channels per chunk (also the x channel offset between groups)
+    Py_ssize_t group_stride  # column offset between groups
+    Py_ssize_t tap_stride    # column offset between taps
+    bint run                 # a kernel row's KW taps are one run in x and in the column row
+
+
+cdef inline Chunks make_chunks(const ConvGeom *g, Py_ssize_t c_first, Py_ssize_t n_groups,
+                               Py_ssize_t width, Py_ssize_t group_stride,
+                               Py_ssize_t tap_stride) noexcept nogil:
+    cdef Chunks ch
+    ch.c_first = c_first
+    ch.n_groups = n_groups
+    ch.width = width
+    ch.group_stride = group_stride
+    ch.tap_stride = tap_stride
+    # whole pixels, adjacent taps: x[n, ih, iw:iw+KW, :] is one run of KW*C
+    ch.run = n_groups == 1 and width == g.C and tap_stride == g.C and g.dilation_w == 1
+    return ch
+
+
+cdef inline Chunks full_chunks(const ConvGeom *g) noexcept nogil:
+    """The whole column row: every group, layout (g, kh, kw, cg)."""
+    cdef Py_ssize_t Cg = g.C // g.groups
+    return make_chunks(g, 0, g.groups, Cg, g.KH * g.KW * Cg, Cg)
+
+
+cdef inline void copy_n(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    """dst[:n] = src[:n]. Chunks are often a few floats (C = 1 or 3, depthwise): fixed-size
+    copies inline to vector moves where a memcpy call would cost more than the copy."""
+    if n >= 32:
+        memcpy(dst, src, n * sizeof(floating))
+        return
+    while n >= 8:
+        memcpy(dst, src, 8 * sizeof(floating))
+        dst += 8
+        src += 8
+        n -= 8
+    if n >= 4:
+        memcpy(dst, src, 4 * sizeof(floating))
+        dst += 4
+        src += 4
+        n -= 4
+    if n >= 2:
+        memcpy(dst, src, 2 * sizeof(floating))
+        dst += 2
+        src += 2
+        n -= 2
+    if n:
+        dst[0] = src[0]
+
+
+cdef inline void add_n(floating *dst, const floating *src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] += src[i]
+
+
+cdef inline void interior_columns(const ConvGeom *g, Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
+    """Output columns ``ow`` in ``[lo, hi)`` read every kernel tap inside the image's width."""
+    cdef Py_ssize_t last = g.W - 1 - (g.KW - 1) * g.dilation_w + g.pad_left   # ow*sw <= last
+    lo[0] = (g.pad_left + g.stride_w - 1) // g.stride_w
+    hi[0] = last // g.stride_w + 1 if last >= 0 else 0
+    if hi[0] > g.OW:
+        hi[0] = g.OW
+    if lo[0] > hi[0]:
+        lo[0] = hi[0]
+
+
+cdef inline void run_taps(Py_ssize_t W, Py_ssize_t KW, Py_ssize_t iw0, Py_ssize_t *lo,
+                          Py_ssize_t *hi) noexcept nogil:
+    """Taps ``kw`` in ``[lo, hi)`` read columns ``iw0 + kw`` inside the image (dilation 1)."""
+    lo[0] = -iw0 if iw0 < 0 else 0
+    hi[0] = W - iw0 if W - iw0 < KW else KW
+    if hi[0] < 0:
+        hi[0] = 0
+    if lo[0] > hi[0]:
+        lo[0] = hi[0]
+
+
+cdef void gather_pixel(const floating *image, const ConvGeom *g, const Chunks *ch,
+                       Py_ssize_t ih0, Py_ssize_t iw0, floating *dst) noexcept nogil:
+    """One column row, any position: border taps go through ``source_index``.
+
+    # IN  image: x[n] + c_first, (H, W, C) contiguous
+    # OUT dst: the row's chunks
+    """
+    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KW = g.KW, dh = g.dilation_h, dw = g.dilation_w
+    cdef int mode = g.mode
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, iws, lo = 0, hi = 0
+    cdef const floating *row
+    cdef const floating *src
+    cdef floating *d
+    if ch.run:
+        run_taps(W, KW, iw0, &lo, &hi)
+        for kh in range(g.KH):
+            d = dst + kh * run_len
+            ih = source_index(ih0 + kh * dh, H, mode)
+            if ih < 0:
+                memset(d, 0, run_len * sizeof(floating))
+                continue
+            row = image + ih * W * C
+            copy_n(d + lo * C, row + (iw0 + lo) * C, (hi - lo) * C)
+            for kw in range(lo):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws < 0:
+                    memset(d + kw * C, 0, C * sizeof(floating))
+                else:
+                    copy_n(d + kw * C, row + iws * C, C)
+            for kw in range(hi, KW):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws < 0:
+                    memset(d + kw * C, 0, C * sizeof(floating))
+                else:
+                    copy_n(d + kw * C, row + iws * C, C)
+        return
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * dh, H, mode)
+        row = image + (ih if ih >= 0 else 0) * W * C
+        for kw in range(KW):
+            d = dst + (kh * KW + kw) * tstride
+            iws = source_index(iw0 + kw * dw, W, mode)
+            if ih < 0 or iws < 0:
+                for gi in range(ch.n_groups):
+                    memset(d + gi * gstride, 0, width * sizeof(floating))
+            else:
+                src = row + iws * C
+                for gi in range(ch.n_groups):
+                    copy_n(d + gi * gstride, src + gi * width, width)
+
+
+cdef void gather_interior(const floating *image, const ConvGeom *g, const Chunks *ch,
+                          Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t count,
+                          floating *dst, Py_ssize_t ld) noexcept nogil:
+    """``count`` consecutive column rows of one output row whose taps are all inside the
+    image's width: kernel row outermost, so a tap costs one copy and no index mapping.
+
+    # IN  image: x[n] + c_first; (ih0, iw0): the first row's padded window corner
+    # OUT dst: count rows of row stride ld
+    """
+    cdef Py_ssize_t C = g.C, KW = g.KW, dw = g.dilation_w
+    cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t n_groups = ch.n_groups
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o
+    cdef const floating *row
+    cdef const floating *src
+    cdef floating *d
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * g.dilation_h, g.H, g.mode)
+        if ih < 0:
+            for o in range(count):
+                for kw in range(KW):
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        memset(d + gi * gstride, 0, width * sizeof(floating))
+            continue
+        row = image + ih * WC + iw0 * C
+        if ch.run:
+            for o in range(count):
+                copy_n(dst + o * ld + kh * run_len, row + o * step, run_len)
+        elif width == 1:
+            # depthwise: one channel per group
+            for o in range(count):
+                for kw in range(KW):
+                    src = row + o * step + kw * dw * C
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        d[gi * gstride] = src[gi]
+        else:
+            for o in range(count):
+                for kw in range(KW):
+                    src = row + o * step + kw * dw * C
+                    d = dst + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        copy_n(d + gi * gstride, src + gi * width, width)
+
+
+cdef void gather_rows(const floating *x, const ConvGeom *g, const Chunks *ch,
+                      Py_ssize_t r0, Py_ssize_t r1, floating *col, Py_ssize_t ld) noexcept nogil:
+    """col[r - r0, chunk (gi, kh, kw)] = x[n, ih', iw', c_first + gi*width :+ width].
+
+    ``(ih', iw')`` is the padded position ``(oh*sh - pt + kh*dh, ow*sw - pl + kw*dw)``
+    mapped by the padding mode (``source_index``); a chunk that maps to no
+    pixel (zeros mode) is zero.
+
+    # IN  x: (N, H, W, C) contiguous
+    # OUT col: (r1 - r0) rows of row stride ld; the chunks described by ch are written
+    """
+    cdef Py_ssize_t P = g.OH * g.OW, OW = g.OW, HWC = g.H * g.W * g.C
+    cdef Py_ssize_t r, n, oh, ow, end, a, b, o, lo, hi
+    cdef const floating *image
+    cdef floating *dst
+    interior_columns(g, &lo, &hi)
+    r = r0
+    while r < r1:
+        # the rest of one output row: [ow, end)
+        n = r // P
+        oh = (r - n * P) // OW
+        ow = r - n * P - oh * OW
+        end = min(OW, ow + (r1 - r))
+        image = x + n * HWC + ch.c_first
+        dst = col + (r - r0) * ld
+        a = min(max(lo, ow), end)
+        b = min(max(hi, a), end)
+        for o in range(ow, a):
+            gather_pixel(image, g, ch, oh * g.stride_h - g.pad_top, o * g.stride_w - g.pad_left,
+                         dst + (o - ow) * ld)
+        if b > a:
+            gather_interior(image, g, ch, oh * g.stride_h - g.pad_top,
+                            a * g.stride_w - g.pad_left, b - a, dst + (a - ow) * ld, ld)
+        for o in range(b, end):
+            gather_pixel(image, g, ch, oh * g.stride_h - g.pad_top, o * g.stride_w - g.pad_left,
+                         dst + (o - ow) * ld)
+        r += end - ow
+
+
+cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch,
+                        Py_ssize_t ih0, Py_ssize_t iw0, floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_pixel`: image[ih', iw', chunk channels] += src's chunks."""
+    cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KW = g.KW, dh = g.dilation_h, dw = g.dilation_w
+    cdef int mode = g.mode
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, iws, lo = 0, hi = 0
+    cdef floating *row
+    cdef floating *d
+    cdef const floating *s
+    if ch.run:
+        run_taps(W, KW, iw0, &lo, &hi)
+        for kh in range(g.KH):
+            ih = source_index(ih0 + kh * dh, H, mode)
+            if ih < 0:
+                continue
+            s = src + kh * run_len
+            row = image + ih * W * C
+            add_n(row + (iw0 + lo) * C, s + lo * C, (hi - lo) * C)
+            for kw in range(lo):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws >= 0:
+                    add_n(row + iws * C, s + kw * C, C)
+            for kw in range(hi, KW):
+                iws = source_index(iw0 + kw, W, mode)
+                if iws >= 0:
+                    add_n(row + iws * C, s + kw * C, C)
+        return
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * dh, H, mode)
+        if ih < 0:
+            continue
+        row = image + ih * W * C
+        for kw in range(KW):
+            iws = source_index(iw0 + kw * dw, W, mode)
+            if iws < 0:
+                continue
+            s = src + (kh * KW + kw) * tstride
+            d = row + iws * C
+            for gi in range(ch.n_groups):
+                add_n(d + gi * width, s + gi * gstride, width)
+
+
+cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g,
+                           const Chunks *ch, Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t count,
+                           floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_interior`."""
+    cdef Py_ssize_t C = g.C, KW = g.KW, dw = g.dilation_w
+    cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
+    cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
+    cdef Py_ssize_t n_groups = ch.n_groups
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o
+    cdef floating *row
+    cdef floating *d
+    cdef const floating *s
+    for kh in range(g.KH):
+        ih = source_index(ih0 + kh * g.dilation_h, g.H, g.mode)
+        if ih < 0:
+            continue
+        row = image + ih * WC + iw0 * C
+        if ch.run:
+            for o in range(count):
+                add_n(row + o * step, src + o * ld + kh * run_len, run_len)
+        elif width == 1:
+            for o in range(count):
+                for kw in range(KW):
+                    d = row + o * step + kw * dw * C
+                    s = src + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        d[gi] += s[gi * gstride]
+        else:
+            for o in range(count):
+                for kw in range(KW):
+                    d = row + o * step + kw * dw * C
+                    s = src + o * ld + (kh * KW + kw) * tstride
+                    for gi in range(n_groups):
+                        add_n(d + gi * width, s + gi * gstride, width)
+
+
+cdef void scatter_rows(const floating *col, Py_ssize_t ld, const ConvGeom *g, const Chunks *ch,
+                       Py_ssize_t r0, Py_ssize_t r1, floating *x) noexcept nogil:
+    """The adjoint of :func:`gather_rows`: x[n, ih', iw', chunk channels] += col[r - r0, chunk].
+
+    Only the channels of ``ch`` are written, and only in the images of rows
+    ``[r0, r1)``: callers give each thread its own images or channel block.
+
+    # IN  col: (r1 - r0) rows of row stride ld
+    # OUT x: (N, H, W, C) contiguous, accumulated into
+    """
+    cdef Py_ssize_t P = g.OH * g.OW, OW = g.OW, HWC = g.H * g.W * g.C
+    cdef Py_ssize_t r, n, oh, ow, end, a, b, o, lo, hi
+    cdef floating *image
+    cdef const floating *src
+    interior_columns(g, &lo, &hi)
+    r = r0
+    while r < r1:
+        n = r // P
+        oh = (r - n * P) // OW
+        ow = r - n * P - oh * OW
+        end = min(OW, ow + (r1 - r))
+        image = x + n * HWC + ch.c_first
+        src = col + (r - r0) * ld
+        a = min(max(lo, ow), end)
+        b = min(max(hi, a), end)
+        for o in range(ow, a):
+            scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
+                          o * g.stride_w - g.pad_left, image)
+        if b > a:
+            scatter_interior(src + (a - ow) * ld, ld, g, ch, oh * g.stride_h - g.pad_top,
+                             a * g.stride_w - g.pad_left, b - a, image)
+        for o in range(b, end):
+            scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
+                          o * g.stride_w - g.pad_left, image)
+        r += end - ow
+
+
+cdef inline Py_ssize_t split_point(Py_ssize_t total, Py_ssize_t parts, Py_ssize_t i) noexcept nogil:
+    """Start of part i when ``total`` items are cut into ``parts`` near-equal parts."""
+    return total * i // parts
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
+            const floating[::1] bias, floating[:, ::1] y,
+            floating[::1] workspace, object geometry, Py_ssize_t n_tiles, int n_threads):
+    """Y[rows] = col[rows] @ wt (per group) (+ bias), one row tile per work item.
+
+    # IN  x: (N, H, W, C); wt: (G, Kg, Fg); bias: (F,) or None
+    # OUT y: (N*OH*OW, F), every element written
+    # workspace: n_threads equal slices of at least ceil(R / n_tiles) * K elements
+    """
+    cdef ConvGeom g = make_geom(geometry)
+    cdef Chunks ch = full_chunks(&g)
+    cdef bint pointwise = geometry.is_pointwise
+    cdef const floating *bias_ptr = NULL
+    cdef Py_ssize_t G = g.groups
+    cdef Py_ssize_t N = x.shape[0], Kg = wt.shape[1], Fg = wt.shape[2]
+    cdef Py_ssize_t K = G * Kg, F = G * Fg
+    cdef Py_ssize_t R = N * g.OH * g.OW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t item, r0, r1, r, gi
+    cdef const floating *cols
+    cdef floating *ws
+    cdef floating *out
+    cdef floating beta
+    cdef int ldcol
+    if R == 0:
+        return
+    if bias is not None:
+        bias_ptr = &bias[0]
+    for item in prange(n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
+        r0 = split_point(R, n_tiles, item)
+        r1 = split_point(R, n_tiles, item + 1)
+        if pointwise:
+            # 1x1, stride 1, no padding: the input rows (pixels) are the column rows
+            cols = &x[0, 0, 0, 0] + r0 * K
+        else:
+            ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+            gather_rows(&x[0, 0, 0, 0], &g, &ch, r0, r1, ws, K)
+            cols = ws
+        ldcol = <int> K
+        out = &y[r0, 0]
+        beta = 0
+        if bias_ptr != NULL:
+            beta = 1
+            for r in range(r1 - r0):
+                memcpy(out + r * F, bias_ptr, F * sizeof(floating))
+        for gi in range(G):
+            gemm_rm(False, False, <int> (r1 - r0), <int> Fg, <int> Kg,
+                    1, cols + gi * Kg, ldcol, &wt[gi, 0, 0], <int> Fg,
+                    beta, out + gi * Fg, <int> F)
+
+
+def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
+                    floating[:, ::1] partial, floating[::1] workspace, object geometry,
+                    Py_ssize_t n_tiles, bint with_bias, int n_threads):
+    """Per-thread partial sums of grad_weight (as (G, Kg, Fg)) and grad_bias.
+
+    partial[t, g*Kg*Fg:(g+1)*Kg*Fg] += col_g.T @ dY_g and partial[t, G*Kg*Fg:]
+    += dY.sum(axis=0) over the row tiles of thread t; reduce with
+    ``fastconv._conv.reduce_rows``.
+
+    # IN  x: (N, H, W, C); dy: (N*OH*OW, F)
+    # OUT partial: (n_threads, G*Kg*Fg + F), zeroed here (the bias part stays 0
+    #     without with_bias)
+    """
+    cdef ConvGeom g = make_geom(geometry)
+    cdef Chunks ch = full_chunks(&g)
+    cdef bint pointwise = geometry.is_pointwise
+    cdef Py_ssize_t G = g.groups
+    cdef Py_ssize_t N = x.shape[0], F = dy.shape[1]
+    cdef Py_ssize_t Fg = F // G, K = g.C * g.KH * g.KW, Kg = K // G
+    cdef Py_ssize_t R = N * g.OH * g.OW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t item, r0, r1, r, f, gi
+    cdef const floating *cols
+    cdef const floating *grad
+    cdef floating *ws
+    cdef floating *acc
+    memset(&partial[0, 0], 0, partial.shape[0] * partial.shape[1] * sizeof(floating))
+    if R == 0:
+        return
+    for item in prange(n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
+        r0 = split_point(R, n_tiles, item)
+        r1 = split_point(R, n_tiles, item + 1)
+        acc = &partial[openmp.omp_get_thread_num(), 0]
+        if pointwise:
+            cols = &x[0, 0, 0, 0] + r0 * K
+        else:
+            ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+            gather_rows(&x[0, 0, 0, 0], &g, &ch, r0, r1, ws, K)
+            cols = ws
+        grad = &dy[r0, 0]
+        for gi in range(G):
+            gemm_rm(True, False, <int> Kg, <int> Fg, <int> (r1 - r0),
+                    1, cols + gi * Kg, <int> K, grad + gi * Fg, <int> F,
+                    1, acc + gi * Kg * Fg, <int> Fg)
+        if with_bias:
+            # row by row: the inner loop runs along contiguous filters
+            acc = acc + K * Fg
+            for r in range(r1 - r0):
+                for f in range(F):
+                    acc[f] = acc[f] + grad[r * F + f]
+
+
+def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
+                   floating[:, :, :, ::1] dx, floating[::1] workspace, object geometry,
+                   Py_ssize_t n_tiles, Py_ssize_t tile_rows, Py_ssize_t n_items,
+                   Py_ssize_t c_block, int n_threads):
+    """dx = col2im(dY @ wt.T) (per group).
+
+    * pointwise: every dx row is one dY row's product, no overlap: ``n_tiles``
+      row tiles as in :func:`forward`;
+    * ``c_block >= C``: ``n_items`` work items of whole images, each cut into
+      row tiles of at most ``tile_rows``;
+    * else one work item per (image, channel block): whole groups when
+      ``c_block`` is a multiple of Cg (one gemm per group), else a block of
+      one group's channels (one gemm per kernel tap, into the block only).
+
+    # IN  wt: (G, Kg, Fg); dy: (N*OH*OW, F)
+    # OUT dx: (N, H, W, C), every element written
+    # workspace: n_threads equal slices of at least tile_rows * K elements
+    """
+    cdef ConvGeom g = make_geom(geometry)
+    cdef Chunks ch = full_chunks(&g)
+    cdef bint pointwise = geometry.is_pointwise
+    cdef Py_ssize_t G = g.groups, C = g.C
+    cdef Py_ssize_t N = dx.shape[0], Kg = wt.shape[1], Fg = wt.shape[2]
+    cdef Py_ssize_t K = G * Kg, F = G * Fg, Cg = C // G, KK = g.KH * g.KW
+    cdef Py_ssize_t P = g.OH * g.OW, R = N * P
+    cdef Py_ssize_t HW = g.H * g.W
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t groups_per_block = c_block // Cg if c_block % Cg == 0 else 0
+    cdef Py_ssize_t blocks_per_group = 1 if groups_per_block else ceil_div(Cg, c_block)
+    cdef Py_ssize_t n_blocks = (ceil_div(G, groups_per_block) if groups_per_block
+                                else G * blocks_per_group)
+    cdef Py_ssize_t item, n0, n1, r0, r1, rows, s, n_sub, r, gi, g0, g1, b, a, cb, t, ldw
+    cdef floating *ws
+    cdef floating *image
+    cdef Chunks bch
+    if R == 0:
+        return
+    if pointwise:
+        for item in prange(n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
+            r0 = split_point(R, n_tiles, item)
+            r1 = split_point(R, n_tiles, item + 1)
+            for gi in range(G):
+                gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
+                        1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
+                        0, &dx[0, 0, 0, 0] + r0 * C + gi * Cg, <int> C)
+        return
+    if c_block >= C:
+        for item in prange(n_items, nogil=True, num_threads=n_threads, schedule="static"):
+            n0 = split_point(N, n_items, item)
+            n1 = split_point(N, n_items, item + 1)
+            ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+            memset(&dx[0, 0, 0, 0] + n0 * HW * C, 0, (n1 - n0) * HW * C * sizeof(floating))
+            rows = (n1 - n0) * P
+            n_sub = ceil_div(rows, tile_rows)
+            for s in range(n_sub):
+                r0 = n0 * P + split_point(rows, n_sub, s)
+                r1 = n0 * P + split_point(rows, n_sub, s + 1)
+                for gi in range(G):
+                    gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
+                            1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
+                            0, ws + gi * Kg, <int> K)
+                scatter_rows(ws, K, &g, &ch, r0, r1, &dx[0, 0, 0, 0])
+        return
+    for item in prange(N * n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        n0 = item // n_blocks
+        b = item - n0 * n_blocks
+        ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+        if groups_per_block:
+            g0 = b * groups_per_block
+            g1 = min(g0 + groups_per_block, G)
+            a = 0
+            cb = (g1 - g0) * Cg
+            ldw = (g1 - g0) * Kg
+            bch = make_chunks(&g, g0 * Cg, g1 - g0, Cg, Kg, Cg)
+        else:
+            g0 = b // blocks_per_group
+            g1 = g0 + 1
+            a = (b - g0 * blocks_per_group) * c_block
+            cb = min(a + c_block, Cg) - a
+            ldw = KK * cb
+            bch = make_chunks(&g, g0 * Cg + a, 1, cb, 0, cb)
+        image = &dx[n0, 0, 0, 0]
+        for r in range(HW):
+            memset(image + r * C + g0 * Cg + a, 0, cb * sizeof(floating))
+        n_sub = ceil_div(P, tile_rows)
+        for s in range(n_sub):
+            r0 = n0 * P + split_point(P, n_sub, s)
+            r1 = n0 * P + split_point(P, n_sub, s + 1)
+            if groups_per_block:
+                for gi in range(g0, g1):
+                    gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
+                            1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
+                            0, ws + (gi - g0) * Kg, <int> ldw)
+            else:
+                # wt[g0]'s rows of tap t and channels a..a+cb are contiguous
+                for t in range(KK):
+                    gemm_rm(False, True, <int> (r1 - r0), <int> cb, <int> Fg,
+                            1, &dy[r0, g0 * Fg], <int> F, &wt[g0, t * Cg + a, 0], <int> Fg,
+                            0, ws + t * cb, <int> ldw)
+            scatter_rows(ws, ldw, &g, &bch, r0, r1, &dx[0, 0, 0, 0])
+

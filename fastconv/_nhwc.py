@@ -1,0 +1,140 @@
+"""Channels-last (NHWC) convolution: cast/contiguity -> tile plan and workspace -> kernel.
+
+The public ``conv2d(..., layout="NHWC")`` validates its arguments and builds
+the :class:`~fastconv._validation.ConvGeometry` (whose N, C, H, W, F, ... are
+layout-free) before calling these drivers; here the arrays are only cast to
+the compute dtype and made contiguous. Inputs are never modified.
+
+Layouts: ``x`` is (N, H, W, C), ``y`` and ``grad_output`` are (N, OH, OW, F),
+``weight`` stays (F, C/groups, KH, KW). The kernels (``fastconv._conv_nhwc``)
+take the weight as ``wt`` of shape (G, Kg, Fg) with ``Kg = KH*KW*Cg`` ordered
+``(kh, kw, cg)``, the order of a column row's chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastconv import _conv, _conv_nhwc
+from fastconv._threads import single_threaded_blas
+from fastconv._tiling import NhwcPlan, plan_nhwc
+from fastconv._validation import ConvGeometry
+from fastconv._workspace import workspace
+
+__all__ = ["forward", "backward", "nhwc_weight", "weight_from_nhwc"]
+
+
+def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype) -> np.ndarray:
+    """(F, Cg, KH, KW) -> (G, KH*KW*Cg, Fg): ``wt[g, (kh, kw, cg), fg] = weight[g*Fg + fg, cg, kh, kw]``."""
+    G, F, KH, KW = geometry.groups, geometry.F, geometry.KH, geometry.KW
+    Fg, Cg = F // G, geometry.C // G
+    w = np.asarray(weight).reshape(G, Fg, Cg, KH, KW).transpose(0, 3, 4, 2, 1)
+    return np.ascontiguousarray(w, dtype=dtype).reshape(G, KH * KW * Cg, Fg)
+
+
+def weight_from_nhwc(wt: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """The inverse of :func:`nhwc_weight`: (G, KH*KW*Cg, Fg) -> (F, Cg, KH, KW), a new array."""
+    G, F, KH, KW = geometry.groups, geometry.F, geometry.KH, geometry.KW
+    Fg, Cg = F // G, geometry.C // G
+    w = wt.reshape(G, KH, KW, Cg, Fg).transpose(0, 4, 3, 1, 2)
+    return np.ascontiguousarray(w).reshape(F, Cg, KH, KW)
+
+
+def _plan(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
+    """The tile plan and a scratch array of n_threads equal per-thread slices."""
+    KK = geometry.KH * geometry.KW
+    tiles: NhwcPlan = plan_nhwc(geometry.N, geometry.OH * geometry.OW, geometry.C, KK,
+                                geometry.groups, dtype.itemsize, n_threads)
+    per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.is_pointwise)
+    return tiles, workspace("nhwc-columns", dtype, n_threads * max(per_thread, 1))
+
+
+def _output_shape(geometry: ConvGeometry) -> tuple[int, int, int, int]:
+    return (geometry.N, geometry.OH, geometry.OW, geometry.F)
+
+
+def forward(x, weight, bias, geometry: ConvGeometry, dtype, n_threads: int,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """Channels-last convolution: ``y[n, oh, ow, f]``, see :func:`fastconv.conv2d`.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, H, W, C)
+    weight : ndarray, shape (F, C/groups, KH, KW)
+    bias : ndarray, shape (F,), or None
+    geometry : ConvGeometry
+        From ``conv_geometry((N, C, H, W), weight.shape, ...)``: validated.
+    dtype : numpy dtype
+        The compute dtype (float32 or float64); inputs are cast to it.
+    n_threads : int
+        A resolved, positive OpenMP thread count.
+    out : ndarray, shape (N, OH, OW, F), optional
+        A writeable C-contiguous array of ``dtype`` not overlapping the inputs.
+
+    Returns
+    -------
+    y : ndarray, shape (N, OH, OW, F)
+        ``out`` if given.
+    """
+    dtype = np.dtype(dtype)
+    shape = _output_shape(geometry)
+    y = np.empty(shape, dtype) if out is None else out
+    if y.shape != shape or y.dtype != dtype or not y.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {shape}")
+    if geometry.N == 0:
+        return y
+    xc = np.ascontiguousarray(x, dtype=dtype)
+    wt = nhwc_weight(weight, geometry, dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    tiles, scratch = _plan(geometry, dtype, n_threads)
+    with single_threaded_blas:
+        _conv_nhwc.forward(xc, wt, b, y.reshape(-1, geometry.F), scratch, geometry,
+                           tiles.n_tiles, n_threads)
+    return y
+
+
+def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: int,
+             with_bias: bool = True):
+    """Gradients of :func:`forward` with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (N, OH, OW, F)
+    x : ndarray, shape (N, H, W, C)
+    weight : ndarray, shape (F, C/groups, KH, KW)
+    geometry, dtype, n_threads
+        As in :func:`forward`.
+    with_bias : bool, default True
+        Whether to compute grad_bias (else None is returned for it).
+
+    Returns
+    -------
+    grad_x : ndarray, shape (N, H, W, C)
+    grad_weight : ndarray, shape (F, C/groups, KH, KW)
+    grad_bias : ndarray, shape (F,), or None
+    """
+    dtype = np.dtype(dtype)
+    G, N, F = geometry.groups, geometry.N, geometry.F
+    K = geometry.C * geometry.KH * geometry.KW
+    Kg, Fg = K // G, F // G
+    grad_x = np.empty((N, geometry.H, geometry.W, geometry.C), dtype)
+    # grad_weight (as G x Kg x Fg) and grad_bias are reduced together from one buffer
+    weight_and_bias = np.empty(K * Fg + F, dtype)
+    if N == 0:
+        weight_and_bias.fill(0)
+    else:
+        xc = np.ascontiguousarray(x, dtype=dtype)
+        dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
+        wt = nhwc_weight(weight, geometry, dtype)
+        tiles, scratch = _plan(geometry, dtype, n_threads)
+        partial = workspace("nhwc-partial", dtype, n_threads * (K * Fg + F))
+        partial = partial.reshape(n_threads, K * Fg + F)
+        with single_threaded_blas:
+            _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
+                                       with_bias, n_threads)
+            _conv.reduce_rows(partial, weight_and_bias, n_threads)
+            _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
+                                      tiles.tile_rows, tiles.n_items, tiles.c_block, n_threads)
+    grad_weight = weight_from_nhwc(weight_and_bias[:K * Fg], geometry)
+    grad_bias = weight_and_bias[K * Fg:] if with_bias else None
+    return grad_x, grad_weight, grad_bias

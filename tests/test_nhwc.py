@@ -1,0 +1,343 @@
+"""The channels-last engine (fastconv._nhwc, fastconv._conv_nhwc) against the NCHW engine.
+
+Oracle: fastconv.conv2d / conv2d_backward (groups=1, zero padding; tested against
+the NumPy reference in test_functional.py) on transposed copies. Groups run as
+a loop of those calls over channel slices; padding modes pad the NCHW input
+with np.pad and fold the padded input's gradient back through the same index
+maps (np.pad of an arange) with np.add.at.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+from _helpers import assert_matches
+
+import fastconv
+from fastconv import _conv_nhwc, _nhwc, _tiling
+from fastconv._validation import as_padding, conv_geometry, conv_output_size
+
+NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+# ---------------------------------------------------------------------------
+# The oracle
+# ---------------------------------------------------------------------------
+
+
+def _pad_nchw(x, pads, mode):
+    top, bottom, left, right = pads
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), mode=NUMPY_PAD_MODES[mode])
+
+
+def _fold_padded(grad_padded, pads, mode, H, W):
+    """The adjoint of :func:`_pad_nchw`: each padded pixel's gradient goes to the pixel it copied."""
+    top, bottom, left, right = pads
+    rows = np.pad(np.arange(H), (top, bottom), mode=NUMPY_PAD_MODES[mode])
+    cols = np.pad(np.arange(W), (left, right), mode=NUMPY_PAD_MODES[mode])
+    N, C = grad_padded.shape[:2]
+    by_rows = np.zeros((N, C, H, grad_padded.shape[3]), grad_padded.dtype)
+    np.add.at(by_rows, (slice(None), slice(None), rows), grad_padded)
+    out = np.zeros((N, C, H, W), grad_padded.dtype)
+    np.add.at(out, (slice(None), slice(None), slice(None), cols), by_rows)
+    return out
+
+
+def oracle(x_nhwc, weight, bias, grad_nhwc, stride, pads, dilation, groups, mode):
+    """(y, grad_x, grad_weight, grad_bias) in NHWC from per-group NCHW calls."""
+    x = x_nhwc.transpose(0, 3, 1, 2)
+    N, C, H, W = x.shape
+    F = weight.shape[0]
+    Cg, Fg = C // groups, F // groups
+    conv_pads = pads
+    if mode != "zeros":
+        x = _pad_nchw(x, pads, mode)
+        conv_pads = 0
+    ys, gxs, gws, gbs = [], [], [], []
+    for g in range(groups):
+        xs = x[:, g * Cg:(g + 1) * Cg]
+        ws = weight[g * Fg:(g + 1) * Fg]
+        bs = None if bias is None else bias[g * Fg:(g + 1) * Fg]
+        ys.append(fastconv.conv2d(xs, ws, bs, stride, conv_pads, dilation, n_threads=1))
+        dy = grad_nhwc.transpose(0, 3, 1, 2)[:, g * Fg:(g + 1) * Fg]
+        gx, gw, gb = fastconv.conv2d_backward(dy, xs, ws, stride, conv_pads, dilation, n_threads=1)
+        gxs.append(gx)
+        gws.append(gw)
+        gbs.append(gb)
+    y = np.concatenate(ys, axis=1)
+    gx = np.concatenate(gxs, axis=1)
+    if mode != "zeros":
+        gx = _fold_padded(gx, pads, mode, H, W)
+    return (y.transpose(0, 2, 3, 1), gx.transpose(0, 2, 3, 1), np.concatenate(gws),
+            np.concatenate(gbs))
+
+
+def check(N, C, H, W, F, kernel, stride=1, padding=0, dilation=1, groups=1, mode="zeros",
+          dtype=np.float64, n_threads=2, bias=True, seed=0):
+    """NHWC forward and backward equal the oracle; inputs are left unchanged."""
+    rng = np.random.default_rng(seed)
+    KH, KW = kernel
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    weight = rng.standard_normal((F, C // groups, KH, KW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if bias else None
+    geometry = conv_geometry((N, C, H, W), weight.shape, stride, padding, dilation, groups, mode)
+    pads = (geometry.pad_top, geometry.pad_bottom, geometry.pad_left, geometry.pad_right)
+    dy = rng.standard_normal((N, geometry.OH, geometry.OW, F)).astype(dtype)
+    saved = [a.copy() for a in (x, weight, dy)]
+
+    y = _nhwc.forward(x, weight, b, geometry, dtype, n_threads)
+    gx, gw, gb = _nhwc.backward(dy, x, weight, geometry, dtype, n_threads, with_bias=bias)
+    ry, rgx, rgw, rgb = oracle(x, weight, b, dy, stride, pads, dilation, groups, mode)
+
+    Cg = C // groups
+    assert y.shape == (N, geometry.OH, geometry.OW, F)
+    assert_matches(y, ry, dtype, Cg * KH * KW, "y")
+    assert_matches(gx, rgx, dtype, (F // groups) * KH * KW, "grad_x")
+    assert_matches(gw, rgw, dtype, N * geometry.OH * geometry.OW, "grad_weight")
+    if bias:
+        assert_matches(gb, rgb, dtype, N * geometry.OH * geometry.OW, "grad_bias")
+    else:
+        assert gb is None
+    for before, after in zip(saved, (x, weight, dy)):
+        np.testing.assert_array_equal(before, after)
+
+
+def _fits(H, W, kernel, stride, padding, dilation):
+    top, bottom, left, right = as_padding(padding)
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    return (conv_output_size(H, kernel[0], sh, top, bottom, dh) >= 1
+            and conv_output_size(W, kernel[1], sw, left, right, dw) >= 1)
+
+
+# ---------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------
+
+#: (C, F, groups): plain, two groups, depthwise, depthwise with two filters per channel
+GROUPINGS = [(3, 4, 1), (4, 6, 2), (4, 4, 4), (3, 6, 3)]
+GROUPING_IDS = ["g1", "g2", "depthwise", "depthwise-x2"]
+KERNELS = [(1, 1), (3, 3), (5, 5), (2, 3)]
+STRIDES = [1, 2, (1, 2)]
+DILATIONS = [1, 2]
+PADDINGS = [0, 1, (0, 1, 2, 1)]
+
+GEOMETRY_GRID = [
+    (kernel, stride, padding, dilation)
+    for kernel, stride, padding, dilation in itertools.product(KERNELS, STRIDES, PADDINGS, DILATIONS)
+    if _fits(9, 8, kernel, stride, padding, dilation)
+]
+#: ... each with 1 or 2 threads, alternating (both counts see every kernel and stride)
+GEOMETRY_GRID = [case + (1 + i % 2,) for i, case in enumerate(GEOMETRY_GRID)]
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS, ids=GROUPING_IDS)
+@pytest.mark.parametrize("kernel,stride,padding,dilation,n_threads", GEOMETRY_GRID)
+def test_geometry_grid(kernel, stride, padding, dilation, n_threads, grouping, dtype):
+    C, F, groups = grouping
+    check(3, C, 9, 8, F, kernel, stride, padding, dilation, groups, dtype=dtype,
+          n_threads=n_threads, bias=dilation == 1)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "zeros"])
+@pytest.mark.parametrize("grouping", GROUPINGS[:3], ids=GROUPING_IDS[:3])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), 1, 1, 1), ((5, 5), 1, 2, 1), ((2, 3), (1, 2), (0, 1, 2, 1), 1),
+    ((3, 3), 2, (2, 1), 2), ((3, 2), 1, (3, 0, 1, 1), 1), ((1, 1), 1, 1, 1),
+])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_padding_modes(mode, grouping, kernel, stride, padding, dilation, n_threads, dtype):
+    C, F, groups = grouping
+    check(2, C, 6, 7, F, kernel, stride, padding, dilation, groups, mode, dtype, n_threads)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("N", [0, 1, 3, 9])
+@pytest.mark.parametrize("H,W,kernel,stride,padding", [
+    (1, 1, (1, 1), 1, 0),       # pointwise, one pixel
+    (1, 1, (3, 3), 1, 1),       # one output from a padded pixel
+    (5, 5, (5, 5), 1, 0),       # output 1x1
+    (17, 13, (3, 3), 1, 1),
+    (17, 13, (1, 1), 2, 0),     # 1x1 but strided: not pointwise
+    (1, 9, (1, 3), 1, (0, 1)),  # a single row
+])
+@pytest.mark.parametrize("grouping", [(1, 2, 1), (3, 5, 1), (4, 6, 2), (4, 4, 4)],
+                         ids=["C1", "C3", "g2", "depthwise"])
+def test_batch_and_planes(N, H, W, kernel, stride, padding, grouping, n_threads):
+    C, F, groups = grouping
+    check(N, C, H, W, F, kernel, stride, padding, 1, groups, dtype=np.float64,
+          n_threads=n_threads)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("min_rows", [1, 5])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("N", [1, 2, 3, 5])
+@pytest.mark.parametrize("grouping", GROUPINGS[:3], ids=GROUPING_IDS[:3])
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0),
+                                                     ((3, 2), 2, 1)])
+def test_many_tiles(monkeypatch, N, grouping, kernel, stride, padding, min_rows, n_threads,
+                    mode, dtype):
+    """Tiny tiles: tiles of 1 or 5 rows that start mid output row and span images,
+    and grad_x items cut into many row tiles."""
+    monkeypatch.setattr(_tiling, "NHWC_TILE_BYTES", 1)
+    monkeypatch.setattr(_tiling, "NHWC_MIN_TILE_ROWS", min_rows)
+    C, F, groups = grouping
+    check(N, C, 5, 6, F, kernel, stride, padding, 1, groups, mode, dtype, n_threads)
+
+
+# (C, groups, n_threads, N): the grad_x channel-block paths
+CHANNEL_BLOCK_CASES = [
+    (6, 1, 2, 1),    # one group cut into 2 blocks: one gemm per tap
+    (7, 1, 3, 1),    # uneven blocks
+    (5, 1, 2, 3),    # 3 images on 2 threads: 6 items
+    (8, 2, 2, 1),    # one whole group per block
+    (8, 4, 2, 1),    # two whole groups per block
+    (6, 3, 2, 1),    # 3 groups in blocks of 2 groups: the last block is short
+    (8, 2, 4, 1),    # 4 blocks, 2 groups: each group cut in two
+    (6, 2, 5, 1),    # 5 blocks wanted of 2 groups of 3 channels: blocks of 1 channel
+    (4, 4, 2, 1),    # depthwise
+    (4, 4, 8, 1),    # depthwise, more threads than channels
+]
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+@pytest.mark.parametrize("C,groups,n_threads,N", CHANNEL_BLOCK_CASES)
+def test_channel_blocks(monkeypatch, C, groups, n_threads, N, mode, dtype):
+    """Few images for the threads: grad_x is split by channel blocks within an image."""
+    plan = _tiling.plan_nhwc(N, 30, C, 9, groups, 8, n_threads)
+    assert plan.c_block < C
+    check(N, C, 6, 5, 2 * groups, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
+    # and with row tiles that cut the image
+    monkeypatch.setattr(_tiling, "NHWC_TILE_BYTES", 1)
+    monkeypatch.setattr(_tiling, "NHWC_MIN_TILE_ROWS", 7)
+    check(N, C, 6, 5, 2 * groups, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 10, 10, 32), (2, 3, 40, 40, 8), (4, 16, 12, 12, 512)])
+def test_larger_layers(shape, dtype):
+    """Realistic channel counts (long chunks, memcpy) and K beyond one tile's minimum rows."""
+    N, C, H, W, F = shape
+    check(N, C, H, W, F, (3, 3), 1, 1, dtype=dtype, n_threads=2)
+
+
+# ---------------------------------------------------------------------------
+# Driver contract
+# ---------------------------------------------------------------------------
+
+
+def _problem(rng, dtype=np.float32, N=2, C=4, H=6, W=5, F=3, groups=1):
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    w = rng.standard_normal((F, C // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    geometry = conv_geometry((N, C, H, W), w.shape, 1, 1, 1, groups)
+    return x, w, b, geometry
+
+
+def test_casts_and_noncontiguous_and_readonly():
+    """Inputs of other dtypes are cast to the compute dtype; views and read-only arrays work."""
+    rng = np.random.default_rng(3)
+    x, w, b, geometry = _problem(rng, np.float64)
+    expected = _nhwc.forward(x, w, b, geometry, np.float64, 2)
+    x_view = np.asfortranarray(x)
+    w_ro = w.copy()
+    w_ro.flags.writeable = False
+    y = _nhwc.forward(x_view, w_ro, b.astype(np.float32), geometry, np.float64, 2)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    y32 = _nhwc.forward(x, w, b, geometry, np.float32, 2)
+    assert y32.dtype == np.float32
+    assert_matches(y32, expected, np.float32, 36, "float32 compute")
+    dy = rng.standard_normal(expected.shape)
+    gx, gw, gb = _nhwc.backward(dy.astype(np.float32), x, w_ro, geometry, np.float32, 2)
+    assert gx.dtype == gw.dtype == gb.dtype == np.float32
+    assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+
+
+def test_out_is_written_and_returned():
+    rng = np.random.default_rng(4)
+    x, w, b, geometry = _problem(rng)
+    out = np.full((2, 6, 5, 3), np.nan, np.float32)
+    y = _nhwc.forward(x, w, b, geometry, np.float32, 2, out=out)
+    assert y is out
+    np.testing.assert_array_equal(out, _nhwc.forward(x, w, b, geometry, np.float32, 1))
+    with pytest.raises(ValueError, match="out must be"):
+        _nhwc.forward(x, w, b, geometry, np.float32, 2, out=np.empty((2, 6, 5, 3), np.float64))
+
+
+def test_empty_batch():
+    rng = np.random.default_rng(5)
+    x, w, b, _ = _problem(rng, N=2)
+    geometry = conv_geometry((0, 4, 6, 5), w.shape, 1, 1, 1)
+    y = _nhwc.forward(x[:0], w, b, geometry, np.float32, 2)
+    assert y.shape == (0, 6, 5, 3)
+    gx, gw, gb = _nhwc.backward(y, x[:0], w, geometry, np.float32, 2)
+    assert gx.shape == (0, 6, 5, 4)
+    assert not gw.any() and gw.shape == w.shape
+    assert not gb.any() and gb.shape == (3,)
+
+
+def test_weight_layout_round_trip():
+    rng = np.random.default_rng(6)
+    _, w, _, geometry = _problem(rng, C=6, F=4, groups=2)
+    wt = _nhwc.nhwc_weight(w, geometry, np.float32)
+    assert wt.shape == (2, 3 * 3 * 3, 2)
+    # wt[g, (kh, kw, cg), fg] = w[g*Fg + fg, cg, kh, kw]
+    assert wt[1, (2 * 3 + 1) * 3 + 2, 0] == w[2, 2, 2, 1]
+    np.testing.assert_array_equal(_nhwc.weight_from_nhwc(wt, geometry), w)
+
+
+def test_kernels_reject_wrong_arrays():
+    """The memoryview signatures catch swapped or mistyped arrays before any C code runs."""
+    rng = np.random.default_rng(7)
+    x, w, b, geometry = _problem(rng)
+    wt = _nhwc.nhwc_weight(w, geometry, np.float32)
+    y = np.empty((2 * 6 * 5, 3), np.float32)
+    with pytest.raises(ValueError, match="dimensions"):
+        _conv_nhwc.forward(x, wt, b, y.reshape(2, 6, 5, 3), np.empty(1000, np.float32),
+                           geometry, 2, 1)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        _conv_nhwc.forward(x, wt.astype(np.float64), b, y, np.empty(1000, np.float32),
+                           geometry, 2, 1)
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 16])
+@pytest.mark.parametrize("N,P,C,KK,groups", [
+    (1, 3136, 64, 9, 1), (8, 3136, 64, 9, 1), (100, 576, 1, 25, 1), (32, 49, 512, 9, 1),
+    (1, 49, 512, 9, 1), (3, 1024, 3, 9, 1), (1, 12544, 32, 9, 32), (2, 1, 8, 1, 2),
+    (5, 100, 6, 9, 3), (1, 1, 1, 1, 1),
+])
+def test_plan(N, P, C, KK, groups, n_threads):
+    plan = _tiling.plan_nhwc(N, P, C, KK, groups, 4, n_threads)
+    R, K = N * P, C * KK
+    budget = max(_tiling.NHWC_MIN_TILE_ROWS, _tiling.NHWC_TILE_BYTES // (K * 4))
+    # every thread has a tile when there are enough rows, and no tile is empty
+    assert plan.n_tiles >= min(n_threads, R)
+    assert plan.n_tiles <= R
+    assert -(-R // plan.n_tiles) <= plan.tile_rows <= budget + 1
+    # the workspace is bounded by the tile budget, not the batch
+    big = _tiling.plan_nhwc(1000 * N, P, C, KK, groups, 4, n_threads)
+    assert big.workspace_per_thread(K, False) <= (budget + 1) * K
+    Cg = C // groups
+    if plan.c_block >= C:
+        assert 1 <= plan.n_items <= N
+        assert plan.n_items >= min(n_threads, N)
+    else:
+        # a block is whole groups or lies inside one group, and there are several
+        assert 1 <= plan.c_block
+        assert plan.c_block % Cg == 0 or plan.c_block < Cg
+        assert n_threads > 1 and N < 4 * n_threads
+
+
+def test_plan_rejects_blas_overflow():
+    with pytest.raises(ValueError, match="32-bit BLAS"):
+        _tiling.plan_nhwc(1, 1, 2**20, 2**12, 1, 4, 1)
