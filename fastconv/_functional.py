@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _im2col
-# (filled in when the depthwise and NHWC engines land)
-_depthwise = _nhwc = None
+from fastconv import _conv, _depthwise, _im2col, _nhwc
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
