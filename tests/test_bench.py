@@ -110,6 +110,41 @@ def test_run_suite_on_tiny_shape():
     assert len(format_table(rows).splitlines()) == 4
 
 
+TINY_DEPTHWISE = Shape("tiny-dw", N=2, C=4, H=7, W=6, F=8, KH=3, KW=3, stride=1, pad=1,
+                       groups=4)
+TINY_TRANSPOSED = Shape("tiny-up", N=2, C=4, H=5, W=6, F=6, KH=4, KW=4, stride=2, pad=1,
+                        transposed=True)
+
+
+def test_parity_rows_shapes_and_flops():
+    assert TINY_DEPTHWISE.weight_shape == (8, 1, 3, 3)
+    assert TINY_DEPTHWISE.forward_flops() == 2 * 2 * 8 * 7 * 6 * 1 * 3 * 3
+    assert TINY_TRANSPOSED.weight_shape == (4, 6, 4, 4)
+    assert TINY_TRANSPOSED.output_shape == (2, 6, 10, 12)     # (H-1)*2 - 2 + 4
+    assert TINY_TRANSPOSED.forward_flops() == 2 * 2 * 5 * 6 * 4 * 6 * 4 * 4
+    suite = {s.name: s for s in SUITE}
+    assert suite["mobilenet-dw"].weight_shape == (256, 1, 3, 3)
+    assert suite["dcgan-up"].output_shape == (16, 128, 32, 32)
+    assert [s.is_plain for s in SUITE].count(False) == 2
+
+
+def test_run_suite_on_parity_rows():
+    """The NHWC column on plain shapes, the grouped-im2col column on depthwise ones, the
+    transposed row against the reference's conv_transpose2d."""
+    rows = run_suite([TINY, TINY_DEPTHWISE, TINY_TRANSPOSED], threads=1, repeat=1, torch=False)
+    by_shape = {(r["shape"], r["pass"]): r for r in rows}
+    for pass_ in ("forward", "backward"):
+        plain, dw, up = (by_shape[(name, pass_)] for name in ("tiny", "tiny-dw", "tiny-up"))
+        assert plain["nhwc_ms"] > 0 and plain["nhwc_vs_nchw"] > 0 and plain["im2col_ms"] is None
+        assert dw["im2col_ms"] > 0 and dw["vs_im2col"] > 0 and dw["nhwc_ms"] is None
+        assert up["nhwc_ms"] is None and up["im2col_ms"] is None
+        for row in (plain, dw, up):
+            assert row["rel_err"] < 1e-4
+        assert dw["gemm_ms"] is None
+    table = format_table(rows)
+    assert "NHWC/NCHW" in table and "grouped im2col ms" in table
+
+
 def test_run_suite_with_torch():
     pytest.importorskip("torch")
     rows = run_suite([TINY], threads=1, repeat=1, reference=False, gemm=False, torch=True)

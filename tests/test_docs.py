@@ -33,7 +33,8 @@ def test_doctests(module, has_examples):
 def test_every_public_function_has_runnable_examples():
     """Each public function of the functional and layer modules shows an Examples section."""
     finder = doctest.DocTestFinder()
-    for name in ("conv2d", "conv2d_backward", "im2col", "col2im", "Conv2D"):
+    for name in ("conv2d", "conv2d_backward", "im2col", "col2im", "Conv2D", "conv_transpose2d",
+                 "conv_transpose2d_backward", "ConvTranspose2D"):
         obj = getattr(fastconv, name)
         tests = [t for t in finder.find(obj, name) if t.examples]
         assert tests, f"{name} has no doctest examples"
