@@ -6,36 +6,36 @@ is then a sum of ``KH * KW`` shifted, scaled copies of one input plane. That is
 memory-bound work: an im2col + GEMM would spend its time building columns and
 running ``C`` tiny GEMMs per image, and BLAS buys nothing here.
 
-Every kernel walks *rows* and keeps the row it writes in L1. Within a row the
-output columns split into
+Every output row splits into
 
-* the *interior*, where every tap of the kernel reads a column inside the
-  image (an interval, since window starts grow with ``ow``): branch-free
+* the *interior*, the output columns where every kernel column reads inside
+  the image (an interval, since window starts grow with ``ow``): branch-free
   sweeps with unit stride for ``stride_w == 1`` (vectorised by gcc -O3) and
   constant stride 2 for ``stride_w == 2``;
-* the *border*, a few columns at each end: scalar loops that read the input
-  column a per-call table gives for each (tap, output column), built with
-  :func:`fastconv._im2col.source_index`. Zero padding (-1 in the table) is
-  skipped; reflect, replicate and circular padding read the mirrored,
-  clamped or wrapped column. Rows are mapped through a table the same way,
-  so no padded copy of the input is ever made and the interior loops are the
-  same for every padding mode.
+* the *border*, the few columns left at each end, swept down the plane one
+  (tap, column) at a time through per-call tables that give the input row and
+  column each (output, tap) pair reads, built with
+  :func:`fastconv._im2col.source_index`: -1 (skipped) for zero padding, the
+  mirrored, clamped or wrapped pixel for reflect, replicate and circular
+  padding. No padded copy of the input is made, and the interior loops are
+  the same for every padding mode. In the interior, a zero-padding row reads
+  a row of zeros, so the sweeps need no row cases either.
 
-In the interior the taps go in blocks: kernel rows in groups of up to
-:data:`ROWS` (3) and kernel columns in groups of 3, so a 3x3 kernel is one
-sweep per row that loads and stores the written row once for nine taps
-(:func:`block_axpy`, :func:`block_gather`, :func:`block_dot`); other shapes
-sweep a kernel column of up to three rows at a time. With one load and store
-per tap, 3x3 layers would be bound by L1 traffic instead of memory.
+In the interior the taps go in blocks of 3 kernel rows x 3 kernel columns
+(:func:`block_axpy`, :func:`block_gather`, :func:`block_acc`; other shapes one
+kernel column of up to 3 rows at a time): one load and store of the written
+row per nine taps. With one per tap, 3x3 layers were bound by L1 traffic, not
+by memory. The tap groups run outside and the rows inside, so the set-up of a
+sweep is paid once per plane and group.
 
 * forward: ``out[ow] += sum w[r, c] * x_row_r[base + c*dil + ow*stride]``;
 * grad_input is the same loop turned around, one *input-gradient* row at a
-  time, over the grad_output rows that reach it (a per-call table lists them),
-  so each ``dx`` row is finished while it sits in L1;
-* grad_weight: dot products of a grad_output row with shifted input rows,
-  summed in :data:`LANES` independent partial sums, which gcc keeps in one
-  SIMD register (one running sum would stay scalar: gcc only reorders a float
-  reduction under -ffast-math).
+  time, over the grad_output rows that reach it (a per-call table lists
+  them), so each ``dx`` row is finished while it sits in L1;
+* grad_weight: products of a grad_output row with shifted input rows, added
+  column by column into one accumulator row per tap, a local array of
+  :data:`CHUNK` columns summed once per plane. A running scalar sum per tap
+  would stay scalar: gcc reorders a float reduction only under -ffast-math.
 
 Work split (OpenMP, static schedules, so results are deterministic for a fixed
 ``n_threads``):
