@@ -2,34 +2,54 @@
 
 Depthwise means ``groups == C`` and ``F = m * C`` (channel multiplier
 ``m >= 1``): filter ``f`` reads only input channel ``f // m``. Each output plane
-is then a sum of ``KH * KW`` shifted, scaled copies of one input plane, which
-is memory-bound work: an im2col + GEMM would spend its time building columns
-and running ``C`` tiny GEMMs per image, and BLAS buys nothing here.
+is then a sum of ``KH * KW`` shifted, scaled copies of one input plane. That is
+memory-bound work: an im2col + GEMM would spend its time building columns and
+running ``C`` tiny GEMMs per image, and BLAS buys nothing here.
 
-Every kernel walks *rows*: one output row (or one grad_output row) stays in L1
-while the taps of a kernel row sweep over it, one tap at a time. For a tap the
-output columns whose input column is inside the image form an interval
-``[lo, hi)`` (window starts grow with ``ow``), so the sweep over it is a
-branch-free loop with unit stride for ``stride_w == 1`` (vectorised by
-``gcc -O3``) and a constant stride for ``stride_w == 2``. The columns outside
-the interval are the border: zero padding skips them, the other padding modes
-read the input column :func:`fastconv._im2col.source_index` maps them to. Rows
-are mapped the same way through a per-call table, so reflect/replicate/circular
-padding only costs a few extra scalar updates at the borders and no padded copy
-of the input is ever made.
+Every output row splits into
+
+* the *interior*, the output columns where every kernel column reads inside
+  the image (an interval, since window starts grow with ``ow``): branch-free
+  sweeps with unit stride for ``stride_w == 1`` (vectorised by gcc -O3) and
+  constant stride 2 for ``stride_w == 2``;
+* the *border*, the few columns left at each end, swept down the plane one
+  (tap, column) at a time through per-call tables that give the input row and
+  column each (output, tap) pair reads, built with
+  :func:`fastconv._im2col.source_index`: -1 (skipped) for zero padding, the
+  mirrored, clamped or wrapped pixel for reflect, replicate and circular
+  padding. No padded copy of the input is made, and the interior loops are
+  the same for every padding mode. In the interior, a zero-padding row reads
+  a row of zeros, so the sweeps need no row cases either.
+
+In the interior the taps go in blocks of 3 kernel rows x 3 kernel columns
+(:func:`block_axpy`, :func:`block_gather`, :func:`block_acc`; other shapes one
+kernel column of up to 3 rows at a time): one load and store of the written
+row per nine taps. With one per tap, 3x3 layers were bound by L1 traffic, not
+by memory. The tap groups run outside and the rows inside, so the set-up of a
+sweep is paid once per plane and group.
+
+* forward: ``out[ow] += sum w[r, c] * x_row_r[base + c*dil + ow*stride]``;
+* grad_input is the same loop turned around, one *input-gradient* row at a
+  time, over the grad_output rows that reach it (a per-call table lists
+  them), so each ``dx`` row is finished while it sits in L1;
+* grad_weight: products of a grad_output row with shifted input rows, added
+  column by column into one accumulator row per tap, a local array of
+  :data:`CHUNK` columns summed once per plane. A running scalar sum per tap
+  would stay scalar: gcc reorders a float reduction only under -ffast-math.
 
 Work split (OpenMP, static schedules, so results are deterministic for a fixed
 ``n_threads``):
 
 * :func:`forward`: one work item per output plane ``(n, f)``;
 * :func:`backward_input`: one work item per input-gradient plane ``(n, c)``:
-  the ``m`` filters of channel ``c`` scatter into the same plane, so one thread
-  owns it and there are no races;
+  the ``m`` filters of channel ``c`` all add into it, so one thread owns it
+  and there are no races;
 * :func:`backward_weight`: the ``N * F`` planes are cut into ``T = min(n_threads,
   N * F)`` contiguous chunks; chunk ``t`` sums into its own row of a
-  ``(T, F * (KH*KW + 1))`` scratch (its size does not depend on ``N``), reduced
-  in chunk order at the end. Splitting planes rather than filters keeps every
-  thread busy when ``F < n_threads`` (or ``N`` is large and ``F`` small).
+  ``(T, F * (KH*KW + 1))`` scratch (its size does not depend on ``N``), and the
+  rows are added in chunk order at the end. Splitting planes rather than
+  filters keeps every thread busy when ``F < n_threads``, and costs only a
+  tiny scratch when ``N`` is large.
 
 All kernels assume validated geometry (``fastconv._validation.conv_geometry``
 with ``groups == C``) and C-contiguous arrays of one dtype.
@@ -44,240 +64,621 @@ from libc.string cimport memset
 from fastconv._im2col cimport ConvGeom, PAD_ZEROS, make_geom, source_index
 
 
+cdef enum:
+    # kernel rows swept together: 3 makes a 3x3 kernel one block, and more rows
+    # would run out of SSE registers for the weights
+    ROWS = 3
+    # grad_weight's interior goes in chunks of CHUNK output columns, so that its
+    # per-tap accumulator rows are one small local array (gcc then knows they
+    # alias nothing and vectorises without runtime checks)
+    CHUNK = 64
+    # independent partial sums of a plain reduction (row_sum): 4 floats fill an
+    # SSE register, and their fixed order keeps results deterministic
+    LANES = 4
+
+
 cdef struct Tables:
     # row_src[oh * KH + kh]: the input row output row oh reads through kernel row kh
-    # (-1: a zero-padding row, skipped)
+    # (-1: a zero-padding row)
     const Py_ssize_t *row_src
-    # col_src[kw * OW + ow]: the input column the same for kernel column kw (border
-    # columns only are read, and only for the non-zero padding modes)
+    # col_src[kw * OW + ow]: the input column output column ow reads through kernel
+    # column kw (-1: a zero-padding column); the border loops' only source of columns
     const Py_ssize_t *col_src
-    # [col_lo[kw], col_hi[kw]): the output columns whose tap kw is inside the image
-    const Py_ssize_t *col_lo
-    const Py_ssize_t *col_hi
+    # [v_lo[kw], v_hi[kw]): the output columns whose tap kw reads an input pixel,
+    # the columns inside the image for zero padding, all of them otherwise
+    const Py_ssize_t *v_lo
+    const Py_ssize_t *v_hi
+    # [ow_lo, ow_hi): the interior output columns, where every kernel column reads
+    # ow * stride_w + kw * dilation_w - pad_left inside the image
+    Py_ssize_t ow_lo, ow_hi
+    # grad_input's interior for kernel column kw: output columns [gi_lo[kw], gi_hi[kw]).
+    # For stride 1 those whose input columns receive every kernel column (one
+    # interval of input columns, so a 3x3 block can gather it); for larger strides
+    # all the columns of kw inside the image
+    const Py_ssize_t *gi_lo
+    const Py_ssize_t *gi_hi
+    # grad_input's gather lists: input row ih receives from (out_oh[e], out_kh[e]) for
+    # e in [in_start[ih], in_start[ih + 1]), in (oh, kh) order
+    const Py_ssize_t *in_start
+    const Py_ssize_t *out_oh
+    const Py_ssize_t *out_kh
 
 
 cdef class _Tables:
     """Owns the arrays behind a :class:`Tables` (built with the GIL, read without)."""
 
-    cdef Py_ssize_t[::1] row_src
-    cdef Py_ssize_t[::1] col_src
-    cdef Py_ssize_t[::1] col_lo
-    cdef Py_ssize_t[::1] col_hi
+    cdef Py_ssize_t[::1] row_src, col_src, v_lo, v_hi, gi_lo, gi_hi
+    cdef Py_ssize_t[::1] in_start, out_oh, out_kh
     cdef Tables t
 
     def __cinit__(self, object geometry):
         cdef ConvGeom g = make_geom(geometry)
-        cdef Py_ssize_t oh, ow, kh, kw, offset, last, lo, hi
+        cdef Py_ssize_t oh, ow, kh, kw, ih, base, last, e, lo, hi
+        cdef Py_ssize_t ow_lo = 0, ow_hi = g.OW, iw_lo = 0, iw_hi = g.W
+        cdef Py_ssize_t[::1] next_slot
         self.row_src = np.empty(g.OH * g.KH, dtype=np.intp)
         self.col_src = np.empty(g.KW * g.OW, dtype=np.intp)
-        self.col_lo = np.empty(g.KW, dtype=np.intp)
-        self.col_hi = np.empty(g.KW, dtype=np.intp)
+        self.v_lo = np.empty(g.KW, dtype=np.intp)
+        self.v_hi = np.empty(g.KW, dtype=np.intp)
+        self.gi_lo = np.empty(g.KW, dtype=np.intp)
+        self.gi_hi = np.empty(g.KW, dtype=np.intp)
+        self.in_start = np.zeros(g.H + 1, dtype=np.intp)
+        self.out_oh = np.empty(g.OH * g.KH, dtype=np.intp)
+        self.out_kh = np.empty(g.OH * g.KH, dtype=np.intp)
+
         for oh in range(g.OH):
             for kh in range(g.KH):
-                self.row_src[oh * g.KH + kh] = source_index(
-                    oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H, g.mode)
+                ih = source_index(oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H, g.mode)
+                self.row_src[oh * g.KH + kh] = ih
+                if ih >= 0:
+                    self.in_start[ih + 1] += 1
+        # counting sort of the (oh, kh) pairs by the input row they read
+        for ih in range(g.H):
+            self.in_start[ih + 1] += self.in_start[ih]
+        next_slot = np.array(self.in_start[:g.H], dtype=np.intp)
+        for oh in range(g.OH):
+            for kh in range(g.KH):
+                ih = self.row_src[oh * g.KH + kh]
+                if ih >= 0:
+                    e = next_slot[ih]
+                    self.out_oh[e] = oh
+                    self.out_kh[e] = kh
+                    next_slot[ih] = e + 1
+
         for kw in range(g.KW):
+            base = kw * g.dilation_w - g.pad_left
             for ow in range(g.OW):
-                self.col_src[kw * g.OW + ow] = source_index(
-                    ow * g.stride_w - g.pad_left + kw * g.dilation_w, g.W, g.mode)
-            # iw = ow * stride_w + offset is inside [0, W) for ow in [lo, hi)
-            offset = kw * g.dilation_w - g.pad_left
-            lo = 0 if offset >= 0 else (-offset + g.stride_w - 1) // g.stride_w
-            last = g.W - 1 - offset
-            hi = 0 if last < 0 else min(last // g.stride_w + 1, g.OW)
-            # an empty interval sits at hi so that [0, lo) and [hi, OW) still
-            # cover every border column exactly once
-            self.col_lo[kw] = min(lo, hi)
-            self.col_hi[kw] = hi
+                self.col_src[kw * g.OW + ow] = source_index(ow * g.stride_w + base, g.W, g.mode)
+            # base + ow * stride_w is inside [0, W) for ow in [lo, hi)
+            lo = min(0 if base >= 0 else (-base + g.stride_w - 1) // g.stride_w, g.OW)
+            last = g.W - 1 - base
+            hi = max(0 if last < 0 else min(last // g.stride_w + 1, g.OW), lo)
+            self.v_lo[kw] = lo if g.mode == PAD_ZEROS else 0
+            self.v_hi[kw] = hi if g.mode == PAD_ZEROS else g.OW
+            self.gi_lo[kw] = lo
+            self.gi_hi[kw] = hi
+            ow_lo = max(ow_lo, lo)
+            ow_hi = min(ow_hi, hi)
+            iw_lo = max(iw_lo, lo + base)
+            iw_hi = min(iw_hi, hi + base)
+        self.t.ow_lo = ow_lo
+        self.t.ow_hi = max(ow_hi, ow_lo)
+        if g.stride_w == 1:
+            for kw in range(g.KW):
+                base = kw * g.dilation_w - g.pad_left
+                if iw_lo < iw_hi:
+                    self.gi_lo[kw] = iw_lo - base
+                    self.gi_hi[kw] = iw_hi - base
+                else:
+                    # no interior: an empty one at lo keeps [v_lo, gi_lo) and
+                    # [gi_hi, v_hi) covering every column of the tap
+                    self.gi_hi[kw] = self.gi_lo[kw]
+
         self.t.row_src = &self.row_src[0]
         self.t.col_src = &self.col_src[0]
-        self.t.col_lo = &self.col_lo[0]
-        self.t.col_hi = &self.col_hi[0]
+        self.t.v_lo = &self.v_lo[0]
+        self.t.v_hi = &self.v_hi[0]
+        self.t.gi_lo = &self.gi_lo[0]
+        self.t.gi_hi = &self.gi_hi[0]
+        self.t.in_start = &self.in_start[0]
+        self.t.out_oh = &self.out_oh[0]
+        self.t.out_kh = &self.out_kh[0]
+
+
+cdef inline bint input_rows(const floating *xp, const floating *zero_row, const ConvGeom *g,
+                            const Tables *t, Py_ssize_t oh, Py_ssize_t kh, Py_ssize_t nr,
+                            const floating **rows) noexcept nogil:
+    """rows[r] = the input row kernel row kh + r of output row oh reads, for r < 3.
+
+    A zero-padding row reads ``zero_row`` (so the sweeps need no special
+    rows), and rows past ``nr`` repeat rows[0] (valid memory, never used).
+    Returns False if every row is padding (the group adds nothing).
+    """
+    cdef const Py_ssize_t *src = t.row_src + oh * g.KH + kh
+    cdef bint inside = False
+    cdef Py_ssize_t r
+    for r in range(ROWS):
+        if r >= nr:
+            rows[r] = rows[0]
+        elif src[r] >= 0:
+            rows[r] = xp + src[r] * g.W
+            inside = True
+        else:
+            rows[r] = zero_row
+    return inside
 
 
 # ---------------------------------------------------------------------------
-# Tap kernels: one kernel tap (kh, kw) across the interior of one row.
-#
-# ``base = kw * dilation_w - pad_left``: tap kw of output column ow reads input
-# column ``base + ow * stride``. Strides 1 and 2 get constant-stride loops so
-# gcc vectorises them (a runtime stride would be scalar).
+# Interior kernels. ``base = kw * dilation_w - pad_left`` (+ c0 * stride for a
+# chunk starting at output column c0): output column ow reads input column
+# ``base + ow * stride``. Strides 1 and 2 get constant-stride loops so gcc
+# vectorises them (a runtime stride stays scalar). Blocks cover 3 kernel rows
+# x 3 kernel columns, the columns ``dil`` apart; their weights are copied into
+# locals so gcc keeps them in registers across the stores.
 
 
-cdef inline void tap_axpy(floating *out, const floating *row, floating wv, Py_ssize_t base,
-                          Py_ssize_t stride, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    """out[ow] += wv * row[base + ow*stride] for ow in [lo, hi) (forward)."""
+cdef inline void rows_axpy(floating *out, Py_ssize_t count,
+                           const floating *r0, const floating *r1, const floating *r2,
+                           floating w0, floating w1, floating w2, Py_ssize_t base,
+                           Py_ssize_t stride, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """out[ow] += sum over r < count of w_r * r_r[base + ow*stride], ow in [lo, hi) (forward)."""
     cdef Py_ssize_t ow
     if stride == 1:
-        for ow in range(lo, hi):
-            out[ow] += wv * row[base + ow]
+        if count == 3:
+            for ow in range(lo, hi):
+                out[ow] += w0 * r0[base + ow] + w1 * r1[base + ow] + w2 * r2[base + ow]
+        elif count == 2:
+            for ow in range(lo, hi):
+                out[ow] += w0 * r0[base + ow] + w1 * r1[base + ow]
+        else:
+            for ow in range(lo, hi):
+                out[ow] += w0 * r0[base + ow]
     elif stride == 2:
-        for ow in range(lo, hi):
-            out[ow] += wv * row[base + 2 * ow]
+        if count == 3:
+            for ow in range(lo, hi):
+                out[ow] += (w0 * r0[base + 2 * ow] + w1 * r1[base + 2 * ow]
+                            + w2 * r2[base + 2 * ow])
+        elif count == 2:
+            for ow in range(lo, hi):
+                out[ow] += w0 * r0[base + 2 * ow] + w1 * r1[base + 2 * ow]
+        else:
+            for ow in range(lo, hi):
+                out[ow] += w0 * r0[base + 2 * ow]
     else:
         for ow in range(lo, hi):
-            out[ow] += wv * row[base + ow * stride]
+            out[ow] += w0 * r0[base + ow * stride]
+        if count > 1:
+            for ow in range(lo, hi):
+                out[ow] += w1 * r1[base + ow * stride]
+        if count > 2:
+            for ow in range(lo, hi):
+                out[ow] += w2 * r2[base + ow * stride]
 
 
-cdef inline void tap_scatter(floating *row, const floating *grad, floating wv, Py_ssize_t base,
+cdef inline void block_axpy(floating *out, const floating *r0, const floating *r1,
+                            const floating *r2, const floating *wb, Py_ssize_t ldw,
+                            Py_ssize_t base, Py_ssize_t dil, Py_ssize_t stride, Py_ssize_t lo,
+                            Py_ssize_t hi) noexcept nogil:
+    """out[ow] += sum over (r, c) of wb[r*ldw + c] * r_r[base + c*dil + ow*stride], ow in [lo, hi).
+
+    Nine taps for one load and store of ``out``. Stride 1 or 2.
+    """
+    cdef Py_ssize_t ow, i, d2 = 2 * dil
+    cdef floating w00 = wb[0], w01 = wb[1], w02 = wb[2]
+    cdef floating w10 = wb[ldw], w11 = wb[ldw + 1], w12 = wb[ldw + 2]
+    cdef floating w20 = wb[2 * ldw], w21 = wb[2 * ldw + 1], w22 = wb[2 * ldw + 2]
+    # dilation 1 gets its own loops: with constant offsets the nine taps need
+    # three pointers, not nine, and the weights then fit in registers
+    if stride == 1 and dil == 1:
+        for ow in range(lo, hi):
+            i = base + ow
+            out[ow] += ((w00 * r0[i] + w01 * r0[i + 1] + w02 * r0[i + 2])
+                        + (w10 * r1[i] + w11 * r1[i + 1] + w12 * r1[i + 2])
+                        + (w20 * r2[i] + w21 * r2[i + 1] + w22 * r2[i + 2]))
+    elif stride == 1:
+        for ow in range(lo, hi):
+            i = base + ow
+            out[ow] += ((w00 * r0[i] + w01 * r0[i + dil] + w02 * r0[i + d2])
+                        + (w10 * r1[i] + w11 * r1[i + dil] + w12 * r1[i + d2])
+                        + (w20 * r2[i] + w21 * r2[i + dil] + w22 * r2[i + d2]))
+    elif dil == 1:
+        for ow in range(lo, hi):
+            i = base + 2 * ow
+            out[ow] += ((w00 * r0[i] + w01 * r0[i + 1] + w02 * r0[i + 2])
+                        + (w10 * r1[i] + w11 * r1[i + 1] + w12 * r1[i + 2])
+                        + (w20 * r2[i] + w21 * r2[i + 1] + w22 * r2[i + 2]))
+    else:
+        for ow in range(lo, hi):
+            i = base + 2 * ow
+            out[ow] += ((w00 * r0[i] + w01 * r0[i + dil] + w02 * r0[i + d2])
+                        + (w10 * r1[i] + w11 * r1[i + dil] + w12 * r1[i + d2])
+                        + (w20 * r2[i] + w21 * r2[i + dil] + w22 * r2[i + d2]))
+
+
+cdef inline void rows_gather(floating *row, Py_ssize_t count,
+                             const floating *g0, const floating *g1, const floating *g2,
+                             floating w0, floating w1, floating w2, Py_ssize_t base,
                              Py_ssize_t stride, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    """row[base + ow*stride] += wv * grad[ow] for ow in [lo, hi) (the adjoint of tap_axpy).
+    """row[base + ow*stride] += sum over r < count of w_r * g_r[ow], ow in [lo, hi) (grad_input).
 
-    Distinct ``ow`` hit distinct columns, so the loop carries no dependence.
+    The adjoint of :func:`rows_axpy` for grad_output rows g_r that reach the
+    same input row; distinct ``ow`` write distinct columns, so the loop
+    carries no dependence.
     """
     cdef Py_ssize_t ow
     if stride == 1:
-        for ow in range(lo, hi):
-            row[base + ow] += wv * grad[ow]
+        if count == 3:
+            for ow in range(lo, hi):
+                row[base + ow] += w0 * g0[ow] + w1 * g1[ow] + w2 * g2[ow]
+        elif count == 2:
+            for ow in range(lo, hi):
+                row[base + ow] += w0 * g0[ow] + w1 * g1[ow]
+        else:
+            for ow in range(lo, hi):
+                row[base + ow] += w0 * g0[ow]
     elif stride == 2:
-        for ow in range(lo, hi):
-            row[base + 2 * ow] += wv * grad[ow]
+        if count == 3:
+            for ow in range(lo, hi):
+                row[base + 2 * ow] += w0 * g0[ow] + w1 * g1[ow] + w2 * g2[ow]
+        elif count == 2:
+            for ow in range(lo, hi):
+                row[base + 2 * ow] += w0 * g0[ow] + w1 * g1[ow]
+        else:
+            for ow in range(lo, hi):
+                row[base + 2 * ow] += w0 * g0[ow]
     else:
         for ow in range(lo, hi):
-            row[base + ow * stride] += wv * grad[ow]
+            row[base + ow * stride] += w0 * g0[ow]
+        if count > 1:
+            for ow in range(lo, hi):
+                row[base + ow * stride] += w1 * g1[ow]
+        if count > 2:
+            for ow in range(lo, hi):
+                row[base + ow * stride] += w2 * g2[ow]
 
 
-cdef inline void tap_product(floating *acc, const floating *grad, const floating *row,
-                             Py_ssize_t base, Py_ssize_t stride, Py_ssize_t lo,
-                             Py_ssize_t hi) noexcept nogil:
-    """acc[ow] += grad[ow] * row[base + ow*stride] for ow in [lo, hi) (grad_weight).
+cdef inline void block_gather(floating *row, const floating *g0, const floating *g1,
+                              const floating *g2, const floating *wb, Py_ssize_t base,
+                              Py_ssize_t dil, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """row[iw] += sum over (r, c) of wb[3*r + c] * g_r[iw - base - c*dil], iw in [lo, hi).
 
-    A row of per-column partial sums rather than one scalar dot product: gcc
-    vectorises a float reduction only under -ffast-math, an element-wise
-    update always.
+    The adjoint of :func:`block_axpy` for stride 1, written as a gather over
+    input columns so each ``row`` element is loaded and stored once.
     """
-    cdef Py_ssize_t ow
-    if stride == 1:
-        for ow in range(lo, hi):
-            acc[ow] += grad[ow] * row[base + ow]
-    elif stride == 2:
-        for ow in range(lo, hi):
-            acc[ow] += grad[ow] * row[base + 2 * ow]
+    cdef Py_ssize_t iw, i, d2 = 2 * dil
+    cdef floating w00 = wb[0], w01 = wb[1], w02 = wb[2]
+    cdef floating w10 = wb[3], w11 = wb[4], w12 = wb[5]
+    cdef floating w20 = wb[6], w21 = wb[7], w22 = wb[8]
+    if dil == 1:
+        for iw in range(lo, hi):
+            i = iw - base
+            row[iw] += ((w00 * g0[i] + w01 * g0[i - 1] + w02 * g0[i - 2])
+                        + (w10 * g1[i] + w11 * g1[i - 1] + w12 * g1[i - 2])
+                        + (w20 * g2[i] + w21 * g2[i - 1] + w22 * g2[i - 2]))
     else:
-        for ow in range(lo, hi):
-            acc[ow] += grad[ow] * row[base + ow * stride]
+        for iw in range(lo, hi):
+            i = iw - base
+            row[iw] += ((w00 * g0[i] + w01 * g0[i - dil] + w02 * g0[i - d2])
+                        + (w10 * g1[i] + w11 * g1[i - dil] + w12 * g1[i - d2])
+                        + (w20 * g2[i] + w21 * g2[i - dil] + w22 * g2[i - d2]))
+
+
+cdef inline void tap_acc(floating *acc, const floating *grad, const floating *row,
+                         Py_ssize_t base, Py_ssize_t stride, Py_ssize_t n) noexcept nogil:
+    """acc[j] += grad[j] * row[base + j*stride] for j < n (grad_weight, one tap).
+
+    Column-wise partial sums rather than one running sum: gcc vectorises an
+    element-wise update, a float reduction only under -ffast-math.
+    """
+    cdef Py_ssize_t j
+    if stride == 1:
+        for j in range(n):
+            acc[j] += grad[j] * row[base + j]
+    elif stride == 2:
+        for j in range(n):
+            acc[j] += grad[j] * row[base + 2 * j]
+    else:
+        for j in range(n):
+            acc[j] += grad[j] * row[base + j * stride]
+
+
+cdef inline void block_acc(floating *acc, const floating *grad, const floating *r0,
+                           const floating *r1, const floating *r2, Py_ssize_t base,
+                           Py_ssize_t dil, Py_ssize_t stride, Py_ssize_t n) noexcept nogil:
+    """acc[(3*r + c)*CHUNK + j] += grad[j] * r_r[base + c*dil + j*stride] for j < n.
+
+    :func:`tap_acc` for a 3x3 block, sharing the grad loads. Stride 1 or 2.
+    """
+    cdef Py_ssize_t j, i, d2 = 2 * dil
+    cdef floating gv
+    if stride == 1 and dil == 1:
+        for j in range(n):
+            gv = grad[j]
+            i = base + j
+            acc[j] += gv * r0[i]
+            acc[CHUNK + j] += gv * r0[i + 1]
+            acc[2 * CHUNK + j] += gv * r0[i + 2]
+            acc[3 * CHUNK + j] += gv * r1[i]
+            acc[4 * CHUNK + j] += gv * r1[i + 1]
+            acc[5 * CHUNK + j] += gv * r1[i + 2]
+            acc[6 * CHUNK + j] += gv * r2[i]
+            acc[7 * CHUNK + j] += gv * r2[i + 1]
+            acc[8 * CHUNK + j] += gv * r2[i + 2]
+    elif dil == 1:
+        for j in range(n):
+            gv = grad[j]
+            i = base + 2 * j
+            acc[j] += gv * r0[i]
+            acc[CHUNK + j] += gv * r0[i + 1]
+            acc[2 * CHUNK + j] += gv * r0[i + 2]
+            acc[3 * CHUNK + j] += gv * r1[i]
+            acc[4 * CHUNK + j] += gv * r1[i + 1]
+            acc[5 * CHUNK + j] += gv * r1[i + 2]
+            acc[6 * CHUNK + j] += gv * r2[i]
+            acc[7 * CHUNK + j] += gv * r2[i + 1]
+            acc[8 * CHUNK + j] += gv * r2[i + 2]
+    else:
+        for j in range(n):
+            gv = grad[j]
+            i = base + j * stride
+            acc[j] += gv * r0[i]
+            acc[CHUNK + j] += gv * r0[i + dil]
+            acc[2 * CHUNK + j] += gv * r0[i + d2]
+            acc[3 * CHUNK + j] += gv * r1[i]
+            acc[4 * CHUNK + j] += gv * r1[i + dil]
+            acc[5 * CHUNK + j] += gv * r1[i + d2]
+            acc[6 * CHUNK + j] += gv * r2[i]
+            acc[7 * CHUNK + j] += gv * r2[i + dil]
+            acc[8 * CHUNK + j] += gv * r2[i + d2]
+
+
+cdef inline floating row_sum(const floating *v, Py_ssize_t n) noexcept nogil:
+    """sum of v[:n] in LANES partial sums, lane l taking every LANES-th element."""
+    cdef floating acc[LANES]
+    cdef floating total
+    cdef Py_ssize_t q, j, l
+    for l in range(LANES):
+        acc[l] = 0
+    for q in range(n // LANES):
+        j = q * LANES
+        for l in range(LANES):
+            acc[l] += v[j + l]
+    total = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    for j in range(n // LANES * LANES, n):
+        total += v[j]
+    return total
 
 
 # ---------------------------------------------------------------------------
-# Plane kernels: everything one work item does.
+# Plane kernels: everything one work item does. The interior sweeps run with
+# the tap groups outside and the rows inside, so that the per-group set-up is
+# paid once per plane, not once per row; the border columns are swept down
+# the plane one (tap, column) at a time for the same reason. Only columns in
+# [v_lo, v_hi) reach the border loops, so every column index there is >= 0.
 
 
-cdef void forward_plane(const floating *xp, const floating *wk, floating b, const ConvGeom *g,
-                        const Tables *t, floating *yp) noexcept nogil:
-    """yp = b + sum over taps of wk[kh, kw] * (shifted xp).
+cdef inline void column_axpy(floating *yp, const floating *xp, floating wv, const ConvGeom *g,
+                             const Tables *t, Py_ssize_t kh, Py_ssize_t ow,
+                             Py_ssize_t iw) noexcept nogil:
+    """yp[oh, ow] += wv * xp[row_src[oh, kh], iw] for every output row oh (forward border)."""
+    cdef Py_ssize_t oh, ih
+    for oh in range(g.OH):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            yp[oh * g.OW + ow] += wv * xp[ih * g.W + iw]
+
+
+cdef inline void column_scatter(floating *dxp, const floating *gp, floating wv,
+                                const ConvGeom *g, const Tables *t, Py_ssize_t kh,
+                                Py_ssize_t ow, Py_ssize_t iw) noexcept nogil:
+    """dxp[row_src[oh, kh], iw] += wv * gp[oh, ow] for every output row oh (grad_input border)."""
+    cdef Py_ssize_t oh, ih
+    for oh in range(g.OH):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            dxp[ih * g.W + iw] += wv * gp[oh * g.OW + ow]
+
+
+cdef inline floating column_dot(const floating *dyp, const floating *xp, const ConvGeom *g,
+                                const Tables *t, Py_ssize_t kh, Py_ssize_t ow,
+                                Py_ssize_t iw) noexcept nogil:
+    """sum over output rows oh of dyp[oh, ow] * xp[row_src[oh, kh], iw] (grad_weight border)."""
+    cdef Py_ssize_t oh, ih
+    cdef floating total = 0
+    for oh in range(g.OH):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            total += dyp[oh * g.OW + ow] * xp[ih * g.W + iw]
+    return total
+
+
+cdef void forward_plane(const floating *xp, const floating *zero_row, const floating *wk,
+                        floating b, const ConvGeom *g, const Tables *t,
+                        floating *yp) noexcept nogil:
+    """yp = b + sum over taps of wk[kh, kw] * (xp shifted by the tap).
 
     # IN  xp: one input plane (H, W); wk: the filter's KH*KW taps
     # OUT yp: one output plane (OH, OW), every element written
     """
-    cdef Py_ssize_t oh, ow, kh, kw, ih, lo, hi, base
-    cdef const Py_ssize_t *csrc
-    cdef const floating *row
+    cdef Py_ssize_t p, oh, ow, kh, kw, c, nr, nc, lo, hi, ih, iw
+    cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
+    cdef const floating *rows[ROWS]
+    cdef const floating *wc
     cdef floating *out
-    cdef floating wv
-    for oh in range(g.OH):
-        out = yp + oh * g.OW
-        for ow in range(g.OW):
-            out[ow] = b
-        for kh in range(g.KH):
-            ih = t.row_src[oh * g.KH + kh]
-            if ih < 0:
-                continue
-            row = xp + ih * g.W
-            for kw in range(g.KW):
-                wv = wk[kh * g.KW + kw]
-                lo = t.col_lo[kw]
-                hi = t.col_hi[kw]
-                tap_axpy(out, row, wv, kw * g.dilation_w - g.pad_left, g.stride_w, lo, hi)
-                if g.mode != PAD_ZEROS:
-                    csrc = t.col_src + kw * g.OW
-                    for ow in range(lo):
-                        out[ow] += wv * row[csrc[ow]]
-                    for ow in range(hi, g.OW):
-                        out[ow] += wv * row[csrc[ow]]
+    cdef floating w1, w2, wv
+    cdef bint blocks = g.stride_w <= 2
+    for p in range(g.OH * g.OW):
+        yp[p] = b
+    kh = 0
+    while kh < g.KH:
+        nr = min(<Py_ssize_t> ROWS, g.KH - kh)
+        kw = 0
+        while kw < g.KW:
+            nc = min(<Py_ssize_t> 3, g.KW - kw)
+            for oh in range(g.OH):
+                if not input_rows(xp, zero_row, g, t, oh, kh, nr, rows):
+                    continue
+                out = yp + oh * g.OW
+                if nr == 3 and nc == 3 and blocks:
+                    block_axpy(out, rows[0], rows[1], rows[2], wk + kh * g.KW + kw, g.KW,
+                               kw * g.dilation_w - g.pad_left, g.dilation_w, g.stride_w,
+                               ow_lo, ow_hi)
+                else:
+                    for c in range(kw, kw + nc):
+                        wc = wk + kh * g.KW + c
+                        w1 = wc[g.KW] if nr > 1 else 0
+                        w2 = wc[2 * g.KW] if nr > 2 else 0
+                        rows_axpy(out, nr, rows[0], rows[1], rows[2], wc[0], w1, w2,
+                                  c * g.dilation_w - g.pad_left, g.stride_w, ow_lo, ow_hi)
+            kw = kw + nc
+        kh = kh + nr
+    for kh in range(g.KH):
+        for kw in range(g.KW):
+            wv = wk[kh * g.KW + kw]
+            lo = t.v_lo[kw]
+            hi = t.v_hi[kw]
+            for ow in range(lo, min(hi, ow_lo)):
+                column_axpy(yp, xp, wv, g, t, kh, ow, t.col_src[kw * g.OW + ow])
+            for ow in range(max(lo, ow_hi), hi):
+                column_axpy(yp, xp, wv, g, t, kh, ow, t.col_src[kw * g.OW + ow])
 
 
 cdef void backward_input_plane(const floating *dyp, const floating *wk, const ConvGeom *g,
                                const Tables *t, Py_ssize_t m, floating *dxp) noexcept nogil:
-    """dxp = sum over the m filters of channel c of their taps' adjoint scatters.
+    """dxp = sum over the m filters of channel c of the adjoint of their forward sweeps.
+
+    The interior one input-gradient row at a time, from the grad_output rows
+    that reach it (``t.in_start``/``t.out_oh``/``t.out_kh``, up to 3 at a
+    time), in blocks as in :func:`forward_plane` (3x3 blocks for stride 1
+    only: for larger strides a block's kernel columns write different input
+    columns); then the border columns scattered back through the tables.
 
     # IN  dyp: the m consecutive grad_output planes (m, OH, OW) of channel c's filters;
     #     wk: their taps (m, KH*KW)
     # OUT dxp: one input-gradient plane (H, W), every element written
     """
     cdef Py_ssize_t P = g.OH * g.OW, KK = g.KH * g.KW
-    cdef Py_ssize_t j, oh, ow, kh, kw, ih, lo, hi, base
-    cdef const Py_ssize_t *csrc
-    cdef const floating *grad
+    cdef Py_ssize_t j, ih, oh, ow, kh, kw, c, e, e0, e1, ne, nc, k0, k1, k2, base, iw
+    cdef const floating *gp
+    cdef const floating *wj
+    cdef const floating *g0
+    cdef const floating *g1
+    cdef const floating *g2
     cdef floating *row
-    cdef floating wv
+    cdef floating wb[9]
+    cdef floating w1, w2, wv
+    cdef bint blocks = g.stride_w == 1
     memset(dxp, 0, g.H * g.W * sizeof(floating))
-    # oh outside j: the KH input rows an output row touches stay in cache
-    # while all m filters scatter into them
-    for oh in range(g.OH):
+    for ih in range(g.H):
+        row = dxp + ih * g.W
+        e0 = t.in_start[ih]
+        e1 = t.in_start[ih + 1]
         for j in range(m):
-            grad = dyp + j * P + oh * g.OW
-            for kh in range(g.KH):
-                ih = t.row_src[oh * g.KH + kh]
-                if ih < 0:
-                    continue
-                row = dxp + ih * g.W
-                for kw in range(g.KW):
-                    wv = wk[j * KK + kh * g.KW + kw]
-                    lo = t.col_lo[kw]
-                    hi = t.col_hi[kw]
-                    tap_scatter(row, grad, wv, kw * g.dilation_w - g.pad_left, g.stride_w,
-                                lo, hi)
-                    if g.mode != PAD_ZEROS:
-                        csrc = t.col_src + kw * g.OW
-                        for ow in range(lo):
-                            row[csrc[ow]] += wv * grad[ow]
-                        for ow in range(hi, g.OW):
-                            row[csrc[ow]] += wv * grad[ow]
+            gp = dyp + j * P
+            wj = wk + j * KK
+            e = e0
+            while e < e1:
+                ne = min(<Py_ssize_t> ROWS, e1 - e)
+                k0 = t.out_kh[e]
+                k1 = t.out_kh[e + 1] if ne > 1 else k0
+                k2 = t.out_kh[e + 2] if ne > 2 else k0
+                g0 = gp + t.out_oh[e] * g.OW
+                g1 = gp + t.out_oh[e + 1] * g.OW if ne > 1 else g0
+                g2 = gp + t.out_oh[e + 2] * g.OW if ne > 2 else g0
+                kw = 0
+                while kw < g.KW:
+                    nc = min(<Py_ssize_t> 3, g.KW - kw)
+                    if ne == 3 and nc == 3 and blocks:
+                        for c in range(3):
+                            wb[c] = wj[k0 * g.KW + kw + c]
+                            wb[3 + c] = wj[k1 * g.KW + kw + c]
+                            wb[6 + c] = wj[k2 * g.KW + kw + c]
+                        # stride 1: the interiors of the block's columns are one
+                        # interval of input columns
+                        base = kw * g.dilation_w - g.pad_left
+                        block_gather(row, g0, g1, g2, wb, base, g.dilation_w,
+                                     t.gi_lo[kw] + base, t.gi_hi[kw] + base)
+                    else:
+                        for c in range(kw, kw + nc):
+                            w1 = wj[k1 * g.KW + c] if ne > 1 else 0
+                            w2 = wj[k2 * g.KW + c] if ne > 2 else 0
+                            rows_gather(row, ne, g0, g1, g2, wj[k0 * g.KW + c], w1, w2,
+                                        c * g.dilation_w - g.pad_left, g.stride_w,
+                                        t.gi_lo[c], t.gi_hi[c])
+                    kw = kw + nc
+                e = e + ne
+    for j in range(m):
+        gp = dyp + j * P
+        wj = wk + j * KK
+        for kh in range(g.KH):
+            for kw in range(g.KW):
+                wv = wj[kh * g.KW + kw]
+                for ow in range(t.v_lo[kw], t.gi_lo[kw]):
+                    column_scatter(dxp, gp, wv, g, t, kh, ow, t.col_src[kw * g.OW + ow])
+                for ow in range(t.gi_hi[kw], t.v_hi[kw]):
+                    column_scatter(dxp, gp, wv, g, t, kh, ow, t.col_src[kw * g.OW + ow])
 
 
-cdef void backward_weight_plane(const floating *xp, const floating *dyp, const ConvGeom *g,
-                                const Tables *t, floating *acc, floating *sums) noexcept nogil:
-    """sums[k] += sum over (oh, ow) of dyp * (tap k's view of xp); sums[KK] += sum of dyp.
+cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
+                                const floating *dyp, const ConvGeom *g, const Tables *t,
+                                floating *sums) noexcept nogil:
+    """sums[kh*KW + kw] += <dyp, xp seen through tap (kh, kw)>; sums[KH*KW] += sum of dyp.
+
+    Per block of taps (as in :func:`forward_plane`) and chunk of interior
+    columns, every output row adds into one column-wise accumulator row per
+    tap; the rows are summed once at the end. Then the border columns.
 
     # IN  xp: one input plane (H, W); dyp: one grad_output plane (OH, OW)
     # OUT sums: KH*KW + 1 running totals, accumulated into
-    # acc: (KH*KW + 1) * OW scratch, overwritten
     """
-    cdef Py_ssize_t KK = g.KH * g.KW
-    cdef Py_ssize_t oh, ow, kh, kw, k, ih, lo, hi
-    cdef const Py_ssize_t *csrc
+    cdef floating acc[9 * CHUNK]
+    cdef Py_ssize_t oh, ow, kh, kw, r, c, nr, nc, c0, n, lo, hi, base, ih, iw
+    cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
+    cdef const floating *rows[ROWS]
     cdef const floating *grad
-    cdef const floating *row
-    cdef floating *a
     cdef floating total
-    memset(acc, 0, (KK + 1) * g.OW * sizeof(floating))
-    for oh in range(g.OH):
-        grad = dyp + oh * g.OW
-        a = acc + KK * g.OW
-        for ow in range(g.OW):
-            a[ow] += grad[ow]
-        for kh in range(g.KH):
-            ih = t.row_src[oh * g.KH + kh]
-            if ih < 0:
-                continue
-            row = xp + ih * g.W
-            for kw in range(g.KW):
-                a = acc + (kh * g.KW + kw) * g.OW
-                lo = t.col_lo[kw]
-                hi = t.col_hi[kw]
-                tap_product(a, grad, row, kw * g.dilation_w - g.pad_left, g.stride_w, lo, hi)
-                if g.mode != PAD_ZEROS:
-                    csrc = t.col_src + kw * g.OW
-                    for ow in range(lo):
-                        a[ow] += grad[ow] * row[csrc[ow]]
-                    for ow in range(hi, g.OW):
-                        a[ow] += grad[ow] * row[csrc[ow]]
-    # the horizontal sums cost OW per tap, 1/OH of the sweep above
-    for k in range(KK + 1):
-        a = acc + k * g.OW
-        total = 0
-        for ow in range(g.OW):
-            total = total + a[ow]
-        sums[k] += total
+    cdef bint full
+    sums[g.KH * g.KW] += row_sum(dyp, g.OH * g.OW)
+    kh = 0
+    while kh < g.KH:
+        nr = min(<Py_ssize_t> ROWS, g.KH - kh)
+        kw = 0
+        while kw < g.KW:
+            nc = min(<Py_ssize_t> 3, g.KW - kw)
+            full = nr == 3 and nc == 3 and g.stride_w <= 2
+            c0 = ow_lo
+            while c0 < ow_hi:
+                n = min(<Py_ssize_t> CHUNK, ow_hi - c0)
+                memset(acc, 0, 9 * CHUNK * sizeof(floating))
+                for oh in range(g.OH):
+                    if not input_rows(xp, zero_row, g, t, oh, kh, nr, rows):
+                        continue
+                    grad = dyp + oh * g.OW + c0
+                    base = kw * g.dilation_w - g.pad_left + c0 * g.stride_w
+                    if full:
+                        block_acc(acc, grad, rows[0], rows[1], rows[2], base, g.dilation_w,
+                                  g.stride_w, n)
+                    else:
+                        for r in range(nr):
+                            for c in range(nc):
+                                tap_acc(acc + (3 * r + c) * CHUNK, grad, rows[r],
+                                        base + c * g.dilation_w, g.stride_w, n)
+                for r in range(nr):
+                    for c in range(nc):
+                        sums[(kh + r) * g.KW + kw + c] += row_sum(acc + (3 * r + c) * CHUNK, n)
+                c0 = c0 + n
+            kw = kw + nc
+        kh = kh + nr
+    for kh in range(g.KH):
+        for kw in range(g.KW):
+            lo = t.v_lo[kw]
+            hi = t.v_hi[kw]
+            total = 0
+            for ow in range(lo, min(hi, ow_lo)):
+                total += column_dot(dyp, xp, g, t, kh, ow, t.col_src[kw * g.OW + ow])
+            for ow in range(max(lo, ow_hi), hi):
+                total += column_dot(dyp, xp, g, t, kh, ow, t.col_src[kw * g.OW + ow])
+            sums[kh * g.KW + kw] += total
 
 
 # ---------------------------------------------------------------------------
@@ -299,13 +700,18 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
     cdef Py_ssize_t item, n, f
     cdef bint has_bias = bias is not None
     cdef floating b
+    # what zero-padding rows read: the sweeps then need no special rows
+    cdef const floating[::1] zero_row = np.zeros(
+        g.W, dtype=np.float32 if floating is float else np.float64)
     if N == 0:
         return
+    # consecutive items of an image share their input plane when m > 1
     for item in prange(N * F, nogil=True, num_threads=n_threads, schedule="static"):
         n = item // F
         f = item - n * F
         b = bias[f] if has_bias else 0
-        forward_plane(&x[n, f // m, 0, 0], &w[f, 0], b, &g, &tables.t, &y[n, f, 0, 0])
+        forward_plane(&x[n, f // m, 0, 0], &zero_row[0], &w[f, 0], b, &g, &tables.t,
+                      &y[n, f, 0, 0])
 
 
 def backward_input(const floating[:, ::1] w, const floating[:, :, :, ::1] dy,
@@ -313,7 +719,7 @@ def backward_input(const floating[:, ::1] w, const floating[:, :, :, ::1] dy,
     """dx[n, c] = sum over f in [c*m, (c+1)*m) of conv_transpose(dy[n, f], w[f]).
 
     One input-gradient plane per work item: the m filters of a channel all
-    scatter into it, so no two threads ever write the same element.
+    add into it, so no two threads ever write the same element.
 
     # IN  w: (F, KH*KW) with F = m*C; dy: (N, F, OH, OW)
     # OUT dx: (N, C, H, W), every element written
@@ -334,13 +740,13 @@ def backward_input(const floating[:, ::1] w, const floating[:, :, :, ::1] dy,
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
                     floating[:, ::1] dw, floating[::1] db, object geometry, int n_threads):
-    """dw[f, (kh, kw)] = sum over (n, oh, ow) of dy[n, f] * x[n, f // m] seen through tap (kh, kw);
-    db[f] = sum over (n, oh, ow) of dy[n, f].
+    """dw[f, (kh, kw)] = sum over (n, oh, ow) of dy[n, f] * x[n, f // m] seen through tap
+    (kh, kw); db[f] = sum over (n, oh, ow) of dy[n, f].
 
-    The N*F planes are cut into T = min(n_threads, N*F) contiguous chunks; chunk
-    t sums into row t of a (T, F*(KK+1)) scratch (independent of N), and the
-    rows are added in chunk order, so the result depends on n_threads but not
-    on which thread ran which chunk.
+    The N*F planes are cut into T = min(n_threads, N*F) contiguous chunks;
+    chunk t sums into row t of a (T, F*(KH*KW + 1)) scratch (independent of
+    N), and the rows are added in chunk order, so the result depends on
+    n_threads but not on which thread ran which chunk.
 
     # IN  x: (N, C, H, W); dy: (N, F, OH, OW) with F = m*C
     # OUT dw: (F, KH*KW), overwritten; db: (F,) or None, overwritten
@@ -348,31 +754,29 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
     cdef ConvGeom g = make_geom(geometry)
     cdef _Tables tables = _Tables(geometry)
     cdef Py_ssize_t N = x.shape[0], F = dw.shape[0]
-    cdef Py_ssize_t KK = g.KH * g.KW
+    cdef Py_ssize_t KK1 = g.KH * g.KW + 1
     cdef Py_ssize_t m = F // g.C
     cdef Py_ssize_t items = N * F
     cdef Py_ssize_t T = max(1, min(<Py_ssize_t> n_threads, items))
     cdef bint has_bias = db is not None
     dtype = np.float32 if floating is float else np.float64
-    # partial[t, f*(KK+1) + k]: chunk t's total for tap k (k == KK: the bias) of filter f
-    cdef floating[:, ::1] partial = np.zeros((T, F * (KK + 1)), dtype=dtype)
-    cdef floating[:, ::1] acc = np.empty((T, (KK + 1) * g.OW), dtype=dtype)
-    cdef Py_ssize_t chunk, item, i0, i1, n, f, k, s
+    cdef const floating[::1] zero_row = np.zeros(g.W, dtype=dtype)
+    # partial[t, f*KK1 + k]: chunk t's total for tap k (k == KK1 - 1: the bias) of filter f
+    cdef floating[:, ::1] partial = np.zeros((T, F * KK1), dtype=dtype)
+    cdef Py_ssize_t chunk, item, n, f, k, s
     cdef floating total
     for chunk in prange(T, nogil=True, num_threads=n_threads, schedule="static", chunksize=1):
-        i0 = chunk * items // T
-        i1 = (chunk + 1) * items // T
-        for item in range(i0, i1):
+        for item in range(chunk * items // T, (chunk + 1) * items // T):
             n = item // F
             f = item - n * F
-            backward_weight_plane(&x[n, f // m, 0, 0], &dy[n, f, 0, 0], &g, &tables.t,
-                                  &acc[chunk, 0], &partial[chunk, f * (KK + 1)])
+            backward_weight_plane(&x[n, f // m, 0, 0], &zero_row[0], &dy[n, f, 0, 0], &g,
+                                  &tables.t, &partial[chunk, f * KK1])
     for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
-        for k in range(KK + 1):
+        for k in range(KK1):
             total = 0
             for s in range(T):
-                total = total + partial[s, f * (KK + 1) + k]
-            if k < KK:
+                total = total + partial[s, f * KK1 + k]
+            if k < KK1 - 1:
                 dw[f, k] = total
             elif has_bias:
                 db[f] = total

@@ -235,6 +235,32 @@ def test_long_rows(mode, stride, dtype):
     run_case(rng, dtype, 2, 4, 1, 21, 37, 3, 3, stride, 1, 1, mode, True, 2)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+@pytest.mark.parametrize("kernel, stride, dilation", [((3, 3), 1, 1), ((3, 3), 2, 2),
+                                                      ((5, 5), 1, 1), ((1, 1), 3, 1)])
+def test_rows_wider_than_a_chunk(mode, kernel, stride, dilation, dtype):
+    """More interior columns than grad_weight's accumulator chunk (64)."""
+    rng = np.random.default_rng(stride)
+    run_case(rng, dtype, 2, 2, 1, 5, 150, *kernel, stride, (1, 2, 2, 1), dilation, mode,
+             True, 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel", [(7, 7), (4, 6), (6, 1)])
+def test_kernels_of_several_blocks(mode, kernel, dtype):
+    """Kernel rows and columns in groups of 3, 3, 1 / 3, 1 / 3, 3 and 1: full 3x3
+    blocks next to partial ones."""
+    rng = np.random.default_rng(sum(kernel))
+    run_case(rng, dtype, 2, 2, 2, 12, 13, *kernel, (1, 2), (3, 3, 2, 3), 1, mode, True, 2)
+
+
+def test_padding_wider_than_the_kernel(dtype):
+    """Output rows and columns that only see zero padding, and an empty interior."""
+    rng = np.random.default_rng(5)
+    run_case(rng, dtype, 2, 2, 1, 4, 3, 3, 3, 1, (5, 4, 6, 3), 1, "zeros", True, 2)
+    run_case(rng, dtype, 2, 2, 1, 4, 3, 3, 3, 2, (5, 4, 6, 3), 2, "zeros", True, 1)
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_multiplier_and_wide_kernel(m, dtype):
     rng = np.random.default_rng(m)
