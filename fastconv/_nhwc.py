@@ -40,6 +40,13 @@ def weight_from_nhwc(wt: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
     return np.ascontiguousarray(w).reshape(F, Cg, KH, KW)
 
 
+def _grad_weight(gw: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """grad_weight as the kernels sum it, (G, Fg, KH*KW*Cg), -> (F, Cg, KH, KW), a new array."""
+    F, KH, KW = geometry.F, geometry.KH, geometry.KW
+    Cg = geometry.C // geometry.groups
+    return np.ascontiguousarray(gw.reshape(F, KH, KW, Cg).transpose(0, 3, 1, 2))
+
+
 def _plan(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
     """The tile plan and a scratch array of n_threads equal per-thread slices."""
     KK = geometry.KH * geometry.KW
@@ -118,7 +125,7 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
     K = geometry.C * geometry.KH * geometry.KW
     Kg, Fg = K // G, F // G
     grad_x = np.empty((N, geometry.H, geometry.W, geometry.C), dtype)
-    # grad_weight (as G x Kg x Fg) and grad_bias are reduced together from one buffer
+    # grad_weight (as G x Fg x Kg) and grad_bias are reduced together from one buffer
     weight_and_bias = np.empty(K * Fg + F, dtype)
     if N == 0:
         weight_and_bias.fill(0)
@@ -135,6 +142,6 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
             _conv.reduce_rows(partial, weight_and_bias, n_threads)
             _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
                                       tiles.tile_rows, tiles.n_items, tiles.c_block, n_threads)
-    grad_weight = weight_from_nhwc(weight_and_bias[:K * Fg], geometry)
+    grad_weight = _grad_weight(weight_and_bias[:K * Fg], geometry)
     grad_bias = weight_and_bias[K * Fg:] if with_bias else None
     return grad_x, grad_weight, grad_bias
