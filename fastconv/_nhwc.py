@@ -23,8 +23,11 @@ from fastconv._workspace import workspace
 
 __all__ = ["forward", "backward", "nhwc_weight"]
 
+#: grad_weight reductions of fewer elements run in the calling thread.
+PARALLEL_REDUCE_SIZE = 1 << 16
 
-def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: int) -> np.ndarray:
+
+def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype) -> np.ndarray:
     """(F, Cg, KH, KW) -> (F, KH*KW*Cg): ``wt[f, (kh, kw, cg)] = weight[f, cg, kh, kw]``.
 
     No copy for a 1x1 kernel already of ``dtype`` and contiguous.
@@ -34,7 +37,7 @@ def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: in
     if KK == 1:
         return w
     wt = np.empty_like(w)
-    _conv_nhwc.weight_columns(w, wt, KK, n_threads)
+    _conv_nhwc.weight_columns(w, wt, KK)
     return wt
 
 
@@ -82,7 +85,7 @@ def forward(x, weight, bias, geometry: ConvGeometry, dtype, n_threads: int,
     if geometry.N == 0:
         return y
     xc = np.ascontiguousarray(x, dtype=dtype)
-    wt = nhwc_weight(weight, geometry, dtype, n_threads)
+    wt = nhwc_weight(weight, geometry, dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     tiles, scratch = _plan(geometry, dtype, n_threads)
     with single_threaded_blas:
@@ -124,15 +127,18 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
         return grad_x, grad_weight, grad_bias
     xc = np.ascontiguousarray(x, dtype=dtype)
     dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
-    wt = nhwc_weight(weight, geometry, dtype, n_threads)
+    wt = nhwc_weight(weight, geometry, dtype)
     tiles, scratch = _plan(geometry, dtype, n_threads)
     partial = workspace("nhwc-partial", dtype, n_threads * (F * Kg + F))
     partial = partial.reshape(n_threads, F * Kg + F)
     with single_threaded_blas:
         _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
                                    with_bias, n_threads)
+        # a parallel region costs ~1 ms of thread wake-up when the other core
+        # is busy: only worth it for a large weight
         _conv_nhwc.reduce_weight_grad(partial, grad_weight.reshape(F, Kg), grad_bias,
-                                      geometry.KH * geometry.KW, n_threads)
+                                      geometry.KH * geometry.KW,
+                                      n_threads if F * Kg >= PARALLEL_REDUCE_SIZE else 1)
         _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
                                   tiles.tile_rows, tiles.n_items, tiles.c_block,
                                   tiles.n_bands, n_threads)

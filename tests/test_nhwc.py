@@ -310,7 +310,7 @@ def test_weight_layout(kernel):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((4, 3) + kernel)
     geometry = conv_geometry((2, 6, 6, 5), w.shape, 1, 1, 1, groups=2)
-    wt = _nhwc.nhwc_weight(w, geometry, np.float32, 2)
+    wt = _nhwc.nhwc_weight(w, geometry, np.float32)
     assert wt.shape == (4, kernel[0] * kernel[1] * 3) and wt.dtype == np.float32
     # wt[f, (kh, kw, cg)] = w[f, cg, kh, kw]
     np.testing.assert_array_equal(
@@ -321,7 +321,7 @@ def test_kernels_reject_wrong_arrays():
     """The memoryview signatures catch swapped or mistyped arrays before any C code runs."""
     rng = np.random.default_rng(7)
     x, w, b, geometry = _problem(rng)
-    wt = _nhwc.nhwc_weight(w, geometry, np.float32, 1)
+    wt = _nhwc.nhwc_weight(w, geometry, np.float32)
     y = np.empty((2 * 6 * 5, 3), np.float32)
     with pytest.raises(ValueError, match="dimensions"):
         _conv_nhwc.forward(x, wt, b, y.reshape(2, 6, 5, 3), np.empty(1000, np.float32),
