@@ -3,16 +3,21 @@
 The column matrix of the whole batch has one *row* per output position
 ``r = (n*OH + oh)*OW + ow`` and ``K = C*KH*KW`` columns ordered
 ``(g, kh, kw, cg)``: per group and kernel tap, a chunk of ``Cg = C/G``
-input channels copied from the pixel ``x[n, ih, iw, g*Cg:(g+1)*Cg]``. Then
+input channels copied from the pixel ``x[n, ih, iw, g*Cg:(g+1)*Cg]``. The
+weight is taken as ``wt`` of shape (F, Kg = KH*KW*Cg), each filter's taps
+reordered to ``(kh, kw, cg)`` (:func:`weight_columns`); ``wt_g`` is the
+(Fg, Kg) block of group g. Then
 
-* forward: ``Y[rows, g*Fg:(g+1)*Fg] = col[rows, g*Kg:(g+1)*Kg] @ wt[g]``
-  where ``wt`` is the weight as (G, Kg = KH*KW*Cg, Fg); the output rows of a
-  tile are contiguous in NHWC, so a tile may span images and needs no staging;
-* grad_weight: per-thread partial sums of ``col_g.T @ dY_g`` (and of dY's
-  rows for the bias), reduced afterwards;
-* grad_x: ``dcol_g = dY_g @ wt[g].T``, scattered back into the pixels it
-  came from. Rows of one image overlap in dx, so a work item owns whole
-  images, or (few images for the threads) one block of an image's channels.
+* forward: ``Y[rows, g*Fg:(g+1)*Fg] = col[rows, g*Kg:(g+1)*Kg] @ wt_g.T``;
+  the output rows of a tile are contiguous in NHWC, so a tile may span
+  images and needs no staging;
+* grad_weight: per-thread partial sums of ``dY_g.T @ col_g`` (and of dY's
+  rows for the bias), reduced by :func:`reduce_weight_grad`;
+* grad_x: ``dcol_g = dY_g @ wt_g``, scattered back into the pixels it came
+  from. Rows of one image overlap in dx, so a work item owns whole images,
+  or (few images for the threads) one block of an image's channels, or one
+  band of an image's input rows (recomputing the output rows that straddle
+  two bands).
 
 A tile is a range of rows ``[r0, r1)``; it is only ever materialised in the
 calling thread's slice of the workspace, whose size comes from
@@ -256,8 +261,10 @@ cdef void gather_rows(const floating *x, const ConvGeom *g, const Chunks *ch,
 
 
 cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch,
-                        Py_ssize_t ih0, Py_ssize_t iw0, floating *image) noexcept nogil:
-    """The adjoint of :func:`gather_pixel`: image[ih', iw', chunk channels] += src's chunks."""
+                        Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t h0, Py_ssize_t h1,
+                        floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_pixel`: image[ih', iw', chunk channels] += src's chunks,
+    for the input rows ``h0 <= ih' < h1`` only."""
     cdef Py_ssize_t C = g.C, H = g.H, W = g.W, KW = g.KW, dh = g.dilation_h, dw = g.dilation_w
     cdef int mode = g.mode
     cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
@@ -269,7 +276,7 @@ cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch
         run_taps(W, KW, iw0, &lo, &hi)
         for kh in range(g.KH):
             ih = source_index(ih0 + kh * dh, H, mode)
-            if ih < 0:
+            if ih < h0 or ih >= h1:
                 continue
             s = src + kh * run_len
             row = image + ih * W * C
@@ -285,7 +292,7 @@ cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch
         return
     for kh in range(g.KH):
         ih = source_index(ih0 + kh * dh, H, mode)
-        if ih < 0:
+        if ih < h0 or ih >= h1:
             continue
         row = image + ih * W * C
         for kw in range(KW):
@@ -300,8 +307,8 @@ cdef void scatter_pixel(const floating *src, const ConvGeom *g, const Chunks *ch
 
 cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g,
                            const Chunks *ch, Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t count,
-                           floating *image) noexcept nogil:
-    """The adjoint of :func:`gather_interior`."""
+                           Py_ssize_t h0, Py_ssize_t h1, floating *image) noexcept nogil:
+    """The adjoint of :func:`gather_interior`, for the input rows ``h0 <= ih' < h1`` only."""
     cdef Py_ssize_t C = g.C, KW = g.KW, dw = g.dilation_w
     cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
     cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
@@ -312,7 +319,7 @@ cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g
     cdef const floating *s
     for kh in range(g.KH):
         ih = source_index(ih0 + kh * g.dilation_h, g.H, g.mode)
-        if ih < 0:
+        if ih < h0 or ih >= h1:
             continue
         row = image + ih * WC + iw0 * C
         if ch.run:
@@ -335,11 +342,13 @@ cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g
 
 
 cdef void scatter_rows(const floating *col, Py_ssize_t ld, const ConvGeom *g, const Chunks *ch,
-                       Py_ssize_t r0, Py_ssize_t r1, floating *x) noexcept nogil:
+                       Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t h0, Py_ssize_t h1,
+                       floating *x) noexcept nogil:
     """The adjoint of :func:`gather_rows`: x[n, ih', iw', chunk channels] += col[r - r0, chunk].
 
-    Only the channels of ``ch`` are written, and only in the images of rows
-    ``[r0, r1)``: callers give each thread its own images or channel block.
+    Only the channels of ``ch`` and the input rows ``h0 <= ih' < h1`` are
+    written, and only in the images of rows ``[r0, r1)``: callers give each
+    thread its own images, channel block or band of rows.
 
     # IN  col: (r1 - r0) rows of row stride ld
     # OUT x: (N, H, W, C) contiguous, accumulated into
@@ -361,14 +370,25 @@ cdef void scatter_rows(const floating *col, Py_ssize_t ld, const ConvGeom *g, co
         b = min(max(hi, a), end)
         for o in range(ow, a):
             scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
-                          o * g.stride_w - g.pad_left, image)
+                          o * g.stride_w - g.pad_left, h0, h1, image)
         if b > a:
             scatter_interior(src + (a - ow) * ld, ld, g, ch, oh * g.stride_h - g.pad_top,
-                             a * g.stride_w - g.pad_left, b - a, image)
+                             a * g.stride_w - g.pad_left, b - a, h0, h1, image)
         for o in range(b, end):
             scatter_pixel(src + (o - ow) * ld, g, ch, oh * g.stride_h - g.pad_top,
-                          o * g.stride_w - g.pad_left, image)
+                          o * g.stride_w - g.pad_left, h0, h1, image)
         r += end - ow
+
+
+cdef inline bint reads_band(const ConvGeom *g, Py_ssize_t oh, Py_ssize_t h0,
+                            Py_ssize_t h1) noexcept nogil:
+    """Whether a tap of output row ``oh`` reads an input row in ``[h0, h1)``."""
+    cdef Py_ssize_t kh, ih
+    for kh in range(g.KH):
+        ih = source_index(oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H, g.mode)
+        if h0 <= ih < h1:
+            return True
+    return False
 
 
 cdef inline Py_ssize_t split_point(Py_ssize_t total, Py_ssize_t parts, Py_ssize_t i) noexcept nogil:
@@ -376,12 +396,72 @@ cdef inline Py_ssize_t split_point(Py_ssize_t total, Py_ssize_t parts, Py_ssize_
     return total * i // parts
 
 
-def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
+def weight_columns(const floating[:, ::1] w, floating[:, ::1] wt, Py_ssize_t KK):
+    """wt[f, t*Cg + c] = w[f, c*KK + t]: each filter's taps from (cg, kh, kw) to (kh, kw, cg).
+
+    Runs in the calling thread: waking the OpenMP workers for a region of
+    its own cost ~1.2 ms on a machine whose other core is busy (more than
+    the whole reorder of lenet's weight), and deep-7x7's 512x512x3x3 takes
+    ~1.9 ms here against NumPy's 7 ms transposing copy.
+
+    # IN  w: (F, Cg*KK)
+    # OUT wt: (F, KK*Cg)
+    """
+    cdef Py_ssize_t F = w.shape[0], Kg = w.shape[1], Cg = Kg // KK
+    cdef Py_ssize_t f, t, c
+    cdef const floating *src
+    cdef floating *dst
+    with nogil:
+        for f in range(F):
+            src = &w[f, 0]
+            dst = &wt[f, 0]
+            # reading each filter in order measured faster than writing it in order
+            for c in range(Cg):
+                for t in range(KK):
+                    dst[t * Cg + c] = src[c * KK + t]
+
+
+def reduce_weight_grad(const floating[:, ::1] partial, floating[:, ::1] grad_w,
+                       floating[::1] grad_b, Py_ssize_t KK, int n_threads):
+    """grad_w[f, c*KK + t] = sum over threads of partial[:, f*Kg + t*Cg + c]; grad_b likewise.
+
+    The reduction of :func:`backward_weight`'s partial sums and the inverse of
+    :func:`weight_columns`'s reordering in one pass.
+
+    # IN  partial: (T, F*Kg + F)
+    # OUT grad_w: (F, Cg*KK); grad_b: (F,) or None
+    """
+    cdef Py_ssize_t T = partial.shape[0], M = partial.shape[1]
+    cdef Py_ssize_t F = grad_w.shape[0], Kg = grad_w.shape[1], Cg = Kg // KK
+    cdef Py_ssize_t f, t, c, i, c0, c1
+    cdef bint with_bias = grad_b is not None
+    cdef floating total
+    cdef floating *dst
+    cdef const floating *src
+    for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
+        src = &partial[0, f * Kg]
+        dst = &grad_w[f, 0]
+        for c0 in range(0, Cg, 64):
+            c1 = min(c0 + 64, Cg)
+            for t in range(KK):
+                for c in range(c0, c1):
+                    total = 0
+                    for i in range(T):
+                        total = total + src[i * M + t * Cg + c]
+                    dst[c * KK + t] = total
+        if with_bias:
+            total = 0
+            for i in range(T):
+                total = total + partial[i, F * Kg + f]
+            grad_b[f] = total
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             const floating[::1] bias, floating[:, ::1] y,
             floating[::1] workspace, object geometry, Py_ssize_t n_tiles, int n_threads):
-    """Y[rows] = col[rows] @ wt (per group) (+ bias), one row tile per work item.
+    """Y[rows] = col[rows] @ wt_g.T (per group) (+ bias), one row tile per work item.
 
-    # IN  x: (N, H, W, C); wt: (G, Kg, Fg); bias: (F,) or None
+    # IN  x: (N, H, W, C); wt: (F, Kg); bias: (F,) or None
     # OUT y: (N*OH*OW, F), every element written
     # workspace: n_threads equal slices of at least ceil(R / n_tiles) * K elements
     """
@@ -390,8 +470,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
     cdef bint pointwise = geometry.is_pointwise
     cdef const floating *bias_ptr = NULL
     cdef Py_ssize_t G = g.groups
-    cdef Py_ssize_t N = x.shape[0], Kg = wt.shape[1], Fg = wt.shape[2]
-    cdef Py_ssize_t K = G * Kg, F = G * Fg
+    cdef Py_ssize_t N = x.shape[0], F = wt.shape[0], Kg = wt.shape[1]
+    cdef Py_ssize_t K = G * Kg, Fg = F // G
     cdef Py_ssize_t R = N * g.OH * g.OW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t item, r0, r1, r, gi
@@ -399,7 +479,6 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
     cdef floating *ws
     cdef floating *out
     cdef floating beta
-    cdef int ldcol
     if R == 0:
         return
     if bias is not None:
@@ -414,30 +493,29 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] wt,
             ws = &workspace[openmp.omp_get_thread_num() * per_thread]
             gather_rows(&x[0, 0, 0, 0], &g, &ch, r0, r1, ws, K)
             cols = ws
-        ldcol = <int> K
         out = &y[r0, 0]
         beta = 0
         if bias_ptr != NULL:
             beta = 1
             for r in range(r1 - r0):
-                memcpy(out + r * F, bias_ptr, F * sizeof(floating))
+                copy_n(out + r * F, bias_ptr, F)
         for gi in range(G):
-            gemm_rm(False, False, <int> (r1 - r0), <int> Fg, <int> Kg,
-                    1, cols + gi * Kg, ldcol, &wt[gi, 0, 0], <int> Fg,
+            gemm_rm(False, True, <int> (r1 - r0), <int> Fg, <int> Kg,
+                    1, cols + gi * Kg, <int> K, &wt[gi * Fg, 0], <int> Kg,
                     beta, out + gi * Fg, <int> F)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
                     floating[:, ::1] partial, floating[::1] workspace, object geometry,
                     Py_ssize_t n_tiles, bint with_bias, int n_threads):
-    """Per-thread partial sums of grad_weight (as (G, Kg, Fg)) and grad_bias.
+    """Per-thread partial sums of grad_weight (as wt's (F, Kg)) and grad_bias.
 
-    partial[t, g*Kg*Fg:(g+1)*Kg*Fg] += col_g.T @ dY_g and partial[t, G*Kg*Fg:]
-    += dY.sum(axis=0) over the row tiles of thread t; reduce with
-    ``fastconv._conv.reduce_rows``.
+    partial[t, :F*Kg] += dY_g.T @ col_g (group g's filter rows) and
+    partial[t, F*Kg:] += dY.sum(axis=0) over the row tiles of thread t;
+    reduce with :func:`reduce_weight_grad`.
 
     # IN  x: (N, H, W, C); dy: (N*OH*OW, F)
-    # OUT partial: (n_threads, G*Kg*Fg + F), zeroed here (the bias part stays 0
+    # OUT partial: (n_threads, F*Kg + F), zeroed here (the bias part stays 0
     #     without with_bias)
     """
     cdef ConvGeom g = make_geom(geometry)
@@ -468,49 +546,79 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
             cols = ws
         grad = &dy[r0, 0]
         for gi in range(G):
-            gemm_rm(True, False, <int> Kg, <int> Fg, <int> (r1 - r0),
-                    1, cols + gi * Kg, <int> K, grad + gi * Fg, <int> F,
-                    1, acc + gi * Kg * Fg, <int> Fg)
+            # dY_g.T @ col_g rather than col_g.T @ dY_g: BLAS then repacks the
+            # transposed operand from the F-wide dY rows, not the K-wide column
+            # rows (resnet-1x1: sgemm_otcopy fell from 21% to ~4% of the time)
+            gemm_rm(True, False, <int> Fg, <int> Kg, <int> (r1 - r0),
+                    1, grad + gi * Fg, <int> F, cols + gi * Kg, <int> K,
+                    1, acc + gi * Fg * Kg, <int> Kg)
         if with_bias:
             # row by row: the inner loop runs along contiguous filters
-            acc = acc + K * Fg
+            acc = acc + F * Kg
             for r in range(r1 - r0):
                 for f in range(F):
                     acc[f] = acc[f] + grad[r * F + f]
 
 
-def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
+cdef void input_rows(const floating *wt, const floating *dy, const ConvGeom *g,
+                     Py_ssize_t F, Py_ssize_t Kg, Py_ssize_t r0, Py_ssize_t r1,
+                     Py_ssize_t tile_rows, Py_ssize_t h0, Py_ssize_t h1,
+                     floating *ws, floating *dx) noexcept nogil:
+    """dx[image rows h0..h1-1] += col2im(dY[r0:r1] @ wt_g) for every group, in row tiles.
+
+    # IN  wt: (F, Kg); dy: (N*OH*OW, F)
+    # OUT dx: (N, H, W, C), accumulated into (only input rows [h0, h1))
+    # ws: tile_rows * K elements
+    """
+    cdef Chunks ch = full_chunks(g)
+    cdef Py_ssize_t G = g.groups, Fg = F // g.groups, K = g.groups * Kg
+    cdef Py_ssize_t n_sub = ceil_div(r1 - r0, tile_rows)
+    cdef Py_ssize_t s, a, b, gi
+    for s in range(n_sub):
+        a = r0 + split_point(r1 - r0, n_sub, s)
+        b = r0 + split_point(r1 - r0, n_sub, s + 1)
+        for gi in range(G):
+            gemm_rm(False, False, <int> (b - a), <int> Kg, <int> Fg,
+                    1, dy + a * F + gi * Fg, <int> F, wt + gi * Fg * Kg, <int> Kg,
+                    0, ws + gi * Kg, <int> K)
+        scatter_rows(ws, K, g, &ch, a, b, h0, h1, dx)
+
+
+def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
                    floating[:, :, :, ::1] dx, floating[::1] workspace, object geometry,
                    Py_ssize_t n_tiles, Py_ssize_t tile_rows, Py_ssize_t n_items,
-                   Py_ssize_t c_block, int n_threads):
-    """dx = col2im(dY @ wt.T) (per group).
+                   Py_ssize_t c_block, Py_ssize_t n_bands, int n_threads):
+    """dx = col2im(dY @ wt_g) (per group).
 
     * pointwise: every dx row is one dY row's product, no overlap: ``n_tiles``
       row tiles as in :func:`forward`;
-    * ``c_block >= C``: ``n_items`` work items of whole images, each cut into
-      row tiles of at most ``tile_rows``;
-    * else one work item per (image, channel block): whole groups when
-      ``c_block`` is a multiple of Cg (one gemm per group), else a block of
-      one group's channels (one gemm per kernel tap, into the block only).
+    * ``n_bands > 1``: one work item per (image, band of input rows); the
+      output rows reading a band are recomputed by each band they touch;
+    * ``c_block < C``: one work item per (image, channel block): whole groups
+      when ``c_block`` is a multiple of Cg (one gemm per group), else a block
+      of one group's channels (one gemm per kernel tap, into the block only);
+    * else ``n_items`` work items of whole images.
 
-    # IN  wt: (G, Kg, Fg); dy: (N*OH*OW, F)
+    Every item cuts its rows into tiles of at most ``tile_rows``.
+
+    # IN  wt: (F, Kg); dy: (N*OH*OW, F)
     # OUT dx: (N, H, W, C), every element written
     # workspace: n_threads equal slices of at least tile_rows * K elements
     """
     cdef ConvGeom g = make_geom(geometry)
-    cdef Chunks ch = full_chunks(&g)
     cdef bint pointwise = geometry.is_pointwise
-    cdef Py_ssize_t G = g.groups, C = g.C
-    cdef Py_ssize_t N = dx.shape[0], Kg = wt.shape[1], Fg = wt.shape[2]
-    cdef Py_ssize_t K = G * Kg, F = G * Fg, Cg = C // G, KK = g.KH * g.KW
+    cdef Py_ssize_t G = g.groups, C = g.C, H = g.H
+    cdef Py_ssize_t N = dx.shape[0], F = wt.shape[0], Kg = wt.shape[1]
+    cdef Py_ssize_t Fg = F // G, Cg = C // G, KK = g.KH * g.KW
     cdef Py_ssize_t P = g.OH * g.OW, R = N * P
-    cdef Py_ssize_t HW = g.H * g.W
+    cdef Py_ssize_t HW = g.H * g.W, WC = g.W * g.C
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t groups_per_block = c_block // Cg if c_block % Cg == 0 else 0
     cdef Py_ssize_t blocks_per_group = 1 if groups_per_block else ceil_div(Cg, c_block)
     cdef Py_ssize_t n_blocks = (ceil_div(G, groups_per_block) if groups_per_block
                                 else G * blocks_per_group)
-    cdef Py_ssize_t item, n0, n1, r0, r1, rows, s, n_sub, r, gi, g0, g1, b, a, cb, t, ldw
+    cdef Py_ssize_t item, n0, n1, r0, r1, s, n_sub, r, gi, g0, g1, b, a, cb, t, ldw
+    cdef Py_ssize_t h0, h1, oh, oh_end
     cdef floating *ws
     cdef floating *image
     cdef Chunks bch
@@ -521,9 +629,32 @@ def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
             r0 = split_point(R, n_tiles, item)
             r1 = split_point(R, n_tiles, item + 1)
             for gi in range(G):
-                gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
-                        1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
+                gemm_rm(False, False, <int> (r1 - r0), <int> Kg, <int> Fg,
+                        1, &dy[r0, gi * Fg], <int> F, &wt[gi * Fg, 0], <int> Kg,
                         0, &dx[0, 0, 0, 0] + r0 * C + gi * Cg, <int> C)
+        return
+    if n_bands > 1:
+        for item in prange(N * n_bands, nogil=True, num_threads=n_threads, schedule="static"):
+            n0 = item // n_bands
+            b = item - n0 * n_bands
+            h0 = split_point(H, n_bands, b)
+            h1 = split_point(H, n_bands, b + 1)
+            ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+            image = &dx[n0, 0, 0, 0]
+            memset(image + h0 * WC, 0, (h1 - h0) * WC * sizeof(floating))
+            # runs of consecutive output rows with a tap in the band (padding
+            # modes can map a tap far away: circular's top rows read the bottom)
+            oh = 0
+            while oh < g.OH:
+                if not reads_band(&g, oh, h0, h1):
+                    oh = oh + 1
+                    continue
+                oh_end = oh + 1
+                while oh_end < g.OH and reads_band(&g, oh_end, h0, h1):
+                    oh_end = oh_end + 1
+                input_rows(&wt[0, 0], &dy[0, 0], &g, F, Kg, n0 * P + oh * g.OW,
+                           n0 * P + oh_end * g.OW, tile_rows, h0, h1, ws, &dx[0, 0, 0, 0])
+                oh = oh_end
         return
     if c_block >= C:
         for item in prange(n_items, nogil=True, num_threads=n_threads, schedule="static"):
@@ -531,16 +662,8 @@ def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
             n1 = split_point(N, n_items, item + 1)
             ws = &workspace[openmp.omp_get_thread_num() * per_thread]
             memset(&dx[0, 0, 0, 0] + n0 * HW * C, 0, (n1 - n0) * HW * C * sizeof(floating))
-            rows = (n1 - n0) * P
-            n_sub = ceil_div(rows, tile_rows)
-            for s in range(n_sub):
-                r0 = n0 * P + split_point(rows, n_sub, s)
-                r1 = n0 * P + split_point(rows, n_sub, s + 1)
-                for gi in range(G):
-                    gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
-                            1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
-                            0, ws + gi * Kg, <int> K)
-                scatter_rows(ws, K, &g, &ch, r0, r1, &dx[0, 0, 0, 0])
+            input_rows(&wt[0, 0], &dy[0, 0], &g, F, Kg, n0 * P, n1 * P, tile_rows, 0, H, ws,
+                       &dx[0, 0, 0, 0])
         return
     for item in prange(N * n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
         n0 = item // n_blocks
@@ -569,14 +692,14 @@ def backward_input(const floating[:, :, ::1] wt, const floating[:, ::1] dy,
             r1 = n0 * P + split_point(P, n_sub, s + 1)
             if groups_per_block:
                 for gi in range(g0, g1):
-                    gemm_rm(False, True, <int> (r1 - r0), <int> Kg, <int> Fg,
-                            1, &dy[r0, gi * Fg], <int> F, &wt[gi, 0, 0], <int> Fg,
+                    gemm_rm(False, False, <int> (r1 - r0), <int> Kg, <int> Fg,
+                            1, &dy[r0, gi * Fg], <int> F, &wt[gi * Fg, 0], <int> Kg,
                             0, ws + (gi - g0) * Kg, <int> ldw)
             else:
-                # wt[g0]'s rows of tap t and channels a..a+cb are contiguous
+                # the block's channels of tap t are columns t*Cg + a .. of wt_g
                 for t in range(KK):
-                    gemm_rm(False, True, <int> (r1 - r0), <int> cb, <int> Fg,
-                            1, &dy[r0, g0 * Fg], <int> F, &wt[g0, t * Cg + a, 0], <int> Fg,
+                    gemm_rm(False, False, <int> (r1 - r0), <int> cb, <int> Fg,
+                            1, &dy[r0, g0 * Fg], <int> F, &wt[g0 * Fg, t * Cg + a], <int> Kg,
                             0, ws + t * cb, <int> ldw)
-            scatter_rows(ws, ldw, &g, &bch, r0, r1, &dx[0, 0, 0, 0])
+            scatter_rows(ws, ldw, &g, &bch, r0, r1, 0, H, &dx[0, 0, 0, 0])
 

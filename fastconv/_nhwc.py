@@ -7,7 +7,7 @@ the compute dtype and made contiguous. Inputs are never modified.
 
 Layouts: ``x`` is (N, H, W, C), ``y`` and ``grad_output`` are (N, OH, OW, F),
 ``weight`` stays (F, C/groups, KH, KW). The kernels (``fastconv._conv_nhwc``)
-take the weight as ``wt`` of shape (G, Kg, Fg) with ``Kg = KH*KW*Cg`` ordered
+take the weight as ``wt`` of shape (F, Kg) with ``Kg = KH*KW*Cg`` ordered
 ``(kh, kw, cg)``, the order of a column row's chunks.
 """
 
@@ -15,36 +15,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _conv_nhwc
+from fastconv import _conv_nhwc
 from fastconv._threads import single_threaded_blas
 from fastconv._tiling import NhwcPlan, plan_nhwc
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["forward", "backward", "nhwc_weight", "weight_from_nhwc"]
+__all__ = ["forward", "backward", "nhwc_weight"]
+
+#: grad_weight reductions of fewer elements run in the calling thread.
+PARALLEL_REDUCE_SIZE = 1 << 16
 
 
 def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype) -> np.ndarray:
-    """(F, Cg, KH, KW) -> (G, KH*KW*Cg, Fg): ``wt[g, (kh, kw, cg), fg] = weight[g*Fg + fg, cg, kh, kw]``."""
-    G, F, KH, KW = geometry.groups, geometry.F, geometry.KH, geometry.KW
-    Fg, Cg = F // G, geometry.C // G
-    w = np.asarray(weight).reshape(G, Fg, Cg, KH, KW).transpose(0, 3, 4, 2, 1)
-    return np.ascontiguousarray(w, dtype=dtype).reshape(G, KH * KW * Cg, Fg)
+    """(F, Cg, KH, KW) -> (F, KH*KW*Cg): ``wt[f, (kh, kw, cg)] = weight[f, cg, kh, kw]``.
 
-
-def weight_from_nhwc(wt: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """The inverse of :func:`nhwc_weight`: (G, KH*KW*Cg, Fg) -> (F, Cg, KH, KW), a new array."""
-    G, F, KH, KW = geometry.groups, geometry.F, geometry.KH, geometry.KW
-    Fg, Cg = F // G, geometry.C // G
-    w = wt.reshape(G, KH, KW, Cg, Fg).transpose(0, 4, 3, 1, 2)
-    return np.ascontiguousarray(w).reshape(F, Cg, KH, KW)
+    No copy for a 1x1 kernel already of ``dtype`` and contiguous.
+    """
+    w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
+    KK = geometry.KH * geometry.KW
+    if KK == 1:
+        return w
+    wt = np.empty_like(w)
+    _conv_nhwc.weight_columns(w, wt, KK)
+    return wt
 
 
 def _plan(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
     """The tile plan and a scratch array of n_threads equal per-thread slices."""
     KK = geometry.KH * geometry.KW
     tiles: NhwcPlan = plan_nhwc(geometry.N, geometry.OH * geometry.OW, geometry.C, KK,
-                                geometry.groups, dtype.itemsize, n_threads)
+                                geometry.groups, dtype.itemsize, n_threads, geometry.OH)
     per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.is_pointwise)
     return tiles, workspace("nhwc-columns", dtype, n_threads * max(per_thread, 1))
 
@@ -114,27 +115,31 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
     grad_bias : ndarray, shape (F,), or None
     """
     dtype = np.dtype(dtype)
-    G, N, F = geometry.groups, geometry.N, geometry.F
-    K = geometry.C * geometry.KH * geometry.KW
-    Kg, Fg = K // G, F // G
+    N, F = geometry.N, geometry.F
+    Kg = geometry.C // geometry.groups * geometry.KH * geometry.KW
     grad_x = np.empty((N, geometry.H, geometry.W, geometry.C), dtype)
-    # grad_weight (as G x Kg x Fg) and grad_bias are reduced together from one buffer
-    weight_and_bias = np.empty(K * Fg + F, dtype)
+    grad_weight = np.empty(geometry.weight_shape, dtype)
+    grad_bias = np.empty(F, dtype) if with_bias else None
     if N == 0:
-        weight_and_bias.fill(0)
-    else:
-        xc = np.ascontiguousarray(x, dtype=dtype)
-        dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
-        wt = nhwc_weight(weight, geometry, dtype)
-        tiles, scratch = _plan(geometry, dtype, n_threads)
-        partial = workspace("nhwc-partial", dtype, n_threads * (K * Fg + F))
-        partial = partial.reshape(n_threads, K * Fg + F)
-        with single_threaded_blas:
-            _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
-                                       with_bias, n_threads)
-            _conv.reduce_rows(partial, weight_and_bias, n_threads)
-            _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
-                                      tiles.tile_rows, tiles.n_items, tiles.c_block, n_threads)
-    grad_weight = weight_from_nhwc(weight_and_bias[:K * Fg], geometry)
-    grad_bias = weight_and_bias[K * Fg:] if with_bias else None
+        grad_weight.fill(0)
+        if with_bias:
+            grad_bias.fill(0)
+        return grad_x, grad_weight, grad_bias
+    xc = np.ascontiguousarray(x, dtype=dtype)
+    dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
+    wt = nhwc_weight(weight, geometry, dtype)
+    tiles, scratch = _plan(geometry, dtype, n_threads)
+    partial = workspace("nhwc-partial", dtype, n_threads * (F * Kg + F))
+    partial = partial.reshape(n_threads, F * Kg + F)
+    with single_threaded_blas:
+        _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
+                                   with_bias, n_threads)
+        # a parallel region costs ~1 ms of thread wake-up when the other core
+        # is busy: only worth it for a large weight
+        _conv_nhwc.reduce_weight_grad(partial, grad_weight.reshape(F, Kg), grad_bias,
+                                      geometry.KH * geometry.KW,
+                                      n_threads if F * Kg >= PARALLEL_REDUCE_SIZE else 1)
+        _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
+                                  tiles.tile_rows, tiles.n_items, tiles.c_block,
+                                  tiles.n_bands, n_threads)
     return grad_x, grad_weight, grad_bias

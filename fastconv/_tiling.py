@@ -101,6 +101,10 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
 NHWC_TILE_BYTES = COLUMN_TILE_BYTES
 #: Fewer rows make gemm calls too thin (the rows are gemm's long dimension).
 NHWC_MIN_TILE_ROWS = MIN_TILE_COLUMNS
+#: grad_x channel blocks narrower than this (inside one group) cost one thin
+#: gemm per kernel tap: resnet-stem (C=3) at N=1 ran 5x slower than NCHW with
+#: blocks of 1-2 channels. Bands of input rows are cut instead.
+NHWC_MIN_BLOCK_CHANNELS = 16
 
 
 class NhwcPlan(NamedTuple):
@@ -108,8 +112,9 @@ class NhwcPlan(NamedTuple):
 
     n_tiles: int          # forward, grad_weight (and pointwise grad_x): row tiles of the batch
     tile_rows: int        # most rows in any tile: the workspace holds tile_rows x K
-    n_items: int          # grad_x: items of whole images when c_block >= C
+    n_items: int          # grad_x: items of whole images (when c_block >= C and n_bands == 1)
     c_block: int          # grad_x: channels per (image, block) item when < C
+    n_bands: int = 1      # grad_x: bands of input rows per image when > 1
 
     def workspace_per_thread(self, K: int, pointwise: bool) -> int:
         """Elements of scratch one thread needs: one column tile (tile_rows x K).
@@ -136,32 +141,37 @@ def _balanced_count(at_least: int, n_threads: int, at_most: int) -> int:
 
 
 def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
-              n_threads: int) -> NhwcPlan:
-    """Tile plan for N images of P output positions with K = C*KK column values per row.
+              n_threads: int, OH: int = 1) -> NhwcPlan:
+    """Tile plan for N images of P = OH*OW output positions, K = C*KK column values per row.
 
     Row tiles (forward, grad_weight) may span images. grad_x must never let
     two threads scatter into one image: it runs items of whole images when
-    they spread evenly over the threads, else (image, channel block) items
-    whose blocks are whole groups where there are enough groups.
+    they spread evenly over the threads, else cuts each image into blocks of
+    whole groups, or blocks of at least NHWC_MIN_BLOCK_CHANNELS channels of one
+    group, or else bands of input rows (OH > 1).
     """
     K = C * KK
-    for name, value in (("C*KH*KW", K),):
-        if value > BLAS_INT_MAX:
-            raise ValueError(f"{name}={value} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}")
+    if K > BLAS_INT_MAX:
+        raise ValueError(f"C*KH*KW={K} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}")
     R = N * P
     budget = min(max(NHWC_MIN_TILE_ROWS, NHWC_TILE_BYTES // (K * itemsize), 1), BLAS_INT_MAX)
     n_tiles = _balanced_count(math.ceil(R / budget), n_threads, max(R, 1))
     tile_rows = math.ceil(R / n_tiles) if R else 1
-    blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)
-    if blocks == 1:
+    pieces = _splits_per_image(N, n_threads, at_least=1, at_most=max(C, OH))
+    if pieces == 1:
         images_per_item = max(1, budget // max(P, 1))
         n_items = _balanced_count(math.ceil(N / images_per_item), n_threads, max(N, 1))
         # grad_x cuts an item's rows into tiles of at most tile_rows too
         item_rows = math.ceil(N / n_items) * P
         return NhwcPlan(n_tiles, max(tile_rows, min(budget, item_rows)), n_items, C)
+    tile_rows = max(tile_rows, min(budget, P))
     Cg = C // groups
-    if blocks <= groups:
-        c_block = math.ceil(groups / blocks) * Cg
-    else:
-        c_block = math.ceil(Cg / math.ceil(blocks / groups))
-    return NhwcPlan(n_tiles, max(tile_rows, min(budget, P)), 0, c_block)
+    if pieces <= groups:
+        return NhwcPlan(n_tiles, tile_rows, 0, math.ceil(groups / pieces) * Cg)
+    c_block = math.ceil(Cg / math.ceil(pieces / groups))
+    if OH > 1 and c_block < NHWC_MIN_BLOCK_CHANNELS:
+        return NhwcPlan(n_tiles, tile_rows, 0, C, n_bands=min(pieces, OH))
+    if c_block < C:
+        return NhwcPlan(n_tiles, tile_rows, 0, c_block)
+    # one channel and one output row: nothing to cut
+    return NhwcPlan(n_tiles, tile_rows, N, C)

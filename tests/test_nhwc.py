@@ -190,32 +190,56 @@ def test_many_tiles(monkeypatch, N, grouping, kernel, stride, padding, min_rows,
     check(N, C, 5, 6, F, kernel, stride, padding, 1, groups, mode, dtype, n_threads)
 
 
-# (C, groups, n_threads, N): the grad_x channel-block paths
-CHANNEL_BLOCK_CASES = [
-    (6, 1, 2, 1),    # one group cut into 2 blocks: one gemm per tap
-    (7, 1, 3, 1),    # uneven blocks
-    (5, 1, 2, 3),    # 3 images on 2 threads: 6 items
-    (8, 2, 2, 1),    # one whole group per block
-    (8, 4, 2, 1),    # two whole groups per block
-    (6, 3, 2, 1),    # 3 groups in blocks of 2 groups: the last block is short
-    (8, 2, 4, 1),    # 4 blocks, 2 groups: each group cut in two
-    (6, 2, 5, 1),    # 5 blocks wanted of 2 groups of 3 channels: blocks of 1 channel
-    (4, 4, 2, 1),    # depthwise
-    (4, 4, 8, 1),    # depthwise, more threads than channels
+# (C, groups, n_threads, N, min_block_channels, path): the grad_x paths for few images
+GRAD_X_CASES = [
+    (6, 1, 2, 1, 1, "blocks"),      # one group cut into 2 blocks: one gemm per tap
+    (7, 1, 3, 1, 1, "blocks"),      # uneven blocks
+    (5, 1, 2, 3, 1, "blocks"),      # 3 images on 2 threads: 6 items
+    (8, 2, 4, 1, 1, "blocks"),      # 4 blocks, 2 groups: each group cut in two
+    (6, 2, 5, 1, 1, "blocks"),      # 5 blocks of 2 groups of 3 channels: 1-channel blocks
+    (8, 2, 2, 1, 16, "groups"),     # one whole group per block
+    (8, 4, 2, 1, 16, "groups"),     # two whole groups per block
+    (6, 3, 2, 1, 16, "groups"),     # blocks of 2 groups of 3: the last block is short
+    (4, 4, 2, 1, 16, "groups"),     # depthwise
+    (4, 4, 8, 1, 16, "bands"),      # depthwise, more threads than channels: bands
+    (3, 1, 2, 1, 16, "bands"),      # C=3 (resnet-stem at N=1): bands of input rows
+    (1, 1, 2, 1, 16, "bands"),      # C=1
+    (6, 1, 3, 2, 16, "bands"),      # 2 images on 3 threads
+    (4, 2, 4, 1, 16, "bands"),      # groups, 2 per group wanted but 2 channels each
+    (2, 1, 7, 1, 16, "bands"),      # more bands than output rows would hold: one row each
 ]
 
 
-@pytest.mark.parametrize("mode", ["zeros", "circular"])
-@pytest.mark.parametrize("C,groups,n_threads,N", CHANNEL_BLOCK_CASES)
-def test_channel_blocks(monkeypatch, C, groups, n_threads, N, mode, dtype):
-    """Few images for the threads: grad_x is split by channel blocks within an image."""
-    plan = _tiling.plan_nhwc(N, 30, C, 9, groups, 8, n_threads)
-    assert plan.c_block < C
-    check(N, C, 6, 5, 2 * groups, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
-    # and with row tiles that cut the image
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect"])
+@pytest.mark.parametrize("C,groups,n_threads,N,min_block,path", GRAD_X_CASES)
+def test_grad_x_paths(monkeypatch, C, groups, n_threads, N, min_block, path, mode, dtype):
+    """Few images for the threads: grad_x cuts each image into channel blocks (whole
+    groups, or one gemm per tap inside a group) or bands of input rows."""
+    monkeypatch.setattr(_tiling, "NHWC_MIN_BLOCK_CHANNELS", min_block)
+    H, W, F = 6, 5, 2 * groups
+    plan = _tiling.plan_nhwc(N, H * W, C, 9, groups, 8, n_threads, OH=H)
+    Cg = C // groups
+    if path == "bands":
+        assert plan.n_bands > 1 and plan.c_block == C
+    else:
+        assert plan.n_bands == 1 and plan.c_block < C
+        assert (plan.c_block % Cg == 0) == (path == "groups")
+    check(N, C, H, W, F, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
+    # the same with row tiles that cut the image (bands: runs cut into tiles)
     monkeypatch.setattr(_tiling, "NHWC_TILE_BYTES", 1)
     monkeypatch.setattr(_tiling, "NHWC_MIN_TILE_ROWS", 7)
-    check(N, C, 6, 5, 2 * groups, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
+    check(N, C, H, W, F, (3, 3), 1, 1, 1, groups, mode, dtype, n_threads)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular", "replicate"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), 1, 1, 1), ((5, 3), 2, (2, 1), 1), ((3, 3), 1, (3, 0, 1, 1), 2), ((1, 3), 1, 1, 1),
+])
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+def test_bands_geometry(kernel, stride, padding, dilation, n_threads, mode):
+    """Bands of input rows under strides, dilations and padding modes that map a window's
+    rows far apart (circular: the top padding reads the bottom band)."""
+    check(1, 2, 9, 7, 3, kernel, stride, padding, dilation, 1, mode, np.float64, n_threads)
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 10, 10, 32), (2, 3, 40, 40, 8), (4, 16, 12, 12, 512)])
@@ -281,14 +305,16 @@ def test_empty_batch():
     assert not gb.any() and gb.shape == (3,)
 
 
-def test_weight_layout_round_trip():
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (2, 3)])
+def test_weight_layout(kernel):
     rng = np.random.default_rng(6)
-    _, w, _, geometry = _problem(rng, C=6, F=4, groups=2)
+    w = rng.standard_normal((4, 3) + kernel)
+    geometry = conv_geometry((2, 6, 6, 5), w.shape, 1, 1, 1, groups=2)
     wt = _nhwc.nhwc_weight(w, geometry, np.float32)
-    assert wt.shape == (2, 3 * 3 * 3, 2)
-    # wt[g, (kh, kw, cg), fg] = w[g*Fg + fg, cg, kh, kw]
-    assert wt[1, (2 * 3 + 1) * 3 + 2, 0] == w[2, 2, 2, 1]
-    np.testing.assert_array_equal(_nhwc.weight_from_nhwc(wt, geometry), w)
+    assert wt.shape == (4, kernel[0] * kernel[1] * 3) and wt.dtype == np.float32
+    # wt[f, (kh, kw, cg)] = w[f, cg, kh, kw]
+    np.testing.assert_array_equal(
+        wt, w.transpose(0, 2, 3, 1).reshape(4, -1).astype(np.float32))
 
 
 def test_kernels_reject_wrong_arrays():
@@ -311,24 +337,27 @@ def test_kernels_reject_wrong_arrays():
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 4, 16])
-@pytest.mark.parametrize("N,P,C,KK,groups", [
-    (1, 3136, 64, 9, 1), (8, 3136, 64, 9, 1), (100, 576, 1, 25, 1), (32, 49, 512, 9, 1),
-    (1, 49, 512, 9, 1), (3, 1024, 3, 9, 1), (1, 12544, 32, 9, 32), (2, 1, 8, 1, 2),
-    (5, 100, 6, 9, 3), (1, 1, 1, 1, 1),
+@pytest.mark.parametrize("N,OH,OW,C,KK,groups", [
+    (1, 56, 56, 64, 9, 1), (8, 56, 56, 64, 9, 1), (100, 24, 24, 1, 25, 1), (32, 7, 7, 512, 9, 1),
+    (1, 7, 7, 512, 9, 1), (3, 32, 32, 3, 9, 1), (1, 112, 112, 32, 9, 32), (2, 1, 1, 8, 1, 2),
+    (5, 10, 10, 6, 9, 3), (1, 1, 1, 1, 1, 1), (1, 112, 112, 3, 49, 1), (1, 1, 5, 1, 3, 1),
 ])
-def test_plan(N, P, C, KK, groups, n_threads):
-    plan = _tiling.plan_nhwc(N, P, C, KK, groups, 4, n_threads)
+def test_plan(N, OH, OW, C, KK, groups, n_threads):
+    P = OH * OW
+    plan = _tiling.plan_nhwc(N, P, C, KK, groups, 4, n_threads, OH)
     R, K = N * P, C * KK
     budget = max(_tiling.NHWC_MIN_TILE_ROWS, _tiling.NHWC_TILE_BYTES // (K * 4))
     # every thread has a tile when there are enough rows, and no tile is empty
-    assert plan.n_tiles >= min(n_threads, R)
-    assert plan.n_tiles <= R
+    assert min(n_threads, R) <= plan.n_tiles <= R
     assert -(-R // plan.n_tiles) <= plan.tile_rows <= budget + 1
     # the workspace is bounded by the tile budget, not the batch
-    big = _tiling.plan_nhwc(1000 * N, P, C, KK, groups, 4, n_threads)
+    big = _tiling.plan_nhwc(1000 * N, P, C, KK, groups, 4, n_threads, OH)
     assert big.workspace_per_thread(K, False) <= (budget + 1) * K
     Cg = C // groups
-    if plan.c_block >= C:
+    if plan.n_bands > 1:
+        assert plan.c_block == C and plan.n_bands <= OH
+        assert N * plan.n_bands >= min(n_threads, N * OH)
+    elif plan.c_block >= C:
         assert 1 <= plan.n_items <= N
         assert plan.n_items >= min(n_threads, N)
     else:
