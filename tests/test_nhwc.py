@@ -175,8 +175,8 @@ def test_batch_and_planes(N, H, W, kernel, stride, padding, grouping, n_threads)
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("min_rows", [1, 5])
-@pytest.mark.parametrize("n_threads", [1, 2, 3])
-@pytest.mark.parametrize("N", [1, 2, 3, 5])
+@pytest.mark.parametrize("n_threads", [2, 3])
+@pytest.mark.parametrize("N", [1, 3, 5])
 @pytest.mark.parametrize("grouping", GROUPINGS[:3], ids=GROUPING_IDS[:3])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0),
                                                      ((3, 2), 2, 1)])
