@@ -313,7 +313,8 @@ cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g
     cdef Py_ssize_t step = g.stride_w * C, WC = g.W * C
     cdef Py_ssize_t width = ch.width, gstride = ch.group_stride, tstride = ch.tap_stride
     cdef Py_ssize_t n_groups = ch.n_groups
-    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o
+    cdef Py_ssize_t run_len = KW * C, kh, kw, gi, ih, o, j, phase
+    cdef Py_ssize_t phases = ceil_div(KW, g.stride_w)
     cdef floating *row
     cdef floating *d
     cdef const floating *s
@@ -323,8 +324,14 @@ cdef void scatter_interior(const floating *src, Py_ssize_t ld, const ConvGeom *g
             continue
         row = image + ih * WC + iw0 * C
         if ch.run:
-            for o in range(count):
-                add_n(row + o * step, src + o * ld + kh * run_len, run_len)
+            # Windows o and o+1 overlap when stride < KW: reading back what the
+            # previous add just stored, shifted by C floats, defeats store
+            # forwarding (lenet: 55% of the scatter stalled on it). Every
+            # phase-th window is disjoint from the one before it.
+            for phase in range(min(phases, count)):
+                for j in range(ceil_div(count - phase, phases)):
+                    o = phase + j * phases
+                    add_n(row + o * step, src + o * ld + kh * run_len, run_len)
         elif width == 1:
             for o in range(count):
                 for kw in range(KW):
@@ -458,8 +465,15 @@ def reduce_weight_grad(const floating[:, ::1] partial, floating[:, ::1] grad_w,
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             const floating[::1] bias, floating[:, ::1] y,
-            floating[::1] workspace, object geometry, Py_ssize_t n_tiles, int n_threads):
-    """Y[rows] = col[rows] @ wt_g.T (per group) (+ bias), one row tile per work item.
+            floating[::1] workspace, object geometry, Py_ssize_t n_tiles,
+            Py_ssize_t f_blocks, int n_threads):
+    """Y[rows] = col[rows] @ wt_g.T (per group) (+ bias), one work item per row tile and
+    block of filters.
+
+    ``f_blocks > 1`` (groups == 1, few rows, many filters): each item computes
+    its block of filters for the tile's rows, so a thread packs only its part
+    of the weight for BLAS instead of all of it (gathering the rows again costs
+    less when they are fewer than the filters).
 
     # IN  x: (N, H, W, C); wt: (F, Kg); bias: (F,) or None
     # OUT y: (N*OH*OW, F), every element written
@@ -474,7 +488,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
     cdef Py_ssize_t K = G * Kg, Fg = F // G
     cdef Py_ssize_t R = N * g.OH * g.OW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, r0, r1, r, gi
+    cdef Py_ssize_t item, tile, r0, r1, r, gi, f0, f1
     cdef const floating *cols
     cdef floating *ws
     cdef floating *out
@@ -483,9 +497,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
         return
     if bias is not None:
         bias_ptr = &bias[0]
-    for item in prange(n_tiles, nogil=True, num_threads=n_threads, schedule="static"):
-        r0 = split_point(R, n_tiles, item)
-        r1 = split_point(R, n_tiles, item + 1)
+    for item in prange(n_tiles * f_blocks, nogil=True, num_threads=n_threads,
+                       schedule="static"):
+        tile = item // f_blocks
+        r0 = split_point(R, n_tiles, tile)
+        r1 = split_point(R, n_tiles, tile + 1)
+        f0 = split_point(F, f_blocks, item - tile * f_blocks)
+        f1 = split_point(F, f_blocks, item - tile * f_blocks + 1)
         if pointwise:
             # 1x1, stride 1, no padding: the input rows (pixels) are the column rows
             cols = &x[0, 0, 0, 0] + r0 * K
@@ -498,7 +516,11 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
         if bias_ptr != NULL:
             beta = 1
             for r in range(r1 - r0):
-                copy_n(out + r * F, bias_ptr, F)
+                copy_n(out + r * F + f0, bias_ptr + f0, f1 - f0)
+        if f_blocks > 1:
+            gemm_rm(False, True, <int> (r1 - r0), <int> (f1 - f0), <int> K,
+                    1, cols, <int> K, &wt[f0, 0], <int> K, beta, out + f0, <int> F)
+            continue
         for gi in range(G):
             gemm_rm(False, True, <int> (r1 - r0), <int> Fg, <int> Kg,
                     1, cols + gi * Kg, <int> K, &wt[gi * Fg, 0], <int> Kg,
@@ -507,16 +529,20 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
                     floating[:, ::1] partial, floating[::1] workspace, object geometry,
-                    Py_ssize_t n_tiles, bint with_bias, int n_threads):
+                    Py_ssize_t n_tiles, Py_ssize_t f_blocks, bint with_bias, int n_threads):
     """Per-thread partial sums of grad_weight (as wt's (F, Kg)) and grad_bias.
 
     partial[t, :F*Kg] += dY_g.T @ col_g (group g's filter rows) and
     partial[t, F*Kg:] += dY.sum(axis=0) over the row tiles of thread t;
     reduce with :func:`reduce_weight_grad`.
 
+    ``f_blocks > 1`` (groups == 1 and one row tile): each item writes the
+    final sums of its block of filters into partial[0], and only that row
+    is to be reduced: no per-thread copies of a large weight to zero and add.
+
     # IN  x: (N, H, W, C); dy: (N*OH*OW, F)
     # OUT partial: (n_threads, F*Kg + F), zeroed here (the bias part stays 0
-    #     without with_bias)
+    #     without with_bias); with f_blocks > 1 only partial[0] is written
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef Chunks ch = full_chunks(&g)
@@ -526,11 +552,32 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
     cdef Py_ssize_t Fg = F // G, K = g.C * g.KH * g.KW, Kg = K // G
     cdef Py_ssize_t R = N * g.OH * g.OW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, r0, r1, r, f, gi
+    cdef Py_ssize_t item, r0, r1, r, f, gi, f0, f1
     cdef const floating *cols
     cdef const floating *grad
     cdef floating *ws
     cdef floating *acc
+    if f_blocks > 1:
+        for item in prange(f_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+            f0 = split_point(F, f_blocks, item)
+            f1 = split_point(F, f_blocks, item + 1)
+            if pointwise:
+                cols = &x[0, 0, 0, 0]
+            else:
+                ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+                gather_rows(&x[0, 0, 0, 0], &g, &ch, 0, R, ws, K)
+                cols = ws
+            acc = &partial[0, 0]
+            gemm_rm(True, False, <int> (f1 - f0), <int> K, <int> R,
+                    1, &dy[0, f0], <int> F, cols, <int> K, 0, acc + f0 * K, <int> K)
+            acc = acc + F * K
+            for f in range(f0, f1):
+                acc[f] = 0
+            if with_bias:
+                for r in range(R):
+                    for f in range(f0, f1):
+                        acc[f] = acc[f] + dy[r, f]
+        return
     memset(&partial[0, 0], 0, partial.shape[0] * partial.shape[1] * sizeof(floating))
     if R == 0:
         return

@@ -30,13 +30,15 @@ PARALLEL_REDUCE_SIZE = 1 << 16
 def nhwc_weight(weight: np.ndarray, geometry: ConvGeometry, dtype) -> np.ndarray:
     """(F, Cg, KH, KW) -> (F, KH*KW*Cg): ``wt[f, (kh, kw, cg)] = weight[f, cg, kh, kw]``.
 
-    No copy for a 1x1 kernel already of ``dtype`` and contiguous.
+    No copy for a 1x1 kernel already of ``dtype`` and contiguous. Otherwise
+    the result lives in a reused workspace (valid until the next call): a
+    fresh 9 MiB array for deep-7x7 cost 4 ms of page faults per call.
     """
     w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
     KK = geometry.KH * geometry.KW
     if KK == 1:
         return w
-    wt = np.empty_like(w)
+    wt = workspace("nhwc-weight", w.dtype, w.size).reshape(w.shape)
     _conv_nhwc.weight_columns(w, wt, KK)
     return wt
 
@@ -45,7 +47,8 @@ def _plan(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
     """The tile plan and a scratch array of n_threads equal per-thread slices."""
     KK = geometry.KH * geometry.KW
     tiles: NhwcPlan = plan_nhwc(geometry.N, geometry.OH * geometry.OW, geometry.C, KK,
-                                geometry.groups, dtype.itemsize, n_threads, geometry.OH)
+                                geometry.groups, dtype.itemsize, n_threads, geometry.OH,
+                                geometry.F)
     per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.is_pointwise)
     return tiles, workspace("nhwc-columns", dtype, n_threads * max(per_thread, 1))
 
@@ -90,7 +93,7 @@ def forward(x, weight, bias, geometry: ConvGeometry, dtype, n_threads: int,
     tiles, scratch = _plan(geometry, dtype, n_threads)
     with single_threaded_blas:
         _conv_nhwc.forward(xc, wt, b, y.reshape(-1, geometry.F), scratch, geometry,
-                           tiles.n_tiles, n_threads)
+                           tiles.n_tiles, tiles.f_blocks, n_threads)
     return y
 
 
@@ -133,7 +136,9 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
     partial = partial.reshape(n_threads, F * Kg + F)
     with single_threaded_blas:
         _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
-                                   with_bias, n_threads)
+                                   tiles.f_blocks, with_bias, n_threads)
+        if tiles.f_blocks > 1:
+            partial = partial[:1]       # the final sums, only to be reordered
         # a parallel region costs ~1 ms of thread wake-up when the other core
         # is busy: only worth it for a large weight
         _conv_nhwc.reduce_weight_grad(partial, grad_weight.reshape(F, Kg), grad_bias,

@@ -101,6 +101,10 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
 NHWC_TILE_BYTES = COLUMN_TILE_BYTES
 #: Fewer rows make gemm calls too thin (the rows are gemm's long dimension).
 NHWC_MIN_TILE_ROWS = MIN_TILE_COLUMNS
+#: Forward and grad_weight split the filters among the threads (each packing
+#: only its part of the weight) when one row tile holds the batch and there
+#: are fewer rows than filters, and each thread gets at least this many filters.
+NHWC_MIN_SPLIT_FILTERS = 32
 #: grad_x channel blocks narrower than this (inside one group) cost one thin
 #: gemm per kernel tap: resnet-stem (C=3) at N=1 ran 5x slower than NCHW with
 #: blocks of 1-2 channels. Bands of input rows are cut instead.
@@ -115,6 +119,7 @@ class NhwcPlan(NamedTuple):
     n_items: int          # grad_x: items of whole images (when c_block >= C and n_bands == 1)
     c_block: int          # grad_x: channels per (image, block) item when < C
     n_bands: int = 1      # grad_x: bands of input rows per image when > 1
+    f_blocks: int = 1     # forward, grad_weight: blocks of filters per row tile
 
     def workspace_per_thread(self, K: int, pointwise: bool) -> int:
         """Elements of scratch one thread needs: one column tile (tile_rows x K).
@@ -141,7 +146,7 @@ def _balanced_count(at_least: int, n_threads: int, at_most: int) -> int:
 
 
 def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
-              n_threads: int, OH: int = 1) -> NhwcPlan:
+              n_threads: int, OH: int = 1, F: int = 1) -> NhwcPlan:
     """Tile plan for N images of P = OH*OW output positions, K = C*KK column values per row.
 
     Row tiles (forward, grad_weight) may span images. grad_x must never let
@@ -155,7 +160,12 @@ def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
         raise ValueError(f"C*KH*KW={K} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}")
     R = N * P
     budget = min(max(NHWC_MIN_TILE_ROWS, NHWC_TILE_BYTES // (K * itemsize), 1), BLAS_INT_MAX)
-    n_tiles = _balanced_count(math.ceil(R / budget), n_threads, max(R, 1))
+    f_blocks = 1
+    if (groups == 1 and n_threads > 1 and 0 < R <= budget and R < F
+            and F >= NHWC_MIN_SPLIT_FILTERS * n_threads):
+        n_tiles, f_blocks = 1, n_threads
+    else:
+        n_tiles = _balanced_count(math.ceil(R / budget), n_threads, max(R, 1))
     tile_rows = math.ceil(R / n_tiles) if R else 1
     pieces = _splits_per_image(N, n_threads, at_least=1, at_most=max(C, OH))
     if pieces == 1:
@@ -163,15 +173,17 @@ def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
         n_items = _balanced_count(math.ceil(N / images_per_item), n_threads, max(N, 1))
         # grad_x cuts an item's rows into tiles of at most tile_rows too
         item_rows = math.ceil(N / n_items) * P
-        return NhwcPlan(n_tiles, max(tile_rows, min(budget, item_rows)), n_items, C)
+        return NhwcPlan(n_tiles, max(tile_rows, min(budget, item_rows)), n_items, C,
+                        f_blocks=f_blocks)
     tile_rows = max(tile_rows, min(budget, P))
     Cg = C // groups
     if pieces <= groups:
-        return NhwcPlan(n_tiles, tile_rows, 0, math.ceil(groups / pieces) * Cg)
+        return NhwcPlan(n_tiles, tile_rows, 0, math.ceil(groups / pieces) * Cg,
+                        f_blocks=f_blocks)
     c_block = math.ceil(Cg / math.ceil(pieces / groups))
     if OH > 1 and c_block < NHWC_MIN_BLOCK_CHANNELS:
-        return NhwcPlan(n_tiles, tile_rows, 0, C, n_bands=min(pieces, OH))
+        return NhwcPlan(n_tiles, tile_rows, 0, C, n_bands=min(pieces, OH), f_blocks=f_blocks)
     if c_block < C:
-        return NhwcPlan(n_tiles, tile_rows, 0, c_block)
+        return NhwcPlan(n_tiles, tile_rows, 0, c_block, f_blocks=f_blocks)
     # one channel and one output row: nothing to cut
-    return NhwcPlan(n_tiles, tile_rows, N, C)
+    return NhwcPlan(n_tiles, tile_rows, N, C, f_blocks=f_blocks)
