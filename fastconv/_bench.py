@@ -521,7 +521,7 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
             _conv_call(fastconv, pass_, shape, nhwc_arrays(arrays), n_threads=threads,
                        layout="NHWC"), repeat)
         row["nhwc_vs_nchw"] = row["nhwc_ms"] / fast_ms
-    if shape.groups == shape.C and not shape.transposed:
+    if shape.groups == shape.C > 1 and not shape.transposed:
         row["im2col_ms"], _ = time_call(
             _conv_call(fastconv, pass_, shape, arrays, n_threads=threads, algorithm="im2col"),
             repeat)
