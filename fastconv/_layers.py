@@ -87,16 +87,29 @@ def _padding_repr(padding) -> str | None:
 
 
 class _ConvLayerBase:
-    """What both convolution layers share: parameters, gradients and the forward's input."""
+    """What both convolution layers share: parameters, gradients and the forward's input.
 
-    def _store_gradients(self, dW, db) -> None:
-        self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
-        self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
+    Subclasses name their functional pair (``_forward_function``,
+    ``_backward_function``) and the keyword arguments both take (``_arguments``).
+    """
 
-    def _forward_input(self):
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Run the layer on ``x`` and keep ``x`` (not a copy) for :meth:`backward`."""
+        y = self._forward_function(x, self.W, self.b, **self._arguments())
+        self._x = x
+        return y
+
+    __call__ = forward
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        return self._x
+        dx, dW, db = self._backward_function(dout, self._x, self.W, bias=self.b is not None,
+                                             **self._arguments())
+        self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
+        self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
+        return dx
 
     def _common_repr_parts(self) -> list[str]:
         parts = []
@@ -113,6 +126,9 @@ class _ConvLayerBase:
 
 class Conv2D(_ConvLayerBase):
     """2-D convolution layer with ``forward``/``backward``, in the seeds' style.
+
+    ``forward(x)`` takes (N, C, H, W), or (N, H, W, C) with ``layout="NHWC"``;
+    ``backward(dout)`` fills ``dW``/``db`` and returns ``dx``.
 
     Parameters
     ----------
@@ -268,26 +284,13 @@ class Conv2D(_ConvLayerBase):
     def kernel_size(self) -> tuple[int, int]:
         return (self.W.shape[2], self.W.shape[3])
 
+    _forward_function = staticmethod(conv2d)
+    _backward_function = staticmethod(conv2d_backward)
+
     def _arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups, padding_mode=self.padding_mode, layout=self.layout,
                     algorithm=self.algorithm, n_threads=self.n_threads)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Convolve ``x`` (N, C, H, W), or (N, H, W, C) for NHWC, and keep it for :meth:`backward`."""
-        y = conv2d(x, self.W, self.b, **self._arguments())
-        self._x = x
-        return y
-
-    __call__ = forward
-
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
-        x = self._forward_input()
-        dx, dW, db = conv2d_backward(dout, x, self.W, bias=self.b is not None,
-                                     **self._arguments())
-        self._store_gradients(dW, db)
-        return dx
 
     def __repr__(self) -> str:
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
@@ -400,26 +403,13 @@ class ConvTranspose2D(_ConvLayerBase):
     def kernel_size(self) -> tuple[int, int]:
         return (self.W.shape[2], self.W.shape[3])
 
+    _forward_function = staticmethod(conv_transpose2d)
+    _backward_function = staticmethod(conv_transpose2d_backward)
+
     def _arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding,
                     output_padding=self.output_padding, groups=self.groups,
                     dilation=self.dilation, n_threads=self.n_threads)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Transposed-convolve ``x`` (N, C_in, H, W) and keep it for :meth:`backward`."""
-        y = conv_transpose2d(x, self.W, self.b, **self._arguments())
-        self._x = x
-        return y
-
-    __call__ = forward
-
-    def backward(self, dout: np.ndarray) -> np.ndarray:
-        """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
-        x = self._forward_input()
-        dx, dW, db = conv_transpose2d_backward(dout, x, self.W, bias=self.b is not None,
-                                               **self._arguments())
-        self._store_gradients(dW, db)
-        return dx
 
     def __repr__(self) -> str:
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
