@@ -25,8 +25,12 @@ In the interior the taps go in blocks of 3 kernel rows x 3 kernel columns
 (:func:`block_axpy`, :func:`block_gather`, :func:`block_acc`; other shapes one
 kernel column of up to 3 rows at a time): one load and store of the written
 row per nine taps. With one per tap, 3x3 layers were bound by L1 traffic, not
-by memory. The tap groups run outside and the rows inside, so the set-up of a
-sweep is paid once per plane and group.
+by memory. The tap groups run outside and the rows inside. For stride 1 with
+``OW == W`` (``padding='same'``) input and output rows share one pitch, so the
+interior of all interior rows is one interval of the flattened plane and is
+swept in one go; the border columns inside that interval are reset before the
+border loops run. With 56-column rows the set-up of each row's sweep (overlap
+checks, loop tails) otherwise costs as much as the row's arithmetic.
 
 * forward: ``out[ow] += sum w[r, c] * x_row_r[base + c*dil + ow*stride]``;
 * grad_input is the same loop turned around, one *input-gradient* row at a
@@ -34,8 +38,9 @@ sweep is paid once per plane and group.
   them), so each ``dx`` row is finished while it sits in L1;
 * grad_weight: products of a grad_output row with shifted input rows, added
   column by column into one accumulator row per tap, a local array of
-  :data:`CHUNK` columns summed once per plane. A running scalar sum per tap
-  would stay scalar: gcc reorders a float reduction only under -ffast-math.
+  :data:`CHUNK` columns summed once per plane by folding halves. A running
+  sum per tap would stay scalar: gcc reorders a float reduction only under
+  -ffast-math.
 
 Work split (OpenMP, static schedules, so results are deterministic for a fixed
 ``n_threads``):
@@ -72,9 +77,6 @@ cdef enum:
     # per-tap accumulator rows are one small local array (gcc then knows they
     # alias nothing and vectorises without runtime checks)
     CHUNK = 64
-    # independent partial sums of a plain reduction (row_sum): 4 floats fill an
-    # SSE register, and their fixed order keeps results deterministic
-    LANES = 4
 
 
 cdef struct Tables:
@@ -476,21 +478,16 @@ cdef inline void block_acc(floating *acc, const floating *grad, const floating *
             acc[8 * CHUNK + j] += gv * r2[i + d2]
 
 
-cdef inline floating row_sum(const floating *v, Py_ssize_t n) noexcept nogil:
-    """sum of v[:n] in LANES partial sums, lane l taking every LANES-th element."""
-    cdef floating acc[LANES]
-    cdef floating total
-    cdef Py_ssize_t q, j, l
-    for l in range(LANES):
-        acc[l] = 0
-    for q in range(n // LANES):
-        j = q * LANES
-        for l in range(LANES):
-            acc[l] += v[j + l]
-    total = (acc[0] + acc[1]) + (acc[2] + acc[3])
-    for j in range(n // LANES * LANES, n):
-        total += v[j]
-    return total
+cdef inline floating fold_sum(floating *acc) noexcept nogil:
+    """The sum of the CHUNK entries of acc, folding halves onto each other (acc is
+    overwritten). Every fold is an element-wise add that gcc vectorises, where
+    one running sum would be a chain of scalar adds."""
+    cdef Py_ssize_t j, width = CHUNK // 2
+    while width >= 1:
+        for j in range(width):
+            acc[j] += acc[j + width]
+        width = width // 2
+    return acc[0]
 
 
 # ---------------------------------------------------------------------------
@@ -767,13 +764,21 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
     # OUT sums: KH*KW + 1 running totals, accumulated into
     """
     cdef floating acc[9 * CHUNK]
-    cdef Py_ssize_t oh, ow, kh, kw, r, c, nr, nc, c0, n, lo, hi, base, ih, iw
+    cdef Py_ssize_t oh, ow, kh, kw, r, c, j, nr, nc, c0, n, lo, hi, base
     cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
     cdef const floating *rows[ROWS]
     cdef const floating *grad
     cdef floating total
     cdef bint full
-    sums[g.KH * g.KW] += row_sum(dyp, g.OH * g.OW)
+    # grad_bias: the plane summed column-wise, CHUNK at a time, then folded
+    memset(acc, 0, CHUNK * sizeof(floating))
+    for n in range(g.OH * g.OW // CHUNK):
+        for j in range(CHUNK):
+            acc[j] += dyp[n * CHUNK + j]
+    c0 = g.OH * g.OW // CHUNK * CHUNK
+    for j in range(g.OH * g.OW - c0):
+        acc[j] += dyp[c0 + j]
+    sums[g.KH * g.KW] += fold_sum(acc)
     kh = 0
     while kh < g.KH:
         nr = min(<Py_ssize_t> ROWS, g.KH - kh)
@@ -800,7 +805,8 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
                                         base + c * g.dilation_w, g.stride_w, n)
                 for r in range(nr):
                     for c in range(nc):
-                        sums[(kh + r) * g.KW + kw + c] += row_sum(acc + (3 * r + c) * CHUNK, n)
+                        # acc is zero past n (the memset), so the whole row folds
+                        sums[(kh + r) * g.KW + kw + c] += fold_sum(acc + (3 * r + c) * CHUNK)
                 c0 = c0 + n
             kw = kw + nc
         kh = kh + nr
