@@ -581,7 +581,7 @@ cdef void forward_plane(const floating *xp, const floating *zero_row, const floa
     # IN  xp: one input plane (H, W); wk: the filter's KH*KW taps
     # OUT yp: one output plane (OH, OW), every element written
     """
-    cdef Py_ssize_t p, oh, ow, kh, kw, r, c, nr, nc, lo, hi
+    cdef Py_ssize_t p, oh, ow, kh, kw, r, nr, nc, lo, hi
     cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
     cdef Py_ssize_t p0 = t.oh_lo * g.OW + ow_lo, p1 = (t.oh_hi - 1) * g.OW + ow_hi
     cdef bint flat = t.flat and t.oh_lo < t.oh_hi
@@ -646,7 +646,7 @@ cdef void backward_input_plane(const floating *dyp, const floating *wk, const Co
     # OUT dxp: one input-gradient plane (H, W), every element written
     """
     cdef Py_ssize_t P = g.OH * g.OW, KK = g.KH * g.KW
-    cdef Py_ssize_t j, ih, oh, ow, kh, kw, c, e, e0, e1, ne, nc, k0, k1, k2, base, iw
+    cdef Py_ssize_t j, ih, ow, kh, kw, c, e, e0, e1, ne, nc, k0, k1, k2, base, iw
     cdef const floating *gp
     cdef const floating *wj
     cdef const floating *g0
