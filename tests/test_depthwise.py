@@ -36,7 +36,9 @@ def geometry_of(x, weight, stride, padding, dilation, mode):
 
 
 def readonly(a):
-    a = np.ascontiguousarray(a)
+    """A read-only view (the kernels take const memoryviews); the caller's array keeps
+    its flags."""
+    a = np.ascontiguousarray(a).view()
     a.setflags(write=False)
     return a
 
