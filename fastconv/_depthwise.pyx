@@ -25,8 +25,12 @@ In the interior the taps go in blocks of 3 kernel rows x 3 kernel columns
 (:func:`block_axpy`, :func:`block_gather`, :func:`block_acc`; other shapes one
 kernel column of up to 3 rows at a time): one load and store of the written
 row per nine taps. With one per tap, 3x3 layers were bound by L1 traffic, not
-by memory. The tap groups run outside and the rows inside, so the set-up of a
-sweep is paid once per plane and group.
+by memory. The tap groups run outside and the rows inside. For stride 1 with
+``OW == W`` (``padding='same'``) input and output rows share one pitch, so the
+interior of all interior rows is one interval of the flattened plane and is
+swept in one go; the border columns inside that interval are reset before the
+border loops run. With 56-column rows the set-up of each row's sweep (overlap
+checks, loop tails) otherwise costs as much as the row's arithmetic.
 
 * forward: ``out[ow] += sum w[r, c] * x_row_r[base + c*dil + ow*stride]``;
 * grad_input is the same loop turned around, one *input-gradient* row at a
@@ -34,8 +38,9 @@ sweep is paid once per plane and group.
   them), so each ``dx`` row is finished while it sits in L1;
 * grad_weight: products of a grad_output row with shifted input rows, added
   column by column into one accumulator row per tap, a local array of
-  :data:`CHUNK` columns summed once per plane. A running scalar sum per tap
-  would stay scalar: gcc reorders a float reduction only under -ffast-math.
+  :data:`CHUNK` columns summed once per plane by folding halves. A running
+  sum per tap would stay scalar: gcc reorders a float reduction only under
+  -ffast-math.
 
 Work split (OpenMP, static schedules, so results are deterministic for a fixed
 ``n_threads``):
@@ -72,9 +77,6 @@ cdef enum:
     # per-tap accumulator rows are one small local array (gcc then knows they
     # alias nothing and vectorises without runtime checks)
     CHUNK = 64
-    # independent partial sums of a plain reduction (row_sum): 4 floats fill an
-    # SSE register, and their fixed order keeps results deterministic
-    LANES = 4
 
 
 cdef struct Tables:
@@ -91,6 +93,21 @@ cdef struct Tables:
     # [ow_lo, ow_hi): the interior output columns, where every kernel column reads
     # ow * stride_w + kw * dilation_w - pad_left inside the image
     Py_ssize_t ow_lo, ow_hi
+    # [iw_lo, iw_hi): grad_input's interior input columns for stride 1, those that
+    # every kernel column reaches from an interior output column
+    Py_ssize_t iw_lo, iw_hi
+    # [oh_lo, oh_hi): the interior output rows, whose kernel rows all read
+    # oh * stride_h + kh * dilation_h - pad_top inside the image; the border
+    # loops step through them without the row table
+    Py_ssize_t oh_lo, oh_hi
+    # Flat sweeps (stride 1 and OW == W, so rows have one pitch in and out): the
+    # interior columns of the interior rows (forward), and of the input rows
+    # [bw_lo, bw_hi) that receive exactly the KH grad_output rows
+    # oh = ih + pad_top - kh * dilation_h (grad_input), are one interval of the
+    # flattened plane, swept in one go rather than row by row. The border columns
+    # inside that interval get garbage and are reset before the border loops.
+    bint flat
+    Py_ssize_t bw_lo, bw_hi
     # grad_input's interior for kernel column kw: output columns [gi_lo[kw], gi_hi[kw]).
     # For stride 1 those whose input columns receive every kernel column (one
     # interval of input columns, so a 3x3 block can gather it); for larger strides
@@ -110,6 +127,18 @@ cdef class _Tables:
     cdef Py_ssize_t[::1] row_src, col_src, v_lo, v_hi, gi_lo, gi_hi
     cdef Py_ssize_t[::1] in_start, out_oh, out_kh
     cdef Tables t
+
+    cdef bint _regular(self, const ConvGeom *g, Py_ssize_t ih):
+        """Input row ih receives exactly the KH rows oh = ih + pad_top - kh*dilation_h
+        (stride 1), all inside the output: no padding row maps onto it."""
+        cdef Py_ssize_t e, e0 = self.in_start[ih], e1 = self.in_start[ih + 1]
+        if e1 - e0 != g.KH or self.t.iw_lo >= self.t.iw_hi:
+            return False
+        for e in range(e0, e1):
+            # pairs are unique, so KH of them on this line are every kh once
+            if self.out_oh[e] != ih + g.pad_top - self.out_kh[e] * g.dilation_h:
+                return False
+        return True
 
     def __cinit__(self, object geometry):
         cdef ConvGeom g = make_geom(geometry)
@@ -163,6 +192,23 @@ cdef class _Tables:
             iw_hi = min(iw_hi, hi + base)
         self.t.ow_lo = ow_lo
         self.t.ow_hi = max(ow_hi, ow_lo)
+        self.t.iw_lo = iw_lo
+        self.t.iw_hi = max(iw_hi, iw_lo)
+        # oh * stride_h - pad_top >= 0 and oh * stride_h - pad_top + (KH-1)*dh <= H - 1
+        self.t.oh_lo = min((g.pad_top + g.stride_h - 1) // g.stride_h, g.OH)
+        last = g.H - 1 + g.pad_top - (g.KH - 1) * g.dilation_h
+        self.t.oh_hi = max(0 if last < 0 else min(last // g.stride_h + 1, g.OH), self.t.oh_lo)
+        self.t.flat = (g.stride_h == 1 and g.stride_w == 1 and g.W == g.OW and
+                       self.t.ow_lo < self.t.ow_hi)
+        self.t.bw_lo = self.t.bw_hi = 0
+        if self.t.flat:
+            ih = 0
+            while ih < g.H and not self._regular(&g, ih):
+                ih += 1
+            self.t.bw_lo = ih
+            while ih < g.H and self._regular(&g, ih):
+                ih += 1
+            self.t.bw_hi = ih
         if g.stride_w == 1:
             for kw in range(g.KW):
                 base = kw * g.dilation_w - g.pad_left
@@ -432,21 +478,16 @@ cdef inline void block_acc(floating *acc, const floating *grad, const floating *
             acc[8 * CHUNK + j] += gv * r2[i + d2]
 
 
-cdef inline floating row_sum(const floating *v, Py_ssize_t n) noexcept nogil:
-    """sum of v[:n] in LANES partial sums, lane l taking every LANES-th element."""
-    cdef floating acc[LANES]
-    cdef floating total
-    cdef Py_ssize_t q, j, l
-    for l in range(LANES):
-        acc[l] = 0
-    for q in range(n // LANES):
-        j = q * LANES
-        for l in range(LANES):
-            acc[l] += v[j + l]
-    total = (acc[0] + acc[1]) + (acc[2] + acc[3])
-    for j in range(n // LANES * LANES, n):
-        total += v[j]
-    return total
+cdef inline floating fold_sum(floating *acc) noexcept nogil:
+    """The sum of the CHUNK entries of acc, folding halves onto each other (acc is
+    overwritten). Every fold is an element-wise add that gcc vectorises, where
+    one running sum would be a chain of scalar adds."""
+    cdef Py_ssize_t j, width = CHUNK // 2
+    while width >= 1:
+        for j in range(width):
+            acc[j] += acc[j + width]
+        width = width // 2
+    return acc[0]
 
 
 # ---------------------------------------------------------------------------
@@ -462,7 +503,15 @@ cdef inline void column_axpy(floating *yp, const floating *xp, floating wv, cons
                              Py_ssize_t iw) noexcept nogil:
     """yp[oh, ow] += wv * xp[row_src[oh, kh], iw] for every output row oh (forward border)."""
     cdef Py_ssize_t oh, ih
-    for oh in range(g.OH):
+    cdef Py_ssize_t step = g.stride_h * g.W, first = t.oh_lo * g.stride_h - g.pad_top
+    for oh in range(t.oh_lo):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            yp[oh * g.OW + ow] += wv * xp[ih * g.W + iw]
+    for oh in range(t.oh_lo, t.oh_hi):
+        yp[oh * g.OW + ow] += wv * xp[(first + kh * g.dilation_h) * g.W + iw
+                                      + (oh - t.oh_lo) * step]
+    for oh in range(t.oh_hi, g.OH):
         ih = t.row_src[oh * g.KH + kh]
         if ih >= 0:
             yp[oh * g.OW + ow] += wv * xp[ih * g.W + iw]
@@ -473,7 +522,15 @@ cdef inline void column_scatter(floating *dxp, const floating *gp, floating wv,
                                 Py_ssize_t ow, Py_ssize_t iw) noexcept nogil:
     """dxp[row_src[oh, kh], iw] += wv * gp[oh, ow] for every output row oh (grad_input border)."""
     cdef Py_ssize_t oh, ih
-    for oh in range(g.OH):
+    cdef Py_ssize_t step = g.stride_h * g.W, first = t.oh_lo * g.stride_h - g.pad_top
+    for oh in range(t.oh_lo):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            dxp[ih * g.W + iw] += wv * gp[oh * g.OW + ow]
+    for oh in range(t.oh_lo, t.oh_hi):
+        dxp[(first + kh * g.dilation_h) * g.W + iw + (oh - t.oh_lo) * step] += (
+            wv * gp[oh * g.OW + ow])
+    for oh in range(t.oh_hi, g.OH):
         ih = t.row_src[oh * g.KH + kh]
         if ih >= 0:
             dxp[ih * g.W + iw] += wv * gp[oh * g.OW + ow]
@@ -484,12 +541,36 @@ cdef inline floating column_dot(const floating *dyp, const floating *xp, const C
                                 Py_ssize_t iw) noexcept nogil:
     """sum over output rows oh of dyp[oh, ow] * xp[row_src[oh, kh], iw] (grad_weight border)."""
     cdef Py_ssize_t oh, ih
+    cdef Py_ssize_t step = g.stride_h * g.W, first = t.oh_lo * g.stride_h - g.pad_top
     cdef floating total = 0
-    for oh in range(g.OH):
+    for oh in range(t.oh_lo):
+        ih = t.row_src[oh * g.KH + kh]
+        if ih >= 0:
+            total += dyp[oh * g.OW + ow] * xp[ih * g.W + iw]
+    for oh in range(t.oh_lo, t.oh_hi):
+        total += dyp[oh * g.OW + ow] * xp[(first + kh * g.dilation_h) * g.W + iw
+                                          + (oh - t.oh_lo) * step]
+    for oh in range(t.oh_hi, g.OH):
         ih = t.row_src[oh * g.KH + kh]
         if ih >= 0:
             total += dyp[oh * g.OW + ow] * xp[ih * g.W + iw]
     return total
+
+
+cdef inline void interior_axpy(floating *out, Py_ssize_t nr, Py_ssize_t nc,
+                               const floating **rows, const floating *wk, Py_ssize_t ldw,
+                               Py_ssize_t base, Py_ssize_t dil, Py_ssize_t stride,
+                               Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """An nr x nc group of taps (weights wk, row stride ldw) over out[lo:hi] (forward):
+    one :func:`block_axpy` for a full 3x3 group, else one :func:`rows_axpy` per column."""
+    cdef Py_ssize_t c
+    if nr == 3 and nc == 3 and stride <= 2:
+        block_axpy(out, rows[0], rows[1], rows[2], wk, ldw, base, dil, stride, lo, hi)
+    else:
+        for c in range(nc):
+            rows_axpy(out, nr, rows[0], rows[1], rows[2], wk[c],
+                      wk[ldw + c] if nr > 1 else 0, wk[2 * ldw + c] if nr > 2 else 0,
+                      base + c * dil, stride, lo, hi)
 
 
 cdef void forward_plane(const floating *xp, const floating *zero_row, const floating *wk,
@@ -500,13 +581,13 @@ cdef void forward_plane(const floating *xp, const floating *zero_row, const floa
     # IN  xp: one input plane (H, W); wk: the filter's KH*KW taps
     # OUT yp: one output plane (OH, OW), every element written
     """
-    cdef Py_ssize_t p, oh, ow, kh, kw, c, nr, nc, lo, hi, ih, iw
+    cdef Py_ssize_t p, oh, ow, kh, kw, r, nr, nc, lo, hi
     cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
+    cdef Py_ssize_t p0 = t.oh_lo * g.OW + ow_lo, p1 = (t.oh_hi - 1) * g.OW + ow_hi
+    cdef bint flat = t.flat and t.oh_lo < t.oh_hi
     cdef const floating *rows[ROWS]
-    cdef const floating *wc
     cdef floating *out
-    cdef floating w1, w2, wv
-    cdef bint blocks = g.stride_w <= 2
+    cdef floating wv
     for p in range(g.OH * g.OW):
         yp[p] = b
     kh = 0
@@ -516,22 +597,29 @@ cdef void forward_plane(const floating *xp, const floating *zero_row, const floa
         while kw < g.KW:
             nc = min(<Py_ssize_t> 3, g.KW - kw)
             for oh in range(g.OH):
-                if not input_rows(xp, zero_row, g, t, oh, kh, nr, rows):
+                if flat and t.oh_lo <= oh < t.oh_hi:
                     continue
-                out = yp + oh * g.OW
-                if nr == 3 and nc == 3 and blocks:
-                    block_axpy(out, rows[0], rows[1], rows[2], wk + kh * g.KW + kw, g.KW,
-                               kw * g.dilation_w - g.pad_left, g.dilation_w, g.stride_w,
-                               ow_lo, ow_hi)
-                else:
-                    for c in range(kw, kw + nc):
-                        wc = wk + kh * g.KW + c
-                        w1 = wc[g.KW] if nr > 1 else 0
-                        w2 = wc[2 * g.KW] if nr > 2 else 0
-                        rows_axpy(out, nr, rows[0], rows[1], rows[2], wc[0], w1, w2,
-                                  c * g.dilation_w - g.pad_left, g.stride_w, ow_lo, ow_hi)
+                if input_rows(xp, zero_row, g, t, oh, kh, nr, rows):
+                    interior_axpy(yp + oh * g.OW, nr, nc, rows, wk + kh * g.KW + kw, g.KW,
+                                  kw * g.dilation_w - g.pad_left, g.dilation_w, g.stride_w,
+                                  ow_lo, ow_hi)
+            if flat:
+                # output index p = oh*OW + ow reads kernel row kh + r's input index
+                # p + ((kh + r)*dilation_h - pad_top)*W + kw*dilation_w - pad_left
+                for r in range(ROWS):
+                    rows[r] = xp + (kh + min(r, nr - 1)) * g.dilation_h * g.W
+                interior_axpy(yp, nr, nc, rows, wk + kh * g.KW + kw, g.KW,
+                              kw * g.dilation_w - g.pad_left - g.pad_top * g.W,
+                              g.dilation_w, 1, p0, p1)
             kw = kw + nc
         kh = kh + nr
+    if flat:
+        for oh in range(t.oh_lo, t.oh_hi):
+            out = yp + oh * g.OW
+            for ow in range(ow_lo):
+                out[ow] = b
+            for ow in range(ow_hi, g.OW):
+                out[ow] = b
     for kh in range(g.KH):
         for kw in range(g.KW):
             wv = wk[kh * g.KW + kw]
@@ -558,7 +646,7 @@ cdef void backward_input_plane(const floating *dyp, const floating *wk, const Co
     # OUT dxp: one input-gradient plane (H, W), every element written
     """
     cdef Py_ssize_t P = g.OH * g.OW, KK = g.KH * g.KW
-    cdef Py_ssize_t j, ih, oh, ow, kh, kw, c, e, e0, e1, ne, nc, k0, k1, k2, base, iw
+    cdef Py_ssize_t j, ih, ow, kh, kw, c, e, e0, e1, ne, nc, k0, k1, k2, base, iw
     cdef const floating *gp
     cdef const floating *wj
     cdef const floating *g0
@@ -568,8 +656,13 @@ cdef void backward_input_plane(const floating *dyp, const floating *wk, const Co
     cdef floating wb[9]
     cdef floating w1, w2, wv
     cdef bint blocks = g.stride_w == 1
+    cdef bint flat = t.flat and t.bw_lo < t.bw_hi
+    cdef Py_ssize_t q0 = t.bw_lo * g.W + t.iw_lo, q1 = (t.bw_hi - 1) * g.W + t.iw_hi
+    cdef Py_ssize_t shift = ((g.KH - 1) * g.dilation_h - g.pad_top) * g.OW
     memset(dxp, 0, g.H * g.W * sizeof(floating))
     for ih in range(g.H):
+        if flat and t.bw_lo <= ih < t.bw_hi:
+            continue
         row = dxp + ih * g.W
         e0 = t.in_start[ih]
         e1 = t.in_start[ih + 1]
@@ -607,6 +700,45 @@ cdef void backward_input_plane(const floating *dyp, const floating *wk, const Co
                                         t.gi_lo[c], t.gi_hi[c])
                     kw = kw + nc
                 e = e + ne
+    if flat:
+        # input index q = ih*W + iw gets kernel tap (kh, kw) from grad_output index
+        # q + (pad_top - kh*dilation_h)*OW + pad_left - kw*dilation_w; g_r is the
+        # grad_output plane shifted so that offset is never negative
+        for j in range(m):
+            gp = dyp + j * P
+            wj = wk + j * KK
+            kh = 0
+            while kh < g.KH:
+                ne = min(<Py_ssize_t> ROWS, g.KH - kh)
+                g0 = gp + (g.KH - 1 - kh) * g.dilation_h * g.OW
+                g1 = gp + (g.KH - 2 - kh) * g.dilation_h * g.OW if ne > 1 else g0
+                g2 = gp + (g.KH - 3 - kh) * g.dilation_h * g.OW if ne > 2 else g0
+                kw = 0
+                while kw < g.KW:
+                    nc = min(<Py_ssize_t> 3, g.KW - kw)
+                    base = kw * g.dilation_w - g.pad_left + shift
+                    if ne == 3 and nc == 3:
+                        for c in range(3):
+                            wb[c] = wj[kh * g.KW + kw + c]
+                            wb[3 + c] = wj[(kh + 1) * g.KW + kw + c]
+                            wb[6 + c] = wj[(kh + 2) * g.KW + kw + c]
+                        block_gather(dxp, g0, g1, g2, wb, base, g.dilation_w, q0, q1)
+                    else:
+                        for c in range(nc):
+                            w1 = wj[(kh + 1) * g.KW + kw + c] if ne > 1 else 0
+                            w2 = wj[(kh + 2) * g.KW + kw + c] if ne > 2 else 0
+                            rows_gather(dxp, ne, g0, g1, g2, wj[kh * g.KW + kw + c], w1, w2,
+                                        base + c * g.dilation_w, 1,
+                                        q0 - base - c * g.dilation_w,
+                                        q1 - base - c * g.dilation_w)
+                    kw = kw + nc
+                kh = kh + ne
+        for ih in range(t.bw_lo, t.bw_hi):
+            row = dxp + ih * g.W
+            for iw in range(t.iw_lo):
+                row[iw] = 0
+            for iw in range(t.iw_hi, g.W):
+                row[iw] = 0
     for j in range(m):
         gp = dyp + j * P
         wj = wk + j * KK
@@ -632,13 +764,21 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
     # OUT sums: KH*KW + 1 running totals, accumulated into
     """
     cdef floating acc[9 * CHUNK]
-    cdef Py_ssize_t oh, ow, kh, kw, r, c, nr, nc, c0, n, lo, hi, base, ih, iw
+    cdef Py_ssize_t oh, ow, kh, kw, r, c, j, nr, nc, c0, n, lo, hi, base
     cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
     cdef const floating *rows[ROWS]
     cdef const floating *grad
     cdef floating total
     cdef bint full
-    sums[g.KH * g.KW] += row_sum(dyp, g.OH * g.OW)
+    # grad_bias: the plane summed column-wise, CHUNK at a time, then folded
+    memset(acc, 0, CHUNK * sizeof(floating))
+    for n in range(g.OH * g.OW // CHUNK):
+        for j in range(CHUNK):
+            acc[j] += dyp[n * CHUNK + j]
+    c0 = g.OH * g.OW // CHUNK * CHUNK
+    for j in range(g.OH * g.OW - c0):
+        acc[j] += dyp[c0 + j]
+    sums[g.KH * g.KW] += fold_sum(acc)
     kh = 0
     while kh < g.KH:
         nr = min(<Py_ssize_t> ROWS, g.KH - kh)
@@ -665,7 +805,8 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
                                         base + c * g.dilation_w, g.stride_w, n)
                 for r in range(nr):
                     for c in range(nc):
-                        sums[(kh + r) * g.KW + kw + c] += row_sum(acc + (3 * r + c) * CHUNK, n)
+                        # acc is zero past n (the memset), so the whole row folds
+                        sums[(kh + r) * g.KW + kw + c] += fold_sum(acc + (3 * r + c) * CHUNK)
                 c0 = c0 + n
             kw = kw + nc
         kh = kh + nr

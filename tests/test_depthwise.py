@@ -36,7 +36,9 @@ def geometry_of(x, weight, stride, padding, dilation, mode):
 
 
 def readonly(a):
-    a = np.ascontiguousarray(a)
+    """A read-only view (the kernels take const memoryviews); the caller's array keeps
+    its flags."""
+    a = np.ascontiguousarray(a).view()
     a.setflags(write=False)
     return a
 
@@ -252,6 +254,15 @@ def test_kernels_of_several_blocks(mode, kernel, dtype):
     blocks next to partial ones."""
     rng = np.random.default_rng(sum(kernel))
     run_case(rng, dtype, 2, 2, 2, 12, 13, *kernel, (1, 2), (3, 3, 2, 3), 1, mode, True, 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernel, dilation", [((1, 1), 1), ((2, 3), 1), ((3, 3), 2),
+                                              ((5, 5), 1), ((7, 3), 1)])
+def test_same_padding_stride_1(mode, kernel, dilation, dtype):
+    """OW == W and stride 1: the interior of whole bands of rows is one flat sweep."""
+    rng = np.random.default_rng(kernel[0] * 10 + kernel[1])
+    run_case(rng, dtype, 2, 2, 2, 11, 12, *kernel, 1, "same", dilation, mode, True, 2)
 
 
 def test_padding_wider_than_the_kernel(dtype):
