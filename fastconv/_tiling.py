@@ -147,12 +147,15 @@ def _balanced_count(at_least: int, n_threads: int, at_most: int) -> int:
 
 def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
               n_threads: int, OH: int = 1, F: int = 1) -> NhwcPlan:
-    """Tile plan for N images of P = OH*OW output positions, K = C*KK column values per row.
+    """Tile plan for N images of P = OH*OW output positions, K = C*KK column values per
+    row, and F filters.
 
-    Row tiles (forward, grad_weight) may span images. grad_x must never let
-    two threads scatter into one image: it runs items of whole images when
-    they spread evenly over the threads, else cuts each image into blocks of
-    whole groups, or blocks of at least NHWC_MIN_BLOCK_CHANNELS channels of one
+    Row tiles (forward, grad_weight) may span images; when the whole batch
+    fits one tile with fewer rows than filters (groups=1), the threads split
+    the filters instead (``f_blocks``). grad_x must never let two threads
+    scatter into one image: it runs items of whole images when they spread
+    evenly over the threads, else cuts each image into blocks of whole
+    groups, or blocks of at least NHWC_MIN_BLOCK_CHANNELS channels of one
     group, or else bands of input rows (OH > 1).
     """
     K = C * KK

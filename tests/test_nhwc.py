@@ -297,6 +297,13 @@ def test_casts_and_noncontiguous_and_readonly():
     gx, gw, gb = _nhwc.backward(dy.astype(np.float32), x, w_ro, geometry, np.float32, 2)
     assert gx.dtype == gw.dtype == gb.dtype == np.float32
     assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
+    # read-only float64 inputs go to the kernels uncopied
+    x_ro, dy_ro = x.copy(), dy.copy()
+    x_ro.flags.writeable = dy_ro.flags.writeable = False
+    np.testing.assert_array_equal(_nhwc.forward(x_ro, w_ro, b, geometry, np.float64, 2), expected)
+    for got, want in zip(_nhwc.backward(dy_ro, x_ro, w_ro, geometry, np.float64, 2),
+                         _nhwc.backward(dy, x, w, geometry, np.float64, 2)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_out_is_written_and_returned():
@@ -326,12 +333,18 @@ def test_empty_batch():
 def test_weight_layout(kernel):
     rng = np.random.default_rng(6)
     w = rng.standard_normal((4, 3) + kernel)
+    w.flags.writeable = False
     geometry = conv_geometry((2, 6, 6, 5), w.shape, 1, 1, 1, groups=2)
     wt = _nhwc.nhwc_weight(w, geometry, np.float32)
     assert wt.shape == (4, kernel[0] * kernel[1] * 3) and wt.dtype == np.float32
     # wt[f, (kh, kw, cg)] = w[f, cg, kh, kw]
     np.testing.assert_array_equal(
         wt, w.transpose(0, 2, 3, 1).reshape(4, -1).astype(np.float32))
+    # a read-only weight already of the compute dtype: 1x1 passes it through
+    x = rng.standard_normal((2, 6, 5, 6))
+    y = _nhwc.forward(x, w, None, geometry, np.float64, 2)
+    np.testing.assert_allclose(
+        y, _nhwc.forward(x, w.copy(), None, geometry, np.float64, 1), rtol=1e-12)
 
 
 def test_kernels_reject_wrong_arrays():
