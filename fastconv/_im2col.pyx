@@ -139,6 +139,46 @@ cdef inline void border_scatter(const floating *src, const ConvGeom *g, Py_ssize
         row[iw] += src[ow - ow_a]
 
 
+cdef void col2im_rows_add(const floating *col, const ConvGeom *g,
+                         Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t oh0, Py_ssize_t oh1,
+                         Py_ssize_t ld, floating *img) noexcept nogil:
+    """:func:`col2im_tile_add` for a tile of whole output rows ``[oh0, oh1)``.
+
+    Small planes (OW = 7 .. 16: deep layers, a transposed conv's input) make
+    the general loop pay a division, a padding lookup and two clamps for every
+    few columns it adds; here each row only computes its input row, and the
+    interior adds of stride 1 are a contiguous loop.
+    """
+    cdef Py_ssize_t plane_size = g.H * g.W, OW = g.OW, sw = g.stride_w
+    cdef Py_ssize_t c, kh, kw, oh, ow, ih, lo, hi, base
+    cdef floating *plane
+    cdef floating *dst
+    cdef const floating *src
+    for c in range(c0, c1):
+        plane = img + c * plane_size
+        for kh in range(g.KH):
+            for kw in range(g.KW):
+                src = col + (((c - c0) * g.KH + kh) * g.KW + kw) * ld
+                valid_ow_range(g, kw, &lo, &hi)
+                for oh in range(oh0, oh1):
+                    ih = source_index(oh * g.stride_h - g.pad_top + kh * g.dilation_h, g.H,
+                                      g.mode)
+                    if ih >= 0:
+                        base = ih * g.W + kw * g.dilation_w - g.pad_left
+                        if lo > 0:
+                            border_scatter(src, g, kw, 0, lo, plane + ih * g.W)
+                        if sw == 1:
+                            dst = plane + base
+                            for ow in range(lo, hi):
+                                dst[ow] += src[ow]
+                        else:
+                            for ow in range(lo, hi):
+                                plane[base + ow * sw] += src[ow]
+                        if hi < OW:
+                            border_scatter(src + hi, g, kw, hi, OW, plane + ih * g.W)
+                    src += OW
+
+
 cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
                           Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t p0, Py_ssize_t p1,
                           Py_ssize_t ld, floating *img) noexcept nogil:
@@ -154,6 +194,9 @@ cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
     cdef Py_ssize_t c, kh, kw, p, oh, ow, ow0, ow1, ih, a, b, lo, hi, base
     cdef floating *plane
     cdef const floating *src
+    if p0 % g.OW == 0 and p1 % g.OW == 0:
+        col2im_rows_add(col, g, c0, c1, p0 // g.OW, p1 // g.OW, ld, img)
+        return
     for c in range(c0, c1):
         plane = img + c * plane_size
         for kh in range(g.KH):
