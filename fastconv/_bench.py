@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from fastconv import _bench_onnx
 from fastconv._validation import conv_output_size, transposed_output_size
 
 #: The two passes every shape is timed for, in table order.
@@ -257,6 +258,8 @@ SUITE_COLUMNS = (
     ("vs_im2col", "vs im2col"),
     ("torch_ms", "torch ms"),
     ("vs_torch", "vs torch"),
+    ("ort_ms", "ORT ms"),
+    ("vs_ort", "vs ORT"),
 )
 
 #: ``(row key, header)`` of the ``--scaling`` table.
@@ -439,6 +442,7 @@ def run_suite(
     reference_repeat: Optional[int] = None,
     gemm: bool = True,
     torch: Optional[bool] = None,
+    onnxruntime: Optional[bool] = False,
     progress: Optional[Callable[[str], None]] = None,
 ) -> list[dict]:
     """Time every shape x pass and return one dict per table row.
@@ -462,6 +466,10 @@ def run_suite(
         Time the bare forward GEMM (forward rows only).
     torch : bool, optional
         Time PyTorch; None means "if it imports".
+    onnxruntime : bool, optional
+        Time ONNX Runtime's forward (:mod:`fastconv._bench_onnx`); None means
+        "if onnx and onnxruntime import". Default False: building its sessions
+        takes time and only ``--compare`` asks for it.
     progress : callable, optional
         Called with one line of text per row (``main`` sends them to stderr).
 
@@ -471,13 +479,17 @@ def run_suite(
         Keys: ``shape``, ``pass``, ``dtype``, ``threads``, ``flops`` and the
         keys of :data:`SUITE_COLUMNS`; times in milliseconds; a measurement
         that was not made is None. ``rel_err`` is fastconv's largest relative
-        deviation from the reference (None without the reference).
+        deviation from the reference (None without the reference), and
+        ``ort_rel_err`` ONNX Runtime's from fastconv (None without ORT).
     """
     import fastconv
     from threadpoolctl import threadpool_limits
 
     threads, dtype, reference_repeat, ref_module, torch_module = _suite_setup(
         threads, dtype, repeat, reference_repeat, reference, torch)
+    ort_modules = _bench_onnx.import_onnxruntime() if onnxruntime is None or onnxruntime else None
+    if onnxruntime and ort_modules is None:
+        raise RuntimeError("onnxruntime=True but `import onnx, onnxruntime` failed")
 
     rows = []
     for shape in shapes:
@@ -488,7 +500,7 @@ def run_suite(
         with threadpool_limits(limits=threads, user_api="blas"):
             for pass_ in PASSES:
                 row = _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
-                                threads, dtype, repeat, reference_repeat, gemm)
+                                threads, dtype, repeat, reference_repeat, gemm, ort_modules)
                 rows.append(row)
                 if progress is not None:
                     progress(_progress_line(row))
@@ -496,7 +508,7 @@ def run_suite(
 
 
 def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
-              threads, dtype, repeat, reference_repeat, gemm) -> dict:
+              threads, dtype, repeat, reference_repeat, gemm, ort_modules=None) -> dict:
     """Measure one table row (see :func:`run_suite` for the keys)."""
     flops = shape.flops(pass_)
     fast_ms, fast_result = time_call(
@@ -507,6 +519,7 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
         "reference_ms": None, "speedup": None, "rel_err": None,
         "gemm_ms": None, "vs_gemm": None, "torch_ms": None, "vs_torch": None,
         "nhwc_ms": None, "nhwc_vs_nchw": None, "im2col_ms": None, "vs_im2col": None,
+        "ort_ms": None, "vs_ort": None, "ort_rel_err": None,
     }
     if ref_module is not None:
         ref_ms, ref_result = time_call(
@@ -515,6 +528,12 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
         row["speedup"] = ref_ms / fast_ms
         row["rel_err"] = relative_error(fast_result, ref_result)
         del ref_result
+    if ort_modules is not None and pass_ == "forward":
+        ort_call = _bench_onnx.forward_call(ort_modules, shape, arrays, threads)
+        row["ort_ms"], ort_result = time_call(ort_call, repeat)
+        row["vs_ort"] = row["ort_ms"] / fast_ms
+        row["ort_rel_err"] = relative_error(ort_result, fast_result)
+        del ort_result
     del fast_result
     if shape.is_plain:
         row["nhwc_ms"], _ = time_call(
@@ -647,11 +666,14 @@ def run_pool_suite(
 
 def _progress_line(row: dict) -> str:
     parts = [f"{row['shape']} {row['pass']}: fastconv {_format_value(row['fastconv_ms'])} ms"]
-    for key, label in (("reference_ms", "reference"), ("gemm_ms", "gemm"), ("torch_ms", "torch")):
-        if row[key] is not None:
+    for key, label in (("reference_ms", "reference"), ("gemm_ms", "gemm"), ("torch_ms", "torch"),
+                       ("ort_ms", "ORT")):
+        if row.get(key) is not None:
             parts.append(f"{label} {_format_value(row[key])} ms")
     if row["rel_err"] is not None:
         parts.append(f"rel err vs reference {row['rel_err']:.1e}")
+    if row.get("ort_rel_err") is not None:
+        parts.append(f"ORT rel err vs fastconv {row['ort_rel_err']:.1e}")
     return ", ".join(parts)
 
 
@@ -881,6 +903,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="skip the pure-NumPy reference")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
                         help="skip PyTorch even if it is installed")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time ONNX Runtime's forward (needs onnx and onnxruntime) "
+                             "beside fastconv and PyTorch, with its ratio; a peer that does "
+                             "not import is reported on stderr and left out")
     parser.add_argument("--batch", type=_positive_int, default=None, metavar="N",
                         help="override the batch size of the selected shapes")
     parser.add_argument("--scaling", action="store_true",
@@ -1011,11 +1037,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     reference_repeat = 1 if args.quick else repeat
     torch = None if args.torch else False
+    onnxruntime = None if args.compare else False
+    if args.compare:
+        missing = [name for name, found in (("torch", _import_torch() is not None),
+                                            ("onnx/onnxruntime",
+                                             _bench_onnx.import_onnxruntime() is not None))
+                   if not found]
+        if missing:
+            _stderr(f"--compare: {', '.join(missing)} not importable, left out")
     if shapes:
         _stderr(f"timing {len(shapes)} shape(s) x {len(PASSES)} passes, {args.dtype}, "
                 f"{threads} threads, {repeat} repeats")
         rows = run_suite(shapes, threads, args.dtype, repeat, reference=args.reference,
-                         reference_repeat=reference_repeat, torch=torch, progress=_stderr)
+                         reference_repeat=reference_repeat, torch=torch,
+                         onnxruntime=onnxruntime, progress=_stderr)
         print(format_table(rows))
         print()
     if pool_shapes:

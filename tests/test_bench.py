@@ -152,6 +152,43 @@ def test_run_suite_with_torch():
     assert "torch ms" in format_table(rows)
 
 
+def test_run_suite_with_onnxruntime_on_every_row_kind():
+    """ONNX Runtime times forward rows only, and computes what fastconv computes."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    rows = run_suite([TINY, TINY_DEPTHWISE, TINY_TRANSPOSED], threads=1, repeat=1,
+                     reference=False, gemm=False, torch=False, onnxruntime=True)
+    for row in rows:
+        if row["pass"] == "forward":
+            assert row["ort_ms"] > 0 and row["vs_ort"] > 0
+            assert row["ort_rel_err"] < 1e-5, row
+        else:
+            assert row["ort_ms"] is None and row["vs_ort"] is None
+    assert "ORT ms" in format_table(rows)
+
+
+def test_onnxruntime_off_by_default_and_missing_is_an_error(monkeypatch):
+    rows = run_suite([TINY], threads=1, repeat=1, reference=False, gemm=False, torch=False)
+    assert all(r["ort_ms"] is None for r in rows)
+    assert "ORT" not in format_table(rows)
+    monkeypatch.setattr(_bench._bench_onnx, "import_onnxruntime", lambda: None)
+    with pytest.raises(RuntimeError, match="onnxruntime"):
+        run_suite([TINY], threads=1, repeat=1, torch=False, onnxruntime=True)
+    rows = run_suite([TINY], threads=1, repeat=1, reference=False, gemm=False, torch=False,
+                     onnxruntime=None)
+    assert all(r["ort_ms"] is None for r in rows)
+
+
+def test_cli_compare_reports_a_missing_peer(monkeypatch, capsys):
+    monkeypatch.setattr(_bench._bench_onnx, "import_onnxruntime", lambda: None)
+    monkeypatch.setattr(_bench, "_import_torch", lambda: None)
+    monkeypatch.setattr(_bench, "SUITE", (TINY,))
+    assert _bench.main(["--compare", "--only", "tiny", "--repeat", "1", "--no-reference"]) == 0
+    captured = capsys.readouterr()
+    assert "--compare: torch, onnx/onnxruntime not importable, left out" in captured.err
+    assert "| tiny" in captured.out and "ORT" not in captured.out
+
+
 def test_gemm_operands_are_not_copied():
     # scipy's f2py gemm copies operands that are not Fortran-ordered; such a
     # copy would be timed as part of "sgemm ms".
