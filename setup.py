@@ -26,7 +26,8 @@ COMPILER_DIRECTIVES = {
     "embedsignature": True,
 }
 
-EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc"]
+EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc",
+                   "_conv_winograd"]
 # Development shortcut: FASTCONV_BUILD_ONLY=_conv,_im2col python setup.py build_ext --inplace
 # recompiles just those extensions (a full forced build takes ~2 minutes on 2 cores).
 ONLY = [name for name in os.environ.get("FASTCONV_BUILD_ONLY", "").split(",") if name]
@@ -50,7 +51,7 @@ def make_extension(name):
     return Extension(
         f"fastconv.{name}",
         [f"fastconv/{name}.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "fastconv"],  # the C headers beside the .pyx
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-fopenmp"] + (["-g"] if DEBUG else []),
         extra_link_args=["-fopenmp"],

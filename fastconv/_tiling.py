@@ -190,3 +190,47 @@ def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
         return NhwcPlan(n_tiles, tile_rows, 0, c_block, f_blocks=f_blocks)
     # one channel and one output row: nothing to cut
     return NhwcPlan(n_tiles, tile_rows, N, C, f_blocks=f_blocks)
+
+
+# ---------------------------------------------------------------------------
+# Winograd engine, fastconv._conv_winograd: work items are blocks of tile rows
+# (r = n*TH + th) of the batch; a block's tiles share one set of GEMMs.
+# ---------------------------------------------------------------------------
+
+#: Target size of one thread's transform-domain workspace (V and M for a block).
+WINOGRAD_BLOCK_BYTES = 4 << 20
+#: Fewer tiles per block make the alpha**2 GEMMs too thin (the tiles are their
+#: columns); more leave the block's V and M in memory rather than cache.
+WINOGRAD_MIN_TILES = 64
+WINOGRAD_MAX_TILES = 256
+
+
+class WinogradPlan(NamedTuple):
+    """How one Winograd convolution is cut into work items (see ``fastconv._conv_winograd``)."""
+
+    m: int                # output tile size: F(m x m, 3 x 3)
+    rows_per_block: int   # tile rows per work item; a block has rows_per_block * TW tiles
+    tile_cols: int        # TW = ceil(OW / m)
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+    def workspace_per_thread(self, C: int, F: int) -> int:
+        """Elements of scratch one thread needs: gathered tiles D, V, M and output tiles."""
+        tiles = self.rows_per_block * self.tile_cols
+        aa = self.alpha * self.alpha
+        return tiles * (aa * (1 + C + F) + self.m * self.m)
+
+
+def plan_winograd(N: int, C: int, F: int, OH: int, OW: int, m: int, itemsize: int,
+                  n_threads: int) -> WinogradPlan:
+    """Blocks of whole tile rows holding WINOGRAD_MIN_TILES..WINOGRAD_MAX_TILES tiles (as the
+    byte budget allows), as many blocks as keep the threads evenly busy."""
+    TH, TW = math.ceil(OH / m), math.ceil(OW / m)
+    rows = N * TH
+    aa = (m + 2) ** 2
+    per_tile = aa * (C + F) * itemsize
+    target = min(WINOGRAD_MAX_TILES, max(WINOGRAD_MIN_TILES, WINOGRAD_BLOCK_BYTES // per_tile))
+    blocks = _balanced_count(math.ceil(rows * TW / target), n_threads, max(rows, 1))
+    return WinogradPlan(m, max(1, math.ceil(rows / blocks)), TW)

@@ -1,0 +1,274 @@
+"""Winograd F(m x m, 3 x 3) convolution kernels (m = 2 or 4), stride 1, dilation 1, NCHW.
+
+A 3x3 convolution of an ``alpha x alpha`` input tile (``alpha = m + 2``) gives
+an ``m x m`` output tile; in the Winograd domain it is an element-wise product:
+
+    Y = AT [ (G g G^T) * (BT d B) ] A
+
+Summed over channels, each of the ``alpha**2`` transform-domain positions
+``s = (xi, nu)`` is a matrix product over tiles: ``M_s (F x T) = U_s (F x C) @
+V_s (C x T)``, so the convolution becomes ``alpha**2`` GEMMs with ``m**2 * 9 /
+alpha**2`` (4 for m = 4) times fewer multiplications than im2col + GEMM.
+
+Work items are *blocks* of consecutive tile rows of the batch (tile row
+``r = n * TH + th``; its ``TW`` tiles are contiguous in the block). One thread
+runs a block start to finish in its own workspace:
+
+1. per channel: gather the input tiles (:c:func:`fc_winoM_gather_*`, padding
+   read through row and column maps) into ``D`` and transform them into
+   ``V_s[c, :]``;
+2. ``alpha**2`` (times groups) single-threaded GEMMs ``M_s = U_s @ V_s``;
+3. per filter: transform ``M_s[f, :]`` back into output tiles and scatter
+   them into ``y`` with the bias and, optionally, the ReLU fused.
+
+The per-thread workspace holds ``D``, ``V``, ``M`` and the output tiles of one
+block: its size comes from the tile plan (``fastconv._tiling.plan_winograd``),
+never from the batch. The transforms, gathers and scatters are straight-line C
+generated from the exact matrices (``fastconv/_winograd_transforms.h``), with
+an AVX2+FMA clone picked at load time. BLAS must be single-threaded while
+these run (``fastconv._threads``).
+"""
+
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.string cimport memcmp
+
+from fastconv._blas cimport gemm_rm
+
+
+cdef extern from "_winograd_transforms.h" nogil:
+    void fc_wino2_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_wino2_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_wino4_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_wino4_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_wino2_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_wino2_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_wino4_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_wino4_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_wino2_weight_s(const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino2_weight_d(const double *g, Py_ssize_t ldg, Py_ssize_t inc, double *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino4_weight_s(const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino4_weight_d(const double *g, Py_ssize_t ldg, Py_ssize_t inc, double *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino2_gather_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_wino2_gather_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
+    void fc_wino4_gather_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_wino4_gather_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
+    void fc_wino2_scatter_s(const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
+    void fc_wino2_scatter_d(const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
+    void fc_wino4_scatter_s(const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
+    void fc_wino4_scatter_d(const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
+
+
+# --- dispatch on the variant m (2 or 4) and the dtype --------------------------------------
+
+cdef inline void input_transform(int m, const floating *src, Py_ssize_t lds, floating *dst,
+                                 Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        if m == 4:
+            fc_wino4_input_s(src, lds, dst, ldd, n)
+        else:
+            fc_wino2_input_s(src, lds, dst, ldd, n)
+    else:
+        if m == 4:
+            fc_wino4_input_d(src, lds, dst, ldd, n)
+        else:
+            fc_wino2_input_d(src, lds, dst, ldd, n)
+
+
+cdef inline void output_transform(int m, const floating *src, Py_ssize_t lds, floating *dst,
+                                  Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        if m == 4:
+            fc_wino4_output_s(src, lds, dst, ldd, n)
+        else:
+            fc_wino2_output_s(src, lds, dst, ldd, n)
+    else:
+        if m == 4:
+            fc_wino4_output_d(src, lds, dst, ldd, n)
+        else:
+            fc_wino2_output_d(src, lds, dst, ldd, n)
+
+
+cdef inline void filter_transform(int m, const floating *g, Py_ssize_t ldg, Py_ssize_t inc,
+                                  floating *dst, Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        if m == 4:
+            fc_wino4_weight_s(g, ldg, inc, dst, ldd, n)
+        else:
+            fc_wino2_weight_s(g, ldg, inc, dst, ldd, n)
+    else:
+        if m == 4:
+            fc_wino4_weight_d(g, ldg, inc, dst, ldd, n)
+        else:
+            fc_wino2_weight_d(g, ldg, inc, dst, ldd, n)
+
+
+cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                              const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
+                              Py_ssize_t lo, Py_ssize_t hi, floating *D,
+                              Py_ssize_t ldd) noexcept nogil:
+    if floating is float:
+        if m == 4:
+            fc_wino4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        else:
+            fc_wino2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+    else:
+        if m == 4:
+            fc_wino4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        else:
+            fc_wino2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+
+
+cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floating *out,
+                               Py_ssize_t OW, Py_ssize_t rows, Py_ssize_t TW, floating bias,
+                               bint relu) noexcept nogil:
+    if floating is float:
+        if m == 4:
+            fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu)
+        else:
+            fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu)
+    else:
+        if m == 4:
+            fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
+        else:
+            fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+# --- kernels ---------------------------------------------------------------------------------
+
+def transform_weight(const floating[:, :, :, ::1] weight, floating[:, :, ::1] U, int m,
+                     Py_ssize_t groups, bint for_input_grad, int n_threads):
+    """U[s] = G g G^T at every transform position s, for every filter pair, in double.
+
+    ``for_input_grad=False``: ``U[s, f, c] = (G weight[f, c] G^T)[s]``, shape
+    (alpha**2, F, C/groups): the forward's filters.
+
+    ``for_input_grad=True``: the filters of grad_x, the convolution of dY with
+    the kernel rotated by 180 degrees and the channel axes swapped (seed 001):
+    ``U[s, c, fg] = (G rot180(weight[g*F/groups + fg, c - g*C/groups]) G^T)[s]``
+    with ``g`` the group of channel ``c``, shape (alpha**2, C, F/groups).
+
+    # IN  weight: (F, C/groups, 3, 3)
+    # OUT U: as above, every element written
+    """
+    cdef Py_ssize_t F = weight.shape[0], Cg = weight.shape[1]
+    cdef Py_ssize_t Fg = F // groups, C = Cg * groups
+    cdef Py_ssize_t f, c, gi
+    if not for_input_grad:
+        for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
+            filter_transform(m, &weight[f, 0, 0, 0], 1, 9, &U[0, f, 0], F * Cg, Cg)
+        return
+    for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
+        gi = c // Cg
+        # from the last tap backwards (ldg = -1): the kernel rotated by 180 degrees
+        filter_transform(m, &weight[gi * Fg, c - gi * Cg, 2, 2], -1, Cg * 9, &U[0, c, 0],
+                         C * Fg, Fg)
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
+            const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
+            int m, Py_ssize_t groups, const Py_ssize_t[::1] rowmap,
+            const Py_ssize_t[::1] colmap, Py_ssize_t left, Py_ssize_t lo, Py_ssize_t hi,
+            Py_ssize_t rows_per_block, bint relu, int n_threads):
+    """y = act(conv3x3(x) + bias) by F(m x m, 3 x 3), one block of tile rows per work item.
+
+    ``rowmap[p]`` / ``colmap[p]`` give the input row / column under padded
+    position ``p`` (``p = th*m + i`` for tap row ``i`` of tile row ``th``), or
+    -1 for a zero; tiles ``[lo, hi)`` of every tile row read only columns
+    ``p - left`` inside the input (no map lookup).
+
+    # IN  x: (N, C, H, W); U: (alpha**2, F, C/groups) from transform_weight; bias: (F,) or None
+    # IN  rowmap: (ceil(OH/m)*m + 2,); colmap: (ceil(OW/m)*m + 2,)
+    # OUT y: (N, F, OH, OW), every element written
+    # workspace: n_threads * workspace_per_thread of the plan
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
+    cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
+    cdef Py_ssize_t A = m + 2, AA = (m + 2) * (m + 2)
+    cdef Py_ssize_t TH = ceil_div(OH, m), TW = ceil_div(OW, m)
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t total_rows = N * TH
+    cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
+    cdef Py_ssize_t tb_max = rows_per_block * TW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
+    cdef floating *D
+    cdef floating *V
+    cdef floating *M
+    cdef floating *tiles
+    cdef floating b
+    if N == 0:
+        return
+    for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        D = &workspace[openmp.omp_get_thread_num() * per_thread]
+        V = D + AA * tb_max
+        M = V + AA * C * tb_max
+        tiles = M + AA * F * tb_max
+        r0 = block * rows_per_block
+        r1 = min(r0 + rows_per_block, total_rows)
+        tb = (r1 - r0) * TW
+        # 1. V[s, c, t] for the block's tiles t
+        for c in range(C):
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                gather_tiles(m, &x[n, c, 0, 0], W, &rowmap[th * m], &colmap[0], left, TW,
+                             lo, hi, D + (r - r0) * TW, tb)
+            input_transform(m, D, tb, V + c * tb, C * tb, tb)
+        # 2. M[s] = U[s] @ V[s], group by group
+        for s in range(AA):
+            for gi in range(groups):
+                gemm_rm(False, False, <int> Fg, <int> tb, <int> Cg,
+                        1, &U[s, gi * Fg, 0], <int> Cg, V + (s * C + gi * Cg) * tb, <int> tb,
+                        0, M + (s * F + gi * Fg) * tb, <int> tb)
+        # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
+        for f in range(F):
+            output_transform(m, M + f * tb, F * tb, tiles, tb, tb)
+            b = bias[f] if has_bias else 0
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                scatter_tiles(m, tiles + (r - r0) * TW, tb, &y[n, f, th * m, 0], OW,
+                              min(m, OH - th * m), TW, b, relu)
+
+
+def same_bytes(const unsigned char[::1] a, const unsigned char[::1] b):
+    """Whether two byte buffers are equal (memcmp without the GIL, stops at the first difference)."""
+    cdef int different
+    if a.shape[0] != b.shape[0]:
+        return False
+    if a.shape[0] == 0:
+        return True
+    with nogil:
+        different = memcmp(&a[0], &b[0], a.shape[0])
+    return different == 0

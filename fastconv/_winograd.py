@@ -1,0 +1,219 @@
+"""Winograd convolution: cast/contiguity -> transformed filters -> tile plan and workspace -> kernel.
+
+``conv2d(..., algorithm="winograd")`` validates its arguments and builds the
+:class:`~fastconv._validation.ConvGeometry` before calling these drivers; the
+kernels live in ``fastconv._conv_winograd``. Winograd applies to 3x3 kernels
+with stride 1 and dilation 1 (:func:`applies`), in NCHW.
+
+grad_x of such a convolution is itself a 3x3 stride-1 convolution, of dY with
+the kernel rotated by 180 degrees and its channel axes swapped (seed 001's
+derivation), padded by ``2 - pad`` on each side: :func:`backward_input` runs
+the same kernel on it. A negative padding there (pad > 2) just starts the
+tiles inside dY.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from fastconv import _conv_winograd
+from fastconv._threads import single_threaded_blas
+from fastconv._tiling import WinogradPlan, plan_winograd
+from fastconv._validation import ConvGeometry
+from fastconv._workspace import workspace
+
+__all__ = ["applies", "pays_off", "choose_m", "choose_m_input_grad", "transformed_weight",
+           "TransformedWeights", "forward", "backward_input"]
+
+#: The output tile sizes the kernels implement (F(2x2, 3x3) and F(4x4, 3x3)).
+TILE_SIZES = (2, 4)
+
+#: F(4x4, 3x3) rounds its transform-domain GEMM's error up by the output
+#: transform: float32 error relative to im2col's was 2.7-5.6x for reductions of
+#: 3-64 channels, 7.7x at 128, 9.8-10.1x at 256-512 (random data, README
+#: "Winograd accuracy"). Beyond this many channels per group F(2x2, 3x3) (0.4-1.8x)
+#: keeps the error within 10x of im2col's.
+F4_MAX_REDUCTION = 128
+
+#: ``algorithm="auto"`` takes Winograd for NCHW 3x3 stride-1 layers with at
+#: least this many input channels and filters per group (measured: README).
+AUTO_MIN_CHANNELS = 1
+
+
+def applies(geometry: ConvGeometry) -> bool:
+    """A 3x3 kernel, stride 1 and dilation 1: the shapes F(m x m, 3 x 3) computes."""
+    return ((geometry.KH, geometry.KW) == (3, 3)
+            and (geometry.stride_h, geometry.stride_w) == (1, 1)
+            and (geometry.dilation_h, geometry.dilation_w) == (1, 1))
+
+
+def pays_off(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` should take Winograd for this (applicable) layer."""
+    Cg, Fg = geometry.C // geometry.groups, geometry.F // geometry.groups
+    return not geometry.is_depthwise and min(Cg, Fg) >= AUTO_MIN_CHANNELS
+
+
+def _tile_size(reduction: int, out_h: int, out_w: int) -> int:
+    """4, unless the sum per output is long enough for F(4x4)'s float error (see
+    F4_MAX_REDUCTION) or the output too small for 4x4 tiles to pay (<= 2 along an axis)."""
+    if reduction > F4_MAX_REDUCTION or min(out_h, out_w) <= 2:
+        return 2
+    return 4
+
+
+def choose_m(geometry: ConvGeometry) -> int:
+    """Output tile size of the forward: its sums run over the C/groups input channels."""
+    return _tile_size(geometry.C // geometry.groups, geometry.OH, geometry.OW)
+
+
+def choose_m_input_grad(geometry: ConvGeometry) -> int:
+    """Output tile size of grad_x: its sums run over the F/groups filters."""
+    return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W)
+
+
+def _source_map(count: int, size: int, before: int, after: int, mode: str) -> np.ndarray:
+    """Input index under padded positions ``0 .. count-1`` (``p - before`` before the
+    padding mode maps it), -1 for a zero: zero padding, or past the declared padding
+    (only tiles' cropped outputs read those)."""
+    p = np.arange(count, dtype=np.intp) - before
+    inside = (p >= 0) & (p < size)
+    if mode == "zeros":
+        source = np.where(inside, p, -1)
+    elif mode == "reflect":
+        source = np.where(p < 0, -p, np.where(p >= size, 2 * (size - 1) - p, p))
+    elif mode == "replicate":
+        source = np.clip(p, 0, size - 1)
+    else:  # circular
+        source = np.where(p < 0, p + size, np.where(p >= size, p - size, p))
+    return np.ascontiguousarray(np.where(p < size + after, source, -1), dtype=np.intp)
+
+
+def _interior_tiles(W: int, left: int, m: int, TW: int) -> tuple[int, int]:
+    """``[lo, hi)``: tiles whose m + 2 input columns all lie inside the input."""
+    lo = min(TW, max(0, -(-left // m)))
+    hi = max(lo, min(TW, (W - (m + 2) + left) // m + 1))
+    return lo, hi
+
+
+def transformed_weight(weight: np.ndarray, groups: int, m: int, dtype, n_threads: int,
+                       for_input_grad: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """The filters in the Winograd domain, ``(alpha**2, F, C/groups)`` (or, for grad_x,
+    ``(alpha**2, C, F/groups)``); see ``fastconv._conv_winograd.transform_weight``.
+
+    Without ``out`` the result lives in a reused workspace, valid until the
+    next call on this Python thread.
+    """
+    w = np.ascontiguousarray(weight, dtype=dtype)
+    F, Cg = w.shape[:2]
+    rows, cols = (Cg * groups, F // groups) if for_input_grad else (F, Cg)
+    shape = ((m + 2) ** 2, rows, cols)
+    if out is None:
+        slot = "winograd-weight-grad" if for_input_grad else "winograd-weight"
+        out = workspace(slot, w.dtype, int(np.prod(shape))).reshape(shape)
+    _conv_winograd.transform_weight(w, out, m, groups, for_input_grad, n_threads)
+    return out
+
+
+def _run(x: np.ndarray, U: np.ndarray, bias, y: np.ndarray, geometry: ConvGeometry, m: int,
+         C: int, F: int, H: int, W: int, OH: int, OW: int, pads, mode: str, relu: bool,
+         n_threads: int) -> None:
+    """One Winograd convolution of x (N, C, H, W) into y (N, F, OH, OW)."""
+    top, bottom, left, right = pads
+    tiles: WinogradPlan = plan_winograd(x.shape[0], C, F, OH, OW, m, x.itemsize, n_threads)
+    TH, TW = -(-OH // m), tiles.tile_cols
+    rowmap = _source_map(TH * m + 2, H, top, bottom, mode)
+    colmap = _source_map(TW * m + 2, W, left, right, mode)
+    lo, hi = _interior_tiles(W, left, m, TW) if mode == "zeros" else (0, 0)
+    scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(C, F))
+    with single_threaded_blas:
+        _conv_winograd.forward(x, U, bias, y, scratch, m, geometry.groups, rowmap, colmap,
+                               left, lo, hi, tiles.rows_per_block, relu, n_threads)
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
+            n_threads: int, out: np.ndarray, relu: bool = False, m: int | None = None,
+            U: np.ndarray | None = None) -> np.ndarray:
+    """``act(conv2d(x, weight) + bias)`` by Winograd, written into ``out`` (N, F, OH, OW).
+
+    ``x`` must be C-contiguous of ``dtype``; ``U`` the filters already
+    transformed for this ``m`` (a layer's cache), else they are transformed here.
+    """
+    g = geometry
+    m = choose_m(g) if m is None else m
+    if U is None:
+        U = transformed_weight(weight, g.groups, m, dtype, n_threads)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    _run(x, U, b, out, g, m, g.C, g.F, g.H, g.W, g.OH, g.OW,
+         (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right), g.padding_mode, relu, n_threads)
+    return out
+
+
+def backward_input(grad_output: np.ndarray, weight: np.ndarray, geometry: ConvGeometry, dtype,
+                   n_threads: int, out: np.ndarray, m: int | None = None,
+                   U: np.ndarray | None = None) -> np.ndarray:
+    """grad_x of a zero-padded Winograd-able convolution, into ``out`` (N, C, H, W).
+
+    ``grad_output`` (N, F, OH, OW) must be C-contiguous of ``dtype``; ``U``
+    the grad_x filters already transformed for this ``m``, else they are
+    transformed here.
+    """
+    g = geometry
+    if g.padding_mode != "zeros":
+        raise ValueError("Winograd grad_x needs padding_mode='zeros'")
+    m = choose_m_input_grad(g) if m is None else m
+    if U is None:
+        U = transformed_weight(weight, g.groups, m, dtype, n_threads, for_input_grad=True)
+    pads = (2 - g.pad_top, 2 - g.pad_bottom, 2 - g.pad_left, 2 - g.pad_right)
+    _run(grad_output, U, None, out, g, m, g.F, g.C, g.OH, g.OW, g.H, g.W, pads, "zeros", False,
+         n_threads)
+    return out
+
+
+class TransformedWeights:
+    """A layer's filters in the Winograd domain, transformed again only when they change.
+
+    The cache keeps a copy of the filters it last transformed and compares it
+    byte for byte with the current ones on every call (a memcmp, which stops
+    at the first difference during training), so in-place updates such as
+    ``layer.W -= lr * layer.dW`` and rebinding ``layer.W`` are both noticed.
+    Cached arrays are never modified (a change makes new ones), so a thread
+    may keep using what :meth:`get` returned while another refreshes the cache.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshot: np.ndarray | None = None
+        self._transforms: dict = {}
+
+    def get(self, weight: np.ndarray, groups: int, m: int, dtype, n_threads: int,
+            for_input_grad: bool = False) -> np.ndarray:
+        """The transform of ``weight`` (see :func:`transformed_weight`), cached.
+
+        The snapshot is of ``weight`` as given; transforms for several compute
+        dtypes (a float32 layer fed float64 input) live side by side.
+        """
+        w = np.ascontiguousarray(weight)
+        key = (m, groups, for_input_grad, np.dtype(dtype))
+        with self._lock:
+            snapshot = self._snapshot
+            if (snapshot is None or snapshot.shape != w.shape or snapshot.dtype != w.dtype
+                    or not _conv_winograd.same_bytes(snapshot.reshape(-1).view(np.uint8),
+                                                     w.reshape(-1).view(np.uint8))):
+                self._snapshot = w.copy()
+                self._transforms = {}
+            U = self._transforms.get(key)
+            if U is None:
+                F, Cg = w.shape[:2]
+                rows, cols = (Cg * groups, F // groups) if for_input_grad else (F, Cg)
+                U = transformed_weight(w, groups, m, dtype, n_threads, for_input_grad,
+                                       out=np.empty(((m + 2) ** 2, rows, cols), dtype))
+                self._transforms[key] = U
+            return U
+
+    def clear(self) -> None:
+        """Drop the cached transforms (they are rebuilt on the next call)."""
+        with self._lock:
+            self._snapshot = None
+            self._transforms = {}
