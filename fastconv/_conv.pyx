@@ -74,33 +74,48 @@ cdef void gather_planes(const floating *src, Py_ssize_t F, Py_ssize_t P, const T
                    t.width * sizeof(floating))
 
 
+cdef inline void epilogue_row(const floating *src, floating *dst, Py_ssize_t n,
+                              const floating *bias, bint relu) noexcept nogil:
+    """dst[q] = act(src[q] + bias[0]) for q < n: no bias when ``bias`` is NULL, act the
+    ReLU when ``relu`` (src may be dst).
+
+    ``0 if v <= 0 else v`` is fastconv.relu's rule: NaN stays NaN, -0 becomes 0.
+    """
+    cdef Py_ssize_t q
+    cdef floating v, b = 0 if bias == NULL else bias[0]
+    if relu:
+        for q in range(n):
+            v = src[q] + b
+            dst[q] = 0 if v <= 0 else v
+    elif bias != NULL:
+        for q in range(n):
+            dst[q] = src[q] + b
+    elif src != dst:
+        memcpy(dst, src, n * sizeof(floating))
+
+
 cdef void scatter_planes(const floating *src, Py_ssize_t F, Py_ssize_t P, const Tile *t,
-                         const floating *bias, floating *dst) noexcept nogil:
-    """The inverse of :func:`gather_planes`, adding ``bias[f]`` on the way (if not NULL)."""
-    cdef Py_ssize_t j, f, q
-    cdef const floating *s
-    cdef floating *d
-    cdef floating b
+                         const floating *bias, bint relu, floating *dst) noexcept nogil:
+    """The inverse of :func:`gather_planes`, adding ``bias[f]`` on the way (if not NULL)
+    and applying the ReLU (if ``relu``)."""
+    cdef Py_ssize_t j, f
     for j in range(t.n1 - t.n0):
         for f in range(F):
-            s = src + f * t.total + j * t.width
-            d = dst + ((t.n0 + j) * F + f) * P + t.p0
-            if bias == NULL:
-                memcpy(d, s, t.width * sizeof(floating))
-            else:
-                b = bias[f]
-                for q in range(t.width):
-                    d[q] = s[q] + b
+            epilogue_row(src + f * t.total + j * t.width,
+                         dst + ((t.n0 + j) * F + f) * P + t.p0, t.width,
+                         NULL if bias == NULL else bias + f, relu)
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
             const floating[::1] bias, floating[:, :, ::1] y,
             floating[::1] workspace, object geometry, Py_ssize_t images_per_tile,
-            Py_ssize_t tile_p, int n_threads):
-    """y[n] = w2d @ im2col(x[n]) (+ bias), one column tile per work item.
+            Py_ssize_t tile_p, int n_threads, bint relu=False):
+    """y[n] = act(w2d @ im2col(x[n]) + bias), one column tile per work item.
 
     With groups, group gi's filters (a row block of w2d) multiply group gi's
-    channels (a row block of the same column tile): one gemm per group.
+    channels (a row block of the same column tile): one gemm per group. The
+    bias and the ReLU (``relu``) are applied to each tile's output rows right
+    after its gemm, while they are in cache.
 
     # IN  x: (N, C, H, W); w2d: (F, C/groups*KH*KW); bias: (F,) or None
     # OUT y: (N, F, OH*OW)
@@ -154,7 +169,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
                     1, &w2d[gi * Fg, 0], <int> Kg, cols + gi * Kg * ldcol, ldcol,
                     beta, out + gi * Fg * ldout, ldout)
         if t.n1 - t.n0 > 1:
-            scatter_planes(out, F, P, &t, bias_ptr, &y[0, 0, 0])
+            scatter_planes(out, F, P, &t, bias_ptr, relu, &y[0, 0, 0])
+        elif relu:
+            for f in range(F):
+                epilogue_row(out + f * P, out + f * P, t.width, NULL, True)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _depthwise, _im2col, _nhwc
+from fastconv import _conv, _depthwise, _im2col, _nhwc, _pool, _winograd
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
     ALGORITHMS,
+    as_activation,
     LAYOUTS,
     ConvGeometry,
     IntPair,
@@ -48,23 +49,44 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
 
 
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str) -> str:
-    """The kernel family to run: ``'direct'`` (depthwise NCHW) or ``'im2col'``.
+    """The kernel family to run: ``'direct'`` (depthwise NCHW), ``'winograd'`` (3x3,
+    stride 1, dilation 1, NCHW) or ``'im2col'``.
 
     "auto" takes the direct kernel for grouped depthwise layers: they are
     memory-bound, and im2col + GEMM would run one tiny GEMM per channel. A
     single-channel input (C = groups = 1) is a plain convolution whose GEMM
-    has F rows; it stays with im2col.
+    has F rows; it stays with im2col. Winograd is taken where
+    ``fastconv._winograd.pays_off`` says it measured faster.
     """
     direct_applies = geometry.is_depthwise and layout == "NCHW"
+    winograd_applies = _winograd.applies(geometry) and layout == "NCHW"
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
             "algorithm='direct' is the depthwise kernel: it needs groups == C (one input "
             f"channel per group) and layout='NCHW', got groups={geometry.groups}, "
             f"C={geometry.C}, layout={layout!r}"
         )
+    if algorithm == "winograd" and not winograd_applies:
+        raise ValueError(
+            "algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW', "
+            f"got kernel {geometry.KH}x{geometry.KW}, "
+            f"stride={(geometry.stride_h, geometry.stride_w)}, "
+            f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}"
+        )
     if algorithm == "auto":
-        return "direct" if direct_applies and geometry.groups > 1 else "im2col"
+        if direct_applies and geometry.groups > 1:
+            return "direct"
+        if winograd_applies and _winograd.pays_off(geometry):
+            return "winograd"
+        return "im2col"
     return algorithm
+
+
+def _relu_in_place(y: np.ndarray, n_threads: int) -> np.ndarray:
+    """The ReLU of a result the kernel could not fuse it into (NHWC, depthwise)."""
+    flat = y.reshape(-1)
+    _pool.relu_forward(flat, flat, n_threads)
+    return y
 
 
 def _bias_gradient_wanted(bias, F: int) -> bool:
@@ -112,14 +134,16 @@ def conv2d(
     padding_mode: str = "zeros",
     layout: str = "NCHW",
     algorithm: str = "auto",
+    activation: str | None = None,
     out: np.ndarray | None = None,
     n_threads: int | None = None,
 ) -> np.ndarray:
     """2-D convolution (cross-correlation, as in every deep-learning library) of a batch.
 
-    ``y[n, f, oh, ow] = bias[f] + sum_{c, kh, kw} weight[f, c, kh, kw] *
-    x_padded[n, g*C/groups + c, oh*sh + kh*dh, ow*sw + kw*dw]`` with
-    ``g = f // (F/groups)`` the group of filter ``f``.
+    ``y[n, f, oh, ow] = act(bias[f] + sum_{c, kh, kw} weight[f, c, kh, kw] *
+    x_padded[n, g*C/groups + c, oh*sh + kh*dh, ow*sw + kw*dw])`` with
+    ``g = f // (F/groups)`` the group of filter ``f`` and ``act`` the
+    identity or the ReLU (``activation``).
 
     Parameters
     ----------
@@ -148,9 +172,16 @@ def conv2d(
     layout : {'NCHW', 'NHWC'}, default 'NCHW'
         Memory order of ``x`` and of the result. NHWC runs a channels-last
         engine on the array as given (no transposed copy).
-    algorithm : {'auto', 'im2col', 'direct'}, default 'auto'
-        'direct' is the depthwise kernel (groups == C, NCHW); 'im2col' the
-        column-tile + GEMM engine; 'auto' picks 'direct' wherever it applies.
+    algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
+        'direct' is the depthwise kernel (groups == C, NCHW); 'winograd'
+        computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
+        (F(2x2, 3x3) where accuracy or a tiny output needs it); 'im2col' is
+        the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
+        layers and 'winograd' where it measured faster (see the README).
+    activation : {None, 'relu'}, default None
+        A ReLU applied to each output tile right after the bias, while it is
+        in cache (NaN stays NaN). :func:`conv2d_backward` takes the same
+        value and the forward's result.
     out : ndarray, optional
         C-contiguous array of the result's shape and dtype to write into (and return).
     n_threads : int, optional
@@ -172,9 +203,9 @@ def conv2d(
     ValueError
         Wrong ndim, channel mismatch, groups not dividing C and F, bias of the
         wrong length, non-positive stride or dilation, negative padding, an
-        unknown padding string, padding_mode, layout or algorithm, reflect
-        padding not smaller than the input (circular: larger), output size < 1,
-        bad ``out``.
+        unknown padding string, padding_mode, layout, algorithm or activation,
+        an algorithm that does not apply to the shape, reflect padding not
+        smaller than the input (circular: larger), output size < 1, bad ``out``.
 
     Notes
     -----
@@ -201,8 +232,16 @@ def conv2d(
     >>> fastconv.conv2d(x, w, padding=(0, 1, 0, 1), padding_mode="replicate")[0, 0, 3]
     array([50., 54., 58., 60.])
     """
+    return _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, layout,
+                   algorithm, activation, out, n_threads)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, layout, algorithm,
+            activation, out, n_threads, weight_cache=None) -> np.ndarray:
+    """:func:`conv2d`, with a layer's cache of transformed filters (``weight_cache``)."""
     x, weight, geometry, layout, algorithm = _conv_inputs(
         x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm)
+    relu = as_activation(activation) == "relu"
     dtypes = [x.dtype, weight.dtype]
     if bias is not None:
         bias = as_array(bias, "bias")
@@ -227,16 +266,23 @@ def conv2d(
                                if a is not None):
         raise ValueError("out must not overlap x, weight or bias")
     if layout == "NHWC":
-        return _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
+        _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
+        return _relu_in_place(y, n_threads) if relu else y
     if algorithm == "direct":
         w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
         _depthwise.forward(xc, w, b, y, geometry, n_threads)
-        return y
+        return _relu_in_place(y, n_threads) if relu else y
+    if algorithm == "winograd":
+        m = _winograd.choose_m(geometry)
+        U = None if weight_cache is None else weight_cache.get(weight, geometry.groups, m, dtype,
+                                                                n_threads)
+        return _winograd.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu, m=m,
+                                 U=U)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     with single_threaded_blas:
         _conv.forward(xc, w2d, b, y.reshape(geometry.N, geometry.F, -1), scratch, geometry,
-                      tiles.images_per_tile, tiles.tile_p, n_threads)
+                      tiles.images_per_tile, tiles.tile_p, n_threads, relu)
     return y
 
 
@@ -253,6 +299,8 @@ def conv2d_backward(
     layout: str = "NCHW",
     algorithm: str = "auto",
     bias=True,
+    activation: str | None = None,
+    output: np.ndarray | None = None,
     n_threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Gradients of :func:`conv2d` with respect to its input, weight and bias.
@@ -270,6 +318,12 @@ def conv2d_backward(
     bias : bool, None or ndarray, default True
         Whether the forward pass had a bias: False or None skip its gradient
         (``grad_bias`` is then None); the forward's bias array counts as True.
+    activation : {None, 'relu'}, default None
+        The forward's activation. With 'relu', ``grad_output`` is the gradient
+        with respect to the activated output and is masked where ``output``
+        (the forward's result) is not positive.
+    output : ndarray, optional
+        The forward's result, required with ``activation='relu'``.
     n_threads : int, optional
         As in :func:`conv2d`.
 
@@ -289,14 +343,18 @@ def conv2d_backward(
     Raises
     ------
     TypeError, ValueError
-        As :func:`conv2d`, and when ``grad_output`` does not have the shape
-        of the forward output.
+        As :func:`conv2d`, and when ``grad_output`` (or ``output``) does not
+        have the shape of the forward output, or ``activation='relu'`` comes
+        without ``output``.
 
     Notes
     -----
     The column tiles are recomputed rather than kept from the forward pass,
     grad_weight is summed per thread and reduced at the end, and grad_x is
-    split by (image, channel block) so that col2im never races.
+    split by (image, channel block) so that col2im never races. With
+    ``algorithm='winograd'`` grad_x (a 3x3 stride-1 convolution of dY with the
+    rotated kernel) runs by Winograd too when ``padding_mode='zeros'``, and by
+    im2col otherwise; grad_weight always runs by im2col + GEMM.
 
     Examples
     --------
@@ -316,6 +374,13 @@ def conv2d_backward(
     >>> fastconv.conv2d_backward(dy, x, w, bias=False)[2] is None
     True
     """
+    return _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups,
+                            padding_mode, layout, algorithm, bias, activation, output, n_threads)
+
+
+def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, padding_mode,
+                     layout, algorithm, bias, activation, output, n_threads, weight_cache=None):
+    """:func:`conv2d_backward`, with a layer's cache of transformed filters (``weight_cache``)."""
     x, weight, geometry, layout, algorithm = _conv_inputs(
         x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm)
     grad_output = as_array(grad_output, "grad_output")
@@ -327,9 +392,25 @@ def conv2d_backward(
             f"grad_output must have the forward output's shape {expected} "
             f"(x.shape={x.shape}, weight.shape={weight.shape}), got {grad_output.shape}"
         )
+    relu = as_activation(activation) == "relu"
+    if relu:
+        if output is None:
+            raise ValueError("activation='relu' needs output=, the forward's result, to "
+                             "mask grad_output where the ReLU was inactive")
+        output = as_array(output, "output")
+        if output.shape != expected:
+            raise ValueError(f"output must have the forward output's shape {expected}, "
+                             f"got {output.shape}")
     with_bias = _bias_gradient_wanted(bias, geometry.F)
     dtype = compute_dtype(grad_output.dtype, x.dtype, weight.dtype)
     n_threads = effective_n_threads(n_threads)
+    if relu:
+        # dL/dz = dL/dy where y = relu(z) > 0: one pass, into a new array (inputs stay as given)
+        masked = np.empty(expected, dtype)
+        _pool.relu_backward(np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1),
+                            np.ascontiguousarray(output, dtype=dtype).reshape(-1),
+                            masked.reshape(-1), n_threads)
+        grad_output = masked
     if layout == "NHWC":
         return _nhwc.backward(grad_output, x, weight, geometry, dtype, n_threads,
                               with_bias=with_bias)
@@ -352,15 +433,21 @@ def conv2d_backward(
                                    n_threads)
         _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)
         return grad_x, grad_weight, grad_bias
-    dy = dy.reshape(N, F, -1)
+    winograd_input = algorithm == "winograd" and geometry.padding_mode == "zeros"
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
     with single_threaded_blas:
-        _conv.backward_weight(xc, dy, partial, scratch, geometry, tiles.images_per_tile,
-                              tiles.tile_p, n_threads)
+        _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
+                              tiles.images_per_tile, tiles.tile_p, n_threads)
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
-        _conv.backward_input(w2d, dy, grad_x, scratch, geometry, tiles.images_per_tile,
-                             tiles.tile_p, tiles.c_block, n_threads)
+        if not winograd_input:
+            _conv.backward_input(w2d, dy.reshape(N, F, -1), grad_x, scratch, geometry,
+                                 tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads)
+    if winograd_input:
+        m = _winograd.choose_m_input_grad(geometry)
+        U = None if weight_cache is None else weight_cache.get(
+            weight, geometry.groups, m, dtype, n_threads, for_input_grad=True)
+        _winograd.backward_input(dy, weight, geometry, dtype, n_threads, grad_x, m=m, U=U)
     return grad_x, grad_weight, grad_bias
 
 

@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 
-from fastconv._functional import conv2d, conv2d_backward
+from fastconv._functional import _conv2d, _conv2d_backward
 from fastconv._transposed import conv_transpose2d, conv_transpose2d_backward
+from fastconv._winograd import TransformedWeights
 from fastconv._threads import effective_n_threads
 from fastconv._pooling import (
     avg_pool2d,
@@ -19,6 +20,7 @@ from fastconv._pooling import (
 )
 from fastconv._validation import (
     ALGORITHMS,
+    as_activation,
     LAYOUTS,
     PADDING_MODES,
     PADDING_STRINGS,
@@ -90,12 +92,13 @@ class _ConvLayerBase:
     """What both convolution layers share: parameters, gradients and the forward's input.
 
     Subclasses name their functional pair (``_forward_function``,
-    ``_backward_function``) and the keyword arguments both take (``_arguments``).
+    ``_backward_function``) and the keyword arguments both take (``_arguments``),
+    or override :meth:`_forward` / :meth:`_backward`.
     """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run the layer on ``x`` and keep ``x`` (not a copy) for :meth:`backward`."""
-        y = self._forward_function(x, self.W, self.b, **self._arguments())
+        y = self._forward(x)
         self._x = x
         return y
 
@@ -105,11 +108,17 @@ class _ConvLayerBase:
         """Store ``dW``/``db`` for the last forward's input and return ``dx``."""
         if self._x is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        dx, dW, db = self._backward_function(dout, self._x, self.W, bias=self.b is not None,
-                                             **self._arguments())
+        dx, dW, db = self._backward(dout)
         self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
         self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
         return dx
+
+    def _forward(self, x):
+        return self._forward_function(x, self.W, self.b, **self._arguments())
+
+    def _backward(self, dout):
+        return self._backward_function(dout, self._x, self.W, bias=self.b is not None,
+                                       **self._arguments())
 
     def _common_repr_parts(self) -> list[str]:
         parts = []
@@ -155,8 +164,10 @@ class Conv2D(_ConvLayerBase):
         for both ``W`` and ``b``.
     layout : {'NCHW', 'NHWC'}, default 'NCHW'
         Layout of the inputs and outputs (``W`` is (F, C/groups, KH, KW) in both).
-    algorithm : {'auto', 'im2col', 'direct'}, default 'auto'
+    algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         As in :func:`fastconv.conv2d`.
+    activation : {None, 'relu'}, default None
+        A ReLU fused into the forward (and its mask into the backward).
     n_threads : int, optional
         OpenMP threads for every call (see :func:`fastconv.conv2d`).
 
@@ -169,8 +180,11 @@ class Conv2D(_ConvLayerBase):
 
     Notes
     -----
-    :meth:`forward` keeps a reference to its input for :meth:`backward`
-    (nothing is copied): do not modify it in place between the two calls.
+    :meth:`forward` keeps a reference to its input (and, with
+    ``activation='relu'``, to its output) for :meth:`backward` (nothing is
+    copied): do not modify them in place between the two calls. With Winograd
+    the layer keeps its filters transformed between calls and transforms them
+    again only when ``W`` has changed (compared byte for byte).
 
     Examples
     --------
@@ -206,6 +220,7 @@ class Conv2D(_ConvLayerBase):
         *,
         layout: str = "NCHW",
         algorithm: str = "auto",
+        activation: str | None = None,
         n_threads: int | None = None,
     ) -> None:
         in_channels, out_channels, (kh, kw), groups, dtype = _layer_args(
@@ -214,10 +229,10 @@ class Conv2D(_ConvLayerBase):
                              (out_channels, in_channels // groups, kh, kw), out_channels, bias,
                              dtype)
         self._setup(W, b, stride, padding, dilation, groups, padding_mode, layout, algorithm,
-                    n_threads)
+                    activation, n_threads)
 
     def _setup(self, W, b, stride, padding, dilation, groups, padding_mode, layout, algorithm,
-               n_threads, padding_name="padding") -> None:
+               activation, n_threads, padding_name="padding") -> None:
         self.W = W
         self.b = b
         self.stride = as_positive_pair(stride, "stride")
@@ -233,11 +248,14 @@ class Conv2D(_ConvLayerBase):
         self.padding_mode = as_choice(padding_mode, "padding_mode", PADDING_MODES)
         self.layout = as_choice(layout, "layout", LAYOUTS)
         self.algorithm = as_choice(algorithm, "algorithm", ALGORITHMS)
+        self.activation = as_activation(activation)
         effective_n_threads(n_threads)  # reject n_threads=0 or a non-int now, not at forward
         self.n_threads = n_threads
         self.dW = None
         self.db = None
         self._x = None
+        self._y = None          # the forward's output, kept for the ReLU's backward
+        self._weight_cache = TransformedWeights()
 
     @classmethod
     def from_weights(cls, W: np.ndarray, b: np.ndarray | None = None, stride: IntPair = 1,
@@ -269,7 +287,8 @@ class Conv2D(_ConvLayerBase):
             # the seeds' layer takes numbers; keep its error
             as_padding(pad, "pad")
         layer = cls.__new__(cls)
-        layer._setup(W, b, stride, pad, 1, 1, "zeros", "NCHW", "auto", None, padding_name="pad")
+        layer._setup(W, b, stride, pad, 1, 1, "zeros", "NCHW", "auto", None, None,
+                     padding_name="pad")
         return layer
 
     @property
@@ -284,13 +303,18 @@ class Conv2D(_ConvLayerBase):
     def kernel_size(self) -> tuple[int, int]:
         return (self.W.shape[2], self.W.shape[3])
 
-    _forward_function = staticmethod(conv2d)
-    _backward_function = staticmethod(conv2d_backward)
+    def _forward(self, x):
+        y = _conv2d(x, self.W, self.b, self.stride, self.padding, self.dilation, self.groups,
+                    self.padding_mode, self.layout, self.algorithm, self.activation, None,
+                    self.n_threads, weight_cache=self._weight_cache)
+        self._y = y if self.activation is not None else None
+        return y
 
-    def _arguments(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups, padding_mode=self.padding_mode, layout=self.layout,
-                    algorithm=self.algorithm, n_threads=self.n_threads)
+    def _backward(self, dout):
+        return _conv2d_backward(dout, self._x, self.W, self.stride, self.padding, self.dilation,
+                                self.groups, self.padding_mode, self.layout, self.algorithm,
+                                self.b is not None, self.activation, self._y, self.n_threads,
+                                weight_cache=self._weight_cache)
 
     def __repr__(self) -> str:
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
@@ -306,6 +330,8 @@ class Conv2D(_ConvLayerBase):
             parts.append(f"layout={self.layout!r}")
         if self.algorithm != "auto":
             parts.append(f"algorithm={self.algorithm!r}")
+        if self.activation is not None:
+            parts.append(f"activation={self.activation!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 

@@ -22,8 +22,11 @@ PADDING_STRINGS = ("valid", "same", "full")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: ``layout`` values of conv2d / conv2d_backward.
 LAYOUTS = ("NCHW", "NHWC")
-#: ``algorithm`` values of conv2d / conv2d_backward ("direct": the depthwise kernel).
-ALGORITHMS = ("auto", "im2col", "direct")
+#: ``algorithm`` values of conv2d / conv2d_backward ("direct": the depthwise kernel;
+#: "winograd": F(m x m, 3 x 3) for 3x3 kernels at stride 1 and dilation 1).
+ALGORITHMS = ("auto", "im2col", "direct", "winograd")
+#: ``activation`` values of conv2d / conv2d_backward / Conv2D (None: the identity).
+ACTIVATIONS = (None, "relu")
 
 #: The dtypes the kernels are compiled for.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -162,6 +165,15 @@ def as_choice(value, name: str, choices: Sequence[str]) -> str:
         raise ValueError(
             f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
         )
+    return value
+
+
+def as_activation(value, name: str = "activation") -> str | None:
+    """``None`` or ``'relu'``; anything else is a ValueError listing the choices."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise ValueError(f"{name} must be None or 'relu', got {value!r}")
     return value
 
 

@@ -31,6 +31,19 @@ def assert_matches(actual, expected, dtype, reduction_length: int, what: str = "
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
 
 
+def algorithms_for(kernel, stride=1, dilation=1, layout="NCHW", depthwise=False):
+    """Every explicit ``algorithm`` that applies to a layer of this shape (mirrors
+    ``fastconv._functional._choose_algorithm``): each is tested on the same grid."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    found = ["im2col"]
+    if layout == "NCHW" and depthwise:
+        found.append("direct")
+    if (layout == "NCHW" and pair(kernel) == (3, 3) and pair(stride) == (1, 1)
+            and pair(dilation) == (1, 1)):
+        found.append("winograd")
+    return found
+
+
 def random_problem(rng, N, C, H, W, F, KH, KW, dtype):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     weight = rng.standard_normal((F, C, KH, KW)).astype(dtype)

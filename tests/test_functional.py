@@ -4,7 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _helpers import assert_matches, random_problem
+from _helpers import algorithms_for, assert_matches, random_problem
 
 import fastconv
 from fastconv import _tiling, reference
@@ -29,20 +29,22 @@ def _fits(H, W, kernel, stride, padding, dilation):
 
 
 def check_against_reference(x, weight, bias, stride, padding, dilation, n_threads, dtype, rng):
-    """Forward and all three gradients of fastconv equal the reference's."""
+    """Forward and all three gradients of fastconv equal the reference's, for every
+    algorithm that applies to the shape (and "auto")."""
     F, C, KH, KW = weight.shape
-    y = fastconv.conv2d(x, weight, bias, stride, padding, dilation, n_threads=n_threads)
     y_ref = reference.conv2d(x, weight, bias, stride, padding, dilation)
-    assert_matches(y, y_ref, dtype, C * KH * KW, "y")
-
-    grad_output = rng.standard_normal(y.shape).astype(dtype)
-    gx, gw, gb = fastconv.conv2d_backward(grad_output, x, weight, stride, padding, dilation,
-                                          n_threads=n_threads)
+    grad_output = rng.standard_normal(y_ref.shape).astype(dtype)
     rx, rw, rb = reference.conv2d_backward(grad_output, x, weight, stride, padding, dilation)
-    N, _, OH, OW = y.shape
-    assert_matches(gx, rx, dtype, F * KH * KW, "grad_x")
-    assert_matches(gw, rw, dtype, N * OH * OW, "grad_weight")
-    assert_matches(gb, rb, dtype, N * OH * OW, "grad_bias")
+    N, _, OH, OW = y_ref.shape
+    for algorithm in ["auto"] + algorithms_for((KH, KW), stride, dilation):
+        y = fastconv.conv2d(x, weight, bias, stride, padding, dilation, algorithm=algorithm,
+                            n_threads=n_threads)
+        assert_matches(y, y_ref, dtype, C * KH * KW, f"{algorithm} y")
+        gx, gw, gb = fastconv.conv2d_backward(grad_output, x, weight, stride, padding, dilation,
+                                              algorithm=algorithm, n_threads=n_threads)
+        assert_matches(gx, rx, dtype, F * KH * KW, f"{algorithm} grad_x")
+        assert_matches(gw, rw, dtype, N * OH * OW, f"{algorithm} grad_weight")
+        assert_matches(gb, rb, dtype, N * OH * OW, f"{algorithm} grad_bias")
 
 
 GEOMETRY_GRID = [
@@ -76,9 +78,12 @@ def test_shape_grid(N, C, F, H, W, kernel, stride, padding, n_threads, dtype):
 @pytest.mark.parametrize("N", [1, 2, 5])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0), ((3, 2), 2, 1)])
 def test_many_tiles(monkeypatch, N, kernel, stride, padding, n_threads, dtype):
-    """Tiny tiles force tile boundaries inside output rows and many work items per image."""
+    """Tiny tiles force tile boundaries inside output rows and many work items per image
+    (Winograd: one tile row per block)."""
     monkeypatch.setattr(_tiling, "COLUMN_TILE_BYTES", 1)
     monkeypatch.setattr(_tiling, "MIN_TILE_COLUMNS", 5)
+    monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
     rng = np.random.default_rng(3)
     x, weight, bias = random_problem(rng, N, 6, 9, 13, 4, *kernel, dtype)
     check_against_reference(x, weight, bias, stride, padding, 1, n_threads, dtype, rng)
@@ -189,10 +194,12 @@ def test_repeated_calls_are_bit_identical(n_threads, dtype):
     rng = np.random.default_rng(11)
     x, weight, bias = random_problem(rng, 3, 8, 20, 20, 8, 3, 3, dtype)
     grad_output = rng.standard_normal((3, 8, 20, 20)).astype(dtype)
-    first = [fastconv.conv2d(x, weight, bias, padding=1, n_threads=n_threads),
-             *fastconv.conv2d_backward(grad_output, x, weight, padding=1, n_threads=n_threads)]
-    for _ in range(3):
-        again = [fastconv.conv2d(x, weight, bias, padding=1, n_threads=n_threads),
-                 *fastconv.conv2d_backward(grad_output, x, weight, padding=1, n_threads=n_threads)]
-        for a, b in zip(first, again):
-            np.testing.assert_array_equal(a, b)
+    for algorithm in algorithms_for(3):
+        args = dict(padding=1, algorithm=algorithm, n_threads=n_threads)
+        first = [fastconv.conv2d(x, weight, bias, **args),
+                 *fastconv.conv2d_backward(grad_output, x, weight, **args)]
+        for _ in range(3):
+            again = [fastconv.conv2d(x, weight, bias, **args),
+                     *fastconv.conv2d_backward(grad_output, x, weight, **args)]
+            for a, b in zip(first, again):
+                np.testing.assert_array_equal(a, b)

@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _helpers import assert_matches
+from _helpers import algorithms_for, assert_matches
 
 import fastconv
 from fastconv import _tiling, reference
@@ -31,10 +31,8 @@ GEOMETRIES = [
 ]
 
 
-def _algorithms(C, groups, layout):
-    if layout == "NCHW" and groups == C:
-        return ["im2col", "direct"]
-    return ["im2col"]
+def _algorithms(C, groups, layout, kernel, stride, dilation):
+    return algorithms_for(kernel, stride, dilation, layout, depthwise=groups == C)
 
 
 def _nhwc(a):
@@ -82,7 +80,7 @@ CONV_GRID = [
                     f"-{layout}-{algorithm}")
     for (C, F, groups), mode, (kernel, stride, padding, dilation), layout in itertools.product(
         GROUPINGS, MODES, GEOMETRIES, ["NCHW", "NHWC"])
-    for algorithm in _algorithms(C, groups, layout)
+    for algorithm in _algorithms(C, groups, layout, kernel, stride, dilation)
 ]
 
 
@@ -100,13 +98,16 @@ def test_conv_grid(C, F, groups, mode, kernel, stride, padding, dilation, layout
 @pytest.mark.parametrize("N", [1, 3, 9])
 @pytest.mark.parametrize("C,F,groups", [(4, 6, 2), (6, 6, 6), (6, 12, 3)])
 @pytest.mark.parametrize("layout,algorithm", [("NCHW", "im2col"), ("NCHW", "auto"),
-                                              ("NHWC", "im2col")])
+                                              ("NCHW", "winograd"), ("NHWC", "im2col")])
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 def test_tiles_threads_and_batches(monkeypatch, N, C, F, groups, layout, algorithm, mode,
                                    n_threads, dtype):
-    """Tiny tiles: tile edges inside rows, image groups, channel blocks crossing groups."""
+    """Tiny tiles: tile edges inside rows, image groups, channel blocks crossing groups,
+    Winograd blocks of one tile row."""
     monkeypatch.setattr(_tiling, "COLUMN_TILE_BYTES", 1)
     monkeypatch.setattr(_tiling, "MIN_TILE_COLUMNS", 5)
+    monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
     rng = np.random.default_rng(4)
     x, weight, bias = _problem(rng, N, C, 6, 9, F, groups, (3, 3), dtype)
     check_conv(x, weight, bias, dtype, rng, n_threads=n_threads, layout=layout,
@@ -115,7 +116,7 @@ def test_tiles_threads_and_batches(monkeypatch, N, C, F, groups, layout, algorit
 
 
 @pytest.mark.parametrize("layout,algorithm", [("NCHW", "im2col"), ("NCHW", "direct"),
-                                              ("NHWC", "im2col")])
+                                              ("NCHW", "winograd"), ("NHWC", "im2col")])
 def test_bias_none(layout, algorithm, dtype):
     rng = np.random.default_rng(5)
     x, weight, _ = _problem(rng, 2, 4, 6, 6, 8, 4, (3, 3), dtype)

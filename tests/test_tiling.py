@@ -226,7 +226,7 @@ def test_conv2d_column_buffer_does_not_grow_with_the_batch():
     def forward(N):
         def call():
             x = np.ones((N, C, side, side), np.float32)
-            fastconv.conv2d(x, weight, padding=1, n_threads=T)
+            fastconv.conv2d(x, weight, padding=1, n_threads=T, algorithm="im2col")
             return np.float32
         return call
 
@@ -234,7 +234,7 @@ def test_conv2d_column_buffer_does_not_grow_with_the_batch():
         def call():
             x = np.ones((N, C, side, side), np.float32)
             fastconv.conv2d_backward(np.ones((N, F_, side, side), np.float32), x, weight,
-                                     padding=1, n_threads=T)
+                                     padding=1, n_threads=T, algorithm="im2col")
             return np.float32
         return call
 
@@ -253,7 +253,8 @@ def test_conv2d_column_buffer_is_bounded_for_small_planes():
 
     def forward(N):
         def call():
-            fastconv.conv2d(np.ones((N, C, side, side)), weight, padding=1, n_threads=T)
+            fastconv.conv2d(np.ones((N, C, side, side)), weight, padding=1, n_threads=T,
+                            algorithm="im2col")
             return np.float64
         return call
 

@@ -468,7 +468,7 @@ CONV2D_ERRORS = [
     pytest.param(dict(layout="CHWN"), ValueError,
                  esc("layout must be one of 'NCHW', 'NHWC', got 'CHWN'"), id="layout-unknown"),
     pytest.param(dict(algorithm="fft"), ValueError,
-                 esc("algorithm must be one of 'auto', 'im2col', 'direct', got 'fft'"),
+                 esc("algorithm must be one of 'auto', 'im2col', 'direct', 'winograd', got 'fft'"),
                  id="algorithm-unknown"),
     pytest.param(dict(dilation=0), ValueError, esc("dilation must be positive, got 0"),
                  id="dilation-0"),
