@@ -28,7 +28,7 @@ __all__ = ["conv2d", "conv2d_backward", "im2col", "col2im"]
 
 
 def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm,
-                 x_name="x"):
+                 x_name="x", backward=False):
     """Validated arrays, geometry and kernel choice shared by the forward and backward passes.
 
     The geometry is layout-free: for NHWC input its (N, C, H, W) are read from
@@ -45,18 +45,21 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
                              padding_mode, string_padding=True)
     check_blas_limits(geometry.F, geometry.C * geometry.KH * geometry.KW,
                       geometry.OH * geometry.OW)
-    return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout)
+    return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout, backward)
 
 
-def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str) -> str:
+def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
+                      backward: bool = False) -> str:
     """The kernel family to run: ``'direct'`` (depthwise NCHW), ``'winograd'`` (3x3,
-    stride 1, dilation 1, NCHW) or ``'im2col'``.
+    stride 1, dilation 1, NCHW) or ``'im2col'``; ``backward`` asks for the backward
+    pass, whose Winograd part (grad_x) pays off on other shapes than the forward.
 
     "auto" takes the direct kernel for grouped depthwise layers: they are
     memory-bound, and im2col + GEMM would run one tiny GEMM per channel. A
     single-channel input (C = groups = 1) is a plain convolution whose GEMM
     has F rows; it stays with im2col. Winograd is taken where
-    ``fastconv._winograd.pays_off`` says it measured faster.
+    ``fastconv._winograd.pays_off`` (``pays_off_input_grad``) says it measured
+    faster.
     """
     direct_applies = geometry.is_depthwise and layout == "NCHW"
     winograd_applies = _winograd.applies(geometry) and layout == "NCHW"
@@ -76,7 +79,8 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str) -> st
     if algorithm == "auto":
         if direct_applies and geometry.groups > 1:
             return "direct"
-        if winograd_applies and _winograd.pays_off(geometry):
+        pays_off = _winograd.pays_off_input_grad if backward else _winograd.pays_off
+        if winograd_applies and pays_off(geometry):
             return "winograd"
         return "im2col"
     return algorithm
@@ -382,7 +386,8 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
                      layout, algorithm, bias, activation, output, n_threads, weight_cache=None):
     """:func:`conv2d_backward`, with a layer's cache of transformed filters (``weight_cache``)."""
     x, weight, geometry, layout, algorithm = _conv_inputs(
-        x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm)
+        x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm,
+        backward=True)
     grad_output = as_array(grad_output, "grad_output")
     expected = geometry.output_shape
     if layout == "NHWC":

@@ -24,7 +24,7 @@ from fastconv._tiling import WinogradPlan, plan_winograd
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "choose_m", "choose_m_input_grad", "transformed_weight",
+__all__ = ["applies", "pays_off", "pays_off_input_grad", "choose_m", "choose_m_input_grad", "transformed_weight",
            "TransformedWeights", "forward", "backward_input"]
 
 #: The output tile sizes the kernels implement (F(2x2, 3x3) and F(4x4, 3x3)).
@@ -37,9 +37,19 @@ TILE_SIZES = (2, 4)
 #: keeps the error within 10x of im2col's.
 F4_MAX_REDUCTION = 128
 
-#: ``algorithm="auto"`` takes Winograd for NCHW 3x3 stride-1 layers with at
-#: least this many input channels and filters per group (measured: README).
-AUTO_MIN_CHANNELS = 1
+#: ``algorithm="auto"`` takes Winograd for an NCHW 3x3 stride-1 layer where it
+#: measured faster than im2col (1 thread, min of 5, planes 8x8 .. 56x56, C and
+#: F in 1 .. 64: README "Choosing the algorithm"). Its costs are a transform per
+#: input channel and one per filter for every tile, so it needs enough of both
+#: per GEMM: the forward sums over C/groups channels into F/groups outputs,
+#: grad_x over F/groups filters into C/groups outputs.
+AUTO_MIN_CHANNELS = 8
+#: ... or, in the forward, few filters per channel (C = 3 with F = 8 ran 1.5-1.7x
+#: faster, with F = 32 on par, with F = 64 slower).
+AUTO_MAX_FILTERS_PER_CHANNEL = 4
+#: grad_x also needs at least half as many outputs (C) as summed filters (F):
+#: C = 16 with F = 64 was on par, C = 8 with F = 64 at 0.55-0.69x.
+AUTO_MIN_INPUT_GRAD_OUTPUTS_PER_FILTER = 0.5
 
 
 def applies(geometry: ConvGeometry) -> bool:
@@ -50,9 +60,19 @@ def applies(geometry: ConvGeometry) -> bool:
 
 
 def pays_off(geometry: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` should take Winograd for this (applicable) layer."""
+    """Whether ``algorithm="auto"`` takes Winograd for this (applicable) layer's forward."""
     Cg, Fg = geometry.C // geometry.groups, geometry.F // geometry.groups
-    return not geometry.is_depthwise and min(Cg, Fg) >= AUTO_MIN_CHANNELS
+    if geometry.is_depthwise:
+        return False
+    return Cg >= AUTO_MIN_CHANNELS or AUTO_MAX_FILTERS_PER_CHANNEL * Cg >= Fg
+
+
+def pays_off_input_grad(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes Winograd for this (applicable) layer's grad_x."""
+    Cg, Fg = geometry.C // geometry.groups, geometry.F // geometry.groups
+    if geometry.is_depthwise or geometry.padding_mode != "zeros":
+        return False
+    return Cg >= AUTO_MIN_CHANNELS and Cg >= AUTO_MIN_INPUT_GRAD_OUTPUTS_PER_FILTER * Fg
 
 
 def _tile_size(reduction: int, out_h: int, out_w: int) -> int:

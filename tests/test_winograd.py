@@ -210,18 +210,34 @@ def test_winograd_where_it_does_not_apply_is_a_value_error(call, match):
         call()
 
 
-def test_auto_picks_winograd_for_3x3_stride_1_nchw():
+def test_auto_picks_winograd_for_3x3_stride_1_nchw_where_it_pays():
     from fastconv._functional import _choose_algorithm
 
-    def geometry(C, F, kernel=3, stride=1, dilation=1, groups=1):
+    def geometry(C, F, kernel=3, stride=1, dilation=1, groups=1, mode="zeros"):
         return conv_geometry((1, C, 16, 16), (F, C // groups, kernel, kernel), stride, 1,
-                             dilation, groups)
+                             dilation, groups, mode)
 
-    assert _choose_algorithm("auto", geometry(64, 64), "NCHW") == "winograd"
-    assert _choose_algorithm("auto", geometry(64, 64), "NHWC") == "im2col"
-    assert _choose_algorithm("auto", geometry(64, 64, stride=2), "NCHW") == "im2col"
-    assert _choose_algorithm("auto", geometry(64, 64, kernel=5), "NCHW") == "im2col"
-    assert _choose_algorithm("auto", geometry(64, 64, groups=64), "NCHW") == "direct"
+    def forward(g, layout="NCHW"):
+        return _choose_algorithm("auto", g, layout)
+
+    def backward(g, layout="NCHW"):
+        return _choose_algorithm("auto", g, layout, backward=True)
+
+    assert forward(geometry(64, 64)) == backward(geometry(64, 64)) == "winograd"
+    assert forward(geometry(64, 64), "NHWC") == backward(geometry(64, 64), "NHWC") == "im2col"
+    assert forward(geometry(64, 64, stride=2)) == "im2col"
+    assert forward(geometry(64, 64, kernel=5)) == "im2col"
+    assert forward(geometry(64, 64, dilation=2)) == "im2col"
+    assert forward(geometry(64, 64, groups=64)) == "direct"
+    # few input channels: only with few filters per channel (the forward) ...
+    assert forward(geometry(3, 8)) == "winograd"
+    assert forward(geometry(3, 32)) == "im2col"
+    # ... grad_x needs enough output channels (C) for its filters (F)
+    assert backward(geometry(3, 8)) == "im2col"
+    assert backward(geometry(8, 64)) == "im2col"
+    assert backward(geometry(32, 64)) == "winograd"
+    assert backward(geometry(64, 64, mode="reflect")) == "im2col"
+    assert forward(geometry(64, 64, mode="reflect")) == "winograd"
 
 
 def test_reflect_grad_x_falls_back_to_im2col():
