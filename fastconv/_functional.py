@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _depthwise, _im2col, _nhwc, _pool, _winograd
+from fastconv import _conv, _depthwise, _direct, _im2col, _nhwc, _pool, _winograd
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
@@ -50,24 +50,26 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
 
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
                       backward: bool = False) -> str:
-    """The kernel family to run: ``'direct'`` (depthwise NCHW), ``'winograd'`` (3x3,
-    stride 1, dilation 1, NCHW) or ``'im2col'``; ``backward`` asks for the backward
-    pass, whose Winograd part (grad_x) pays off on other shapes than the forward.
+    """The kernel family to run: ``'direct'`` (depthwise, or plain layers with few
+    channels; NCHW), ``'winograd'`` (3x3, stride 1, dilation 1, NCHW) or ``'im2col'``;
+    ``backward`` asks for the backward pass, whose Winograd part (grad_x) pays off on
+    other shapes than the forward.
 
-    "auto" takes the direct kernel for grouped depthwise layers: they are
-    memory-bound, and im2col + GEMM would run one tiny GEMM per channel. A
-    single-channel input (C = groups = 1) is a plain convolution whose GEMM
-    has F rows; it stays with im2col. Winograd is taken where
-    ``fastconv._winograd.pays_off`` (``pays_off_input_grad``) says it measured
-    faster.
+    "auto" takes the depthwise kernel for grouped depthwise layers: they are
+    memory-bound, and im2col + GEMM would run one tiny GEMM per channel. Plain
+    layers with few input channels (``fastconv._direct.pays_off``) take the
+    dense direct kernel in the forward, whose im2col GEMM would be too shallow.
+    Winograd is taken where ``fastconv._winograd.pays_off``
+    (``pays_off_input_grad``) says it measured faster.
     """
-    direct_applies = geometry.is_depthwise and layout == "NCHW"
+    depthwise = geometry.is_depthwise and geometry.groups > 1
+    direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
     winograd_applies = _winograd.applies(geometry) and layout == "NCHW"
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
-            "algorithm='direct' is the depthwise kernel: it needs groups == C (one input "
-            f"channel per group) and layout='NCHW', got groups={geometry.groups}, "
-            f"C={geometry.C}, layout={layout!r}"
+            "algorithm='direct' is the depthwise kernel (groups == C) or the dense kernel "
+            "(groups == 1), both for layout='NCHW', got "
+            f"groups={geometry.groups}, C={geometry.C}, layout={layout!r}"
         )
     if algorithm == "winograd" and not winograd_applies:
         raise ValueError(
@@ -77,7 +79,9 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}"
         )
     if algorithm == "auto":
-        if direct_applies and geometry.groups > 1:
+        if layout == "NCHW" and depthwise:
+            return "direct"
+        if layout == "NCHW" and not backward and _direct.pays_off(geometry):
             return "direct"
         pays_off = _winograd.pays_off_input_grad if backward else _winograd.pays_off
         if winograd_applies and pays_off(geometry):
@@ -177,11 +181,14 @@ def conv2d(
         Memory order of ``x`` and of the result. NHWC runs a channels-last
         engine on the array as given (no transposed copy).
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
-        'direct' is the depthwise kernel (groups == C, NCHW); 'winograd'
+        'direct' is a direct convolution kernel: the depthwise one (groups ==
+        C) or, for plain layers (groups == 1), a register-blocked one for few
+        input channels (its backward runs by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(2x2, 3x3) where accuracy or a tiny output needs it); 'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
-        layers and 'winograd' where it measured faster (see the README).
+        layers and plain layers of at most 4 input channels, and 'winograd'
+        where it measured faster (see the README).
     activation : {None, 'relu'}, default None
         A ReLU applied to each output tile right after the bias, while it is
         in cache (NaN stays NaN). :func:`conv2d_backward` takes the same
@@ -272,6 +279,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
     if layout == "NHWC":
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y
+    if algorithm == "direct" and geometry.groups == 1:
+        return _direct.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
     if algorithm == "direct":
         w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)
         _depthwise.forward(xc, w, b, y, geometry, n_threads)
@@ -433,7 +442,7 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
     xc = np.ascontiguousarray(x, dtype=dtype)
     dy = np.ascontiguousarray(grad_output, dtype=dtype)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(F, Kg)
-    if algorithm == "direct":
+    if algorithm == "direct" and geometry.groups > 1:
         _depthwise.backward_weight(xc, dy, grad_weight.reshape(F, -1), grad_bias, geometry,
                                    n_threads)
         _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)

@@ -21,6 +21,7 @@ import numpy as np
 from fastconv import _conv_winograd
 from fastconv._threads import single_threaded_blas
 from fastconv._tiling import WinogradPlan, plan_winograd
+from fastconv._padding import source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
@@ -93,23 +94,6 @@ def choose_m_input_grad(geometry: ConvGeometry) -> int:
     return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W)
 
 
-def _source_map(count: int, size: int, before: int, after: int, mode: str) -> np.ndarray:
-    """Input index under padded positions ``0 .. count-1`` (``p - before`` before the
-    padding mode maps it), -1 for a zero: zero padding, or past the declared padding
-    (only tiles' cropped outputs read those)."""
-    p = np.arange(count, dtype=np.intp) - before
-    inside = (p >= 0) & (p < size)
-    if mode == "zeros":
-        source = np.where(inside, p, -1)
-    elif mode == "reflect":
-        source = np.where(p < 0, -p, np.where(p >= size, 2 * (size - 1) - p, p))
-    elif mode == "replicate":
-        source = np.clip(p, 0, size - 1)
-    else:  # circular
-        source = np.where(p < 0, p + size, np.where(p >= size, p - size, p))
-    return np.ascontiguousarray(np.where(p < size + after, source, -1), dtype=np.intp)
-
-
 def _interior_tiles(W: int, left: int, m: int, TW: int) -> tuple[int, int]:
     """``[lo, hi)``: tiles whose m + 2 input columns all lie inside the input."""
     lo = min(TW, max(0, -(-left // m)))
@@ -143,8 +127,8 @@ def _run(x: np.ndarray, U: np.ndarray, bias, y: np.ndarray, geometry: ConvGeomet
     top, bottom, left, right = pads
     tiles: WinogradPlan = plan_winograd(x.shape[0], C, F, OH, OW, m, x.itemsize, n_threads)
     TH, TW = -(-OH // m), tiles.tile_cols
-    rowmap = _source_map(TH * m + 2, H, top, bottom, mode)
-    colmap = _source_map(TW * m + 2, W, left, right, mode)
+    rowmap = source_map(TH * m + 2, H, top, bottom, mode)
+    colmap = source_map(TW * m + 2, W, left, right, mode)
     lo, hi = _interior_tiles(W, left, m, TW) if mode == "zeros" else (0, 0)
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(C, F))
     with single_threaded_blas:

@@ -31,12 +31,12 @@ def assert_matches(actual, expected, dtype, reduction_length: int, what: str = "
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
 
 
-def algorithms_for(kernel, stride=1, dilation=1, layout="NCHW", depthwise=False):
+def algorithms_for(kernel, stride=1, dilation=1, layout="NCHW", depthwise=False, groups=1):
     """Every explicit ``algorithm`` that applies to a layer of this shape (mirrors
     ``fastconv._functional._choose_algorithm``): each is tested on the same grid."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     found = ["im2col"]
-    if layout == "NCHW" and depthwise:
+    if layout == "NCHW" and (depthwise or groups == 1):
         found.append("direct")
     if (layout == "NCHW" and pair(kernel) == (3, 3) and pair(stride) == (1, 1)
             and pair(dilation) == (1, 1)):

@@ -32,7 +32,7 @@ GEOMETRIES = [
 
 
 def _algorithms(C, groups, layout, kernel, stride, dilation):
-    return algorithms_for(kernel, stride, dilation, layout, depthwise=groups == C)
+    return algorithms_for(kernel, stride, dilation, layout, depthwise=groups == C, groups=groups)
 
 
 def _nhwc(a):
@@ -418,9 +418,10 @@ X = np.ones((2, 4, 5, 5))
                                                             np.ones((4, 2, 3, 3))),
                  ValueError, r"grad_output must have the forward output's shape \(2, 2, 7, 7\)",
                  id="grad-output-shape"),
-    pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 4, 3, 3)), algorithm="direct"),
-                 ValueError, r"algorithm='direct' is the depthwise kernel: it needs groups == C",
-                 id="direct-not-depthwise"),
+    pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 2, 3, 3)), groups=2,
+                                         algorithm="direct"),
+                 ValueError, r"algorithm='direct' is the depthwise kernel \(groups == C\) or the "
+                 r"dense kernel \(groups == 1\)", id="direct-not-depthwise"),
     pytest.param(lambda: fastconv.conv2d(np.ones((2, 5, 5, 4)), np.ones((4, 1, 3, 3)), groups=4,
                                          layout="NHWC", algorithm="direct"),
                  ValueError, r"layout='NCHW', got groups=4, C=4, layout='NHWC'",

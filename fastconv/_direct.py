@@ -1,0 +1,73 @@
+"""Direct convolution of layers with few input channels: packing, maps and workspace -> kernel.
+
+``conv2d(..., algorithm="direct")`` on a plain (groups = 1) NCHW layer, and
+``algorithm="auto"`` where :func:`pays_off`, run ``fastconv._conv_direct``:
+register-blocked sums over the C*KH*KW taps of each output row, which beat
+im2col + GEMM when that GEMM would be too shallow (K = C*KH*KW of 25 .. 150
+for a network's first layers). Depthwise layers have their own direct kernel
+(``fastconv._depthwise``). The backward pass runs the im2col engine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastconv import _conv_direct
+from fastconv._padding import source_map
+from fastconv._validation import ConvGeometry
+from fastconv._workspace import workspace
+
+__all__ = ["applies", "pays_off", "pack_weight", "forward"]
+
+#: Filters per register block of the kernel (FC_FB in _direct_kernels.h).
+FILTER_BLOCK = 4
+#: Columns the kernel may read past a row's last output (its widest vector block).
+VECTOR_COLUMNS = 8
+
+#: ``algorithm="auto"`` takes the direct kernel for plain layers with at most this
+#: many input channels (measured: README "Choosing the algorithm").
+AUTO_MAX_CHANNELS = 4
+
+
+def applies(geometry: ConvGeometry) -> bool:
+    """A plain (ungrouped) layer: the kernel sums every input channel into every filter."""
+    return geometry.groups == 1
+
+
+def pays_off(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes the direct kernel for this plain NCHW layer."""
+    return geometry.groups == 1 and geometry.C <= AUTO_MAX_CHANNELS
+
+
+def pack_weight(weight: np.ndarray, dtype) -> np.ndarray:
+    """(F, C, KH, KW) -> blocks of FILTER_BLOCK filters with the filter index innermost,
+    ``[F/4][C][KH][KW][4]``, zero past F: one block's taps read 4 adjacent values."""
+    F, C, KH, KW = weight.shape
+    blocks = -(-F // FILTER_BLOCK)
+    padded = np.zeros((blocks * FILTER_BLOCK, C, KH, KW), dtype)
+    padded[:F] = weight
+    packed = padded.reshape(blocks, FILTER_BLOCK, C, KH, KW).transpose(0, 2, 3, 4, 1)
+    return np.ascontiguousarray(packed).reshape(-1)
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
+            n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
+    """``act(conv2d(x, weight) + bias)`` by the direct kernel, into ``out`` (N, F, OH, OW).
+
+    ``x`` must be C-contiguous of ``dtype``.
+    """
+    g = geometry
+    S, dw = g.stride_w, g.dilation_w
+    # a phase row holds every output column plus the reach of the last kernel column
+    ldr = -(-g.OW // VECTOR_COLUMNS) * VECTOR_COLUMNS + (g.KW - 1) * dw // S + 1
+    rowmap = source_map((g.OH - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1, g.H,
+                        g.pad_top, g.pad_bottom, g.padding_mode)
+    colmap = source_map(S * ldr, g.W, g.pad_left, g.pad_right, g.padding_mode)
+    tap = np.array([(kw * dw % S) * ldr + kw * dw // S for kw in range(g.KW)], np.intp)
+    wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    scratch = workspace("direct", dtype, n_threads * g.C * g.KH * S * ldr)
+    live = workspace("direct-live", np.uint8, n_threads * g.KH)
+    _conv_direct.forward(x, wpack, b, out, scratch, live, rowmap, colmap, tap, g.KH, g.KW,
+                         g.stride_h, S, g.dilation_h, ldr, relu, n_threads)
+    return out

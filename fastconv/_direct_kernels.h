@@ -1,0 +1,127 @@
+/* Direct convolution of one output row: every filter, register-blocked.
+
+   For layers with few input channels (a network's first layers: C = 1 or 3)
+   im2col + GEMM multiplies a K = C*KH*KW (25 .. 147) deep column matrix, too
+   shallow for BLAS to run well, and im2col writes KH*KW copies of the input.
+   Here each output row is computed from its KH input rows directly: a block of
+   FC_FB filters times FC_V vectors of output columns stays in registers while
+   the C*KH*KW taps stream past, each tap one broadcast weight per filter and
+   one vector load per column vector.
+
+   The driver (fastconv/_conv_direct.pyx) prepares, per output row, the input
+   rows in "phase" form: padded, and split by column parity for stride s
+   (phase r holds padded columns r, r + s, r + 2s, ...), so that the columns
+   ow*s + kw*d of every tap are one contiguous run of phase (kw*d) % s.
+   Vectors use GCC's vector extensions, so the same code becomes AVX2 + FMA in
+   the x86-64-v3 clone and SSE2 pairs in the baseline one. */
+#ifndef FASTCONV_DIRECT_KERNELS_H
+#define FASTCONV_DIRECT_KERNELS_H
+
+#include <stddef.h>
+#include <string.h>
+#include "_simd_target.h"
+
+/* Filters per register block and the most column vectors per block. */
+#define FC_FB 4
+#define FC_V 3
+
+typedef float fc_v8sf __attribute__((vector_size(32)));
+typedef float fc_v8sf_u __attribute__((vector_size(32), aligned(4)));
+typedef int fc_v8si __attribute__((vector_size(32)));
+typedef double fc_v4df __attribute__((vector_size(32)));
+typedef double fc_v4df_u __attribute__((vector_size(32), aligned(8)));
+typedef long long fc_v4di __attribute__((vector_size(32)));
+
+/* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): one output row of all filters.
+
+   rows   [C][KH][S][ldr] phase rows of this output row's input (see above)
+   live   [KH]: 0 where the input row is all padding (its taps are skipped)
+   wpack  [ceil(F/FB)][C][KH][KW][FB] the filters, zero past F
+   tap    [KW]: where kernel column kw starts in a row's phases,
+          (kw*d % S)*ldr + kw*d / S
+   out    out[f*ldo + ow] for f < F, ow < OW, written as act(sum + bias[f]) */
+/* One register block: FC_FB filters x NV column vectors from ow0, summed over every tap,
+   then stored as act(sum + bias) (through `tail` when the block hangs past OW). */
+#define FC_DIRECT_BLOCK(suffix, NV, T, VEC, VEC_U, IVEC, LANES)                               \
+static inline FC_ALWAYS_INLINE void fc_direct_block##NV##_##suffix(                           \
+    const T *rows, ptrdiff_t ldr, const unsigned char *live, const T *wblock,                 \
+    const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t ow0, ptrdiff_t nf,          \
+    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t width)                          \
+{                                                                                             \
+    VEC acc[FC_FB][NV];                                                                       \
+    T tail[NV * LANES];                                                                       \
+    for (int i = 0; i < FC_FB; i++)                                                           \
+        for (int j = 0; j < NV; j++)                                                          \
+            acc[i][j] = (VEC){0};                                                             \
+    for (int c = 0; c < C; c++) {                                                             \
+        for (int kh = 0; kh < KH; kh++) {                                                     \
+            const T *w = wblock + ((ptrdiff_t)c * KH + kh) * KW * FC_FB;                      \
+            if (!live[kh])                                                                    \
+                continue;                                                                     \
+            const T *row = rows + ((ptrdiff_t)c * KH + kh) * S * ldr + ow0;                   \
+            for (int kw = 0; kw < KW; kw++, w += FC_FB) {                                     \
+                const T *src = row + tap[kw];                                                 \
+                VEC x[NV];                                                                    \
+                for (int j = 0; j < NV; j++)                                                  \
+                    x[j] = *(const VEC_U *)(src + j * LANES);                                 \
+                for (int i = 0; i < FC_FB; i++) {                                             \
+                    /* w - 0 is w exactly (-0 and NaN too): a plain broadcast */             \
+                    const VEC wi = w[i] - (VEC){0};                                           \
+                    for (int j = 0; j < NV; j++)                                              \
+                        acc[i][j] += wi * x[j];                                               \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int i = 0; i < FC_FB && i < nf; i++) {                                               \
+        const T b = bias ? bias[i] : 0;                                                       \
+        T *dst = out + i * ldo + ow0;                                                         \
+        T *to = width == NV * LANES ? dst : tail;                                             \
+        for (int j = 0; j < NV; j++) {                                                        \
+            VEC v = acc[i][j] + b;                                                            \
+            if (relu) /* keep where !(v <= 0): NaN stays, -0 becomes 0 */                    \
+                v = (VEC)((IVEC)v & ~(IVEC)(v <= (VEC){0}));                                  \
+            *(VEC_U *)(to + j * LANES) = v;                                                   \
+        }                                                                                     \
+        if (to == tail)                                                                       \
+            memcpy(dst, tail, (size_t)width * sizeof(T));                                     \
+    }                                                                                         \
+}
+
+#define FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES)                                    \
+FC_DIRECT_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES)                                        \
+FC_DIRECT_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES)                                        \
+FC_DIRECT_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES)                                        \
+                                                                                              \
+FC_TARGET static void fc_direct_row_##suffix(                                                 \
+    const T *rows, ptrdiff_t ldr, const unsigned char *live, const T *wpack,                  \
+    const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t F, const T *bias, int relu, \
+    T *out, ptrdiff_t ldo, ptrdiff_t OW)                                                      \
+{                                                                                             \
+    const ptrdiff_t block_size = (ptrdiff_t)C * KH * KW * FC_FB;                              \
+    for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_FB) {                                             \
+        const T *wblock = wpack + (f0 / FC_FB) * block_size;                                  \
+        const T *b = bias ? bias + f0 : NULL;                                                 \
+        T *o = out + f0 * ldo;                                                                \
+        const ptrdiff_t nf = F - f0;                                                          \
+        ptrdiff_t ow0 = 0;                                                                    \
+        for (; ow0 + FC_V * LANES <= OW; ow0 += FC_V * LANES)                                 \
+            fc_direct_block3_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0, nf,   \
+                                      b, relu, o, ldo, FC_V * LANES);                         \
+        const ptrdiff_t rest = OW - ow0;                                                      \
+        if (rest > 2 * LANES)                                                                 \
+            fc_direct_block3_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0, nf,   \
+                                      b, relu, o, ldo, rest);                                 \
+        else if (rest > LANES)                                                                \
+            fc_direct_block2_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0, nf,   \
+                                      b, relu, o, ldo, rest);                                 \
+        else if (rest > 0)                                                                    \
+            fc_direct_block1_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0, nf,   \
+                                      b, relu, o, ldo, rest);                                 \
+    }                                                                                         \
+}
+
+FC_DIRECT_ROW(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8)
+FC_DIRECT_ROW(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4)
+
+#endif

@@ -1,0 +1,92 @@
+"""The dense direct kernel (algorithm="direct" on plain layers): blocks, tails, strides, modes."""
+
+import itertools
+
+import numpy as np
+import pytest
+from _helpers import assert_matches
+
+import fastconv
+from fastconv import _direct, reference
+from fastconv._functional import _choose_algorithm
+from fastconv._validation import conv_geometry
+
+
+def _problem(rng, N, C, H, W, F, kernel, dtype):
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, *kernel)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    return x, w, b
+
+
+# output widths around the kernel's 8- and 24-column blocks, filter counts around its 4-blocks
+@pytest.mark.parametrize("OW", [1, 7, 8, 9, 23, 24, 25, 47, 49])
+@pytest.mark.parametrize("F", [1, 3, 4, 5, 9])
+def test_column_and_filter_block_tails(OW, F, dtype):
+    rng = np.random.default_rng(0)
+    x, w, b = _problem(rng, 2, 2, 5, OW + 2, F, (3, 3), dtype)
+    y = fastconv.conv2d(x, w, b, algorithm="direct")
+    assert y.shape == (2, F, 3, OW)
+    assert_matches(y, reference.conv2d(x, w, b), dtype, 18, "forward")
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)), ((3, 2), (2, 3), 2, 1),
+    ((1, 1), 2, 1, 0), ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"),
+])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_strides_dilations_and_padding_modes(kernel, stride, dilation, padding, mode, dtype):
+    rng = np.random.default_rng(1)
+    x, w, b = _problem(rng, 2, 3, 19, 33, 6, kernel, dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    try:
+        want = reference.conv2d(x, w, b, **args)
+    except ValueError as error:           # reflect padding >= the input is refused by both
+        with pytest.raises(ValueError, match=str(error).split(":")[0][:20]):
+            fastconv.conv2d(x, w, b, algorithm="direct", **args)
+        return
+    got = fastconv.conv2d(x, w, b, algorithm="direct", **args)
+    assert_matches(got, want, dtype, 3 * kernel[0] * kernel[1], "forward")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_thread_counts_are_bit_identical(n_threads):
+    """Each output row is one work item with its own sums: the result does not depend
+    on the thread count."""
+    rng = np.random.default_rng(2)
+    x, w, b = _problem(rng, 3, 3, 20, 30, 10, (5, 5), np.float32)
+    serial = fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=1)
+    np.testing.assert_array_equal(
+        fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=n_threads), serial)
+
+
+def test_backward_of_direct_runs_the_im2col_engine(dtype):
+    rng = np.random.default_rng(3)
+    x, w, b = _problem(rng, 2, 3, 9, 9, 5, (3, 3), dtype)
+    dy = rng.standard_normal((2, 5, 9, 9)).astype(dtype)
+    got = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="direct")
+    want = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="im2col")
+    for a, e in zip(got, want):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_pack_weight_puts_four_filters_innermost():
+    w = np.arange(5 * 2 * 3 * 3, dtype=np.float64).reshape(5, 2, 3, 3)
+    packed = _direct.pack_weight(w, np.float64).reshape(2, 2, 3, 3, 4)
+    np.testing.assert_array_equal(packed[0, 1, 2, 0], w[0:4, 1, 2, 0])
+    np.testing.assert_array_equal(packed[1, 0, 0, 1], [w[4, 0, 0, 1], 0, 0, 0])
+
+
+def test_auto_takes_the_direct_kernel_for_few_channels():
+    def geometry(C, groups=1, kernel=3, stride=1):
+        return conv_geometry((2, C, 16, 16), (8, C // groups, kernel, kernel), stride, 1, 1,
+                             groups)
+
+    for C, kernel, stride in itertools.product([1, 3, 4], [3, 5, 7], [1, 2]):
+        assert _choose_algorithm("auto", geometry(C, kernel=kernel, stride=stride),
+                                 "NCHW") == "direct"
+        assert _choose_algorithm("auto", geometry(C, kernel=kernel, stride=stride), "NCHW",
+                                 backward=True) != "direct"
+    assert _choose_algorithm("auto", geometry(5), "NCHW") != "direct"
+    assert _choose_algorithm("auto", geometry(4, groups=2), "NCHW") != "direct"
+    assert _choose_algorithm("auto", geometry(3), "NHWC") == "im2col"
