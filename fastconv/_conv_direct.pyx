@@ -13,6 +13,7 @@ rows per thread, whatever the batch.
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.string cimport memcpy
 
 
 cdef extern from "_direct_kernels.h" nogil:
@@ -29,13 +30,16 @@ cdef extern from "_direct_kernels.h" nogil:
 def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const floating[::1] bias,
             floating[:, :, :, ::1] y, floating[::1] workspace, unsigned char[::1] live_flags,
             const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
+            const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi, Py_ssize_t left,
             const Py_ssize_t[::1] tap, int KH, int KW, int stride_h, int stride_w,
             int dilation_h, Py_ssize_t ldr, bint relu, int n_threads):
     """y[n, f, oh, :] = act(sum_{c, kh, kw} w[f, c, kh, kw] * x_padded[n, c, ih, iw] + bias[f]).
 
     ``rowmap[p]`` / ``colmap[p]`` give the input row / column under padded
-    position ``p`` or -1 (zero); ``tap[kw]`` is where kernel column kw starts
-    in a row's phases (see the header).
+    position ``p`` or -1 (zero); in phase ``r`` the columns ``[lo[r], hi[r])``
+    are inside the input (plane column ``q*S + r - left``: copied without a
+    lookup). ``tap[kw]`` is where kernel column kw starts in a row's phases
+    (see the header).
 
     # IN  x: (N, C, H, W); wpack: filters packed by _direct.pack_weight; bias: (F,) or None
     # OUT y: (N, F, OH, OW), every element written
@@ -71,7 +75,17 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                 plane_row = &x[n, c, src_row, 0]
                 for r in range(S):
                     dst = rows + ((c * KH + kh) * S + r) * ldr
-                    for q in range(ldr):
+                    # phase r's columns [lo[r], hi[r]) map to plane columns q*S + r - left
+                    for q in range(lo[r]):
+                        src_col = colmap[q * S + r]
+                        dst[q] = plane_row[src_col] if src_col >= 0 else 0
+                    if S == 1:
+                        memcpy(dst + lo[0], plane_row + lo[0] - left,
+                               (hi[0] - lo[0]) * sizeof(floating))
+                    else:
+                        for q in range(lo[r], hi[r]):
+                            dst[q] = plane_row[q * S + r - left]
+                    for q in range(hi[r], ldr):
                         src_col = colmap[q * S + r]
                         dst[q] = plane_row[src_col] if src_col >= 0 else 0
         if floating is float:

@@ -64,10 +64,14 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
                         g.pad_top, g.pad_bottom, g.padding_mode)
     colmap = source_map(S * ldr, g.W, g.pad_left, g.pad_right, g.padding_mode)
     tap = np.array([(kw * dw % S) * ldr + kw * dw // S for kw in range(g.KW)], np.intp)
+    # phase r, column q shows plane column q*S + r - left: inside for q in [lo[r], hi[r])
+    lo = np.array([min(ldr, max(0, -(-(g.pad_left - r) // S))) for r in range(S)], np.intp)
+    hi = np.array([max(lo[r], min(ldr, (g.W - 1 + g.pad_left - r) // S + 1)) for r in range(S)],
+                  np.intp)
     wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     scratch = workspace("direct", dtype, n_threads * g.C * g.KH * S * ldr)
     live = workspace("direct-live", np.uint8, n_threads * g.KH)
-    _conv_direct.forward(x, wpack, b, out, scratch, live, rowmap, colmap, tap, g.KH, g.KW,
-                         g.stride_h, S, g.dilation_h, ldr, relu, n_threads)
+    _conv_direct.forward(x, wpack, b, out, scratch, live, rowmap, colmap, lo, hi, g.pad_left,
+                         tap, g.KH, g.KW, g.stride_h, S, g.dilation_h, ldr, relu, n_threads)
     return out
