@@ -10,6 +10,7 @@ from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
     ALGORITHMS,
     LAYOUTS,
+    MAX_SIZE_ARGUMENT,
     ConvGeometry,
     IntPair,
     Padding,
@@ -17,6 +18,7 @@ from fastconv._validation import (
     as_choice,
     as_int,
     as_shape,
+    check_array_size,
     check_ndim,
     compute_dtype,
     conv_geometry,
@@ -369,6 +371,8 @@ def _seed_geometry(shape, filter_h, filter_w, stride, pad, x_name) -> ConvGeomet
     for value, name in ((filter_h, "filter_h"), (filter_w, "filter_w")):
         if as_int(value, name) < 1:
             raise ValueError(f"{name} must be positive, got {value!r}")
+        if value > MAX_SIZE_ARGUMENT:
+            raise ValueError(f"{name}={value!r} is too large: at most 2**31 - 1")
     return conv_geometry(shape, (1, shape[1], int(filter_h), int(filter_w)), stride, pad, 1,
                          x_name=x_name, padding_name="pad",
                          kernel_desc=f"filter_h={int(filter_h)}, filter_w={int(filter_w)}")
@@ -420,7 +424,10 @@ def im2col(
     dtype = compute_dtype(x.dtype)
     n_threads = effective_n_threads(n_threads)
     K = geometry.C * geometry.KH * geometry.KW
-    col = np.empty((geometry.N * geometry.OH * geometry.OW, K), dtype)
+    shape = (geometry.N * geometry.OH * geometry.OW, K)
+    check_array_size(shape, "col", f"input_data.shape={x.shape}, filter_h={filter_h}, "
+                     f"filter_w={filter_w}, stride={stride!r}, pad={pad!r}")
+    col = np.empty(shape, dtype)
     if col.size:
         _im2col.im2col_rows(np.ascontiguousarray(x, dtype=dtype), col, geometry, n_threads)
     return col
@@ -464,6 +471,7 @@ def col2im(
     col = as_array(col, "col")
     check_ndim(col, 2, "col", "(N*OH*OW, C*filter_h*filter_w)")
     input_shape = as_shape(input_shape, "input_shape", 4)
+    check_array_size(input_shape, "the image", f"input_shape={input_shape}")
     geometry = _seed_geometry(input_shape, filter_h, filter_w, stride, pad, "input_shape")
     expected = (geometry.N * geometry.OH * geometry.OW, geometry.C * geometry.KH * geometry.KW)
     if col.shape != expected:

@@ -10,7 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from fastconv import Conv2D, col2im, conv2d, conv2d_backward, im2col
+from fastconv import (Conv2D, MaxPool2D, avg_pool2d, col2im, conv2d, conv2d_backward,
+                      conv_transpose2d, im2col, max_pool2d)
 from fastconv._validation import (
     as_pair,
     as_padding,
@@ -748,3 +749,86 @@ def test_resolve_n_threads(n_threads, max_threads, expected):
 def test_resolve_n_threads_errors(n_threads, error, match):
     with pytest.raises(error, match=match):
         resolve_n_threads(n_threads, 8)
+
+
+# --- sizes past what 64-bit index arithmetic and NumPy arrays can hold ------------
+# Before: a stride of 2**63 was an OverflowError raised deep inside a kernel call, and
+# an output too large for any array was NumPy's "Maximum allowed dimension exceeded",
+# neither naming the argument.
+
+TOO_LARGE = "is too large: strides, dilations, paddings and kernel sizes must be at most"
+BIG = 2**31 - 1           # MAX_SIZE_ARGUMENT: still accepted
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: conv2d(X, W, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: conv2d(X, W, stride=(1, 2**62)), esc(f"stride=(1, {2**62}) {TOO_LARGE}")),
+    (lambda: conv2d(X, W, padding=2**40), esc(f"padding={2**40} {TOO_LARGE}")),
+    (lambda: conv2d(X, W, padding=(0, 0, 0, 2**64)), esc(f"padding=(0, 0, 0, {2**64})")),
+    (lambda: conv2d_backward(DY, X, W, dilation=2**62), esc(f"dilation={2**62} {TOO_LARGE}")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=2**63), esc(f"stride={2**63}")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=BIG, output_padding=2**31),
+     esc(f"output_padding={2**31} {TOO_LARGE}")),
+    (lambda: max_pool2d(X, 2, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: avg_pool2d(X, 2**62), esc(f"kernel_size={2**62} {TOO_LARGE}")),
+    (lambda: im2col(X, 3, 3, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: im2col(X, 2**63, 3), esc(f"filter_h={2**63} is too large")),
+    (lambda: col2im(np.ones((1, 27)), (1, 3, 3, 3), 3, 2**31), esc(f"filter_w={2**31} is too")),
+    (lambda: Conv2D(3, 4, 3, stride=2**70), esc(f"stride={2**70} {TOO_LARGE}")),
+    (lambda: MaxPool2D(2**64), esc(f"kernel_size={2**64} {TOO_LARGE}")),
+], ids=["conv2d-stride", "conv2d-stride-pair", "conv2d-padding", "conv2d-padding-4",
+        "backward-dilation", "transposed-stride", "transposed-output_padding", "max_pool-stride",
+        "avg_pool-kernel", "im2col-stride", "im2col-filter_h", "col2im-filter_w", "Conv2D-stride",
+        "MaxPool2D-kernel"])
+def test_huge_size_arguments_are_named_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: conv2d(X, W, padding=BIG), "the output would have shape " + esc(
+        "(2, 4, 4294967299, 4294967299), more elements than any array can hold (x.shape=")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=BIG),
+     "the output would have shape .* " + esc(f"stride=({BIG}, {BIG})")),
+    (lambda: im2col(X, 3, 3, pad=BIG), "the output would have shape .*" + esc("pad (top, ")),
+    (lambda: im2col(np.broadcast_to(np.ones(1), (1, 2**10, 2**20, 1)), 1, 1, pad=(0, 0, 0, BIG)),
+     esc("col would have shape (2251799813685248, 1024)") + ".*" + esc("pad=(0, 0, 0, ")),
+    (lambda: col2im(np.ones((9, 8)), (1, 2, 2**40, 2**40), 2, 2),
+     esc("the image would have shape (1, 2, 1099511627776, 1099511627776), more elements than "
+         "any array can hold (input_shape=")),
+    (lambda: max_pool2d(np.broadcast_to(np.ones(1, np.int8), (2**30, 2**30, 1, 1)), 1),
+     esc("a contiguous copy of x would have shape (1073741824, 1073741824, 1, 1)")),
+], ids=["conv2d", "conv_transpose2d", "im2col-output", "im2col-col", "col2im", "broadcast-x"])
+def test_arrays_larger_than_any_array_are_named_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_the_largest_size_arguments_still_compute():
+    """2**31 - 1 is accepted everywhere and computes what the geometry says (no overflow)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 5, 5))
+    w = rng.standard_normal((3, 2, 3, 3))
+    plain = conv2d(x, w)
+    # output rows and columns at -BIG, 0, BIG: only the middle window sees the input
+    y = conv2d(x, w, stride=BIG, padding=BIG)
+    assert y.shape == (1, 3, 3, 3)
+    np.testing.assert_allclose(y[:, :, 1, 1], plain[:, :, 0, 0], rtol=1e-13)
+    assert np.count_nonzero(y) == 3
+    y_nhwc = conv2d(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, stride=BIG, padding=BIG,
+                    layout="NHWC")
+    np.testing.assert_allclose(y_nhwc.transpose(0, 3, 1, 2), y, rtol=1e-13)
+    # 'same' with a dilation of BIG: of the three taps only the centre one lands inside
+    y = conv2d(x, w, stride=BIG, dilation=BIG, padding="same")
+    np.testing.assert_allclose(y[0, :, 0, 0], w[:, :, 1, 1] @ x[0, :, 2, 2], rtol=1e-13)
+    depthwise = conv2d(x, w[:2, :1], groups=2, stride=BIG, dilation=BIG, padding="same")
+    np.testing.assert_allclose(depthwise[0, :, 0, 0], w[:2, 0, 1, 1] * x[0, :, 2, 2], rtol=1e-13)
+    gx, gw, gb = conv2d_backward(np.ones((1, 3, 1, 1)), x, w, stride=BIG)
+    np.testing.assert_allclose(gw[:, :, :, :], np.broadcast_to(x[0, :, :3, :3], gw.shape))
+    np.testing.assert_array_equal(max_pool2d(x, 2, stride=BIG), x[:, :, :2, :2].max(axis=(2, 3),
+                                                                                   keepdims=True))
+    col = im2col(x, 2, 2, stride=BIG, pad=BIG)
+    assert col.shape == (9, 8) and np.array_equal(col[4], x[0, :, :2, :2].ravel())
+    assert np.count_nonzero(col) == 8
+    np.testing.assert_array_equal(col2im(col, x.shape, 2, 2, stride=BIG, pad=BIG)[0, :, :2, :2],
+                                  x[0, :, :2, :2])
