@@ -484,8 +484,13 @@ def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, group
                         pw, pw - opw, dh, dw, H, W, groups, "zeros")
 
 
-def resolve_n_threads(n_threads, max_threads: int) -> int:
-    """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1)."""
+def resolve_n_threads(n_threads, max_threads: int, limit: int | None = None) -> int:
+    """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1).
+
+    A positive count above ``limit`` (default ``max(64, 4 * max_threads)``) is a
+    ValueError: OpenMP would try to start that many threads, and libgomp
+    crashes when it cannot (``n_threads=100000`` was a segfault).
+    """
     if n_threads is None:
         return max_threads
     n = as_int(n_threads, "n_threads")
@@ -494,6 +499,13 @@ def resolve_n_threads(n_threads, max_threads: int) -> int:
                          "or a negative one to count back from all cores")
     if n < 0:
         return max(max_threads + 1 + n, 1)
+    if limit is None:
+        limit = max(64, 4 * max_threads)
+    if n > limit:
+        raise ValueError(
+            f"n_threads={n} is more than fastconv starts ({limit}: 4 per core, at least 64); "
+            "use None for all cores"
+        )
     return n
 
 

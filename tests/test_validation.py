@@ -5,6 +5,7 @@ argument (and the shapes where they matter), as STYLE.md asks: "x has 3
 channels but weight expects 4 (weight.shape=...)".
 """
 
+import os
 import re
 
 import numpy as np
@@ -832,3 +833,41 @@ def test_the_largest_size_arguments_still_compute():
     assert np.count_nonzero(col) == 8
     np.testing.assert_array_equal(col2im(col, x.shape, 2, 2, stride=BIG, pad=BIG)[0, :, :2, :2],
                                   x[0, :, :2, :2])
+
+
+# --- n_threads past what OpenMP can start -----------------------------------------
+# Before: a positive n_threads was taken as is, and max_pool2d(..., n_threads=100000)
+# was a segfault inside libgomp (conv2d a MemoryError from a 100000-slice workspace).
+
+def test_resolve_n_threads_limit():
+    assert resolve_n_threads(64, 8) == 64                 # default limit: max(64, 4 * cores)
+    assert resolve_n_threads(128, 32) == 128
+    assert resolve_n_threads(10, 8, limit=10) == 10
+    for n_threads, cores, limit in ((65, 8, None), (129, 32, None), (11, 8, 10)):
+        with pytest.raises(ValueError, match=esc(f"n_threads={n_threads} is more than fastconv "
+                                                 "starts")):
+            resolve_n_threads(n_threads, cores, limit)
+    assert resolve_n_threads(-10**9, 8) == 1             # counting back is never too many
+
+
+def test_effective_n_threads_limit():
+    from fastconv._threads import effective_n_threads, max_n_threads
+    limit = max_n_threads()
+    assert limit >= 64 and limit >= 4 * (os.cpu_count() or 1)
+    assert effective_n_threads(limit) == limit
+    with pytest.raises(ValueError, match=esc(f"n_threads={limit + 1} is more than fastconv "
+                                             f"starts ({limit}: 4 per core, at least 64)")):
+        effective_n_threads(limit + 1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda n: max_pool2d(X, 2, n_threads=n),
+    lambda n: conv2d(X, W, n_threads=n),
+    lambda n: conv2d_backward(DY, X, W, n_threads=n),
+    lambda n: im2col(X, 3, 3, n_threads=n),
+    lambda n: Conv2D(3, 4, 3, n_threads=n),
+], ids=["max_pool2d", "conv2d", "conv2d_backward", "im2col", "Conv2D"])
+@pytest.mark.parametrize("n_threads", [100_000, 2**31, 2**70])
+def test_huge_n_threads_is_a_value_error(call, n_threads):
+    with pytest.raises(ValueError, match=esc(f"n_threads={n_threads} is more than fastconv")):
+        call(n_threads)
