@@ -233,7 +233,12 @@ def as_array(value, name: str) -> np.ndarray:
     """``value`` as an ndarray (without copying); None and non-numeric objects are errors."""
     if value is None:
         raise TypeError(f"{name} must be an array, got None")
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except TypeError as error:
+        raise TypeError(f"{name} cannot be converted to an array: {error}") from error
+    except (ValueError, OverflowError) as error:       # ragged nested lists, for one
+        raise ValueError(f"{name} cannot be converted to an array: {error}") from error
     if arr.dtype.kind not in "biuf":
         raise TypeError(
             f"{name} has unsupported dtype {arr.dtype}: fastconv computes in float32 or "

@@ -871,3 +871,31 @@ def test_effective_n_threads_limit():
 def test_huge_n_threads_is_a_value_error(call, n_threads):
     with pytest.raises(ValueError, match=esc(f"n_threads={n_threads} is more than fastconv")):
         call(n_threads)
+
+
+# --- array arguments NumPy cannot convert -------------------------------------------
+# Before: np.asarray's own ValueError ("setting an array element with a sequence")
+# escaped without naming the argument.
+
+class _BadArray:
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("no array here")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda bad: conv2d(bad, W), "x"),
+    (lambda bad: conv2d(X, bad), "weight"),
+    (lambda bad: conv2d(X, W, bad), "bias"),
+    (lambda bad: conv2d_backward(bad, X, W), "grad_output"),
+    (lambda bad: max_pool2d(bad, 2), "x"),
+    (lambda bad: im2col(bad, 3, 3), "input_data"),
+    (lambda bad: col2im(bad, (1, 3, 3, 3), 3, 3), "col"),
+], ids=["conv2d-x", "conv2d-weight", "conv2d-bias", "backward-grad_output", "max_pool2d-x",
+        "im2col", "col2im"])
+@pytest.mark.parametrize("bad, error", [
+    ([[[[1.0, 2.0]], [[1.0]]]], ValueError),                 # ragged
+    (_BadArray(), TypeError),
+], ids=["ragged", "bad-__array__"])
+def test_unconvertible_arrays_are_named(call, name, bad, error):
+    with pytest.raises(error, match=f"^{name} cannot be converted to an array: "):
+        call(bad)
