@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastconv import (Conv2D, MaxPool2D, avg_pool2d, col2im, conv2d, conv2d_backward,
-                      conv_transpose2d, im2col, max_pool2d)
+                      conv_transpose2d, im2col, max_pool2d, max_pool2d_backward)
 from fastconv._validation import (
     as_pair,
     as_padding,
@@ -899,3 +899,22 @@ class _BadArray:
 def test_unconvertible_arrays_are_named(call, name, bad, error):
     with pytest.raises(error, match=f"^{name} cannot be converted to an array: "):
         call(bad)
+
+
+# --- max_pool2d_backward: unsigned indices ------------------------------------------
+# Before: uint64 2**64 - 1 became -1 ("window without inputs") in the int64 cast, and its
+# gradient was silently dropped.
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32, np.uint8])
+def test_unsigned_indices_out_of_range_are_rejected(dtype):
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    _, indices = max_pool2d(x, 2, return_indices=True)
+    grad = np.ones((1, 1, 2, 2))
+    ok = indices.astype(dtype)
+    np.testing.assert_array_equal(max_pool2d_backward(grad, x, 2, indices=ok),
+                                  max_pool2d_backward(grad, x, 2, indices=indices))
+    bad = ok.copy()
+    bad[0, 0, 1, 1] = np.iinfo(dtype).max
+    with pytest.raises(ValueError, match=esc("indices holds 1 value(s) outside [-1, H*W) = "
+                                             "[-1, 16)")):
+        max_pool2d_backward(grad, x, 2, indices=bad)
