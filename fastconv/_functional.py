@@ -223,11 +223,12 @@ def conv2d(
     if geometry.N == 0:
         return y
 
-    xc = np.ascontiguousarray(x, dtype=dtype)
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    if out is not None and any(np.may_share_memory(out, a) for a in (xc, weight, b)
+    # the caller's arrays, not the contiguous copies: writing out must not change x either
+    if out is not None and any(np.may_share_memory(out, a) for a in (x, weight, bias)
                                if a is not None):
         raise ValueError("out must not overlap x, weight or bias")
+    xc = np.ascontiguousarray(x, dtype=dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     if layout == "NHWC":
         return _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
     if algorithm == "direct":

@@ -206,6 +206,20 @@ def _overlapping_x_and_out():
     return x, np.ones((4, 4, 1, 1)), x
 
 
+def _out_inside_a_copied_x():
+    # x is strided, so conv2d computes from a contiguous copy; out still aliases x's
+    # memory (before: accepted, and x changed under the caller's feet)
+    buffer = np.ones((2, 4, 5, 10))
+    return buffer[..., ::2], np.ones((4, 4, 1, 1)), buffer.reshape(-1)[:200].reshape(2, 4, 5, 5)
+
+
+def _out_inside_a_cast_x():
+    buffer = np.ones(400, np.float32)
+    x = buffer[:200].reshape(2, 4, 5, 5)        # float32, cast to float64 for the weight
+    out = buffer.view(np.float64)[:200].reshape(2, 4, 5, 5)
+    return x, np.ones((4, 4, 1, 1)), out
+
+
 def _overlapping_weight_and_out():
     buffer = np.zeros(300)
     weight = buffer[:108].reshape(4, 3, 3, 3)
@@ -237,6 +251,10 @@ OUT_ERRORS = [
                  id="overlaps-x"),
     pytest.param(_overlapping_weight_and_out, ValueError, esc("out must not overlap x, weight or bias"),
                  id="overlaps-weight"),
+    pytest.param(_out_inside_a_copied_x, ValueError, esc("out must not overlap x, weight or bias"),
+                 id="overlaps-strided-x"),
+    pytest.param(_out_inside_a_cast_x, ValueError, esc("out must not overlap x, weight or bias"),
+                 id="overlaps-cast-x"),
 ]
 
 
