@@ -11,8 +11,9 @@ import re
 import numpy as np
 import pytest
 
-from fastconv import (Conv2D, MaxPool2D, avg_pool2d, col2im, conv2d, conv2d_backward,
-                      conv_transpose2d, im2col, max_pool2d, max_pool2d_backward)
+from fastconv import (AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D, ReLU, avg_pool2d, col2im,
+                      conv2d, conv2d_backward, conv_transpose2d, im2col, max_pool2d,
+                      max_pool2d_backward)
 from fastconv._validation import (
     as_pair,
     as_padding,
@@ -936,3 +937,38 @@ def test_unsigned_indices_out_of_range_are_rejected(dtype):
     with pytest.raises(ValueError, match=esc("indices holds 1 value(s) outside [-1, H*W) = "
                                              "[-1, 16)")):
         max_pool2d_backward(grad, x, 2, indices=bad)
+
+
+# --- layer constructors: every argument named -------------------------------------
+# Before: Conv2D(dtype="banana") raised NumPy's "data type 'banana' not understood",
+# a bad rng NumPy's SeedSequence message, Conv2D(2**70, ...) "Maximum allowed dimension
+# exceeded", and the pooling and ReLU layers took n_threads=0 until their first call.
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Conv2D(3, 4, 3, dtype="banana"), TypeError,
+     esc("dtype must be float32 or float64, got 'banana'")),
+    (lambda: ConvTranspose2D(3, 4, 3, dtype=[1]), TypeError,
+     esc("dtype must be float32 or float64, got [1]")),
+    (lambda: Conv2D(3, 4, 3, rng="abc"), TypeError,
+     esc("rng must be None, a non-negative int or a numpy.random.Generator, got 'abc'")),
+    (lambda: Conv2D(3, 4, 3, rng=-1), ValueError, esc("rng must be None, a non-negative int")),
+    (lambda: ConvTranspose2D(3, 4, 3, rng=1.5), TypeError, esc("rng must be None")),
+    (lambda: Conv2D(2**70, 1, 1), ValueError,
+     esc(f"in_channels={2**70} and out_channels=1 must be at most 2**31 - 1")),
+    (lambda: ConvTranspose2D(1, 2**31, 3), ValueError,
+     esc(f"in_channels=1 and out_channels={2**31} must be at most 2**31 - 1")),
+    (lambda: ConvTranspose2D(1, 2**30, 2**31 - 1), ValueError,
+     esc(f"the weight would have shape ({2**30}, 1, 2147483647, 2147483647), more elements than "
+         f"any array can hold (in_channels=1, out_channels={2**30}")),
+    (lambda: MaxPool2D(2, n_threads=0), ValueError, esc("n_threads=0 is invalid")),
+    (lambda: AvgPool2D(2, n_threads="2"), TypeError, esc("n_threads must be an int, got '2'")),
+    (lambda: ReLU(n_threads=1.0), TypeError, esc("n_threads must be an int, got 1.0")),
+    (lambda: ReLU(n_threads=10**6), ValueError, esc("n_threads=1000000 is more than fastconv")),
+], ids=["Conv2D-dtype-str", "ConvTranspose2D-dtype-list", "Conv2D-rng-str", "Conv2D-rng-negative",
+        "ConvTranspose2D-rng-float", "Conv2D-in_channels-huge", "ConvTranspose2D-out_channels-huge",
+        "ConvTranspose2D-weight-huge",
+        "MaxPool2D-n_threads-0", "AvgPool2D-n_threads-str", "ReLU-n_threads-float",
+        "ReLU-n_threads-huge"])
+def test_layer_constructor_arguments_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
