@@ -239,7 +239,8 @@ def as_array(value, name: str) -> np.ndarray:
         raise TypeError(f"{name} cannot be converted to an array: {error}") from error
     except (ValueError, OverflowError) as error:       # ragged nested lists, for one
         raise ValueError(f"{name} cannot be converted to an array: {error}") from error
-    if arr.dtype.kind not in "biuf":
+    # long double is a float too, but no kernel takes it (and a cast would lose precision)
+    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
         raise TypeError(
             f"{name} has unsupported dtype {arr.dtype}: fastconv computes in float32 or "
             "float64 (integer and bool inputs are converted to float64)"
