@@ -92,6 +92,11 @@ def assert_unchanged(saved):
         assert array.tobytes() == before.tobytes(), "an input was modified"
 
 
+def _abs(a):
+    """|a| (None stays None): the inputs of the error bound, see ``_helpers.relative_error``."""
+    return None if a is None else np.abs(a)
+
+
 def _nhwc(a):
     return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 3, 1))
 
@@ -177,6 +182,8 @@ def test_conv2d_and_backward_match_the_reference(config, dtype, layout, algorith
     _, _, OH, OW = y_ref.shape
     dy = data.draw(arrays(y_ref.shape, dtype), "grad_output")
     gx_ref, gw_ref, gb_ref = reference.conv2d_backward(dy, x, weight, **args)
+    y_mag = reference.conv2d(_abs(x), _abs(weight), _abs(bias), **args)
+    gx_mag, gw_mag, gb_mag = reference.conv2d_backward(_abs(dy), _abs(x), _abs(weight), **args)
 
     x_in, dy_in = (_nhwc(x), _nhwc(dy)) if layout == "NHWC" else (x, dy)
     if layout == "NHWC":          # the channels-last arrays in a drawn layout too
@@ -193,18 +200,18 @@ def test_conv2d_and_backward_match_the_reference(config, dtype, layout, algorith
     note(f"algorithm used: {used}")
     if use_out:
         assert y is out
-    assert_matches(back(y), y_ref, dtype, Cg * KH * KW, "y")
+    assert_matches(back(y), y_ref, dtype, Cg * KH * KW, "y", y_mag)
 
     bias_flag = data.draw(st.sampled_from(["flag", "array-or-none"]), "bias argument")
     bias_arg = (bias is not None) if bias_flag == "flag" else bias
     gx, gw, gb = fastconv.conv2d_backward(dy_in, x_in, weight, layout=layout, algorithm=used,
                                           bias=bias_arg, n_threads=n_threads, **args)
-    assert_matches(back(gx), gx_ref, dtype, F // config["groups"] * KH * KW, "grad_x")
-    assert_matches(gw, gw_ref, dtype, N * OH * OW, "grad_weight")
+    assert_matches(back(gx), gx_ref, dtype, F // config["groups"] * KH * KW, "grad_x", gx_mag)
+    assert_matches(gw, gw_ref, dtype, N * OH * OW, "grad_weight", gw_mag)
     if bias is None:
         assert gb is None
     else:
-        assert_matches(gb, gb_ref, dtype, N * OH * OW, "grad_bias")
+        assert_matches(gb, gb_ref, dtype, N * OH * OW, "grad_bias", gb_mag)
     assert_unchanged(saved)
 
 
@@ -244,19 +251,22 @@ def test_conv_transpose2d_and_backward_match_the_reference(config, dtype, n_thre
     y_ref = reference.conv_transpose2d(x, weight, bias, **args)
     dy = data.draw(arrays(y_ref.shape, dtype), "grad_output")
     gx_ref, gw_ref, gb_ref = reference.conv_transpose2d_backward(dy, x, weight, **args)
+    y_mag = reference.conv_transpose2d(_abs(x), _abs(weight), _abs(bias), **args)
+    gx_mag, gw_mag, gb_mag = reference.conv_transpose2d_backward(_abs(dy), _abs(x),
+                                                                 _abs(weight), **args)
     saved = snapshot(x, weight, bias, dy)
 
     y = fastconv.conv_transpose2d(x, weight, bias, n_threads=n_threads, **args)
-    assert_matches(y, y_ref, dtype, C_in // groups * KH * KW, "y")
+    assert_matches(y, y_ref, dtype, C_in // groups * KH * KW, "y", y_mag)
     gx, gw, gb = fastconv.conv_transpose2d_backward(dy, x, weight, bias=bias is not None,
                                                     n_threads=n_threads, **args)
     _, _, OH, OW = y_ref.shape
-    assert_matches(gx, gx_ref, dtype, Cg_out * KH * KW, "grad_x")
-    assert_matches(gw, gw_ref, dtype, N * H * W, "grad_weight")
+    assert_matches(gx, gx_ref, dtype, Cg_out * KH * KW, "grad_x", gx_mag)
+    assert_matches(gw, gw_ref, dtype, N * H * W, "grad_weight", gw_mag)
     if bias is None:
         assert gb is None
     else:
-        assert_matches(gb, gb_ref, dtype, N * OH * OW, "grad_bias")
+        assert_matches(gb, gb_ref, dtype, N * OH * OW, "grad_bias", gb_mag)
     assert_unchanged(saved)
 
 
@@ -300,7 +310,7 @@ def test_max_pool2d_and_backward_match_the_reference(config, dtype, n_threads, w
     saved += snapshot(indices)
     gx = fastconv.max_pool2d_backward(dy, x, indices=indices, n_threads=n_threads, **args)
     assert_matches(gx, reference.max_pool2d_backward(dy, x, **args), dtype, config["KK"],
-                   "grad_x")
+                   "grad_x", reference.max_pool2d_backward(_abs(dy), x, **args))
     assert_unchanged(saved)
 
 
@@ -314,9 +324,10 @@ def test_avg_pool2d_and_backward_match_the_reference(config, dtype, n_threads,
     dy = data.draw(arrays(y_ref.shape, dtype), "grad_output")
     saved = snapshot(x, dy)
     assert_matches(fastconv.avg_pool2d(x, n_threads=n_threads, **args), y_ref, dtype,
-                   config["KK"], "y")
+                   config["KK"], "y", reference.avg_pool2d(_abs(x), **args))
     assert_matches(fastconv.avg_pool2d_backward(dy, x, n_threads=n_threads, **args),
-                   reference.avg_pool2d_backward(dy, x, **args), dtype, config["KK"], "grad_x")
+                   reference.avg_pool2d_backward(dy, x, **args), dtype, config["KK"], "grad_x",
+                   reference.avg_pool2d_backward(_abs(dy), x, **args))
     assert_unchanged(saved)
 
 
@@ -330,7 +341,8 @@ def test_global_avg_pool2d_and_backward_match_the_reference(shape, keepdims, dty
     dy = data.draw(arrays(y_ref.shape, dtype), "grad_output")
     saved = snapshot(x, dy)
     y = fastconv.global_avg_pool2d(x, keepdims=keepdims, n_threads=n_threads)
-    assert_matches(y, y_ref, dtype, shape[2] * shape[3], "y")
+    assert_matches(y, y_ref, dtype, shape[2] * shape[3], "y",
+                   reference.global_avg_pool2d(_abs(x), keepdims=keepdims))
     assert_matches(fastconv.global_avg_pool2d_backward(dy, x, n_threads=n_threads),
                    reference.global_avg_pool2d_backward(dy, x), dtype, 1, "grad_x")
     assert_unchanged(saved)
@@ -374,7 +386,8 @@ def test_im2col_and_col2im_match_the_reference(N, C, filter_h, filter_w, stride,
     assert col.dtype == dtype
     img = fastconv.col2im(col_in, x.shape, filter_h, filter_w, stride, pad, n_threads=n_threads)
     assert_matches(img, reference.col2im(col_in, x.shape, filter_h, filter_w, stride, pad),
-                   dtype, filter_h * filter_w, "col2im")
+                   dtype, filter_h * filter_w, "col2im",
+                   reference.col2im(_abs(col_in), x.shape, filter_h, filter_w, stride, pad))
     assert_unchanged(saved)
 
 
@@ -396,38 +409,52 @@ def test_layers_match_the_reference(config, dtype, n_threads, bias, data):
                            rng=data.draw(st.integers(0, 100)), n_threads=n_threads, **args)
     up = fastconv.ConvTranspose2D(F, 2, 2, stride=2, dtype=dtype, rng=1, n_threads=n_threads)
     K = conv.W[0].size
-    chain = [  # layer, reference forward, reference backward (grad, input), forward/backward K
+    A = _abs
+    # layer, reference forward, its error bound (None: exact), reference backward and its
+    # bound (None: exact), the forward's and backward's reduction lengths
+    chain = [
         (conv, lambda v: reference.conv2d(v, conv.W, conv.b, **args),
-         lambda g, v: reference.conv2d_backward(g, v, conv.W, **args), K, F * K),
-        (fastconv.ReLU(n_threads=n_threads), reference.relu,
-         lambda g, v: (reference.relu_backward(g, v),), 1, 1),
+         lambda v: reference.conv2d(A(v), A(conv.W), A(conv.b), **args),
+         lambda g, v: reference.conv2d_backward(g, v, conv.W, **args),
+         lambda g, v: reference.conv2d_backward(A(g), A(v), A(conv.W), **args), K, F * K),
+        (fastconv.ReLU(n_threads=n_threads), reference.relu, None,
+         lambda g, v: (reference.relu_backward(g, v),), None, 1, 1),
         (fastconv.MaxPool2D(2, ceil_mode=True, n_threads=n_threads),
-         lambda v: reference.max_pool2d(v, 2, ceil_mode=True),
-         lambda g, v: (reference.max_pool2d_backward(g, v, 2, ceil_mode=True),), 1, 4),
+         lambda v: reference.max_pool2d(v, 2, ceil_mode=True), None,
+         lambda g, v: (reference.max_pool2d_backward(g, v, 2, ceil_mode=True),),
+         lambda g, v: (reference.max_pool2d_backward(A(g), v, 2, ceil_mode=True),), 1, 4),
         (up, lambda v: reference.conv_transpose2d(v, up.W, up.b, stride=2),
-         lambda g, v: reference.conv_transpose2d_backward(g, v, up.W, stride=2), F * 4, 2 * 4),
+         lambda v: reference.conv_transpose2d(A(v), A(up.W), A(up.b), stride=2),
+         lambda g, v: reference.conv_transpose2d_backward(g, v, up.W, stride=2),
+         lambda g, v: reference.conv_transpose2d_backward(A(g), A(v), A(up.W), stride=2),
+         F * 4, 2 * 4),
         (fastconv.AvgPool2D(2, n_threads=n_threads), lambda v: reference.avg_pool2d(v, 2),
-         lambda g, v: (reference.avg_pool2d_backward(g, v, 2),), 4, 4),
+         lambda v: reference.avg_pool2d(A(v), 2),
+         lambda g, v: (reference.avg_pool2d_backward(g, v, 2),),
+         lambda g, v: (reference.avg_pool2d_backward(A(g), v, 2),), 4, 4),
     ]
     a = data.draw(arrays((N, C, H, W), dtype), "x")
     inputs = []
-    for layer, forward, _, k_forward, _ in chain:
+    for layer, forward, forward_bound, _, _, k_forward, _ in chain:
         inputs.append(a)
         y = layer(a)
-        assert_matches(y, forward(a), dtype, k_forward, f"{type(layer).__name__} forward")
+        assert_matches(y, forward(a), dtype, k_forward, f"{type(layer).__name__} forward",
+                       forward_bound and forward_bound(a))
         a = y
     g = data.draw(arrays(a.shape, dtype), "dout")
-    for (layer, _, backward, _, k_backward), v in zip(reversed(chain), reversed(inputs)):
+    for (layer, _, _, backward, backward_bound, _, k_backward), v in zip(reversed(chain),
+                                                                         reversed(inputs)):
         name = type(layer).__name__
         expected = backward(g, v)
+        bounds = backward_bound(g, v) if backward_bound else (None,) * len(expected)
         got = layer.backward(g)
-        assert_matches(got, expected[0], dtype, k_backward, f"{name} dx")
+        assert_matches(got, expected[0], dtype, k_backward, f"{name} dx", bounds[0])
         if len(expected) == 3:
             P = g.shape[0] * g.shape[2] * g.shape[3] if layer is conv else v[0, 0].size * N
-            assert_matches(layer.dW, expected[1], dtype, P, f"{name}.dW")
+            assert_matches(layer.dW, expected[1], dtype, P, f"{name}.dW", bounds[1])
             if layer.b is None:
                 assert layer.db is None
             else:
                 assert_matches(layer.db, expected[2], dtype, g.shape[0] * g[0, 0].size,
-                               f"{name}.db")
+                               f"{name}.db", bounds[2])
         g = got
