@@ -8,7 +8,8 @@ im2col, NHWC, direct depthwise, pointwise, transposed, pooling, activations,
 im2col/col2im) in both dtypes and with 1-3 OpenMP threads each, and requires:
 
 * every result bit-identical to the same call made serially with the same
-  ``n_threads`` (the per-thread workspaces are never shared);
+  ``n_threads`` (the per-thread workspaces are never shared), and to the same
+  call in a fresh process (other buffer addresses, other thread pools);
 * a layer shared by all threads gives each caller its own correct forward, and
   separate layers train bit-identically to a serial run;
 * the per-thread workspaces die with their thread;
@@ -17,7 +18,12 @@ im2col/col2im) in both dtypes and with 1-3 OpenMP threads each, and requires:
 
 import concurrent.futures
 import gc
+import hashlib
+import pathlib
 import random
+import subprocess
+import sys
+import tempfile
 import threading
 import weakref
 
@@ -164,6 +170,24 @@ def test_every_engine_from_many_threads_equals_serial_bit_for_bit():
                                       for _, seed, job in tasks]):
         for (name, seed, _), got, want in zip(tasks, results, serial):
             _assert_identical(got, want, f"{name} seed={seed}")
+
+
+def _digest(seed):
+    """SHA-256 of every JOBS result for ``seed``, in order."""
+    digest = hashlib.sha256()
+    for _, job in JOBS:
+        for array in job(seed):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def test_a_fresh_process_computes_the_same_bits():
+    code = (f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+            "import test_concurrency; print(test_concurrency._digest(5))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300, cwd=tempfile.gettempdir())
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == _digest(5)
 
 
 def test_a_shared_layer_serves_concurrent_forwards():
