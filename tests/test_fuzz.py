@@ -123,7 +123,7 @@ def test_the_harness_catches_crashes_hangs_and_wrong_errors():
     reasons = [judge(case, records.get(i)) for i, case in enumerate(SELF_TEST_CASES)]
     assert reasons[0] is None                                   # a named ValueError
     assert reasons[1].startswith("returned a int")
-    assert reasons[2].startswith("crashed (exit status -11)")   # SIGSEGV
+    assert reasons[2].startswith("crashed (exit status ")       # SIGSEGV (ASan: its exit)
     assert "names none of ('x',)" in reasons[3]
     assert reasons[4].startswith("raised OverflowError (not ValueError/TypeError)")
     assert reasons[5].startswith("hung")
