@@ -3,7 +3,10 @@
 Every extension is compiled with ``-O3 -fopenmp`` and linked with ``-fopenmp``.
 The Cython directives live in one dictionary below; setting the environment
 variable ``FASTCONV_CYTHON_DEBUG=1`` turns bounds and initialisation checks
-back on (the test suite must pass under both builds).
+back on (the test suite must pass under both builds). ``FASTCONV_SANITIZE=address``
+compiles and links with ``-fsanitize=address -fno-omit-frame-pointer -g`` (any
+``-fsanitize=`` value gcc takes, e.g. ``address,undefined``); such a build only
+imports with the sanitizer runtime preloaded, see ``tools/asan.sh``.
 """
 
 import os
@@ -15,6 +18,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("FASTCONV_CYTHON_DEBUG", "0") not in ("", "0")
+SANITIZE = os.environ.get("FASTCONV_SANITIZE", "")
+SANITIZE_FLAGS = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer"] if SANITIZE else []
 
 COMPILER_DIRECTIVES = {
     "language_level": 3,
@@ -53,8 +58,9 @@ def make_extension(name):
         [f"fastconv/{name}.pyx"],
         include_dirs=[np.get_include(), "fastconv"],  # the C headers beside the .pyx
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=["-O3", "-fopenmp"] + (["-g"] if DEBUG else []),
-        extra_link_args=["-fopenmp"],
+        extra_compile_args=["-O3", "-fopenmp"] + (["-g"] if DEBUG or SANITIZE else [])
+        + SANITIZE_FLAGS,
+        extra_link_args=["-fopenmp"] + SANITIZE_FLAGS[:1],
     )
 
 

@@ -11,6 +11,7 @@ from fastconv._validation import (
     ALGORITHMS,
     as_activation,
     LAYOUTS,
+    MAX_SIZE_ARGUMENT,
     ConvGeometry,
     IntPair,
     Padding,
@@ -18,6 +19,7 @@ from fastconv._validation import (
     as_choice,
     as_int,
     as_shape,
+    check_array_size,
     check_ndim,
     compute_dtype,
     conv_geometry,
@@ -271,11 +273,12 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
     if geometry.N == 0:
         return y
 
-    xc = np.ascontiguousarray(x, dtype=dtype)
-    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    if out is not None and any(np.may_share_memory(out, a) for a in (xc, weight, b)
+    # the caller's arrays, not the contiguous copies: writing out must not change x either
+    if out is not None and any(np.may_share_memory(out, a) for a in (x, weight, bias)
                                if a is not None):
         raise ValueError("out must not overlap x, weight or bias")
+    xc = np.ascontiguousarray(x, dtype=dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     if layout == "NHWC":
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y
@@ -470,6 +473,8 @@ def _seed_geometry(shape, filter_h, filter_w, stride, pad, x_name) -> ConvGeomet
     for value, name in ((filter_h, "filter_h"), (filter_w, "filter_w")):
         if as_int(value, name) < 1:
             raise ValueError(f"{name} must be positive, got {value!r}")
+        if value > MAX_SIZE_ARGUMENT:
+            raise ValueError(f"{name}={value!r} is too large: at most 2**31 - 1")
     return conv_geometry(shape, (1, shape[1], int(filter_h), int(filter_w)), stride, pad, 1,
                          x_name=x_name, padding_name="pad",
                          kernel_desc=f"filter_h={int(filter_h)}, filter_w={int(filter_w)}")
@@ -521,7 +526,10 @@ def im2col(
     dtype = compute_dtype(x.dtype)
     n_threads = effective_n_threads(n_threads)
     K = geometry.C * geometry.KH * geometry.KW
-    col = np.empty((geometry.N * geometry.OH * geometry.OW, K), dtype)
+    shape = (geometry.N * geometry.OH * geometry.OW, K)
+    check_array_size(shape, "col", f"input_data.shape={x.shape}, filter_h={filter_h}, "
+                     f"filter_w={filter_w}, stride={stride!r}, pad={pad!r}")
+    col = np.empty(shape, dtype)
     if col.size:
         _im2col.im2col_rows(np.ascontiguousarray(x, dtype=dtype), col, geometry, n_threads)
     return col
@@ -565,6 +573,7 @@ def col2im(
     col = as_array(col, "col")
     check_ndim(col, 2, "col", "(N*OH*OW, C*filter_h*filter_w)")
     input_shape = as_shape(input_shape, "input_shape", 4)
+    check_array_size(input_shape, "the image", f"input_shape={input_shape}")
     geometry = _seed_geometry(input_shape, filter_h, filter_w, stride, pad, "input_shape")
     expected = (geometry.N * geometry.OH * geometry.OW, geometry.C * geometry.KH * geometry.KW)
     if col.shape != expected:

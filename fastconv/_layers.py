@@ -22,6 +22,7 @@ from fastconv._validation import (
     ALGORITHMS,
     as_activation,
     LAYOUTS,
+    MAX_SIZE_ARGUMENT,
     PADDING_MODES,
     PADDING_STRINGS,
     IntPair,
@@ -34,6 +35,7 @@ from fastconv._validation import (
     as_padding,
     as_pool_padding,
     as_positive_pair,
+    check_array_size,
     check_ndim,
     compute_dtype,
     resolve_string_padding,
@@ -45,7 +47,11 @@ __all__ = ["Conv2D", "ConvTranspose2D", "MaxPool2D", "AvgPool2D", "ReLU"]
 
 def _uniform_init(rng, fan_in: int, weight_shape, n_bias: int, bias: bool, dtype):
     """PyTorch's default: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for the weight and the bias."""
-    rng = np.random.default_rng(rng)
+    try:
+        rng = np.random.default_rng(rng)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"rng must be None, a non-negative int or a numpy.random.Generator, "
+                          f"got {rng!r} ({error})") from error
     bound = 1.0 / math.sqrt(fan_in)
     W = rng.uniform(-bound, bound, weight_shape).astype(dtype)
     b = rng.uniform(-bound, bound, n_bias).astype(dtype) if bias else None
@@ -60,15 +66,25 @@ def _layer_args(in_channels, out_channels, kernel_size, groups, bias, dtype):
         raise ValueError(
             f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
         )
+    if max(in_channels, out_channels) > MAX_SIZE_ARGUMENT:
+        # BLAS could never multiply such a weight (its dimensions are 32-bit ints)
+        raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be at "
+                         f"most 2**31 - 1")
     kernel_size = as_positive_pair(kernel_size, "kernel_size")
     groups = as_int(groups, "groups")
     if groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(f"groups={groups} must be positive and divide in_channels={in_channels} "
                          f"and out_channels={out_channels}")
     # np.dtype(None) would silently mean float64
-    dtype = None if dtype is None else np.dtype(dtype)
+    try:
+        dtype = None if dtype is None else np.dtype(dtype)
+    except TypeError as error:                          # np.dtype("banana")
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    check_array_size((out_channels, in_channels // groups) + kernel_size, "the weight",
+                     f"in_channels={in_channels}, out_channels={out_channels}, "
+                     f"kernel_size={kernel_size}, groups={groups}")
     if not isinstance(bias, (bool, np.bool_)):
         raise TypeError(f"bias must be True or False, got {bias!r}")
     return in_channels, out_channels, kernel_size, groups, dtype
@@ -462,6 +478,7 @@ class _Pool2D:
         self.stride = self.kernel_size if stride is None else as_positive_pair(stride, "stride")
         self.padding = as_pool_padding(padding, self.kernel_size)
         self.ceil_mode = as_bool(ceil_mode, "ceil_mode")
+        effective_n_threads(n_threads)  # reject n_threads=0 or a non-int now, not at forward
         self.n_threads = n_threads
         self._x = None
 
@@ -632,6 +649,7 @@ class ReLU:
     """
 
     def __init__(self, *, n_threads: int | None = None) -> None:
+        effective_n_threads(n_threads)  # reject n_threads=0 or a non-int now, not at forward
         self.n_threads = n_threads
         self._x = None
 

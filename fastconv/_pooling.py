@@ -222,8 +222,11 @@ def max_pool2d_backward(
                                planes_idx, g, n_threads)
         _pool.max_pool_backward_indices(dy, planes_idx, planes_out, n_threads)
     else:
-        bad = _pool.max_pool_backward_indices(dy, _planes(indices, np.int64, g.output_shape),
-                                              planes_out, n_threads)
+        # uint64 values from 2**63 on wrap around in the int64 cast, and 2**64 - 1
+        # would become a valid -1 (no gradient): count them before casting
+        bad = (np.count_nonzero(indices >= g.H * g.W) if indices.dtype.kind == "u" else 0) \
+            or _pool.max_pool_backward_indices(dy, _planes(indices, np.int64, g.output_shape),
+                                               planes_out, n_threads)
         if bad:
             raise ValueError(
                 f"indices holds {bad} value(s) outside [-1, H*W) = [-1, {g.H * g.W}): "

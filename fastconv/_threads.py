@@ -7,6 +7,7 @@ oversubscribe the cores.
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 
@@ -22,9 +23,24 @@ def effective_n_threads(n_threads: int | None = None) -> int:
     None means every core OpenMP may use (``OMP_NUM_THREADS`` and the CPU
     affinity mask are honoured), a positive int is taken as is, and a negative
     one counts back from all cores (-1 = all, -2 = all but one, at least 1).
-    0 is a ValueError; non-integers (bools included) are a TypeError.
+    0 is a ValueError; non-integers (bools included) are a TypeError; more
+    than :func:`max_n_threads` is a ValueError.
     """
-    return resolve_n_threads(n_threads, omp_max_threads())
+    cores = omp_max_threads()
+    return resolve_n_threads(n_threads, cores, max_n_threads(cores))
+
+
+def max_n_threads(cores: int | None = None) -> int:
+    """The most threads ``n_threads`` may ask for: 4 per core, at least 64.
+
+    Past a few per core threads only oversubscribe, and each costs a stack and
+    a workspace tile; libgomp crashes when it cannot create them. The cores are
+    the CPUs of the machine, or OpenMP's count (``cores``) if it is larger, so
+    ``OMP_NUM_THREADS=1`` does not forbid an explicit ``n_threads=8``.
+    """
+    if cores is None:
+        cores = omp_max_threads()
+    return max(64, 4 * max(cores, os.cpu_count() or 1))
 
 
 class _SingleThreadedBlas:

@@ -7,6 +7,7 @@ the shapes involved.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import NamedTuple, Sequence, Union
@@ -30,6 +31,18 @@ ACTIVATIONS = (None, "relu")
 
 #: The dtypes the kernels are compiled for.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: Largest stride, dilation, padding, output_padding or kernel size accepted.
+#: The kernels index in 64-bit Py_ssize_t: with every such value below 2**31, no
+#: product of two of them (``oh * stride``, ``kh * dilation``) can overflow, and a
+#: value of 2**63 or more would not even convert (an OverflowError from deep
+#: inside a kernel call). BLAS indexes with 32-bit ints, so nothing larger could
+#: ever be computed anyway.
+MAX_SIZE_ARGUMENT = 2**31 - 1
+#: Largest element count of an array fastconv is asked to allocate: NumPy's own
+#: limit (bytes must fit in intp) for 8-byte elements. Past it NumPy raises a
+#: ValueError that names no argument; below it a too-large request is a MemoryError.
+MAX_ARRAY_ELEMENTS = np.iinfo(np.intp).max // 8
 
 
 def as_int(value, name: str) -> int:
@@ -64,7 +77,8 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
     TypeError
         If ``value`` (or an element) is not an integer (bools are rejected).
     ValueError
-        If a sequence does not have exactly two elements.
+        If a sequence does not have exactly two elements, or a value is above
+        :data:`MAX_SIZE_ARGUMENT` (every caller passes a size or a step).
     """
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -73,9 +87,21 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
         items = tuple(value)
         if len(items) != 2:
             raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
-        return (as_int(items[0], name), as_int(items[1], name))
-    v = as_int(value, name)
-    return (v, v)
+        pair = (as_int(items[0], name), as_int(items[1], name))
+    else:
+        v = as_int(value, name)
+        pair = (v, v)
+    _check_size_argument(pair, value, name)
+    return pair
+
+
+def _check_size_argument(values, value, name: str) -> None:
+    """Geometry values above :data:`MAX_SIZE_ARGUMENT` are a ValueError naming ``name``."""
+    if max(values) > MAX_SIZE_ARGUMENT:
+        raise ValueError(
+            f"{name}={value!r} is too large: strides, dilations, paddings and kernel sizes "
+            f"must be at most 2**31 - 1 = {MAX_SIZE_ARGUMENT}"
+        )
 
 
 def as_positive_pair(value: IntPair, name: str) -> tuple[int, int]:
@@ -97,7 +123,8 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
     TypeError
         If a value is not an integer.
     ValueError
-        If a value is negative or the sequence length is not 1, 2 or 4.
+        If a value is negative or above :data:`MAX_SIZE_ARGUMENT`, or the
+        sequence length is not 1, 2 or 4.
     """
     if isinstance(value, str):
         raise ValueError(
@@ -122,6 +149,7 @@ def as_padding(value: Padding, name: str = "padding") -> tuple[int, int, int, in
         items = (as_int(value, name),) * 4
     if min(items) < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
+    _check_size_argument(items, value, name)
     return items
 
 
@@ -217,12 +245,21 @@ def as_array(value, name: str) -> np.ndarray:
     """``value`` as an ndarray (without copying); None and non-numeric objects are errors."""
     if value is None:
         raise TypeError(f"{name} must be an array, got None")
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "biuf":
+    try:
+        arr = np.asarray(value)
+    except TypeError as error:
+        raise TypeError(f"{name} cannot be converted to an array: {error}") from error
+    except (ValueError, OverflowError) as error:       # ragged nested lists, for one
+        raise ValueError(f"{name} cannot be converted to an array: {error}") from error
+    # long double is a float too, but no kernel takes it (and a cast would lose precision)
+    if arr.dtype.kind not in "biuf" or (arr.dtype.kind == "f" and arr.dtype.itemsize > 8):
         raise TypeError(
             f"{name} has unsupported dtype {arr.dtype}: fastconv computes in float32 or "
             "float64 (integer and bool inputs are converted to float64)"
         )
+    # a broadcast view can be far larger than memory; its float64 copy may not even exist
+    check_array_size(arr.shape, f"a contiguous copy of {name}",
+                     f"{name} is a view of shape {arr.shape} and strides {arr.strides}")
     return arr
 
 
@@ -234,6 +271,20 @@ def as_shape(value, name: str, ndim: int) -> tuple[int, ...]:
     if len(shape) != ndim or min(shape) < 0:
         raise ValueError(f"{name} must be {ndim} non-negative ints, got {value!r}")
     return shape
+
+
+def check_array_size(shape, what: str, context: str) -> None:
+    """A ValueError naming the arguments when an array of ``shape`` could not exist at all.
+
+    NumPy would refuse it with "array is too big" or "Maximum allowed
+    dimension exceeded", naming nothing; a merely too large request (that
+    fits the address space but not the memory) stays a MemoryError.
+    """
+    if shape and (max(shape) > MAX_ARRAY_ELEMENTS or math.prod(shape) > MAX_ARRAY_ELEMENTS):
+        raise ValueError(
+            f"{what} would have shape {tuple(shape)}, more elements than any array can hold "
+            f"({context})"
+        )
 
 
 def check_ndim(arr: np.ndarray, ndim: int, name: str, layout: str) -> None:
@@ -357,6 +408,9 @@ def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups=1, padding
             f"{dh * (KH - 1) + 1}x{dw * (KW - 1) + 1} ({x_desc}, {kernel_desc}"
             + (f", dilation={(dh, dw)})" if (dh, dw) != (1, 1) else ")")
         )
+    check_array_size((N, F, OH, OW), "the output",
+                     f"{x_desc}, {kernel_desc}, stride={(sh, sw)}, {padding_name} (top, bottom, "
+                     f"left, right)={(top, bottom, left, right)}, dilation={(dh, dw)}")
     return ConvGeometry(N, C, H, W, F, KH, KW, sh, sw, top, bottom, left, right, dh, dw, OH, OW,
                         groups, padding_mode)
 
@@ -441,12 +495,20 @@ def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, group
             f"(H-1)*stride + dilation*(k-1) + output_padding + 1 ({desc}, stride={(sh, sw)}, "
             f"dilation={(dh, dw)}, output_padding={(oph, opw)})"
         )
+    check_array_size((N, Cg_out * groups, OH, OW), "the output",
+                     f"{desc}, stride={(sh, sw)}, padding={(ph, pw)}, dilation={(dh, dw)}, "
+                     f"output_padding={(oph, opw)}")
     return ConvGeometry(N, Cg_out * groups, OH, OW, C_in, KH, KW, sh, sw, ph, ph - oph,
                         pw, pw - opw, dh, dw, H, W, groups, "zeros")
 
 
-def resolve_n_threads(n_threads, max_threads: int) -> int:
-    """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1)."""
+def resolve_n_threads(n_threads, max_threads: int, limit: int | None = None) -> int:
+    """scikit-learn's convention: None = all usable, k > 0 = k, k < 0 = max + 1 + k (at least 1).
+
+    A positive count above ``limit`` (default ``max(64, 4 * max_threads)``) is a
+    ValueError: OpenMP would try to start that many threads, and libgomp
+    crashes when it cannot (``n_threads=100000`` was a segfault).
+    """
     if n_threads is None:
         return max_threads
     n = as_int(n_threads, "n_threads")
@@ -455,6 +517,13 @@ def resolve_n_threads(n_threads, max_threads: int) -> int:
                          "or a negative one to count back from all cores")
     if n < 0:
         return max(max_threads + 1 + n, 1)
+    if limit is None:
+        limit = max(64, 4 * max_threads)
+    if n > limit:
+        raise ValueError(
+            f"n_threads={n} is more than fastconv starts ({limit}: 4 per core, at least 64); "
+            "use None for all cores"
+        )
     return n
 
 
@@ -559,4 +628,7 @@ def pool_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode) ->
             f"is smaller than the window {dh * (kh - 1) + 1}x{dw * (kw - 1) + 1} "
             f"(x.shape={tuple(x_shape)}, kernel_size={(kh, kw)}, dilation={(dh, dw)})"
         )
+    check_array_size((N, C, OH, OW), "the output",
+                     f"x.shape={tuple(x_shape)}, kernel_size={(kh, kw)}, stride={(sh, sw)}, "
+                     f"padding={(ph, pw)}, dilation={(dh, dw)}, ceil_mode={ceil_mode}")
     return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode, OH, OW)

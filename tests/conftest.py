@@ -1,17 +1,39 @@
-"""Shared fixtures and tolerances.
+"""Shared fixtures, tolerances and the hypothesis profiles.
 
 pytest runs in importlib mode (pyproject.toml), which keeps tests/ off
 sys.path; it is added here so test modules can import the loop oracles in
 ``_naive.py`` and the helpers below.
+
+Hypothesis profiles (``tests/test_properties.py``), chosen with the environment
+variable ``FASTCONV_HYPOTHESIS_PROFILE``:
+
+* ``ci`` (the default): 40 examples per property test, 320 in all (~5 s on
+  the 2-core development VM);
+* ``long``: 1500 examples per property test, 12,000 in all (~2 minutes there),
+  for a soak run before a release or after touching a kernel;
+* ``dev``: 10 examples per test, for a quick look while editing.
+
+No profile has a deadline: on a loaded 2-core VM an example's run time says
+nothing about the code, and a deadline would only make the tests flaky.
 """
 
+import os
 import pathlib
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+_PROFILE_DEFAULTS = dict(deadline=None, print_blob=True,
+                         suppress_health_check=[HealthCheck.too_slow,
+                                                HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=40, **_PROFILE_DEFAULTS)
+settings.register_profile("long", max_examples=1500, **_PROFILE_DEFAULTS)
+settings.register_profile("dev", max_examples=10, **_PROFILE_DEFAULTS)
+settings.load_profile(os.environ.get("FASTCONV_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])

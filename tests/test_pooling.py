@@ -493,24 +493,6 @@ def test_non_contiguous_and_read_only_inputs(dtype):
     np.testing.assert_array_equal(fastconv.relu(x), reference.relu(x))
 
 
-def test_inputs_are_not_modified(dtype):
-    rng = np.random.default_rng(12)
-    x = rng.standard_normal((2, 3, 6, 6)).astype(dtype)
-    g = rng.standard_normal((2, 3, 3, 3)).astype(dtype)
-    _, idx = fastconv.max_pool2d(x, 3, 2, 1, return_indices=True)
-    copies = [a.copy() for a in (x, g, idx)]
-    fastconv.max_pool2d(x, 3, 2, 1)
-    fastconv.max_pool2d_backward(g, x, 3, 2, 1)
-    fastconv.max_pool2d_backward(g, x, 3, 2, 1, indices=idx)
-    fastconv.avg_pool2d(x, 3, 2, 1)
-    fastconv.avg_pool2d_backward(g, x, 3, 2, 1)
-    fastconv.global_avg_pool2d(x)
-    fastconv.relu(x)
-    fastconv.relu_backward(x, x)
-    for before, after in zip(copies, (x, g, idx)):
-        np.testing.assert_array_equal(before, after)
-
-
 @pytest.mark.parametrize("shape", [(0, 3, 6, 6), (2, 0, 6, 6)])
 def test_empty_batch_or_channels(shape, dtype):
     x = np.zeros(shape, dtype)

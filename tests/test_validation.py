@@ -5,12 +5,15 @@ argument (and the shapes where they matter), as STYLE.md asks: "x has 3
 channels but weight expects 4 (weight.shape=...)".
 """
 
+import os
 import re
 
 import numpy as np
 import pytest
 
-from fastconv import Conv2D, col2im, conv2d, conv2d_backward, im2col
+from fastconv import (AvgPool2D, Conv2D, ConvTranspose2D, MaxPool2D, ReLU, avg_pool2d, col2im,
+                      conv2d, conv2d_backward, conv_transpose2d, im2col, max_pool2d,
+                      max_pool2d_backward)
 from fastconv._validation import (
     as_pair,
     as_padding,
@@ -134,7 +137,11 @@ SHARED_ERRORS = [
     pytest.param(dict(x=np.zeros((2, 3, 7, 7), "datetime64[s]")), TypeError,
                  esc("x has unsupported dtype datetime64[s]"), id="x-datetime"),
     pytest.param(dict(weight=np.ones((4, 3, 3, 3), np.longdouble)), TypeError,
-                 "unsupported dtype float(96|128)", id="weight-longdouble",
+                 "^weight has unsupported dtype float(96|128)", id="weight-longdouble",
+                 marks=LONGDOUBLE_SKIP),
+    # before: "unsupported dtype float128: ..." without the argument's name
+    pytest.param(dict(x=np.ones((2, 3, 7, 7), np.longdouble)), TypeError,
+                 "^x has unsupported dtype float(96|128)", id="x-longdouble",
                  marks=LONGDOUBLE_SKIP),
     pytest.param(dict(x=None), TypeError, esc("x must be an array, got None"), id="x-none"),
     pytest.param(dict(weight=None), TypeError, esc("weight must be an array, got None"),
@@ -204,6 +211,20 @@ def _overlapping_x_and_out():
     return x, np.ones((4, 4, 1, 1)), x
 
 
+def _out_inside_a_copied_x():
+    # x is strided, so conv2d computes from a contiguous copy; out still aliases x's
+    # memory (before: accepted, and x changed under the caller's feet)
+    buffer = np.ones((2, 4, 5, 10))
+    return buffer[..., ::2], np.ones((4, 4, 1, 1)), buffer.reshape(-1)[:200].reshape(2, 4, 5, 5)
+
+
+def _out_inside_a_cast_x():
+    buffer = np.ones(400, np.float32)
+    x = buffer[:200].reshape(2, 4, 5, 5)        # float32, cast to float64 for the weight
+    out = buffer.view(np.float64)[:200].reshape(2, 4, 5, 5)
+    return x, np.ones((4, 4, 1, 1)), out
+
+
 def _overlapping_weight_and_out():
     buffer = np.zeros(300)
     weight = buffer[:108].reshape(4, 3, 3, 3)
@@ -235,6 +256,10 @@ OUT_ERRORS = [
                  id="overlaps-x"),
     pytest.param(_overlapping_weight_and_out, ValueError, esc("out must not overlap x, weight or bias"),
                  id="overlaps-weight"),
+    pytest.param(_out_inside_a_copied_x, ValueError, esc("out must not overlap x, weight or bias"),
+                 id="overlaps-strided-x"),
+    pytest.param(_out_inside_a_cast_x, ValueError, esc("out must not overlap x, weight or bias"),
+                 id="overlaps-cast-x"),
 ]
 
 
@@ -748,3 +773,206 @@ def test_resolve_n_threads(n_threads, max_threads, expected):
 def test_resolve_n_threads_errors(n_threads, error, match):
     with pytest.raises(error, match=match):
         resolve_n_threads(n_threads, 8)
+
+
+# --- sizes past what 64-bit index arithmetic and NumPy arrays can hold ------------
+# Before: a stride of 2**63 was an OverflowError raised deep inside a kernel call, and
+# an output too large for any array was NumPy's "Maximum allowed dimension exceeded",
+# neither naming the argument.
+
+TOO_LARGE = "is too large: strides, dilations, paddings and kernel sizes must be at most"
+BIG = 2**31 - 1           # MAX_SIZE_ARGUMENT: still accepted
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: conv2d(X, W, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: conv2d(X, W, stride=(1, 2**62)), esc(f"stride=(1, {2**62}) {TOO_LARGE}")),
+    (lambda: conv2d(X, W, padding=2**40), esc(f"padding={2**40} {TOO_LARGE}")),
+    (lambda: conv2d(X, W, padding=(0, 0, 0, 2**64)), esc(f"padding=(0, 0, 0, {2**64})")),
+    (lambda: conv2d_backward(DY, X, W, dilation=2**62), esc(f"dilation={2**62} {TOO_LARGE}")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=2**63), esc(f"stride={2**63}")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=BIG, output_padding=2**31),
+     esc(f"output_padding={2**31} {TOO_LARGE}")),
+    (lambda: max_pool2d(X, 2, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: avg_pool2d(X, 2**62), esc(f"kernel_size={2**62} {TOO_LARGE}")),
+    (lambda: im2col(X, 3, 3, stride=2**63), esc(f"stride={2**63} {TOO_LARGE}")),
+    (lambda: im2col(X, 2**63, 3), esc(f"filter_h={2**63} is too large")),
+    (lambda: col2im(np.ones((1, 27)), (1, 3, 3, 3), 3, 2**31), esc(f"filter_w={2**31} is too")),
+    (lambda: Conv2D(3, 4, 3, stride=2**70), esc(f"stride={2**70} {TOO_LARGE}")),
+    (lambda: MaxPool2D(2**64), esc(f"kernel_size={2**64} {TOO_LARGE}")),
+], ids=["conv2d-stride", "conv2d-stride-pair", "conv2d-padding", "conv2d-padding-4",
+        "backward-dilation", "transposed-stride", "transposed-output_padding", "max_pool-stride",
+        "avg_pool-kernel", "im2col-stride", "im2col-filter_h", "col2im-filter_w", "Conv2D-stride",
+        "MaxPool2D-kernel"])
+def test_huge_size_arguments_are_named_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: conv2d(X, W, padding=BIG), "the output would have shape " + esc(
+        "(2, 4, 4294967299, 4294967299), more elements than any array can hold (x.shape=")),
+    (lambda: conv_transpose2d(X, W.transpose(1, 0, 2, 3), stride=BIG),
+     "the output would have shape .* " + esc(f"stride=({BIG}, {BIG})")),
+    (lambda: im2col(X, 3, 3, pad=BIG), "the output would have shape .*" + esc("pad (top, ")),
+    (lambda: im2col(np.broadcast_to(np.ones(1), (1, 2**10, 2**20, 1)), 1, 1, pad=(0, 0, 0, BIG)),
+     esc("col would have shape (2251799813685248, 1024)") + ".*" + esc("pad=(0, 0, 0, ")),
+    (lambda: col2im(np.ones((9, 8)), (1, 2, 2**40, 2**40), 2, 2),
+     esc("the image would have shape (1, 2, 1099511627776, 1099511627776), more elements than "
+         "any array can hold (input_shape=")),
+    (lambda: max_pool2d(np.broadcast_to(np.ones(1, np.int8), (2**30, 2**30, 1, 1)), 1),
+     esc("a contiguous copy of x would have shape (1073741824, 1073741824, 1, 1)")),
+], ids=["conv2d", "conv_transpose2d", "im2col-output", "im2col-col", "col2im", "broadcast-x"])
+def test_arrays_larger_than_any_array_are_named_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_the_largest_size_arguments_still_compute():
+    """2**31 - 1 is accepted everywhere and computes what the geometry says (no overflow)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 5, 5))
+    w = rng.standard_normal((3, 2, 3, 3))
+    plain = conv2d(x, w)
+    # output rows and columns at -BIG, 0, BIG: only the middle window sees the input
+    y = conv2d(x, w, stride=BIG, padding=BIG)
+    assert y.shape == (1, 3, 3, 3)
+    np.testing.assert_allclose(y[:, :, 1, 1], plain[:, :, 0, 0], rtol=1e-13)
+    assert np.count_nonzero(y) == 3
+    y_nhwc = conv2d(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, stride=BIG, padding=BIG,
+                    layout="NHWC")
+    np.testing.assert_allclose(y_nhwc.transpose(0, 3, 1, 2), y, rtol=1e-13)
+    # 'same' with a dilation of BIG: of the three taps only the centre one lands inside
+    y = conv2d(x, w, stride=BIG, dilation=BIG, padding="same")
+    np.testing.assert_allclose(y[0, :, 0, 0], w[:, :, 1, 1] @ x[0, :, 2, 2], rtol=1e-13)
+    depthwise = conv2d(x, w[:2, :1], groups=2, stride=BIG, dilation=BIG, padding="same")
+    np.testing.assert_allclose(depthwise[0, :, 0, 0], w[:2, 0, 1, 1] * x[0, :, 2, 2], rtol=1e-13)
+    gx, gw, gb = conv2d_backward(np.ones((1, 3, 1, 1)), x, w, stride=BIG)
+    np.testing.assert_allclose(gw[:, :, :, :], np.broadcast_to(x[0, :, :3, :3], gw.shape))
+    np.testing.assert_array_equal(max_pool2d(x, 2, stride=BIG), x[:, :, :2, :2].max(axis=(2, 3),
+                                                                                   keepdims=True))
+    col = im2col(x, 2, 2, stride=BIG, pad=BIG)
+    assert col.shape == (9, 8) and np.array_equal(col[4], x[0, :, :2, :2].ravel())
+    assert np.count_nonzero(col) == 8
+    np.testing.assert_array_equal(col2im(col, x.shape, 2, 2, stride=BIG, pad=BIG)[0, :, :2, :2],
+                                  x[0, :, :2, :2])
+
+
+# --- n_threads past what OpenMP can start -----------------------------------------
+# Before: a positive n_threads was taken as is, and max_pool2d(..., n_threads=100000)
+# was a segfault inside libgomp (conv2d a MemoryError from a 100000-slice workspace).
+
+def test_resolve_n_threads_limit():
+    assert resolve_n_threads(64, 8) == 64                 # default limit: max(64, 4 * cores)
+    assert resolve_n_threads(128, 32) == 128
+    assert resolve_n_threads(10, 8, limit=10) == 10
+    for n_threads, cores, limit in ((65, 8, None), (129, 32, None), (11, 8, 10)):
+        with pytest.raises(ValueError, match=esc(f"n_threads={n_threads} is more than fastconv "
+                                                 "starts")):
+            resolve_n_threads(n_threads, cores, limit)
+    assert resolve_n_threads(-10**9, 8) == 1             # counting back is never too many
+
+
+def test_effective_n_threads_limit():
+    from fastconv._threads import effective_n_threads, max_n_threads
+    limit = max_n_threads()
+    assert limit >= 64 and limit >= 4 * (os.cpu_count() or 1)
+    assert effective_n_threads(limit) == limit
+    with pytest.raises(ValueError, match=esc(f"n_threads={limit + 1} is more than fastconv "
+                                             f"starts ({limit}: 4 per core, at least 64)")):
+        effective_n_threads(limit + 1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda n: max_pool2d(X, 2, n_threads=n),
+    lambda n: conv2d(X, W, n_threads=n),
+    lambda n: conv2d_backward(DY, X, W, n_threads=n),
+    lambda n: im2col(X, 3, 3, n_threads=n),
+    lambda n: Conv2D(3, 4, 3, n_threads=n),
+], ids=["max_pool2d", "conv2d", "conv2d_backward", "im2col", "Conv2D"])
+@pytest.mark.parametrize("n_threads", [100_000, 2**31, 2**70])
+def test_huge_n_threads_is_a_value_error(call, n_threads):
+    with pytest.raises(ValueError, match=esc(f"n_threads={n_threads} is more than fastconv")):
+        call(n_threads)
+
+
+# --- array arguments NumPy cannot convert -------------------------------------------
+# Before: np.asarray's own ValueError ("setting an array element with a sequence")
+# escaped without naming the argument.
+
+class _BadArray:
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("no array here")
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda bad: conv2d(bad, W), "x"),
+    (lambda bad: conv2d(X, bad), "weight"),
+    (lambda bad: conv2d(X, W, bad), "bias"),
+    (lambda bad: conv2d_backward(bad, X, W), "grad_output"),
+    (lambda bad: max_pool2d(bad, 2), "x"),
+    (lambda bad: im2col(bad, 3, 3), "input_data"),
+    (lambda bad: col2im(bad, (1, 3, 3, 3), 3, 3), "col"),
+], ids=["conv2d-x", "conv2d-weight", "conv2d-bias", "backward-grad_output", "max_pool2d-x",
+        "im2col", "col2im"])
+@pytest.mark.parametrize("bad, error", [
+    ([[[[1.0, 2.0]], [[1.0]]]], ValueError),                 # ragged
+    (_BadArray(), TypeError),
+], ids=["ragged", "bad-__array__"])
+def test_unconvertible_arrays_are_named(call, name, bad, error):
+    with pytest.raises(error, match=f"^{name} cannot be converted to an array: "):
+        call(bad)
+
+
+# --- max_pool2d_backward: unsigned indices ------------------------------------------
+# Before: uint64 2**64 - 1 became -1 ("window without inputs") in the int64 cast, and its
+# gradient was silently dropped.
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.uint32, np.uint8])
+def test_unsigned_indices_out_of_range_are_rejected(dtype):
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    _, indices = max_pool2d(x, 2, return_indices=True)
+    grad = np.ones((1, 1, 2, 2))
+    ok = indices.astype(dtype)
+    np.testing.assert_array_equal(max_pool2d_backward(grad, x, 2, indices=ok),
+                                  max_pool2d_backward(grad, x, 2, indices=indices))
+    bad = ok.copy()
+    bad[0, 0, 1, 1] = np.iinfo(dtype).max
+    with pytest.raises(ValueError, match=esc("indices holds 1 value(s) outside [-1, H*W) = "
+                                             "[-1, 16)")):
+        max_pool2d_backward(grad, x, 2, indices=bad)
+
+
+# --- layer constructors: every argument named -------------------------------------
+# Before: Conv2D(dtype="banana") raised NumPy's "data type 'banana' not understood",
+# a bad rng NumPy's SeedSequence message, Conv2D(2**70, ...) "Maximum allowed dimension
+# exceeded", and the pooling and ReLU layers took n_threads=0 until their first call.
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Conv2D(3, 4, 3, dtype="banana"), TypeError,
+     esc("dtype must be float32 or float64, got 'banana'")),
+    (lambda: ConvTranspose2D(3, 4, 3, dtype=[1]), TypeError,
+     esc("dtype must be float32 or float64, got [1]")),
+    (lambda: Conv2D(3, 4, 3, rng="abc"), TypeError,
+     esc("rng must be None, a non-negative int or a numpy.random.Generator, got 'abc'")),
+    (lambda: Conv2D(3, 4, 3, rng=-1), ValueError, esc("rng must be None, a non-negative int")),
+    (lambda: ConvTranspose2D(3, 4, 3, rng=1.5), TypeError, esc("rng must be None")),
+    (lambda: Conv2D(2**70, 1, 1), ValueError,
+     esc(f"in_channels={2**70} and out_channels=1 must be at most 2**31 - 1")),
+    (lambda: ConvTranspose2D(1, 2**31, 3), ValueError,
+     esc(f"in_channels=1 and out_channels={2**31} must be at most 2**31 - 1")),
+    (lambda: ConvTranspose2D(1, 2**30, 2**31 - 1), ValueError,
+     esc(f"the weight would have shape ({2**30}, 1, 2147483647, 2147483647), more elements than "
+         f"any array can hold (in_channels=1, out_channels={2**30}")),
+    (lambda: MaxPool2D(2, n_threads=0), ValueError, esc("n_threads=0 is invalid")),
+    (lambda: AvgPool2D(2, n_threads="2"), TypeError, esc("n_threads must be an int, got '2'")),
+    (lambda: ReLU(n_threads=1.0), TypeError, esc("n_threads must be an int, got 1.0")),
+    (lambda: ReLU(n_threads=10**6), ValueError, esc("n_threads=1000000 is more than fastconv")),
+], ids=["Conv2D-dtype-str", "ConvTranspose2D-dtype-list", "Conv2D-rng-str", "Conv2D-rng-negative",
+        "ConvTranspose2D-rng-float", "Conv2D-in_channels-huge", "ConvTranspose2D-out_channels-huge",
+        "ConvTranspose2D-weight-huge",
+        "MaxPool2D-n_threads-0", "AvgPool2D-n_threads-str", "ReLU-n_threads-float",
+        "ReLU-n_threads-huge"])
+def test_layer_constructor_arguments_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
