@@ -31,17 +31,18 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             floating[:, :, :, ::1] y, floating[::1] workspace, unsigned char[::1] live_flags,
             const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
             const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi, Py_ssize_t left,
-            const Py_ssize_t[::1] tap, int KH, int KW, int stride_h, int stride_w,
-            int dilation_h, Py_ssize_t ldr, bint relu, int n_threads):
+            const Py_ssize_t[::1] tap, int KH, int KW, int stride_w, Py_ssize_t ldr, bint relu,
+            int n_threads):
     """y[n, f, oh, :] = act(sum_{c, kh, kw} w[f, c, kh, kw] * x_padded[n, c, ih, iw] + bias[f]).
 
-    ``rowmap[p]`` / ``colmap[p]`` give the input row / column under padded
-    position ``p`` or -1 (zero); in phase ``r`` the columns ``[lo[r], hi[r])``
+    ``rowmap[oh*KH + kh]`` is the input row under output row oh's tap row kh,
+    ``colmap[p]`` the input column under padded column ``p``, or -1 (zero); in phase ``r`` the columns ``[lo[r], hi[r])``
     are inside the input (plane column ``q*S + r - left``: copied without a
     lookup). ``tap[kw]`` is where kernel column kw starts in a row's phases
     (see the header).
 
     # IN  x: (N, C, H, W); wpack: filters packed by _direct.pack_weight; bias: (F,) or None
+    # IN  rowmap: (OH*KH,); colmap: (stride_w*ldr,)
     # OUT y: (N, F, OH, OW), every element written
     # workspace: n_threads * C * KH * stride_w * ldr; live_flags: n_threads * KH
     """
@@ -67,7 +68,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         rows = &workspace[tid * per_thread]
         live = &live_flags[tid * KH]
         for kh in range(KH):
-            src_row = rowmap[oh * stride_h + kh * dilation_h]
+            src_row = rowmap[oh * KH + kh]
             live[kh] = src_row >= 0
             if src_row < 0:
                 continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv_direct
-from fastconv._padding import source_map
+from fastconv._padding import source_indices, source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
@@ -29,14 +29,28 @@ VECTOR_COLUMNS = 8
 AUTO_MAX_CHANNELS = 4
 
 
+#: The kernel copies each input row it reads into a padded row of the columns its taps
+#: span; beyond this many columns more than the input's own width (a padding or
+#: dilation far larger than the image) that row would dwarf the input: im2col then.
+MAX_EXTRA_ROW_COLUMNS = 64
+
+
+def row_span(geometry: ConvGeometry) -> int:
+    """Padded columns one output row's taps span: ``(OW-1)*sw + dw*(KW-1) + 1``."""
+    g = geometry
+    return (g.OW - 1) * g.stride_w + g.dilation_w * (g.KW - 1) + 1
+
+
 def applies(geometry: ConvGeometry) -> bool:
-    """A plain (ungrouped) layer: the kernel sums every input channel into every filter."""
-    return geometry.groups == 1
+    """A plain (ungrouped) layer whose padded rows stay about the size of the input's:
+    the kernel sums every input channel into every filter from copies of those rows."""
+    return (geometry.groups == 1
+            and row_span(geometry) <= 2 * geometry.W + MAX_EXTRA_ROW_COLUMNS)
 
 
 def pays_off(geometry: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` takes the direct kernel for this plain NCHW layer."""
-    return geometry.groups == 1 and geometry.C <= AUTO_MAX_CHANNELS
+    """Whether ``algorithm="auto"`` takes the direct kernel for this NCHW layer."""
+    return applies(geometry) and geometry.C <= AUTO_MAX_CHANNELS
 
 
 def pack_weight(weight: np.ndarray, dtype) -> np.ndarray:
@@ -57,11 +71,14 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     ``x`` must be C-contiguous of ``dtype``.
     """
     g = geometry
-    S, dw = g.stride_w, g.dilation_w
+    # one output column reads the same taps whatever the stride: one phase then
+    S, dw = (g.stride_w if g.OW > 1 else 1), g.dilation_w
     # a phase row holds every output column plus the reach of the last kernel column
     ldr = -(-g.OW // VECTOR_COLUMNS) * VECTOR_COLUMNS + (g.KW - 1) * dw // S + 1
-    rowmap = source_map((g.OH - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1, g.H,
-                        g.pad_top, g.pad_bottom, g.padding_mode)
+    # the input row under every (oh, kh): OH*KH entries, whatever the stride
+    taps = (np.arange(g.OH, dtype=np.intp)[:, None] * g.stride_h
+            + np.arange(g.KH, dtype=np.intp)[None, :] * g.dilation_h)
+    rowmap = source_indices(taps.reshape(-1), g.H, g.pad_top, g.pad_bottom, g.padding_mode)
     colmap = source_map(S * ldr, g.W, g.pad_left, g.pad_right, g.padding_mode)
     tap = np.array([(kw * dw % S) * ldr + kw * dw // S for kw in range(g.KW)], np.intp)
     # phase r, column q shows plane column q*S + r - left: inside for q in [lo[r], hi[r])
@@ -73,5 +90,5 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     scratch = workspace("direct", dtype, n_threads * g.C * g.KH * S * ldr)
     live = workspace("direct-live", np.uint8, n_threads * g.KH)
     _conv_direct.forward(x, wpack, b, out, scratch, live, rowmap, colmap, lo, hi, g.pad_left,
-                         tap, g.KH, g.KW, g.stride_h, S, g.dilation_h, ldr, relu, n_threads)
+                         tap, g.KH, g.KW, S, ldr, relu, n_threads)
     return out

@@ -70,8 +70,9 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
             "algorithm='direct' is the depthwise kernel (groups == C) or the dense kernel "
-            "(groups == 1), both for layout='NCHW', got "
-            f"groups={geometry.groups}, C={geometry.C}, layout={layout!r}"
+            "(groups == 1, its taps spanning at most 2*W + 64 padded columns per row), both "
+            f"for layout='NCHW', got groups={geometry.groups}, C={geometry.C}, "
+            f"layout={layout!r}, row span {_direct.row_span(geometry)} for W={geometry.W}"
         )
     if algorithm == "winograd" and not winograd_applies:
         raise ValueError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["source_map"]
+__all__ = ["source_map", "source_indices"]
 
 
 def source_map(count: int, size: int, before: int, after: int, mode: str) -> np.ndarray:
@@ -22,7 +22,13 @@ def source_map(count: int, size: int, before: int, after: int, mode: str) -> np.
     cropped part of a partial tile reads) are -1 too. Validation guarantees one
     reflection or wrap suffices (reflect padding < size, circular <= size).
     """
-    p = np.arange(count, dtype=np.intp) - before
+    return source_indices(np.arange(count, dtype=np.intp), size, before, after, mode)
+
+
+def source_indices(positions: np.ndarray, size: int, before: int, after: int,
+                   mode: str) -> np.ndarray:
+    """:func:`source_map` at the given padded positions only (any integer array)."""
+    p = np.asarray(positions, dtype=np.intp) - before
     inside = (p >= 0) & (p < size)
     if mode == "zeros":
         source = np.where(inside, p, -1)

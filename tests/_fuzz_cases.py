@@ -334,7 +334,12 @@ def _argument_values(rng):
             _choice_values(fastconv._validation.PADDING_MODES) + ["wrap", "constant"])
         add(f, "layout", ("layout",), _choice_values(fastconv._validation.LAYOUTS) + ["CHWN"])
         add(f, "algorithm", ("algorithm",),
-            _choice_values(fastconv._validation.ALGORITHMS) + ["direct", "fft"])
+            _choice_values(fastconv._validation.ALGORITHMS) + ["fft"])
+        add(f, "algorithm+geometry", ("algorithm",), [
+            ("algorithm='winograd', stride=2", dict(algorithm="winograd", stride=2)),
+            ("algorithm='winograd', dilation=2", dict(algorithm="winograd", dilation=2)),
+            ("algorithm='direct', padding=100", dict(algorithm="direct", padding=100))])
+        add(f, "activation", ("activation",), ["gelu", "ReLU", "", 1, True, object(), ["relu"]])
         add(f, "n_threads", ("n_threads",), _n_threads_values(rng))
         add(f, "padding+padding_mode", ("padding_mode", "padding"),
             [(f"padding={p}, padding_mode={m!r}", dict(padding=p, padding_mode=m))
@@ -350,6 +355,13 @@ def _argument_values(rng):
     add("conv2d_backward", "bias", ("bias",), [
         "yes", 1, 0, 1.0, _arr(5), _arr((4, 1)), _arr(4, complex), _arr(4, object), [1, 2],
         np.str_("True")])
+    add("conv2d_backward", "activation+output", ("output",), [
+        ("activation='relu' without output", dict(activation="relu")),
+        ("activation='relu', output of the wrong shape",
+         dict(activation="relu", output=_arr((2, 4, 5, 4)))),
+        ("activation='relu', complex output", dict(activation="relu", output=_arr(dy.shape, complex))),
+        ("activation='relu', output='y'", dict(activation="relu", output="y")),
+        ("activation='relu', output=None", dict(activation="relu", output=None))])
     add("conv2d_backward", "grad_output+layout", ("grad_output",), [
         ("NCHW grad_output with layout='NHWC'",
          dict(grad_output=dy, x=np.ascontiguousarray(x.transpose(0, 2, 3, 1)), layout="NHWC"))])

@@ -421,7 +421,8 @@ X = np.ones((2, 4, 5, 5))
     pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 2, 3, 3)), groups=2,
                                          algorithm="direct"),
                  ValueError, r"algorithm='direct' is the depthwise kernel \(groups == C\) or the "
-                 r"dense kernel \(groups == 1\)", id="direct-not-depthwise"),
+                 r"dense kernel \(groups == 1, its taps spanning at most 2\*W \+ 64 padded "
+                 r"columns per row\)", id="direct-not-depthwise"),
     pytest.param(lambda: fastconv.conv2d(np.ones((2, 5, 5, 4)), np.ones((4, 1, 3, 3)), groups=4,
                                          layout="NHWC", algorithm="direct"),
                  ValueError, r"layout='NCHW', got groups=4, C=4, layout='NHWC'",
