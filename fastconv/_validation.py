@@ -47,6 +47,8 @@ MAX_ARRAY_ELEMENTS = np.iinfo(np.intp).max // 8
 
 def as_int(value, name: str) -> int:
     """``value`` as a Python int; bools, floats and other types are a TypeError naming ``name``."""
+    if type(value) is int:      # the common case, and never a bool
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
     return operator.index(value)
@@ -80,6 +82,10 @@ def as_pair(value: IntPair, name: str) -> tuple[int, int]:
         If a sequence does not have exactly two elements, or a value is above
         :data:`MAX_SIZE_ARGUMENT` (every caller passes a size or a step).
     """
+    if type(value) is int:      # the common case, and never a bool
+        pair = (value, value)
+        _check_size_argument(pair, value, name)
+        return pair
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     value = _unwrap_0d(value)
@@ -245,6 +251,9 @@ def as_array(value, name: str) -> np.ndarray:
     """``value`` as an ndarray (without copying); None and non-numeric objects are errors."""
     if value is None:
         raise TypeError(f"{name} must be an array, got None")
+    if type(value) is np.ndarray and value.dtype.kind == "f" and value.dtype.itemsize <= 8 \
+            and value.flags.c_contiguous:
+        return value            # the common case: nothing to convert, no copy to size
     try:
         arr = np.asarray(value)
     except TypeError as error:
@@ -347,6 +356,20 @@ class ConvGeometry(NamedTuple):
                 and self.pad_left == 0 and self.pad_right == 0)
 
 
+#: Validated geometries by their (plain) arguments: a training loop asks for the
+#: same few again and again, and validating one costs ~30 us of Python.
+_GEOMETRY_CACHE: dict = {}
+_GEOMETRY_CACHE_SIZE = 512
+
+
+def _plain(value) -> bool:
+    """Exactly an int, a str, None or a tuple of exact ints: arguments whose equality
+    means "validates the same" (a bool or a float equal to an int must not hit the cache)."""
+    kind = type(value)
+    return (kind is int or kind is str or value is None
+            or (kind is tuple and all(type(v) is int for v in value)))
+
+
 def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups=1, padding_mode="zeros",
                   *, x_name: str = "x", padding_name: str = "padding",
                   kernel_desc: str | None = None, string_padding: bool = False,
@@ -359,7 +382,29 @@ def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups=1, padding
     ``im2col(input_data, filter_h, filter_w, stride, pad)``) get messages in
     their own terms; ``string_padding`` lets ``padding`` be ``'valid'``,
     ``'same'`` or ``'full'``.
+
+    Results for plain arguments (exact ints, strings, tuples of ints) are
+    memoised; anything else (NumPy scalars, lists, bools) is validated afresh.
     """
+    key = (tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups, padding_mode,
+           x_name, padding_name, kernel_desc, string_padding)
+    cacheable = all(_plain(v) for v in key[:-1])
+    if cacheable:
+        geometry = _GEOMETRY_CACHE.get(key)
+        if geometry is not None:
+            return geometry
+    geometry = _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups, padding_mode,
+                              x_name, padding_name, kernel_desc, string_padding)
+    if cacheable:
+        if len(_GEOMETRY_CACHE) >= _GEOMETRY_CACHE_SIZE:
+            _GEOMETRY_CACHE.clear()
+        _GEOMETRY_CACHE[key] = geometry
+    return geometry
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups, padding_mode, x_name,
+                   padding_name, kernel_desc, string_padding) -> ConvGeometry:
+    """:func:`conv_geometry`, uncached."""
     sh, sw = as_positive_pair(stride, "stride")
     dh, dw = as_positive_pair(dilation, "dilation")
     groups = as_int(groups, "groups")

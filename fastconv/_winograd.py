@@ -14,6 +14,7 @@ tiles inside dY.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -94,6 +95,19 @@ def choose_m_input_grad(geometry: ConvGeometry) -> int:
     return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W)
 
 
+@functools.lru_cache(maxsize=256)
+def _tile_maps(m: int, H: int, W: int, OH: int, OW: int, pads: tuple, mode: str):
+    """Row and column maps of the tiles' input (``fastconv._padding``) and the interior
+    tiles ``[lo, hi)`` of a tile row: pure functions of the geometry, built once."""
+    top, bottom, left, right = pads
+    TH, TW = -(-OH // m), -(-OW // m)
+    rowmap = source_map(TH * m + 2, H, top, bottom, mode)
+    colmap = source_map(TW * m + 2, W, left, right, mode)
+    rowmap.flags.writeable = colmap.flags.writeable = False   # shared by every call
+    lo, hi = _interior_tiles(W, left, m, TW) if mode == "zeros" else (0, 0)
+    return rowmap, colmap, lo, hi
+
+
 def _interior_tiles(W: int, left: int, m: int, TW: int) -> tuple[int, int]:
     """``[lo, hi)``: tiles whose m + 2 input columns all lie inside the input."""
     lo = min(TW, max(0, -(-left // m)))
@@ -126,10 +140,7 @@ def _run(x: np.ndarray, U: np.ndarray, bias, y: np.ndarray, geometry: ConvGeomet
     """One Winograd convolution of x (N, C, H, W) into y (N, F, OH, OW)."""
     top, bottom, left, right = pads
     tiles: WinogradPlan = plan_winograd(x.shape[0], C, F, OH, OW, m, x.itemsize, n_threads)
-    TH, TW = -(-OH // m), tiles.tile_cols
-    rowmap = source_map(TH * m + 2, H, top, bottom, mode)
-    colmap = source_map(TW * m + 2, W, left, right, mode)
-    lo, hi = _interior_tiles(W, left, m, TW) if mode == "zeros" else (0, 0)
+    rowmap, colmap, lo, hi = _tile_maps(m, H, W, OH, OW, pads, mode)
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(C, F))
     with single_threaded_blas:
         _conv_winograd.forward(x, U, bias, y, scratch, m, geometry.groups, rowmap, colmap,
