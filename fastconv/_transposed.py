@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv
-from fastconv._functional import _bias_gradient_wanted, _plan_and_workspace
+from fastconv._functional import _bias_gradient_wanted
 from fastconv._threads import effective_n_threads, single_threaded_blas
-from fastconv._tiling import check_blas_limits
+from fastconv._tiling import check_blas_limits, plan_transposed
 from fastconv._validation import (
     IntPair,
     as_array,
@@ -25,6 +25,20 @@ from fastconv._validation import (
 from fastconv._workspace import workspace
 
 __all__ = ["conv_transpose2d", "conv_transpose2d_backward"]
+
+#: Weights of fewer elements are transposed in the calling thread: waking the
+#: OpenMP workers costs more than the copy.
+PARALLEL_TRANSPOSE_SIZE = 1 << 16
+
+
+def _plan_and_workspace(geometry, dtype: np.dtype, n_threads: int):
+    """The tile plan (:func:`fastconv._tiling.plan_transposed`) and a scratch array of
+    n_threads equal per-thread slices."""
+    KK = geometry.KH * geometry.KW
+    tiles = plan_transposed(geometry.N, geometry.C, KK, geometry.OH * geometry.OW,
+                            dtype.itemsize, n_threads)
+    per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.F, geometry.is_pointwise)
+    return tiles, workspace("columns", dtype, n_threads * max(per_thread, 1))
 
 
 def _transposed_inputs(x, weight, stride, padding, output_padding, groups, dilation):
@@ -122,9 +136,15 @@ def conv_transpose2d(
     xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
+    # W_g.T row-major, so BLAS packs contiguous rows (see _conv.backward_input);
+    # reused scratch: a fresh array would page-fault on every call
+    Kg = w2d.shape[1]
+    wt = workspace("transposed-weight", dtype, w2d.size).reshape(geometry.groups * Kg, -1)
     with single_threaded_blas:
-        _conv.backward_input(w2d, xc, y, scratch, geometry, tiles.images_per_tile,
-                             tiles.tile_p, tiles.c_block, n_threads)
+        _conv.transpose_weight(w2d, wt, geometry.groups,
+                               n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
+        _conv.backward_input(wt, xc, y, scratch, geometry, tiles.images_per_tile,
+                             tiles.tile_p, tiles.c_block, n_threads, transposed_weight=True)
     if bias is not None:
         _conv.add_channel_bias(y.reshape(N, geometry.C, -1),
                                np.ascontiguousarray(bias, dtype=dtype), n_threads)
