@@ -213,7 +213,7 @@ def conv_transpose2d_backward(
     N, C_in, C_out = geometry.N, geometry.F, geometry.C
     Kg = C_out // geometry.groups * geometry.KH * geometry.KW
     grad_x = np.empty(x.shape, dtype)
-    # the grad-weight kernel also sums its "dy" (here x) per channel: room for it, unused
+    # room for the grad-weight kernel's per-channel sums of its "dy" (here x): left 0
     weight_and_x_sums = np.empty(C_in * Kg + C_in, dtype)
     grad_weight = weight_and_x_sums[: C_in * Kg].reshape(weight.shape)
     grad_bias = np.empty(C_out, dtype) if with_bias else None
@@ -229,10 +229,10 @@ def conv_transpose2d_backward(
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     partial = workspace("partial", dtype, n_threads * (C_in * Kg + C_in)).reshape(n_threads, -1)
     with single_threaded_blas:
-        _conv.forward(dy, w2d, None, grad_x.reshape(N, C_in, -1), scratch, geometry,
-                      tiles.images_per_tile, tiles.tile_p, n_threads)
+        # grad_x = conv2d(dy, w) and grad_weight from one im2col of dy per tile
         _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
-                              tiles.tile_p, n_threads)
+                              tiles.tile_p, n_threads, w2d, grad_x.reshape(N, C_in, -1),
+                              with_sums=False)
         _conv.reduce_rows(partial, weight_and_x_sums, n_threads)
     if with_bias:
         _conv.channel_sums(dy.reshape(N, C_out, -1), grad_bias, n_threads)
