@@ -135,6 +135,7 @@ def conv_transpose2d(
     N, C_in = geometry.N, geometry.F
     xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     # W_g.T row-major, so BLAS packs contiguous rows (see _conv.backward_input);
     # reused scratch: a fresh array would page-fault on every call
@@ -144,10 +145,8 @@ def conv_transpose2d(
         _conv.transpose_weight(w2d, wt, geometry.groups,
                                n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
         _conv.backward_input(wt, xc, y, scratch, geometry, tiles.images_per_tile,
-                             tiles.tile_p, tiles.c_block, n_threads, transposed_weight=True)
-    if bias is not None:
-        _conv.add_channel_bias(y.reshape(N, geometry.C, -1),
-                               np.ascontiguousarray(bias, dtype=dtype), n_threads)
+                             tiles.tile_p, tiles.c_block, n_threads, transposed_weight=True,
+                             bias=b)
     return y
 
 

@@ -341,13 +341,15 @@ TRANSPOSED_KERNEL_CASES = [((4, 4), 2, 1, 1), ((3, 3), 1, 1, 2), ((1, 1), 1, 0, 
                            ((1, 1), 1, 0, 1), ((2, 3), (2, 1), 0, 1)]
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 3])
 @pytest.mark.parametrize("plan_kind", sorted(TRANSPOSED_PLANS))
 @pytest.mark.parametrize("kernel,stride,padding,groups", TRANSPOSED_KERNEL_CASES)
 def test_backward_input_transposed_weight(kernel, stride, padding, groups, plan_kind,
-                                          n_threads, dtype):
-    """_conv.backward_input with the weight given as W_g.T (conv_transpose2d's forward)
-    equals the reference on every branch, pointwise and grouped included."""
+                                          n_threads, bias, dtype):
+    """_conv.backward_input with the weight given as W_g.T and the planes started from the
+    bias (conv_transpose2d's forward) equals the reference on every branch, pointwise and
+    grouped included."""
     x, weight, _, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
     N, C_in = x.shape[:2]
     P = geometry.OH * geometry.OW
@@ -359,12 +361,13 @@ def test_backward_input_transposed_weight(kernel, stride, padding, groups, plan_
     expected = np.concatenate([w2d[g * (C_in // groups):(g + 1) * (C_in // groups)].T
                                for g in range(groups)])
     np.testing.assert_array_equal(wt, expected)
+    b = np.arange(1.0, geometry.C + 1, dtype=dtype) if bias else None
     y = np.full(geometry.input_shape, np.nan, dtype)
     _conv.backward_input(wt, x.reshape(N, C_in, -1), y, _scratch(tiles, geometry, dtype, n_threads),
                          geometry, tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads,
-                         transposed_weight=True)
+                         transposed_weight=True, bias=b)
     args = dict(stride=stride, padding=padding, groups=groups)
-    assert_matches(y, reference.conv_transpose2d(x, weight, **args), dtype,
+    assert_matches(y, reference.conv_transpose2d(x, weight, b, **args), dtype,
                    C_in // groups * kernel[0] * kernel[1], "y")
 
 
