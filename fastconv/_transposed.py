@@ -2,9 +2,12 @@
 
 ``conv_transpose2d(x, w)`` is exactly the grad_x pass of the convolution that
 maps the (larger) transposed output back to ``x``, so it runs the engine's
-backward-data kernel (GEMM, then col2im); its backward runs the engine's
-forward (grad_x) and grad-weight kernels. The geometry of that convolution
-comes from ``fastconv._validation.transposed_geometry``.
+backward-data kernel (GEMM, then col2im; the weight transposed first and the
+bias as the planes' starting value); its backward runs the grad-weight kernel,
+which also writes the forward product (grad_x) from the same im2col of
+grad_output. The geometry of that convolution comes from
+``fastconv._validation.transposed_geometry``, the tile plan from
+``fastconv._tiling.plan_transposed``.
 """
 
 from __future__ import annotations
