@@ -2,9 +2,12 @@
 
 ``conv_transpose2d(x, w)`` is exactly the grad_x pass of the convolution that
 maps the (larger) transposed output back to ``x``, so it runs the engine's
-backward-data kernel (GEMM, then col2im); its backward runs the engine's
-forward (grad_x) and grad-weight kernels. The geometry of that convolution
-comes from ``fastconv._validation.transposed_geometry``.
+backward-data kernel (GEMM, then col2im; the weight transposed first and the
+bias as the planes' starting value); its backward runs the grad-weight kernel,
+which also writes the forward product (grad_x) from the same im2col of
+grad_output. The geometry of that convolution comes from
+``fastconv._validation.transposed_geometry``, the tile plan from
+``fastconv._tiling.plan_transposed``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv
-from fastconv._functional import _bias_gradient_wanted, _plan_and_workspace
+from fastconv._functional import _bias_gradient_wanted
 from fastconv._threads import effective_n_threads, single_threaded_blas
-from fastconv._tiling import check_blas_limits
+from fastconv._tiling import check_blas_limits, plan_transposed
 from fastconv._validation import (
     IntPair,
     as_array,
@@ -25,6 +28,20 @@ from fastconv._validation import (
 from fastconv._workspace import workspace
 
 __all__ = ["conv_transpose2d", "conv_transpose2d_backward"]
+
+#: Weights of fewer elements are transposed in the calling thread: waking the
+#: OpenMP workers costs more than the copy.
+PARALLEL_TRANSPOSE_SIZE = 1 << 16
+
+
+def _plan_and_workspace(geometry, dtype: np.dtype, n_threads: int):
+    """The tile plan (:func:`fastconv._tiling.plan_transposed`) and a scratch array of
+    n_threads equal per-thread slices."""
+    KK = geometry.KH * geometry.KW
+    tiles = plan_transposed(geometry.N, geometry.C, KK, geometry.OH * geometry.OW,
+                            dtype.itemsize, n_threads)
+    per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.F, geometry.is_pointwise)
+    return tiles, workspace("columns", dtype, n_threads * max(per_thread, 1))
 
 
 def _transposed_inputs(x, weight, stride, padding, output_padding, groups, dilation):
@@ -121,13 +138,18 @@ def conv_transpose2d(
     N, C_in = geometry.N, geometry.F
     xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
+    # W_g.T row-major, so BLAS packs contiguous rows (see _conv.backward_input);
+    # reused scratch: a fresh array would page-fault on every call
+    Kg = w2d.shape[1]
+    wt = workspace("transposed-weight", dtype, w2d.size).reshape(geometry.groups * Kg, -1)
     with single_threaded_blas:
-        _conv.backward_input(w2d, xc, y, scratch, geometry, tiles.images_per_tile,
-                             tiles.tile_p, tiles.c_block, n_threads)
-    if bias is not None:
-        _conv.add_channel_bias(y.reshape(N, geometry.C, -1),
-                               np.ascontiguousarray(bias, dtype=dtype), n_threads)
+        _conv.transpose_weight(w2d, wt, geometry.groups,
+                               n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
+        _conv.backward_input(wt, xc, y, scratch, geometry, tiles.images_per_tile,
+                             tiles.tile_p, tiles.c_block, n_threads, transposed_weight=True,
+                             bias=b)
     return y
 
 
@@ -193,7 +215,7 @@ def conv_transpose2d_backward(
     N, C_in, C_out = geometry.N, geometry.F, geometry.C
     Kg = C_out // geometry.groups * geometry.KH * geometry.KW
     grad_x = np.empty(x.shape, dtype)
-    # the grad-weight kernel also sums its "dy" (here x) per channel: room for it, unused
+    # room for the grad-weight kernel's per-channel sums of its "dy" (here x): left 0
     weight_and_x_sums = np.empty(C_in * Kg + C_in, dtype)
     grad_weight = weight_and_x_sums[: C_in * Kg].reshape(weight.shape)
     grad_bias = np.empty(C_out, dtype) if with_bias else None
@@ -209,10 +231,10 @@ def conv_transpose2d_backward(
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     partial = workspace("partial", dtype, n_threads * (C_in * Kg + C_in)).reshape(n_threads, -1)
     with single_threaded_blas:
-        _conv.forward(dy, w2d, None, grad_x.reshape(N, C_in, -1), scratch, geometry,
-                      tiles.images_per_tile, tiles.tile_p, n_threads)
+        # grad_x = conv2d(dy, w) and grad_weight from one im2col of dy per tile
         _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
-                              tiles.tile_p, n_threads)
+                              tiles.tile_p, n_threads, w2d, grad_x.reshape(N, C_in, -1),
+                              with_sums=False)
         _conv.reduce_rows(partial, weight_and_x_sums, n_threads)
     if with_bias:
         _conv.channel_sums(dy.reshape(N, C_out, -1), grad_bias, n_threads)

@@ -7,7 +7,10 @@ with np.pad and fold the padded input's gradient back through the same index
 maps (np.pad of an arange) with np.add.at.
 """
 
+import ctypes
 import itertools
+import mmap
+import sys
 
 import numpy as np
 import pytest
@@ -264,6 +267,62 @@ def test_larger_layers(shape, dtype):
     """Realistic channel counts (long chunks, memcpy) and K beyond one tile's minimum rows."""
     N, C, H, W, F = shape
     check(N, C, H, W, F, (3, 3), 1, 1, dtype=dtype, n_threads=2)
+
+
+#: Kernels whose kernel-row runs (KW*C elements, C below) take the gather's fixed 8- and
+#: 16-element copies, exact copies beside them (the last kernel rows, runs of 17+), or both
+SHORT_RUN_KERNELS = [(1, 1), (1, 3), (2, 5), (3, 3), (5, 5), (3, 8), (4, 4), (2, 9)]
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), ((1, 2), (0, 1, 2, 0))])
+@pytest.mark.parametrize("kernel", SHORT_RUN_KERNELS)
+@pytest.mark.parametrize("C", [1, 2, 3, 5])
+def test_short_runs(C, kernel, stride, padding, mode, dtype):
+    """Short runs of whole pixels (lenet: C=1, 5x5): the fixed-size copies spill into
+    taps written later and never past a column row, and tiles end mid output row."""
+    check(3, C, 7, 9, 4, kernel, stride, padding, 1, 1, mode, dtype, n_threads=2)
+
+
+def _before_guard_page(shape, dtype):
+    """A C-contiguous array of ``shape`` ending exactly where an unreadable page begins,
+    so that any read past its end faults. Returns (array, owner to keep alive)."""
+    page = mmap.PAGESIZE
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = -(-nbytes // page) * page + page
+    buf = mmap.mmap(-1, size)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + size - page, page, 0) == 0, ctypes.get_errno()   # PROT_NONE
+    array = np.frombuffer(buf, dtype, count=int(np.prod(shape)), offset=size - page - nbytes)
+    return array.reshape(shape), buf
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs mprotect")
+@pytest.mark.parametrize("C,kernel,padding,mode", [
+    (1, (5, 5), 0, "zeros"), (1, (3, 3), 1, "replicate"), (3, (3, 3), 1, "zeros"),
+    (2, (2, 4), 0, "zeros"), (1, (1, 7), (0, 3), "circular"),
+])
+def test_gather_reads_stay_inside_x(C, kernel, padding, mode, dtype):
+    """The fixed-size copies never read past the input's last pixel (x ends at a page
+    that faults when read), in the forward and in grad_weight's gather."""
+    N, H, W, F = 2, 6, 7, 3
+    rng = np.random.default_rng(1)
+    x, owner = _before_guard_page((N, H, W, C), dtype)
+    x[...] = rng.standard_normal(x.shape)
+    weight = rng.standard_normal((F, C) + kernel).astype(dtype)
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    y = fastconv.conv2d(x, weight, padding=padding, padding_mode=mode, layout="NHWC")
+    expected = fastconv.conv2d(x_nchw, weight, padding=padding, padding_mode=mode)
+    assert_matches(y, expected.transpose(0, 2, 3, 1), dtype, C * kernel[0] * kernel[1], "y")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    _, gw, _ = fastconv.conv2d_backward(dy, x, weight, padding=padding, padding_mode=mode,
+                                        layout="NHWC")
+    _, rgw, _ = fastconv.conv2d_backward(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)), x_nchw,
+                                         weight, padding=padding, padding_mode=mode)
+    assert_matches(gw, rgw, dtype, y.size // F, "grad_weight")
+    del x, owner
 
 
 # ---------------------------------------------------------------------------

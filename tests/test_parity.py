@@ -12,7 +12,8 @@ import pytest
 from _helpers import algorithms_for, assert_matches
 
 import fastconv
-from fastconv import _tiling, reference
+from fastconv import _conv, _tiling, reference
+from fastconv._validation import transposed_geometry
 
 # (C, F, groups): plain, grouped, depthwise, depthwise with multiplier 2, 3-channel depthwise
 GROUPINGS = [(4, 6, 1), (4, 6, 2), (4, 4, 4), (4, 8, 4), (3, 3, 3)]
@@ -309,6 +310,125 @@ def test_conv_transpose_many_tiles(monkeypatch, N, dtype):
                           reference.conv_transpose2d_backward(dy, x, weight, **args),
                           ["grad_x", "grad_weight", "grad_bias"]):
         assert_matches(a, b, dtype, N * 140, what)
+
+
+#: Tile plans that take each branch of the transposed kernels: image groups (staged
+#: planes), whole images, and channel blocks that cross a group boundary (C_out = 6,
+#: groups 2: blocks of 2 channels)
+TRANSPOSED_PLANS = {
+    "images": lambda P, C: _tiling.TilePlan(2, P, C),
+    "whole": lambda P, C: _tiling.TilePlan(1, P, C),
+    "blocks": lambda P, C: _tiling.TilePlan(1, max(1, P // 2), 2),
+}
+
+
+def _transposed_problem(kernel, stride, padding, groups, dtype, N=3):
+    rng = np.random.default_rng(17)
+    C_in, C_out = 4, 6
+    x = rng.standard_normal((N, C_in, 5, 4)).astype(dtype)
+    weight = rng.standard_normal((C_in, C_out // groups, *kernel)).astype(dtype)
+    geometry = transposed_geometry(x.shape, weight.shape, stride, padding, 0, groups, 1)
+    dy = rng.standard_normal(geometry.input_shape).astype(dtype)
+    return x, weight, dy, geometry
+
+
+def _scratch(tiles, geometry, dtype, n_threads):
+    K = geometry.C * geometry.KH * geometry.KW
+    per_thread = tiles.workspace_per_thread(K, geometry.F, geometry.is_pointwise)
+    return np.empty(n_threads * max(per_thread, 1), dtype)
+
+
+TRANSPOSED_KERNEL_CASES = [((4, 4), 2, 1, 1), ((3, 3), 1, 1, 2), ((1, 1), 1, 0, 2),
+                           ((1, 1), 1, 0, 1), ((2, 3), (2, 1), 0, 1)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("plan_kind", sorted(TRANSPOSED_PLANS))
+@pytest.mark.parametrize("kernel,stride,padding,groups", TRANSPOSED_KERNEL_CASES)
+def test_backward_input_transposed_weight(kernel, stride, padding, groups, plan_kind,
+                                          n_threads, bias, dtype):
+    """_conv.backward_input with the weight given as W_g.T and the planes started from the
+    bias (conv_transpose2d's forward) equals the reference on every branch, pointwise and
+    grouped included."""
+    x, weight, _, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    N, C_in = x.shape[:2]
+    P = geometry.OH * geometry.OW
+    tiles = TRANSPOSED_PLANS[plan_kind](P, geometry.C)
+    w2d = weight.reshape(C_in, -1)
+    Kg = w2d.shape[1]
+    wt = np.full((groups * Kg, C_in // groups), np.nan, dtype)
+    _conv.transpose_weight(w2d, wt, groups, n_threads)
+    expected = np.concatenate([w2d[g * (C_in // groups):(g + 1) * (C_in // groups)].T
+                               for g in range(groups)])
+    np.testing.assert_array_equal(wt, expected)
+    b = np.arange(1.0, geometry.C + 1, dtype=dtype) if bias else None
+    y = np.full(geometry.input_shape, np.nan, dtype)
+    _conv.backward_input(wt, x.reshape(N, C_in, -1), y, _scratch(tiles, geometry, dtype, n_threads),
+                         geometry, tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads,
+                         transposed_weight=True, bias=b)
+    args = dict(stride=stride, padding=padding, groups=groups)
+    assert_matches(y, reference.conv_transpose2d(x, weight, b, **args), dtype,
+                   C_in // groups * kernel[0] * kernel[1], "y")
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("plan_kind", sorted(TRANSPOSED_PLANS))
+@pytest.mark.parametrize("kernel,stride,padding,groups", TRANSPOSED_KERNEL_CASES)
+def test_backward_weight_fused_forward(kernel, stride, padding, groups, plan_kind, n_threads,
+                                       dtype):
+    """_conv.backward_weight given w2d and y also writes conv2d(dy, w) from the same column
+    tiles (conv_transpose2d_backward's grad_x), and its partial sums are unchanged."""
+    x, weight, dy, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    N, C_in = x.shape[:2]
+    P = geometry.OH * geometry.OW
+    tiles = TRANSPOSED_PLANS[plan_kind](P, geometry.C)
+    w2d = weight.reshape(C_in, -1)
+    Kg = w2d.shape[1]
+    xc = x.reshape(N, C_in, -1)
+    scratch = _scratch(tiles, geometry, dtype, n_threads)
+    plain = np.empty((n_threads, C_in * Kg + C_in), dtype)
+    _conv.backward_weight(dy, xc, plain, scratch, geometry, tiles.images_per_tile, tiles.tile_p,
+                          n_threads)
+    fused = np.full_like(plain, np.nan)
+    y = np.full((N, C_in, P), np.nan, dtype)
+    _conv.backward_weight(dy, xc, fused, scratch, geometry, tiles.images_per_tile, tiles.tile_p,
+                          n_threads, w2d, y, with_sums=False)
+    np.testing.assert_array_equal(fused[:, :C_in * Kg], plain[:, :C_in * Kg])
+    assert not fused[:, C_in * Kg:].any()
+    args = dict(stride=stride, padding=padding, groups=groups)
+    assert_matches(y.reshape(x.shape), reference.conv2d(dy, weight, **args), dtype,
+                   geometry.C // groups * kernel[0] * kernel[1], "grad_x")
+
+
+def test_backward_weight_fused_needs_y():
+    x, weight, dy, geometry = _transposed_problem((3, 3), 1, 1, 1, np.float64)
+    tiles = TRANSPOSED_PLANS["whole"](geometry.OH * geometry.OW, geometry.C)
+    with pytest.raises(ValueError, match="w2d given without y"):
+        _conv.backward_weight(dy, x.reshape(3, 4, -1), np.empty((1, 4 * 54 + 4)),
+                              _scratch(tiles, geometry, np.float64, 1), geometry, 1,
+                              tiles.tile_p, 1, weight.reshape(4, -1), None)
+
+
+@pytest.mark.parametrize("group_columns", [1, 40, 10**6])
+@pytest.mark.parametrize("N,n_threads", [(1, 3), (5, 2), (8, 3)])
+def test_conv_transpose_group_columns(monkeypatch, group_columns, N, n_threads, dtype):
+    """Whatever TRANSPOSED_GROUP_COLUMNS allows (one image a tile, a few, plan()'s groups),
+    forward and backward match the reference."""
+    monkeypatch.setattr(_tiling, "TRANSPOSED_GROUP_COLUMNS", group_columns)
+    rng = np.random.default_rng(18)
+    x = rng.standard_normal((N, 6, 4, 5)).astype(dtype)
+    weight = rng.standard_normal((6, 2, 4, 4)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    args = dict(stride=2, padding=1, groups=2)
+    y = fastconv.conv_transpose2d(x, weight, b, n_threads=n_threads, **args)
+    assert_matches(y, reference.conv_transpose2d(x, weight, b, **args), dtype, 48, "y")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    for a, r, what in zip(fastconv.conv_transpose2d_backward(dy, x, weight, n_threads=n_threads,
+                                                             **args),
+                          reference.conv_transpose2d_backward(dy, x, weight, **args),
+                          ["grad_x", "grad_weight", "grad_bias"]):
+        assert_matches(a, r, dtype, N * 80, what)
 
 
 def test_conv_transpose_empty_batch():

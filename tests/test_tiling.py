@@ -170,6 +170,42 @@ def test_image_groups_minimal_example(pinned_constants):
     assert groups % 2 == 0, tiles
 
 
+def test_plan_transposed_caps_image_groups():
+    """A transposed convolution's plan is plan()'s, except that image groups hold at most
+    TRANSPOSED_GROUP_COLUMNS columns (or one image), and single-image tiles cut grad_x
+    into enough channel blocks for the threads."""
+    cap = _tiling.TRANSPOSED_GROUP_COLUMNS
+    for N, C, KK, P, itemsize, T in GRID:
+        base = plan(N, C, KK, P, itemsize, T)
+        tiles = _tiling.plan_transposed(N, C, KK, P, itemsize, T)
+        where = (N, C, KK, P, itemsize, T, base, tiles)
+        if base.images_per_tile == 1:
+            assert tiles == base, where
+            continue
+        assert tiles.tile_p == P and 1 <= tiles.images_per_tile <= base.images_per_tile, where
+        assert tiles.images_per_tile * P <= max(cap, P), where
+        assert tiles.images_per_tile == max(1, min(base.images_per_tile, cap // P)), where
+        # never more scratch than plan()'s, so still bounded independently of N
+        K = C * KK
+        assert (tiles.workspace_per_thread(K, F, False)
+                <= base.workspace_per_thread(K, F, False)), where
+        if tiles.images_per_tile == 1:
+            # grad_x items (image, channel block) feed every thread
+            assert 1 <= tiles.c_block <= C, where
+            assert N * math.ceil(C / tiles.c_block) >= min(T, N * C), where
+        else:
+            assert tiles.c_block == C, where
+
+
+def test_plan_transposed_dcgan_up():
+    """dcgan-up (16 x 256 x 16x16 -> 128, 4x4, stride 2): one image a tile, whole planes;
+    a 4x4 input stacks 64 columns' worth of images."""
+    assert _tiling.plan_transposed(16, 128, 16, 256, 4, 2) == _tiling.TilePlan(1, 256, 128)
+    assert _tiling.plan(16, 128, 16, 256, 4, 2).images_per_tile == 2
+    assert _tiling.plan_transposed(256, 128, 16, 16, 4, 2).images_per_tile == 4
+    assert _tiling.plan_transposed(1, 128, 16, 256, 4, 2).c_block == 64
+
+
 def test_check_blas_limits():
     check_blas_limits(BLAS_INT_MAX, BLAS_INT_MAX, BLAS_INT_MAX)      # at the limit: fine
     check_blas_limits(1, 1, 1)
