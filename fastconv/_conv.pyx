@@ -248,7 +248,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                         1, w + gi * Fg * Kg, <int> Kg, cols + gi * Kg * ldcol, ldcol,
                         0, out + gi * Fg * ldout, ldout)
             if t.n1 - t.n0 > 1:
-                scatter_planes(out, F, P, &t, NULL, y_ptr)
+                scatter_planes(out, F, P, &t, NULL, False, y_ptr)
         if t.n1 - t.n0 == 1:
             grad = &dy[t.n0, 0, t.p0]
             ldgrad = <int> P
