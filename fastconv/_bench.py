@@ -246,6 +246,7 @@ POOL_PASSES = ("forward", "backward", "fwd+bwd")
 SUITE_COLUMNS = (
     ("shape", "shape"),
     ("pass", "pass"),
+    ("algorithm", "algorithm"),
     ("fastconv_ms", "fastconv ms"),
     ("reference_ms", "reference ms"),
     ("speedup", "speedup"),
@@ -355,6 +356,19 @@ def _conv_call(module, pass_: str, shape: Shape, arrays: dict, **kwargs) -> Call
     if pass_ == "forward":
         return lambda: module.conv2d(x, w, b, s, p, **kwargs)
     return lambda: module.conv2d_backward(g, x, w, s, p, **kwargs)
+
+
+def auto_algorithm(shape: Shape, pass_: str) -> str:
+    """What ``algorithm="auto"`` runs for this row (the backward's is its grad_x's; its
+    grad_weight always runs by im2col)."""
+    if shape.transposed:
+        return "im2col"
+    from fastconv._functional import _choose_algorithm
+    from fastconv._validation import conv_geometry
+
+    geometry = conv_geometry(shape.input_shape, shape.weight_shape, shape.stride, shape.pad, 1,
+                             shape.groups)
+    return _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "backward")
 
 
 def nhwc_arrays(arrays: dict) -> dict:
@@ -515,7 +529,7 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
         _conv_call(fastconv, pass_, shape, arrays, n_threads=threads), repeat)
     row = {
         "shape": shape.name, "pass": pass_, "dtype": dtype.name, "threads": threads,
-        "flops": flops, "fastconv_ms": fast_ms, "gflops": flops / (fast_ms * 1e-3) / 1e9,
+        "algorithm": auto_algorithm(shape, pass_), "flops": flops, "fastconv_ms": fast_ms, "gflops": flops / (fast_ms * 1e-3) / 1e9,
         "reference_ms": None, "speedup": None, "rel_err": None,
         "gemm_ms": None, "vs_gemm": None, "torch_ms": None, "vs_torch": None,
         "nhwc_ms": None, "nhwc_vs_nchw": None, "im2col_ms": None, "vs_im2col": None,
@@ -912,6 +926,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scaling", action="store_true",
                         help="instead of the suite table, time fastconv at 1 thread and at "
                              "--threads threads side by side (e.g. --only vgg-mid --batch 1)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead of timing, print each algorithm's float32 error against "
+                             "float64 for the plain shapes (forward and grad_x)")
     parser.add_argument("--memory", nargs="?", const=DEFAULT_MEMORY_SHAPE, default=None,
                         metavar="NAME",
                         help="instead of timing, measure the extra peak memory of one "
@@ -1025,6 +1042,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(rows, columns))
         print()
         print(describe_environment(threads, args.dtype, f"median of {repeat} runs after a warm-up"))
+        return 0
+
+    if args.accuracy:
+        from fastconv._bench_accuracy import ACCURACY_COLUMNS, measure_accuracy
+
+        rows = measure_accuracy(shapes, threads, progress=_stderr)
+        print(format_table(rows, ACCURACY_COLUMNS))
+        print()
+        print(describe_environment(threads, "float32", "error vs the float64 im2col result"))
         return 0
 
     if memory_shape is not None:

@@ -77,22 +77,30 @@ def pays_off_input_grad(geometry: ConvGeometry) -> bool:
     return Cg >= AUTO_MIN_CHANNELS and Cg >= AUTO_MIN_INPUT_GRAD_OUTPUTS_PER_FILTER * Fg
 
 
-def _tile_size(reduction: int, out_h: int, out_w: int) -> int:
-    """4, unless the sum per output is long enough for F(4x4)'s float error (see
-    F4_MAX_REDUCTION) or the output too small for 4x4 tiles to pay (<= 2 along an axis)."""
-    if reduction > F4_MAX_REDUCTION or min(out_h, out_w) <= 2:
+#: grad_x amplifies F(4x4)'s rounding more (its im2col path's own error is lower:
+#: col2im adds 9 short sums): 10.7x im2col's error summing 32 filters (cifar-3x3),
+#: 11.6-11.7x with 64-128 (resnet-3x3, vgg-mid), against 2.2x at most for F(2x2),
+#: which still ran 1.4-1.5x faster than im2col there (F(4x4): 2.1-2.3x).
+INPUT_GRAD_F4_MAX_REDUCTION = 16
+
+
+def _tile_size(reduction: int, out_h: int, out_w: int, max_reduction: int) -> int:
+    """4, unless the sum per output is longer than ``max_reduction`` (F(4x4)'s float
+    error) or the output too small for 4x4 tiles to pay (<= 2 along an axis)."""
+    if reduction > max_reduction or min(out_h, out_w) <= 2:
         return 2
     return 4
 
 
 def choose_m(geometry: ConvGeometry) -> int:
     """Output tile size of the forward: its sums run over the C/groups input channels."""
-    return _tile_size(geometry.C // geometry.groups, geometry.OH, geometry.OW)
+    return _tile_size(geometry.C // geometry.groups, geometry.OH, geometry.OW, F4_MAX_REDUCTION)
 
 
 def choose_m_input_grad(geometry: ConvGeometry) -> int:
     """Output tile size of grad_x: its sums run over the F/groups filters."""
-    return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W)
+    return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W,
+                      INPUT_GRAD_F4_MAX_REDUCTION)
 
 
 @functools.lru_cache(maxsize=256)

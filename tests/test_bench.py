@@ -288,3 +288,26 @@ def test_cli_pool_rows_only(capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3
     assert all("avgpool-2x2-s2" in line for line in table[2:])
+
+
+def test_accuracy_rows_compare_every_applicable_algorithm():
+    from fastconv._bench_accuracy import ACCURACY_COLUMNS, measure_accuracy
+
+    strided = Shape("tiny-s2", N=2, C=3, H=9, W=9, F=4, KH=3, KW=3, stride=2, pad=1)
+    rows = measure_accuracy([TINY, strided, TINY_DEPTHWISE], threads=2)
+    assert [(r["shape"], r["pass"]) for r in rows] == [
+        ("tiny", "forward"), ("tiny", "grad_x"), ("tiny-s2", "forward"), ("tiny-s2", "grad_x")]
+    tiny_forward, tiny_grad, strided_forward, _ = rows
+    assert tiny_forward["auto"] == "direct" and tiny_grad["auto"] == "im2col"
+    for row in (tiny_forward, tiny_grad):
+        assert 0 < row["im2col_err"] < 1e-5 and 0 < row["winograd_err"] < 1e-5
+        assert row["winograd_vs_im2col"] == row["winograd_err"] / row["im2col_err"]
+    assert strided_forward.get("winograd_err") is None          # stride 2: not Winograd's
+    assert strided_forward["direct_err"] < 1e-5
+    assert "grad_x" in format_table(rows, ACCURACY_COLUMNS)
+
+
+def test_cli_accuracy(capsys):
+    assert _bench.main(["--accuracy", "--only", "cifar-3x3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "winograd / im2col" in out and "cifar-3x3" in out
