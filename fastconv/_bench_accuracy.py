@@ -1,7 +1,7 @@
 """``python -m fastconv bench --accuracy``: each algorithm's float32 error, side by side.
 
-For every plain (ungrouped, not transposed) suite shape, the forward and
-grad_x are computed in float32 by each algorithm that applies, and compared
+For every plain (ungrouped, not transposed) suite shape, the forward, grad_x
+and grad_weight are computed in float32 by each algorithm that applies, and compared
 with the float64 im2col result (which agrees with the NumPy reference to
 ~1e-15). The error is ``max|a - b| / max|b|``, the measure the tests use. The
 ratio to im2col's error is what issue #6 bounds: Winograd within 10x.
@@ -43,12 +43,23 @@ def _applicable(shape) -> list[str]:
     return found
 
 
+def _auto(geometry, pass_: str) -> str:
+    """What ``algorithm="auto"`` runs for one pass of this geometry."""
+    from fastconv import _winograd
+    from fastconv._functional import _choose_algorithm
+
+    if pass_ == "grad_weight":
+        winograd = _winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
+        return "winograd" if winograd else "im2col"
+    return _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "grad_x")
+
+
 def measure_accuracy(shapes: Iterable, threads: int,
                      progress: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """One row per plain shape and pass (forward, grad_x) with each algorithm's error."""
+    """One row per plain shape and pass (forward, grad_x, grad_weight) with each algorithm's
+    error."""
     import fastconv
     from fastconv._bench import relative_error
-    from fastconv._functional import _choose_algorithm
     from fastconv._validation import conv_geometry
 
     rows = []
@@ -62,12 +73,12 @@ def measure_accuracy(shapes: Iterable, threads: int,
         exact = {
             "forward": fastconv.conv2d(a64["x"], a64["weight"], a64["bias"], s, p,
                                        algorithm="im2col", n_threads=threads),
-            "grad_x": fastconv.conv2d_backward(a64["grad_output"], a64["x"], a64["weight"], s, p,
-                                               algorithm="im2col", n_threads=threads)[0],
         }
-        for pass_ in ("forward", "grad_x"):
-            row = {"shape": shape.name, "pass": pass_,
-                   "auto": _choose_algorithm("auto", geometry, "NCHW", pass_ == "grad_x")}
+        exact["grad_x"], exact["grad_weight"], _ = fastconv.conv2d_backward(
+            a64["grad_output"], a64["x"], a64["weight"], s, p, algorithm="im2col",
+            n_threads=threads)
+        for pass_ in ("forward", "grad_x", "grad_weight"):
+            row = {"shape": shape.name, "pass": pass_, "auto": _auto(geometry, pass_)}
             for algorithm in _applicable(shape):
                 if pass_ == "forward":
                     got = fastconv.conv2d(a32["x"], a32["weight"], a32["bias"], s, p,
@@ -75,9 +86,10 @@ def measure_accuracy(shapes: Iterable, threads: int,
                 elif algorithm == "direct":
                     continue            # its backward is im2col's
                 else:
-                    got = fastconv.conv2d_backward(a32["grad_output"], a32["x"], a32["weight"],
-                                                   s, p, algorithm=algorithm,
-                                                   n_threads=threads)[0]
+                    grads = fastconv.conv2d_backward(a32["grad_output"], a32["x"], a32["weight"],
+                                                     s, p, algorithm=algorithm,
+                                                     n_threads=threads)
+                    got = grads[0] if pass_ == "grad_x" else grads[1]
                 row[f"{algorithm}_err"] = relative_error(got, exact[pass_])
             for algorithm in ("winograd", "direct"):
                 if row.get(f"{algorithm}_err") is not None:

@@ -83,6 +83,25 @@ cdef extern from "_winograd_transforms.h" nogil:
     void fc_wino4_scatter_d(const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
                             Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
 
+    void fc_winodw_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_winodw_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_winodw_grad_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_winodw_grad_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_winodw_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                            Py_ssize_t n)
+    void fc_winodw_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                            Py_ssize_t n)
+    void fc_winodw_gather_grad_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                                 const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
+                                 Py_ssize_t lo, Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_winodw_gather_grad_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                                 const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
+                                 Py_ssize_t lo, Py_ssize_t hi, double *D, Py_ssize_t ldd)
+
 
 # --- dispatch on the variant m (2 or 4) and the dtype --------------------------------------
 
@@ -157,6 +176,32 @@ cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floatin
             fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
         else:
             fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
+
+
+cdef inline void weight_grad_transforms(const floating *Dx, floating *Vx, Py_ssize_t ldx,
+                                        const floating *Dg, floating *Vg, Py_ssize_t ldg,
+                                        Py_ssize_t n, bint which) noexcept nogil:
+    """grad_weight's tile transforms: ``which`` 0 for input tiles (BT d B), 1 for dY tiles
+    (G dY G^T); n tiles each."""
+    if floating is float:
+        if which == 0:
+            fc_winodw_input_s(Dx, n, Vx, ldx, n)
+        else:
+            fc_winodw_grad_s(Dg, n, Vg, ldg, n)
+    else:
+        if which == 0:
+            fc_winodw_input_d(Dx, n, Vx, ldx, n)
+        else:
+            fc_winodw_grad_d(Dg, n, Vg, ldg, n)
+
+
+cdef inline void gather_grad_tiles(const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                                   const Py_ssize_t *cols, Py_ssize_t TW, Py_ssize_t hi,
+                                   floating *D, Py_ssize_t ldd) noexcept nogil:
+    if floating is float:
+        fc_winodw_gather_grad_s(plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+    else:
+        fc_winodw_gather_grad_d(plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -272,3 +317,87 @@ def same_bytes(const unsigned char[::1] a, const unsigned char[::1] b):
     with nogil:
         different = memcmp(&a[0], &b[0], a.shape[0])
     return different == 0
+
+
+def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
+                    floating[:, ::1] partial, floating[::1] workspace, Py_ssize_t groups,
+                    const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap, Py_ssize_t left,
+                    Py_ssize_t lo, Py_ssize_t hi, const Py_ssize_t[::1] grad_rows,
+                    const Py_ssize_t[::1] grad_cols, Py_ssize_t rows_per_block, int n_threads):
+    """Per-thread transform-domain sums of grad_weight by F(3x3, 2x2), for :func:`weight_grad_output`.
+
+    Each 2x2 tile of dY and its 4x4 input tile give the tile's 3x3 kernel
+    gradient as ``AT [(G dY G^T) * (BT d B)] A``; the output transform is linear,
+    so the products are summed over all tiles first: at each of the 16
+    positions s, ``partial[t, s, f, c] += W_s[f, tiles] @ V_s[c, tiles].T``, a
+    GEMM per block (per group) whose inner dimension is the block's tiles.
+
+    ``rowmap``/``colmap``/``left``/``lo``/``hi`` map the input tiles as in
+    :func:`forward` (m = 2); ``grad_rows``/``grad_cols`` map dY's tiles (-1 past
+    OH/OW), whose tiles ``[0, hi_grad)`` of a row lie inside dY.
+
+    # IN  x: (N, C, H, W); dy: (N, F, OH, OW)
+    # OUT partial: (n_threads, 16 * F * C/groups), zeroed here
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
+    cdef Py_ssize_t F = dy.shape[1], OH = dy.shape[2], OW = dy.shape[3]
+    cdef Py_ssize_t TH = ceil_div(OH, 2), TW = ceil_div(OW, 2)
+    cdef Py_ssize_t Cg = C // groups, Fg = F // groups
+    cdef Py_ssize_t total_rows = N * TH
+    cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
+    cdef Py_ssize_t tb_max = rows_per_block * TW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t grad_hi = OW // 2
+    cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, f, s, gi
+    cdef int tid
+    cdef floating *Dx
+    cdef floating *Vx
+    cdef floating *Dg
+    cdef floating *Vg
+    cdef floating *acc
+    partial[:, :] = 0
+    if N == 0:
+        return
+    for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        tid = openmp.omp_get_thread_num()
+        Dx = &workspace[tid * per_thread]
+        Vx = Dx + 16 * tb_max
+        Vg = Vx + 16 * C * tb_max
+        Dg = Vg + 16 * F * tb_max
+        acc = &partial[tid, 0]
+        r0 = block * rows_per_block
+        r1 = min(r0 + rows_per_block, total_rows)
+        tb = (r1 - r0) * TW
+        for c in range(C):
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                gather_tiles(2, &x[n, c, 0, 0], W, &rowmap[th * 2], &colmap[0], left, TW, lo,
+                             hi, Dx + (r - r0) * TW, tb)
+            weight_grad_transforms(Dx, Vx + c * tb, C * tb, Dg, Vg, F * tb, tb, 0)
+        for f in range(F):
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                gather_grad_tiles(&dy[n, f, 0, 0], OW, &grad_rows[th * 2], &grad_cols[0], TW,
+                                  grad_hi, Dg + (r - r0) * TW, tb)
+            weight_grad_transforms(Dx, Vx, C * tb, Dg, Vg + f * tb, F * tb, tb, 1)
+        for s in range(16):
+            for gi in range(groups):
+                gemm_rm(False, True, <int> Fg, <int> Cg, <int> tb,
+                        1, Vg + (s * F + gi * Fg) * tb, <int> tb,
+                        Vx + (s * C + gi * Cg) * tb, <int> tb,
+                        1, acc + (s * F + gi * Fg) * Cg, <int> Cg)
+
+
+def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight):
+    """grad_weight[f, c] = AT M[:, f, c] A from the reduced sums M (16, F*C/groups).
+
+    # IN  sums: (16 * F * C/groups,); OUT grad_weight: (F * C/groups * 9,)
+    """
+    cdef Py_ssize_t pairs = sums.shape[0] // 16
+    with nogil:
+        if floating is float:
+            fc_winodw_output_s(&sums[0], pairs, &grad_weight[0], 0, pairs)
+        else:
+            fc_winodw_output_d(&sums[0], pairs, &grad_weight[0], 0, pairs)

@@ -371,7 +371,8 @@ def conv2d_backward(
     split by (image, channel block) so that col2im never races. With
     ``algorithm='winograd'`` grad_x (a 3x3 stride-1 convolution of dY with the
     rotated kernel) runs by Winograd too when ``padding_mode='zeros'``, and by
-    im2col otherwise; grad_weight always runs by im2col + GEMM.
+    im2col otherwise; grad_weight runs by F(3x3, 2x2) (every padding mode).
+    ``'auto'`` decides grad_x and grad_weight separately.
 
     Examples
     --------
@@ -398,6 +399,7 @@ def conv2d_backward(
 def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, padding_mode,
                      layout, algorithm, bias, activation, output, n_threads, weight_cache=None):
     """:func:`conv2d_backward`, with a layer's cache of transformed filters (``weight_cache``)."""
+    requested = algorithm
     x, weight, geometry, layout, algorithm = _conv_inputs(
         x, weight, stride, padding, dilation, groups, padding_mode, layout, algorithm,
         backward=True)
@@ -452,16 +454,27 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)
         return grad_x, grad_weight, grad_bias
     winograd_input = algorithm == "winograd" and geometry.padding_mode == "zeros"
-    tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
-    partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
-    with single_threaded_blas:
-        _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
-                              tiles.images_per_tile, tiles.tile_p, n_threads)
+    # grad_weight pays off on its own shapes: "auto" asks separately
+    winograd_weight = (_winograd.pays_off_weight_grad(geometry) if requested == "auto"
+                       and layout == "NCHW" and _winograd.applies(geometry)
+                       else algorithm == "winograd")
+    if winograd_weight:
+        _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
+        if with_bias:
+            _conv.channel_sums(dy.reshape(N, F, -1), grad_bias, n_threads)
+    if not (winograd_weight and winograd_input):
+        tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
+    if not winograd_weight:
+        partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
+        with single_threaded_blas:
+            _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
+                                  tiles.images_per_tile, tiles.tile_p, n_threads)
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
-        if not winograd_input:
+    if not winograd_input:
+        with single_threaded_blas:
             _conv.backward_input(w2d, dy.reshape(N, F, -1), grad_x, scratch, geometry,
                                  tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads)
-    if winograd_input:
+    else:
         m = _winograd.choose_m_input_grad(geometry)
         U = None if weight_cache is None else weight_cache.get(
             weight, geometry.groups, m, dtype, n_threads, for_input_grad=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
-__all__ = ["WinogradMatrices", "winograd_matrices", "VARIANTS"]
+__all__ = ["WinogradMatrices", "winograd_matrices", "VARIANTS", "WEIGHT_GRAD"]
 
 
 class WinogradMatrices(NamedTuple):
@@ -92,3 +92,7 @@ VARIANTS = {
     2: winograd_matrices(2, 3, (0, 1, -1)),
     4: winograd_matrices(4, 3, (0, 1, -1, 2, Fraction(-1, 2))),
 }
+
+#: grad_weight of a 3x3 convolution: each 2x2 tile of dY correlates with its 4x4 input
+#: tile into the 3x3 kernel, F(3x3, 2x2) (alpha = 4; the sums over tiles are GEMMs).
+WEIGHT_GRAD = winograd_matrices(3, 2, (0, 1, -1))

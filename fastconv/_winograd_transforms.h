@@ -95,8 +95,8 @@ FC_TARGET static void fc_wino2_input_s(
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
             fc_apply_bt2_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
-        for (int xi = 0; xi < 4; xi++)
-            fc_apply_bt2_s(tmp + (xi * 4 + 0) * FC_CHUNK, tmp + (xi * 4 + 1) * FC_CHUNK, tmp + (xi * 4 + 2) * FC_CHUNK, tmp + (xi * 4 + 3) * FC_CHUNK, dst + (xi * 4 + 0) * ldd + t0, dst + (xi * 4 + 1) * ldd + t0, dst + (xi * 4 + 2) * ldd + t0, dst + (xi * 4 + 3) * ldd + t0, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_bt2_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -108,10 +108,10 @@ FC_TARGET static void fc_wino2_output_s(
     float tmp[8 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int nu = 0; nu < 4; nu++)
-            fc_apply_at2_s(src + (0 * 4 + nu) * lds + t0, src + (1 * 4 + nu) * lds + t0, src + (2 * 4 + nu) * lds + t0, src + (3 * 4 + nu) * lds + t0, tmp + (0 * 4 + nu) * FC_CHUNK, tmp + (1 * 4 + nu) * FC_CHUNK, len);
-        for (int i = 0; i < 2; i++)
-            fc_apply_at2_s(tmp + (i * 4 + 0) * FC_CHUNK, tmp + (i * 4 + 1) * FC_CHUNK, tmp + (i * 4 + 2) * FC_CHUNK, tmp + (i * 4 + 3) * FC_CHUNK, dst + (i * 2 + 0) * ldd + t0, dst + (i * 2 + 1) * ldd + t0, len);
+        for (int j = 0; j < 4; j++)
+            fc_apply_at2_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++)
+            fc_apply_at2_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 2 + 0) * ldd + t0, dst + (r * 2 + 1) * ldd + t0, len);
     }
 }
 
@@ -210,8 +210,8 @@ FC_TARGET static void fc_wino2_input_d(
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
             fc_apply_bt2_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
-        for (int xi = 0; xi < 4; xi++)
-            fc_apply_bt2_d(tmp + (xi * 4 + 0) * FC_CHUNK, tmp + (xi * 4 + 1) * FC_CHUNK, tmp + (xi * 4 + 2) * FC_CHUNK, tmp + (xi * 4 + 3) * FC_CHUNK, dst + (xi * 4 + 0) * ldd + t0, dst + (xi * 4 + 1) * ldd + t0, dst + (xi * 4 + 2) * ldd + t0, dst + (xi * 4 + 3) * ldd + t0, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_bt2_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -223,10 +223,10 @@ FC_TARGET static void fc_wino2_output_d(
     double tmp[8 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int nu = 0; nu < 4; nu++)
-            fc_apply_at2_d(src + (0 * 4 + nu) * lds + t0, src + (1 * 4 + nu) * lds + t0, src + (2 * 4 + nu) * lds + t0, src + (3 * 4 + nu) * lds + t0, tmp + (0 * 4 + nu) * FC_CHUNK, tmp + (1 * 4 + nu) * FC_CHUNK, len);
-        for (int i = 0; i < 2; i++)
-            fc_apply_at2_d(tmp + (i * 4 + 0) * FC_CHUNK, tmp + (i * 4 + 1) * FC_CHUNK, tmp + (i * 4 + 2) * FC_CHUNK, tmp + (i * 4 + 3) * FC_CHUNK, dst + (i * 2 + 0) * ldd + t0, dst + (i * 2 + 1) * ldd + t0, len);
+        for (int j = 0; j < 4; j++)
+            fc_apply_at2_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++)
+            fc_apply_at2_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 2 + 0) * ldd + t0, dst + (r * 2 + 1) * ldd + t0, len);
     }
 }
 
@@ -420,8 +420,8 @@ FC_TARGET static void fc_wino4_input_s(
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 6; j++)
             fc_apply_bt4_s(src + (0 * 6 + j) * lds + t0, src + (1 * 6 + j) * lds + t0, src + (2 * 6 + j) * lds + t0, src + (3 * 6 + j) * lds + t0, src + (4 * 6 + j) * lds + t0, src + (5 * 6 + j) * lds + t0, tmp + (0 * 6 + j) * FC_CHUNK, tmp + (1 * 6 + j) * FC_CHUNK, tmp + (2 * 6 + j) * FC_CHUNK, tmp + (3 * 6 + j) * FC_CHUNK, tmp + (4 * 6 + j) * FC_CHUNK, tmp + (5 * 6 + j) * FC_CHUNK, len);
-        for (int xi = 0; xi < 6; xi++)
-            fc_apply_bt4_s(tmp + (xi * 6 + 0) * FC_CHUNK, tmp + (xi * 6 + 1) * FC_CHUNK, tmp + (xi * 6 + 2) * FC_CHUNK, tmp + (xi * 6 + 3) * FC_CHUNK, tmp + (xi * 6 + 4) * FC_CHUNK, tmp + (xi * 6 + 5) * FC_CHUNK, dst + (xi * 6 + 0) * ldd + t0, dst + (xi * 6 + 1) * ldd + t0, dst + (xi * 6 + 2) * ldd + t0, dst + (xi * 6 + 3) * ldd + t0, dst + (xi * 6 + 4) * ldd + t0, dst + (xi * 6 + 5) * ldd + t0, len);
+        for (int r = 0; r < 6; r++)
+            fc_apply_bt4_s(tmp + (r * 6 + 0) * FC_CHUNK, tmp + (r * 6 + 1) * FC_CHUNK, tmp + (r * 6 + 2) * FC_CHUNK, tmp + (r * 6 + 3) * FC_CHUNK, tmp + (r * 6 + 4) * FC_CHUNK, tmp + (r * 6 + 5) * FC_CHUNK, dst + (r * 6 + 0) * ldd + t0, dst + (r * 6 + 1) * ldd + t0, dst + (r * 6 + 2) * ldd + t0, dst + (r * 6 + 3) * ldd + t0, dst + (r * 6 + 4) * ldd + t0, dst + (r * 6 + 5) * ldd + t0, len);
     }
 }
 
@@ -433,10 +433,10 @@ FC_TARGET static void fc_wino4_output_s(
     float tmp[24 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int nu = 0; nu < 6; nu++)
-            fc_apply_at4_s(src + (0 * 6 + nu) * lds + t0, src + (1 * 6 + nu) * lds + t0, src + (2 * 6 + nu) * lds + t0, src + (3 * 6 + nu) * lds + t0, src + (4 * 6 + nu) * lds + t0, src + (5 * 6 + nu) * lds + t0, tmp + (0 * 6 + nu) * FC_CHUNK, tmp + (1 * 6 + nu) * FC_CHUNK, tmp + (2 * 6 + nu) * FC_CHUNK, tmp + (3 * 6 + nu) * FC_CHUNK, len);
-        for (int i = 0; i < 4; i++)
-            fc_apply_at4_s(tmp + (i * 6 + 0) * FC_CHUNK, tmp + (i * 6 + 1) * FC_CHUNK, tmp + (i * 6 + 2) * FC_CHUNK, tmp + (i * 6 + 3) * FC_CHUNK, tmp + (i * 6 + 4) * FC_CHUNK, tmp + (i * 6 + 5) * FC_CHUNK, dst + (i * 4 + 0) * ldd + t0, dst + (i * 4 + 1) * ldd + t0, dst + (i * 4 + 2) * ldd + t0, dst + (i * 4 + 3) * ldd + t0, len);
+        for (int j = 0; j < 6; j++)
+            fc_apply_at4_s(src + (0 * 6 + j) * lds + t0, src + (1 * 6 + j) * lds + t0, src + (2 * 6 + j) * lds + t0, src + (3 * 6 + j) * lds + t0, src + (4 * 6 + j) * lds + t0, src + (5 * 6 + j) * lds + t0, tmp + (0 * 6 + j) * FC_CHUNK, tmp + (1 * 6 + j) * FC_CHUNK, tmp + (2 * 6 + j) * FC_CHUNK, tmp + (3 * 6 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_at4_s(tmp + (r * 6 + 0) * FC_CHUNK, tmp + (r * 6 + 1) * FC_CHUNK, tmp + (r * 6 + 2) * FC_CHUNK, tmp + (r * 6 + 3) * FC_CHUNK, tmp + (r * 6 + 4) * FC_CHUNK, tmp + (r * 6 + 5) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -535,8 +535,8 @@ FC_TARGET static void fc_wino4_input_d(
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 6; j++)
             fc_apply_bt4_d(src + (0 * 6 + j) * lds + t0, src + (1 * 6 + j) * lds + t0, src + (2 * 6 + j) * lds + t0, src + (3 * 6 + j) * lds + t0, src + (4 * 6 + j) * lds + t0, src + (5 * 6 + j) * lds + t0, tmp + (0 * 6 + j) * FC_CHUNK, tmp + (1 * 6 + j) * FC_CHUNK, tmp + (2 * 6 + j) * FC_CHUNK, tmp + (3 * 6 + j) * FC_CHUNK, tmp + (4 * 6 + j) * FC_CHUNK, tmp + (5 * 6 + j) * FC_CHUNK, len);
-        for (int xi = 0; xi < 6; xi++)
-            fc_apply_bt4_d(tmp + (xi * 6 + 0) * FC_CHUNK, tmp + (xi * 6 + 1) * FC_CHUNK, tmp + (xi * 6 + 2) * FC_CHUNK, tmp + (xi * 6 + 3) * FC_CHUNK, tmp + (xi * 6 + 4) * FC_CHUNK, tmp + (xi * 6 + 5) * FC_CHUNK, dst + (xi * 6 + 0) * ldd + t0, dst + (xi * 6 + 1) * ldd + t0, dst + (xi * 6 + 2) * ldd + t0, dst + (xi * 6 + 3) * ldd + t0, dst + (xi * 6 + 4) * ldd + t0, dst + (xi * 6 + 5) * ldd + t0, len);
+        for (int r = 0; r < 6; r++)
+            fc_apply_bt4_d(tmp + (r * 6 + 0) * FC_CHUNK, tmp + (r * 6 + 1) * FC_CHUNK, tmp + (r * 6 + 2) * FC_CHUNK, tmp + (r * 6 + 3) * FC_CHUNK, tmp + (r * 6 + 4) * FC_CHUNK, tmp + (r * 6 + 5) * FC_CHUNK, dst + (r * 6 + 0) * ldd + t0, dst + (r * 6 + 1) * ldd + t0, dst + (r * 6 + 2) * ldd + t0, dst + (r * 6 + 3) * ldd + t0, dst + (r * 6 + 4) * ldd + t0, dst + (r * 6 + 5) * ldd + t0, len);
     }
 }
 
@@ -548,10 +548,10 @@ FC_TARGET static void fc_wino4_output_d(
     double tmp[24 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int nu = 0; nu < 6; nu++)
-            fc_apply_at4_d(src + (0 * 6 + nu) * lds + t0, src + (1 * 6 + nu) * lds + t0, src + (2 * 6 + nu) * lds + t0, src + (3 * 6 + nu) * lds + t0, src + (4 * 6 + nu) * lds + t0, src + (5 * 6 + nu) * lds + t0, tmp + (0 * 6 + nu) * FC_CHUNK, tmp + (1 * 6 + nu) * FC_CHUNK, tmp + (2 * 6 + nu) * FC_CHUNK, tmp + (3 * 6 + nu) * FC_CHUNK, len);
-        for (int i = 0; i < 4; i++)
-            fc_apply_at4_d(tmp + (i * 6 + 0) * FC_CHUNK, tmp + (i * 6 + 1) * FC_CHUNK, tmp + (i * 6 + 2) * FC_CHUNK, tmp + (i * 6 + 3) * FC_CHUNK, tmp + (i * 6 + 4) * FC_CHUNK, tmp + (i * 6 + 5) * FC_CHUNK, dst + (i * 4 + 0) * ldd + t0, dst + (i * 4 + 1) * ldd + t0, dst + (i * 4 + 2) * ldd + t0, dst + (i * 4 + 3) * ldd + t0, len);
+        for (int j = 0; j < 6; j++)
+            fc_apply_at4_d(src + (0 * 6 + j) * lds + t0, src + (1 * 6 + j) * lds + t0, src + (2 * 6 + j) * lds + t0, src + (3 * 6 + j) * lds + t0, src + (4 * 6 + j) * lds + t0, src + (5 * 6 + j) * lds + t0, tmp + (0 * 6 + j) * FC_CHUNK, tmp + (1 * 6 + j) * FC_CHUNK, tmp + (2 * 6 + j) * FC_CHUNK, tmp + (3 * 6 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_at4_d(tmp + (r * 6 + 0) * FC_CHUNK, tmp + (r * 6 + 1) * FC_CHUNK, tmp + (r * 6 + 2) * FC_CHUNK, tmp + (r * 6 + 3) * FC_CHUNK, tmp + (r * 6 + 4) * FC_CHUNK, tmp + (r * 6 + 5) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -636,6 +636,261 @@ FC_TARGET static void fc_wino4_scatter_d(
                 const double v = Y[(i * 4 + j) * ldy + tw] + bias;
                 o[4 * tw + j] = (relu && v <= 0) ? 0 : v;
             }
+        }
+    }
+}
+
+/* ---- grad_weight by F(3x3, 2x2): alpha = 4, points 0, 1, -1, infinity: the
+   3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwbt_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = - x0 + x2;
+        o1[t] = x1 + x2;
+        o2[t] = - x1 + x2;
+        o3[t] = - x1 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwg_s(
+    const float *restrict i0, const float *restrict i1,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = (float)(1.0 / 2.0) * x0 + (float)(1.0 / 2.0) * x1;
+        o2[t] = (float)(1.0 / 2.0) * x0 - (float)(1.0 / 2.0) * x1;
+        o3[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwat_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2;
+        o2[t] = x1 + x2 + x3;
+    }
+}
+
+/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
+FC_TARGET static void fc_winodw_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_dwbt_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_dwbt_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out. */
+FC_TARGET static void fc_winodw_grad_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[8 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 2; j++)
+            fc_apply_dwg_s(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_dwg_s(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
+   each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
+FC_TARGET static void fc_winodw_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[12 * FC_CHUNK];
+    float row[3 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_dwat_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++) {
+            fc_apply_dwat_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 3; c++)
+                    dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_winodw_gather_grad_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 2; i++) {
+        float *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwbt_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = - x0 + x2;
+        o1[t] = x1 + x2;
+        o2[t] = - x1 + x2;
+        o3[t] = - x1 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwg_d(
+    const double *restrict i0, const double *restrict i1,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = (1.0 / 2.0) * x0 + (1.0 / 2.0) * x1;
+        o2[t] = (1.0 / 2.0) * x0 - (1.0 / 2.0) * x1;
+        o3[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dwat_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2;
+        o2[t] = x1 + x2 + x3;
+    }
+}
+
+/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
+FC_TARGET static void fc_winodw_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_dwbt_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_dwbt_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out. */
+FC_TARGET static void fc_winodw_grad_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[8 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 2; j++)
+            fc_apply_dwg_d(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_dwg_d(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
+   each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
+FC_TARGET static void fc_winodw_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[12 * FC_CHUNK];
+    double row[3 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_dwat_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++) {
+            fc_apply_dwat_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 3; c++)
+                    dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_winodw_gather_grad_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 2; i++) {
+        double *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
         }
     }
 }

@@ -296,8 +296,10 @@ def test_accuracy_rows_compare_every_applicable_algorithm():
     strided = Shape("tiny-s2", N=2, C=3, H=9, W=9, F=4, KH=3, KW=3, stride=2, pad=1)
     rows = measure_accuracy([TINY, strided, TINY_DEPTHWISE], threads=2)
     assert [(r["shape"], r["pass"]) for r in rows] == [
-        ("tiny", "forward"), ("tiny", "grad_x"), ("tiny-s2", "forward"), ("tiny-s2", "grad_x")]
-    tiny_forward, tiny_grad, strided_forward, _ = rows
+        (name, pass_) for name in ("tiny", "tiny-s2") for pass_ in ("forward", "grad_x",
+                                                                    "grad_weight")]
+    tiny_forward, tiny_grad, tiny_weight, strided_forward = rows[:4]
+    assert tiny_weight["auto"] == "im2col" and tiny_weight["winograd_err"] < 1e-5
     assert tiny_forward["auto"] == "direct" and tiny_grad["auto"] == "im2col"
     for row in (tiny_forward, tiny_grad):
         assert 0 < row["im2col_err"] < 1e-5 and 0 < row["winograd_err"] < 1e-5

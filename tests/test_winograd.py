@@ -134,6 +134,45 @@ def test_padding_modes_and_groups(m, mode, C, F, groups, padding, dtype):
                        dtype, 9 * F // groups, "grad_x")
 
 
+@pytest.mark.parametrize("H,W,padding", SIZE_PADDING_GRID)
+def test_weight_grad_every_padding_and_size(H, W, padding, dtype):
+    """F(3x3, 2x2) grad_weight: odd outputs (a partial last dY tile), tiles in the padding."""
+    rng = np.random.default_rng(12)
+    x, w, _ = _problem(rng, 2, 3, H, W, 5, 1, dtype)
+    g = conv_geometry(x.shape, w.shape, 1, padding, 1, string_padding=True)
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    got = _winograd.backward_weight(x, dy, g, 2, np.empty(w.shape, dtype))
+    want = reference.conv2d_backward(dy, x, w, 1, padding)[1]
+    assert_matches(got, want, dtype, 2 * g.OH * g.OW, "grad_weight")
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("C,F,groups", [(4, 6, 1), (4, 6, 2), (6, 6, 6), (4, 8, 4)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_weight_grad_padding_modes_groups_and_threads(monkeypatch, mode, C, F, groups,
+                                                       n_threads, dtype):
+    monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)     # one tile row per block
+    monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
+    rng = np.random.default_rng(13)
+    x, w, b = _problem(rng, 3, C, 7, 9, F, groups, dtype)
+    args = dict(padding=(2, 1, 0, 2), groups=groups, padding_mode=mode)
+    dy = rng.standard_normal(reference.conv2d(x, w, b, **args).shape).astype(dtype)
+    got = fastconv.conv2d_backward(dy, x, w, algorithm="winograd", n_threads=n_threads, **args)
+    want = reference.conv2d_backward(dy, x, w, **args)
+    for a, e, what in zip(got, want, ["grad_x", "grad_weight", "grad_bias"]):
+        assert_matches(a, e, dtype, 3 * 7 * 9, what)
+
+
+def test_auto_weight_grad_rule():
+    def geometry(C, F):
+        return conv_geometry((1, C, 16, 16), (F, C, 3, 3), 1, 1, 1)
+
+    assert _winograd.pays_off_weight_grad(geometry(16, 16))
+    assert _winograd.pays_off_weight_grad(geometry(64, 512))
+    assert not _winograd.pays_off_weight_grad(geometry(3, 32))
+    assert not _winograd.pays_off_weight_grad(geometry(32, 4))
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5])
 @pytest.mark.parametrize("m", [2, 4])

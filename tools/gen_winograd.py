@@ -29,13 +29,18 @@ CHUNK = 64
 TYPES = (("s", "float"), ("d", "double"))
 
 
+def _load_matrices_module():
+    if "_winograd_matrices" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "_winograd_matrices", ROOT / "fastconv" / "_winograd_matrices.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_winograd_matrices"]
+
+
 def _load_variants():
-    spec = importlib.util.spec_from_file_location(
-        "_winograd_matrices", ROOT / "fastconv" / "_winograd_matrices.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.VARIANTS
+    return _load_matrices_module().VARIANTS
 
 
 def _literal(value: Fraction, ctype: str) -> str:
@@ -83,48 +88,64 @@ def _call(name, suffix, ins, outs, n="len"):
     return f"fc_apply_{name}_{suffix}({', '.join(ins)}, {', '.join(outs)}, {n});"
 
 
-def input_transform(m: int, a: int, ctype: str, suffix: str) -> str:
-    """dst[(xi, nu)] = (BT D B)[xi, nu] for every tile: alpha**2 streams in and out."""
-    name = f"bt{m}"
-    lines = [f"/* V = BT D B for n tiles: src stream i*{a}+j holds D[i][j] (row stride lds),",
-             f"   dst stream xi*{a}+nu gets V[xi][nu] (row stride ldd). */",
-             f"FC_TARGET static void fc_wino{m}_input_{suffix}(",
+def separable(function: str, apply: str, rows_in: int, cols_in: int, rows_out: int,
+              cols_out: int, ctype: str, suffix: str, comment: str,
+              interleaved: bool = False) -> str:
+    """``Y = P X Q^T`` for n tiles, as two passes of the matrix function ``apply``
+    (P and Q are the same matrix in every transform here).
+
+    src stream ``i*cols_in + j`` holds ``X[i][j]`` (row stride lds); dst stream
+    ``r*cols_out + c`` gets ``Y[r][c]`` (row stride ldd), or with ``interleaved``
+    each tile's outputs lie together: ``dst[t*rows_out*cols_out + r*cols_out + c]``.
+    """
+    outs = rows_out * cols_out
+    if interleaved:
+        final = (f"        for (int r = 0; r < {rows_out}; r++) {{\n"
+                 f"            {_call(apply, suffix, [f'tmp + (r * {cols_in} + {j}) * FC_CHUNK' for j in range(cols_in)], [f'row + {c} * FC_CHUNK' for c in range(cols_out)])}\n"
+                 f"            for (ptrdiff_t t = 0; t < len; t++)\n"
+                 f"                for (int c = 0; c < {cols_out}; c++)\n"
+                 f"                    dst[(t0 + t) * {outs} + r * {cols_out} + c] = row[c * FC_CHUNK + t];\n"
+                 "        }")
+        extra = [f"    {ctype} row[{cols_out} * FC_CHUNK];"]
+    else:
+        final = (f"        for (int r = 0; r < {rows_out}; r++)\n"
+                 "            " + _call(apply, suffix,
+                                        [f"tmp + (r * {cols_in} + {j}) * FC_CHUNK"
+                                         for j in range(cols_in)],
+                                        [f"dst + (r * {cols_out} + {c}) * ldd + t0"
+                                         for c in range(cols_out)]))
+        extra = []
+    lines = [f"/* {comment} */",
+             f"FC_TARGET static void fc_{function}_{suffix}(",
              f"    const {ctype} *src, ptrdiff_t lds, {ctype} *dst, ptrdiff_t ldd, ptrdiff_t n)",
-             "{", f"    {ctype} tmp[{a * a} * FC_CHUNK];",
+             "{", f"    {ctype} tmp[{rows_out * cols_in} * FC_CHUNK];",
+             *extra,
+             "    (void)ldd;" if interleaved else "",
              "    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {",
              "        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;",
-             f"        for (int j = 0; j < {a}; j++)",
-             "            " + _call(name, suffix,
-                                    [f"src + ({i} * {a} + j) * lds + t0" for i in range(a)],
-                                    [f"tmp + ({x} * {a} + j) * FC_CHUNK" for x in range(a)]),
-             f"        for (int xi = 0; xi < {a}; xi++)",
-             "            " + _call(name, suffix,
-                                    [f"tmp + (xi * {a} + {j}) * FC_CHUNK" for j in range(a)],
-                                    [f"dst + (xi * {a} + {v}) * ldd + t0" for v in range(a)]),
+             f"        for (int j = 0; j < {cols_in}; j++)",
+             "            " + _call(apply, suffix,
+                                    [f"src + ({i} * {cols_in} + j) * lds + t0"
+                                     for i in range(rows_in)],
+                                    [f"tmp + ({r} * {cols_in} + j) * FC_CHUNK"
+                                     for r in range(rows_out)]),
+             final,
              "    }", "}", ""]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line != "") + "\n"
+
+
+def input_transform(m: int, a: int, ctype: str, suffix: str) -> str:
+    """dst[(xi, nu)] = (BT D B)[xi, nu] for every tile: alpha**2 streams in and out."""
+    return separable(f"wino{m}_input", f"bt{m}", a, a, a, a, ctype, suffix,
+                     f"V = BT D B for n tiles: src stream i*{a}+j holds D[i][j] (row stride "
+                     f"lds),\n   dst stream xi*{a}+nu gets V[xi][nu] (row stride ldd).")
 
 
 def output_transform(m: int, a: int, ctype: str, suffix: str) -> str:
     """dst[(i, j)] = (AT M A)[i, j]: alpha**2 streams in, m**2 out."""
-    name = f"at{m}"
-    lines = [f"/* Y = AT M A for n tiles: src stream xi*{a}+nu holds M[xi][nu] (row stride lds),",
-             f"   dst stream i*{m}+j gets Y[i][j] (row stride ldd). */",
-             f"FC_TARGET static void fc_wino{m}_output_{suffix}(",
-             f"    const {ctype} *src, ptrdiff_t lds, {ctype} *dst, ptrdiff_t ldd, ptrdiff_t n)",
-             "{", f"    {ctype} tmp[{m * a} * FC_CHUNK];",
-             "    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {",
-             "        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;",
-             f"        for (int nu = 0; nu < {a}; nu++)",
-             "            " + _call(name, suffix,
-                                    [f"src + ({x} * {a} + nu) * lds + t0" for x in range(a)],
-                                    [f"tmp + ({i} * {a} + nu) * FC_CHUNK" for i in range(m)]),
-             f"        for (int i = 0; i < {m}; i++)",
-             "            " + _call(name, suffix,
-                                    [f"tmp + (i * {a} + {v}) * FC_CHUNK" for v in range(a)],
-                                    [f"dst + (i * {m} + {j}) * ldd + t0" for j in range(m)]),
-             "    }", "}", ""]
-    return "\n".join(lines)
+    return separable(f"wino{m}_output", f"at{m}", a, a, m, m, ctype, suffix,
+                     f"Y = AT M A for n tiles: src stream xi*{a}+nu holds M[xi][nu] (row "
+                     f"stride lds),\n   dst stream i*{m}+j gets Y[i][j] (row stride ldd).")
 
 
 def weight_transform(m: int, a: int, ctype: str, suffix: str) -> str:
@@ -159,14 +180,15 @@ def weight_transform(m: int, a: int, ctype: str, suffix: str) -> str:
     return "\n".join(lines)
 
 
-def gather(m: int, a: int, ctype: str, suffix: str) -> str:
-    """D[(i, j)][tw] = the input value under tap (i, j) of tile tw of one tile row."""
+def gather(m: int, a: int, ctype: str, suffix: str, function: str | None = None) -> str:
+    """D[(i, j)][tw] = the input value under tap (i, j) of tile tw of one tile row
+    (tiles m apart, a x a values each)."""
     dj = ", ".join(f"*restrict d{j} = D + (i * {a} + {j}) * ldd" for j in range(a))
     lines = [f"/* The {a}x{a} input tile of every tile tw < TW of one tile row of one plane, as",
              f"   streams: D[(i*{a} + j)*ldd + tw] = plane[rows[i]*W + cols[tw*{m} + j]], 0 where the",
              "   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:",
              f"   cols[tw*{m} + j] = tw*{m} + j - left there, a strided copy. */",
-             f"FC_TARGET static void fc_wino{m}_gather_{suffix}(",
+             f"FC_TARGET static void fc_{function or f'wino{m}_gather'}_{suffix}(",
              f"    const {ctype} *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,",
              f"    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, {ctype} *D, ptrdiff_t ldd)",
              "{",
@@ -262,6 +284,23 @@ def render() -> str:
             parts.append(weight_transform(m, a, ctype, suffix))
             parts.append(gather(m, a, ctype, suffix))
             parts.append(scatter(m, ctype, suffix))
+    dw = _load_matrices_module().WEIGHT_GRAD
+    points = ", ".join(str(p) for p in dw.points)
+    parts.append(f"/* ---- grad_weight by F(3x3, 2x2): alpha = 4, points {points}, infinity: the"
+                 "\n   3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */\n")
+    for suffix, ctype in TYPES:
+        parts.append(apply_function("dwbt", dw.BT, ctype, suffix))
+        parts.append(apply_function("dwg", dw.G, ctype, suffix))
+        parts.append(apply_function("dwat", dw.AT, ctype, suffix))
+        parts.append(separable("winodw_input", "dwbt", 4, 4, 4, 4, ctype, suffix,
+                               "V = BT D B of the 4x4 input tiles (streams as the forward's)."))
+        parts.append(separable("winodw_grad", "dwg", 2, 2, 4, 4, ctype, suffix,
+                               "W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out."))
+        parts.append(separable("winodw_output", "dwat", 4, 4, 3, 3, ctype, suffix,
+                               "dK = AT M A for n (filter, channel) pairs: 16 streams in (row "
+                               "stride lds),\n   each pair's 3x3 kernel gradient at "
+                               "dst[t*9 .. t*9 + 8].", interleaved=True))
+        parts.append(gather(2, 2, ctype, suffix, function="winodw_gather_grad"))
     parts += ["#endif", ""]
     return "\n".join(parts)
 
