@@ -1,10 +1,11 @@
-"""Features added after the core engine: pooling, depthwise, transposed convolution, NHWC.
+"""Features added after the core engine: pooling, depthwise, transposed convolution, NHWC,
+algorithms and the fused ReLU.
 
 Each benchmark's ``setup`` looks the feature up on the commit under test
 (a function with ``hasattr``, a keyword argument with ``inspect.signature``)
 and raises ``NotImplementedError`` when it is missing, so these rows read
 "n/a" on older commits and start their graphs on the commit that adds them.
-Shapes are the bench rows the feature issues name (#3, #4); float32 only.
+Shapes are the bench rows the feature issues name (#3, #4, #6); float32 only.
 """
 
 import numpy as np
@@ -127,4 +128,60 @@ class ChannelsLast(Benchmark):
         self.call()
 
     def time_nhwc(self, name, pass_):
+        self.call()
+
+
+class Algorithms(Benchmark):
+    """Each explicit ``algorithm`` on the suite shapes it applies to (issue #6), all cores.
+
+    A commit without an algorithm, or a shape an algorithm rejects, reads "n/a".
+    """
+
+    ALGORITHMS = ("im2col", "winograd", "direct")
+    #: the shapes where more than one algorithm applies
+    SHAPES = ("lenet-mnist", "cifar-3x3", "resnet-stem", "resnet-3x3", "vgg-mid", "deep-7x7")
+    params = [SHAPES, ALGORITHMS, PASSES]
+    param_names = ["shape", "algorithm", "pass"]
+
+    def setup(self, name, algorithm, pass_):
+        conv2d, conv2d_backward = require_functions("conv2d", "conv2d_backward")
+        require_params(conv2d, "algorithm")
+        shape = get_shape(name)
+        arrays = shape.make_inputs("float32")
+        x, w, b, g = (arrays[k] for k in ("x", "weight", "bias", "grad_output"))
+        kwargs = dict(stride=shape.stride, padding=shape.pad, algorithm=algorithm,
+                      n_threads=usable_cpus())
+        try:
+            conv2d(x[:1], w, b, **kwargs)
+        except ValueError:        # an unknown algorithm on this commit, or not for this shape
+            raise NotImplementedError(f"algorithm={algorithm!r} does not apply") from None
+        if pass_ == "forward":
+            self.call = lambda: conv2d(x, w, b, **kwargs)
+        else:
+            self.call = lambda: conv2d_backward(g, x, w, **kwargs)
+        self.call()
+
+    def time_algorithm(self, name, algorithm, pass_):
+        self.call()
+
+
+class FusedRelu(Benchmark):
+    """``activation="relu"`` against a separate ``relu`` pass on vgg-mid's forward (issue #6)."""
+
+    params = [("fused", "separate")]
+    param_names = ["epilogue"]
+
+    def setup(self, epilogue):
+        conv2d, relu = require_functions("conv2d", "relu")
+        require_params(conv2d, "activation")
+        arrays = get_shape("vgg-mid").make_inputs("float32")
+        x, w, b = arrays["x"], arrays["weight"], arrays["bias"]
+        n = usable_cpus()
+        if epilogue == "fused":
+            self.call = lambda: conv2d(x, w, b, padding=1, activation="relu", n_threads=n)
+        else:
+            self.call = lambda: relu(conv2d(x, w, b, padding=1, n_threads=n), n_threads=n)
+        self.call()
+
+    def time_conv_relu(self, epilogue):
         self.call()
