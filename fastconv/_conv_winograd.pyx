@@ -34,6 +34,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcmp
 
+from fastconv import _tiling
 from fastconv._blas cimport gemm_rm
 
 
@@ -220,6 +221,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
     cdef Py_ssize_t tb_max = rows_per_block * TW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    # gemm_rm cuts Fg into pieces within the BLAS limit; Cg (U's rows) and the
+    # block's tiles (V's and M's) are its leading dimensions: fastconv._winograd.fits
+    # and plan_winograd keep them within it
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint has_bias = bias is not None
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
     cdef floating *D
@@ -248,9 +253,9 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
         # 2. M[s] = U[s] @ V[s], group by group
         for s in range(AA):
             for gi in range(groups):
-                gemm_rm(False, False, <int> Fg, <int> tb, <int> Cg,
-                        1, &U[s, gi * Fg, 0], <int> Cg, V + (s * C + gi * Cg) * tb, <int> tb,
-                        0, M + (s * F + gi * Fg) * tb, <int> tb)
+                gemm_rm(False, False, Fg, tb, Cg,
+                        1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
+                        0, M + (s * F + gi * Fg) * tb, tb, limit)
         # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
         for f in range(F):
             output_transform(m, M + f * tb, F * tb, tiles, tb, tb)
