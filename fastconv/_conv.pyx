@@ -478,11 +478,16 @@ def channel_sums(const floating[:, :, ::1] y, floating[::1] out, int n_threads):
     # OUT out: (C,)
     """
     cdef Py_ssize_t N = y.shape[0], C = y.shape[1], P = y.shape[2]
-    cdef Py_ssize_t c, n, q
-    cdef floating total
+    cdef Py_ssize_t c, n, q, q0
+    cdef floating total, block
     for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
         total = 0
         for n in range(N):
-            for q in range(P):
-                total = total + y[n, c, q]
+            # in blocks: one float32 accumulator over N*P values stalls once it is
+            # 2**24 times the values it adds (huge planes and batches)
+            for q0 in range(0, P, 4096):
+                block = 0
+                for q in range(q0, min(q0 + 4096, P)):
+                    block = block + y[n, c, q]
+                total = total + block
         out[c] = total

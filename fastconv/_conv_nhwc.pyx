@@ -473,7 +473,7 @@ def reduce_weight_grad(const floating[:, ::1] partial, floating[:, ::1] grad_w,
     The reduction of :func:`backward_weight`'s partial sums and the inverse of
     :func:`weight_columns`'s reordering in one pass.
 
-    # IN  partial: (T, F*Kg + F)
+    # IN  partial: (T, F*Kg + F + anything): the bias sums at F*Kg
     # OUT grad_w: (F, Cg*KK); grad_b: (F,) or None
     """
     cdef Py_ssize_t T = partial.shape[0], M = partial.shape[1]
@@ -580,8 +580,9 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
     is to be reduced: no per-thread copies of a large weight to zero and add.
 
     # IN  x: (N, H, W, C); dy: (N*OH*OW, F)
-    # OUT partial: (n_threads, F*Kg + F), zeroed here (the bias part stays 0
-    #     without with_bias); with f_blocks > 1 only partial[0] is written
+    # OUT partial: (n_threads, F*Kg + 2*F), zeroed here (the bias part stays 0
+    #     without with_bias; the last F are scratch for a tile's bias sums);
+    #     with f_blocks > 1 only partial[0] is written
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef Chunks ch = full_chunks(&g)
@@ -597,6 +598,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
     cdef const floating *grad
     cdef floating *ws
     cdef floating *acc
+    cdef floating *tile_sums
     if f_blocks > 1:
         for item in prange(f_blocks, nogil=True, num_threads=n_threads, schedule="static"):
             f0 = split_point(F, f_blocks, item)
@@ -640,11 +642,18 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
                     1, grad + gi * Fg, F, cols + gi * Kg, K,
                     1, acc + gi * Fg * Kg, Kg, limit)
         if with_bias:
-            # row by row: the inner loop runs along contiguous filters
+            # row by row: the inner loop runs along contiguous filters. The tile's
+            # sums go to the scratch row after the bias sums first: one float32
+            # accumulator over all of a thread's rows stalls once it is 2**24
+            # times the values it adds (a 46343**2 batch of U(0, 1) summed to 3%)
             acc = acc + F * Kg
+            tile_sums = acc + F
+            memset(tile_sums, 0, F * sizeof(floating))
             for r in range(r1 - r0):
                 for f in range(F):
-                    acc[f] = acc[f] + grad[r * F + f]
+                    tile_sums[f] = tile_sums[f] + grad[r * F + f]
+            for f in range(F):
+                acc[f] = acc[f] + tile_sums[f]
 
 
 cdef void input_rows(const floating *wt, const floating *dy, const ConvGeom *g,
