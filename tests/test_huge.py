@@ -344,7 +344,21 @@ def test_real_limit_refuses_a_filter_row_over_2_31():
         fastconv.conv2d(x, weight)
 
 
-# --- one real case ----------------------------------------------------------------------
+def test_float32_bias_sums_of_a_large_batch():
+    """2**25 ones sum to 2**25: a single float32 accumulator would stop at 2**24. NHWC's
+    grad_bias and conv_transpose2d's sum blocks first (256 MiB of arrays)."""
+    x = np.zeros((1, 4096, 8192, 1), np.float32)
+    dy = np.ones_like(x)
+    weight = np.ones((1, 1, 1, 1), np.float32)
+    _, _, db = fastconv.conv2d_backward(dy, x, weight, layout="NHWC", n_threads=1)
+    assert db[0] == 2**25
+    nchw = x.reshape(1, 1, 4096, 8192)
+    _, _, db = fastconv.conv_transpose2d_backward(dy.reshape(nchw.shape), nchw, weight,
+                                                  n_threads=1)
+    assert db[0] == 2**25
+
+
+# --- real cases ---------------------------------------------------------------------------
 
 def _available_bytes() -> int:
     try:
