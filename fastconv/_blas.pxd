@@ -1,7 +1,7 @@
 # Row-major GEMM over scipy's BLAS, for float32 (sgemm) and float64 (dgemm).
 from cython cimport floating
 
-cdef void gemm_rm(bint trans_a, bint trans_b, int m, int n, int k,
-                  floating alpha, const floating *a, int lda,
-                  const floating *b, int ldb,
-                  floating beta, floating *c, int ldc) noexcept nogil
+cdef void gemm_rm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                  floating alpha, const floating *a, Py_ssize_t lda,
+                  const floating *b, Py_ssize_t ldb,
+                  floating beta, floating *c, Py_ssize_t ldc, Py_ssize_t limit) noexcept nogil

@@ -14,6 +14,15 @@ The tile plan comes from ``fastconv._tiling``, the workspaces from
 ``fastconv._workspace``; neither depends on the batch size. BLAS must be
 single-threaded while these run (``fastconv._threads``). Every array argument
 has been validated, cast and made contiguous by ``fastconv._functional``.
+
+BLAS takes 32-bit dimensions (the limit is ``fastconv._tiling.BLAS_INT_MAX``,
+read at every call so tests can lower it). ``gemm_rm`` cuts F, the tile's
+columns and the reductions into pieces within it; what it cannot cut is a
+leading dimension. The weight's rows (C/groups*KH*KW, checked in
+``fastconv._functional``) and a tile's columns (the plan keeps them within
+the limit) always fit; an output plane's P = OH*OW may not, and then its
+tiles are staged through the workspace like image groups (``staged``), and
+the pointwise shortcuts (x, dy or dx planes handed to BLAS in place) are off.
 """
 
 cimport openmp
@@ -21,6 +30,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 
+from fastconv import _tiling
 from fastconv._blas cimport gemm_rm
 from fastconv._im2col cimport ConvGeom, col2im_tile_add, im2col_tile, make_geom
 
@@ -74,6 +84,14 @@ cdef void gather_planes(const floating *src, Py_ssize_t F, Py_ssize_t P, const T
                    t.width * sizeof(floating))
 
 
+cdef inline void copy_rows(const floating *src, Py_ssize_t ld, Py_ssize_t rows,
+                           Py_ssize_t width, floating *dst) noexcept nogil:
+    """dst (rows x width, contiguous) = the rows x width block of src with row stride ld."""
+    cdef Py_ssize_t r
+    for r in range(rows):
+        memcpy(dst + r * width, src + r * ld, width * sizeof(floating))
+
+
 cdef inline void epilogue_row(const floating *src, floating *dst, Py_ssize_t n,
                               const floating *bias, bint relu) noexcept nogil:
     """dst[q] = act(src[q] + bias[0]) for q < n: no bias when ``bias`` is NULL, act the
@@ -122,20 +140,23 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
     # workspace: n_threads * workspace_per_thread(...) elements
     """
     cdef ConvGeom g = make_geom(geometry)
-    cdef bint pointwise = geometry.is_pointwise
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef const floating *bias_ptr = NULL
     cdef Py_ssize_t N = x.shape[0], F = w2d.shape[0], Kg = w2d.shape[1]
     cdef Py_ssize_t Fg = F // g.groups, K = Kg * g.groups
     cdef Py_ssize_t P = g.OH * g.OW
+    # planes wider than BLAS's leading dimensions go through the staging area
+    cdef bint wide = P > limit
+    cdef bint pointwise = geometry.is_pointwise and not wide
     cdef Py_ssize_t col_size = K * images_per_tile * tile_p
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, f, q, gi
+    cdef Py_ssize_t item, f, q, gi, ldcol, ldout
+    cdef bint staged
     cdef Tile t
     cdef const floating *cols
     cdef floating *ws
     cdef floating *out
     cdef floating beta
-    cdef int ldcol, ldout
     if N == 0:
         return
     if bias is not None:
@@ -144,18 +165,19 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
                        num_threads=n_threads, schedule="static"):
         t = tile_of(item, N, P, images_per_tile, tile_p)
         ws = &workspace[openmp.omp_get_thread_num() * per_thread]
+        staged = wide or t.n1 - t.n0 > 1
         if pointwise and t.n1 - t.n0 == 1:
             # the input plane (C x P) already is the column matrix
             cols = &x[t.n0, 0, 0, 0] + t.p0
-            ldcol = <int> P
+            ldcol = P
         else:
             tile_columns(&x[0, 0, 0, 0], &g, &t, ws)
             cols = ws
-            ldcol = <int> t.total
+            ldcol = t.total
         beta = 0
-        if t.n1 - t.n0 == 1:
+        if not staged:
             out = &y[t.n0, 0, t.p0]
-            ldout = <int> P
+            ldout = P
             if bias_ptr != NULL:
                 beta = 1
                 for f in range(F):
@@ -163,12 +185,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w2d,
                         out[f * P + q] = bias_ptr[f]
         else:
             out = ws + col_size
-            ldout = <int> t.total
+            ldout = t.total
         for gi in range(g.groups):
-            gemm_rm(False, False, <int> Fg, <int> t.total, <int> Kg,
-                    1, &w2d[gi * Fg, 0], <int> Kg, cols + gi * Kg * ldcol, ldcol,
-                    beta, out + gi * Fg * ldout, ldout)
-        if t.n1 - t.n0 > 1:
+            gemm_rm(False, False, Fg, t.total, Kg,
+                    1, &w2d[gi * Fg, 0], Kg, cols + gi * Kg * ldcol, ldcol,
+                    beta, out + gi * Fg * ldout, ldout, limit)
+        if staged:
             scatter_planes(out, F, P, &t, bias_ptr, relu, &y[0, 0, 0])
         elif relu:
             for f in range(F):
@@ -196,15 +218,19 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
     #     every element written
     """
     cdef ConvGeom g = make_geom(geometry)
-    cdef bint pointwise = geometry.is_pointwise
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint fused = w2d is not None
     cdef Py_ssize_t N = x.shape[0], F = dy.shape[1]
     cdef Py_ssize_t K = g.C * g.KH * g.KW
     cdef Py_ssize_t Kg = K // g.groups, Fg = F // g.groups
     cdef Py_ssize_t P = g.OH * g.OW
+    # planes wider than BLAS's leading dimensions go through the staging area
+    cdef bint wide = P > limit
+    cdef bint pointwise = geometry.is_pointwise and not wide
     cdef Py_ssize_t col_size = K * images_per_tile * tile_p
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t item, f, q, gi
+    cdef Py_ssize_t item, f, q, gi, ldcol, ldgrad, ldout
+    cdef bint staged
     cdef Tile t
     cdef const floating *cols
     cdef const floating *grad
@@ -214,7 +240,6 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
     cdef floating *acc
     cdef floating *out
     cdef floating total
-    cdef int ldcol, ldgrad, ldout
     if fused:
         if y is None:
             raise ValueError("backward_weight: w2d given without y")
@@ -228,38 +253,39 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
         t = tile_of(item, N, P, images_per_tile, tile_p)
         ws = &workspace[openmp.omp_get_thread_num() * per_thread]
         acc = &partial[openmp.omp_get_thread_num(), 0]
+        staged = wide or t.n1 - t.n0 > 1
         if pointwise and t.n1 - t.n0 == 1:
             cols = &x[t.n0, 0, 0, 0] + t.p0
-            ldcol = <int> P
+            ldcol = P
         else:
             tile_columns(&x[0, 0, 0, 0], &g, &t, ws)
             cols = ws
-            ldcol = <int> t.total
+            ldcol = t.total
         if fused:
             # before dy's planes take the staging area below
-            if t.n1 - t.n0 == 1:
+            if not staged:
                 out = y_ptr + t.n0 * F * P + t.p0
-                ldout = <int> P
+                ldout = P
             else:
                 out = ws + col_size
-                ldout = <int> t.total
+                ldout = t.total
             for gi in range(g.groups):
-                gemm_rm(False, False, <int> Fg, <int> t.total, <int> Kg,
-                        1, w + gi * Fg * Kg, <int> Kg, cols + gi * Kg * ldcol, ldcol,
-                        0, out + gi * Fg * ldout, ldout)
-            if t.n1 - t.n0 > 1:
+                gemm_rm(False, False, Fg, t.total, Kg,
+                        1, w + gi * Fg * Kg, Kg, cols + gi * Kg * ldcol, ldcol,
+                        0, out + gi * Fg * ldout, ldout, limit)
+            if staged:
                 scatter_planes(out, F, P, &t, NULL, False, y_ptr)
-        if t.n1 - t.n0 == 1:
+        if not staged:
             grad = &dy[t.n0, 0, t.p0]
-            ldgrad = <int> P
+            ldgrad = P
         else:
             gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
             grad = ws + col_size
-            ldgrad = <int> t.total
+            ldgrad = t.total
         for gi in range(g.groups):
-            gemm_rm(False, True, <int> Fg, <int> Kg, <int> t.total,
+            gemm_rm(False, True, Fg, Kg, t.total,
                     1, grad + gi * Fg * ldgrad, ldgrad, cols + gi * Kg * ldcol, ldcol,
-                    1, acc + gi * Fg * Kg, <int> Kg)
+                    1, acc + gi * Fg * Kg, Kg, limit)
         if with_sums:
             for f in range(F):
                 total = 0
@@ -315,12 +341,17 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
     of zero, which saves the separate pass over dx that adding it afterwards
     takes.
 
+    Planes wider than the BLAS limit (P > BLAS_INT_MAX): each group's rows of
+    a dy tile are copied into the staging area first (dy's row stride P is
+    too long for BLAS), and a pointwise layer's products go through the
+    column tile rather than straight into dx.
+
     # IN  w2d: (F, C/groups*KH*KW), or (C*KH*KW, F/groups) if transposed_weight;
     #     dy: (N, F, OH*OW); bias: (C,) or None
     # OUT dx: (N, C, H, W), every element written
     """
     cdef ConvGeom g = make_geom(geometry)
-    cdef bint pointwise = geometry.is_pointwise
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint tw = transposed_weight
     cdef Py_ssize_t N = dx.shape[0]
     cdef Py_ssize_t Kg = (w2d.shape[0] // g.groups) if tw else w2d.shape[1]
@@ -328,19 +359,22 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
     cdef Py_ssize_t K = Kg * g.groups, Fg = F // g.groups, Cg = g.C // g.groups
     cdef Py_ssize_t KK = g.KH * g.KW
     cdef Py_ssize_t P = g.OH * g.OW
+    cdef bint wide = P > limit
+    cdef bint pointwise = geometry.is_pointwise and not wide
     cdef Py_ssize_t plane_size = g.H * g.W
     cdef Py_ssize_t col_size = K * images_per_tile * tile_p
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t n_blocks = ceil_div(g.C, c_block)
     cdef Py_ssize_t tiles_per_image = ceil_div(P, tile_p)
-    cdef Py_ssize_t item, j, n, c0, c1, k, p0, p1, gi, cs, ce
-    cdef int lda = <int> (Fg if tw else Kg)
+    cdef Py_ssize_t item, j, n, c0, c1, k, p0, p1, gi, cs, ce, ldgrad
+    cdef Py_ssize_t lda = Fg if tw else Kg
     cdef const floating *w = &w2d[0, 0]
     cdef const floating *bias_ptr = NULL
     cdef floating beta = 0
     cdef Tile t
     cdef floating *ws
     cdef floating *image
+    cdef const floating *grad
     if N == 0:
         return
     if bias is not None:
@@ -353,10 +387,10 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
             ws = &workspace[openmp.omp_get_thread_num() * per_thread]
             gather_planes(&dy[0, 0, 0], F, P, &t, ws + col_size)
             for gi in range(g.groups):
-                gemm_rm(not tw, False, <int> Kg, <int> t.total, <int> Fg,
+                gemm_rm(not tw, False, Kg, t.total, Fg,
                         1, weight_block(w, tw, gi, 0, Fg, Kg), lda,
                         ws + col_size + gi * Fg * t.total,
-                        <int> t.total, 0, ws + gi * Kg * t.total, <int> t.total)
+                        t.total, 0, ws + gi * Kg * t.total, t.total, limit)
             for j in range(t.n1 - t.n0):
                 image = &dx[t.n0 + j, 0, 0, 0]
                 fill_planes(image, 0, g.C, plane_size, bias_ptr)
@@ -378,16 +412,21 @@ def backward_input(const floating[:, ::1] w2d, const floating[:, :, ::1] dy,
             for gi in range(c0 // Cg, (c1 - 1) // Cg + 1):
                 cs = max(c0, gi * Cg)
                 ce = min(c1, (gi + 1) * Cg)
+                grad = &dy[n, gi * Fg, p0]
+                ldgrad = P
+                if wide:
+                    copy_rows(grad, P, Fg, p1 - p0, ws + col_size)
+                    grad = ws + col_size
+                    ldgrad = p1 - p0
                 if pointwise:
                     # dx's plane block is the column block itself: write it directly
-                    gemm_rm(not tw, False, <int> (ce - cs), <int> (p1 - p0), <int> Fg,
+                    gemm_rm(not tw, False, ce - cs, p1 - p0, Fg,
                             1, weight_block(w, tw, gi, cs - gi * Cg, Fg, Kg), lda,
-                            &dy[n, gi * Fg, p0], <int> P, beta, image + cs * P + p0, <int> P)
+                            grad, ldgrad, beta, image + cs * P + p0, P, limit)
                 else:
-                    gemm_rm(not tw, False, <int> ((ce - cs) * KK), <int> (p1 - p0), <int> Fg,
+                    gemm_rm(not tw, False, (ce - cs) * KK, p1 - p0, Fg,
                             1, weight_block(w, tw, gi, (cs - gi * Cg) * KK, Fg, Kg), lda,
-                            &dy[n, gi * Fg, p0], <int> P,
-                            0, ws + (cs - c0) * KK * (p1 - p0), <int> (p1 - p0))
+                            grad, ldgrad, 0, ws + (cs - c0) * KK * (p1 - p0), p1 - p0, limit)
             if not pointwise:
                 col2im_tile_add(ws, &g, c0, c1, p0, p1, p1 - p0, image)
 
@@ -439,11 +478,16 @@ def channel_sums(const floating[:, :, ::1] y, floating[::1] out, int n_threads):
     # OUT out: (C,)
     """
     cdef Py_ssize_t N = y.shape[0], C = y.shape[1], P = y.shape[2]
-    cdef Py_ssize_t c, n, q
-    cdef floating total
+    cdef Py_ssize_t c, n, q, q0
+    cdef floating total, block
     for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
         total = 0
         for n in range(N):
-            for q in range(P):
-                total = total + y[n, c, q]
+            # in blocks: one float32 accumulator over N*P values stalls once it is
+            # 2**24 times the values it adds (huge planes and batches)
+            for q0 in range(0, P, 4096):
+                block = 0
+                for q in range(q0, min(q0 + 4096, P)):
+                    block = block + y[n, c, q]
+                total = total + block
         out[c] = total

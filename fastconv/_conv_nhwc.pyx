@@ -24,6 +24,11 @@ calling thread's slice of the workspace, whose size comes from
 ``fastconv._tiling.plan_nhwc`` and never depends on the batch. BLAS must be
 single-threaded while these run (``fastconv._threads``). Every array argument
 has been validated, cast and made contiguous by ``fastconv._nhwc``.
+
+BLAS takes 32-bit dimensions (``fastconv._tiling.BLAS_INT_MAX``, read at
+every call so tests can lower it): row tiles stay within it (the plan),
+``gemm_rm`` cuts anything longer, and the leading dimensions K (a column
+row) and F (an output pixel) are checked in ``fastconv._functional``.
 """
 
 cimport openmp
@@ -31,6 +36,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 
+from fastconv import _tiling
 from fastconv._blas cimport gemm_rm
 from fastconv._im2col cimport ConvGeom, make_geom, source_index
 
@@ -467,7 +473,7 @@ def reduce_weight_grad(const floating[:, ::1] partial, floating[:, ::1] grad_w,
     The reduction of :func:`backward_weight`'s partial sums and the inverse of
     :func:`weight_columns`'s reordering in one pass.
 
-    # IN  partial: (T, F*Kg + F)
+    # IN  partial: (T, F*Kg + F + anything): the bias sums at F*Kg
     # OUT grad_w: (F, Cg*KK); grad_b: (F,) or None
     """
     cdef Py_ssize_t T = partial.shape[0], M = partial.shape[1]
@@ -520,6 +526,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
     cdef Py_ssize_t K = G * Kg, Fg = F // G
     cdef Py_ssize_t R = N * g.OH * g.OW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef Py_ssize_t item, tile, r0, r1, r, gi, f0, f1
     cdef const floating *cols
     cdef floating *ws
@@ -550,13 +557,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             for r in range(r1 - r0):
                 copy_n(out + r * F + f0, bias_ptr + f0, f1 - f0)
         if f_blocks > 1:
-            gemm_rm(False, True, <int> (r1 - r0), <int> (f1 - f0), <int> K,
-                    1, cols, <int> K, &wt[f0, 0], <int> K, beta, out + f0, <int> F)
+            gemm_rm(False, True, (r1 - r0), (f1 - f0), K,
+                    1, cols, K, &wt[f0, 0], K, beta, out + f0, F, limit)
             continue
         for gi in range(G):
-            gemm_rm(False, True, <int> (r1 - r0), <int> Fg, <int> Kg,
-                    1, cols + gi * Kg, <int> K, &wt[gi * Fg, 0], <int> Kg,
-                    beta, out + gi * Fg, <int> F)
+            gemm_rm(False, True, (r1 - r0), Fg, Kg,
+                    1, cols + gi * Kg, K, &wt[gi * Fg, 0], Kg,
+                    beta, out + gi * Fg, F, limit)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
@@ -573,8 +580,9 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
     is to be reduced: no per-thread copies of a large weight to zero and add.
 
     # IN  x: (N, H, W, C); dy: (N*OH*OW, F)
-    # OUT partial: (n_threads, F*Kg + F), zeroed here (the bias part stays 0
-    #     without with_bias); with f_blocks > 1 only partial[0] is written
+    # OUT partial: (n_threads, F*Kg + 2*F), zeroed here (the bias part stays 0
+    #     without with_bias; the last F are scratch for a tile's bias sums);
+    #     with f_blocks > 1 only partial[0] is written
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef Chunks ch = full_chunks(&g)
@@ -584,11 +592,13 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
     cdef Py_ssize_t Fg = F // G, K = g.C * g.KH * g.KW, Kg = K // G
     cdef Py_ssize_t R = N * g.OH * g.OW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef Py_ssize_t item, r0, r1, r, f, gi, f0, f1
     cdef const floating *cols
     cdef const floating *grad
     cdef floating *ws
     cdef floating *acc
+    cdef floating *tile_sums
     if f_blocks > 1:
         for item in prange(f_blocks, nogil=True, num_threads=n_threads, schedule="static"):
             f0 = split_point(F, f_blocks, item)
@@ -600,8 +610,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
                 gather_rows(&x[0, 0, 0, 0], &g, &ch, 0, R, ws, K)
                 cols = ws
             acc = &partial[0, 0]
-            gemm_rm(True, False, <int> (f1 - f0), <int> K, <int> R,
-                    1, &dy[0, f0], <int> F, cols, <int> K, 0, acc + f0 * K, <int> K)
+            gemm_rm(True, False, (f1 - f0), K, R,
+                    1, &dy[0, f0], F, cols, K, 0, acc + f0 * K, K, limit)
             acc = acc + F * K
             for f in range(f0, f1):
                 acc[f] = 0
@@ -628,21 +638,28 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
             # dY_g.T @ col_g rather than col_g.T @ dY_g: BLAS then repacks the
             # transposed operand from the F-wide dY rows, not the K-wide column
             # rows (resnet-1x1: sgemm_otcopy fell from 21% to ~4% of the time)
-            gemm_rm(True, False, <int> Fg, <int> Kg, <int> (r1 - r0),
-                    1, grad + gi * Fg, <int> F, cols + gi * Kg, <int> K,
-                    1, acc + gi * Fg * Kg, <int> Kg)
+            gemm_rm(True, False, Fg, Kg, (r1 - r0),
+                    1, grad + gi * Fg, F, cols + gi * Kg, K,
+                    1, acc + gi * Fg * Kg, Kg, limit)
         if with_bias:
-            # row by row: the inner loop runs along contiguous filters
+            # row by row: the inner loop runs along contiguous filters. The tile's
+            # sums go to the scratch row after the bias sums first: one float32
+            # accumulator over all of a thread's rows stalls once it is 2**24
+            # times the values it adds (a 46343**2 batch of U(0, 1) summed to 3%)
             acc = acc + F * Kg
+            tile_sums = acc + F
+            memset(tile_sums, 0, F * sizeof(floating))
             for r in range(r1 - r0):
                 for f in range(F):
-                    acc[f] = acc[f] + grad[r * F + f]
+                    tile_sums[f] = tile_sums[f] + grad[r * F + f]
+            for f in range(F):
+                acc[f] = acc[f] + tile_sums[f]
 
 
 cdef void input_rows(const floating *wt, const floating *dy, const ConvGeom *g,
                      Py_ssize_t F, Py_ssize_t Kg, Py_ssize_t r0, Py_ssize_t r1,
                      Py_ssize_t tile_rows, Py_ssize_t h0, Py_ssize_t h1,
-                     floating *ws, floating *dx) noexcept nogil:
+                     floating *ws, floating *dx, Py_ssize_t limit) noexcept nogil:
     """dx[image rows h0..h1-1] += col2im(dY[r0:r1] @ wt_g) for every group, in row tiles.
 
     # IN  wt: (F, Kg); dy: (N*OH*OW, F)
@@ -657,9 +674,9 @@ cdef void input_rows(const floating *wt, const floating *dy, const ConvGeom *g,
         a = r0 + split_point(r1 - r0, n_sub, s)
         b = r0 + split_point(r1 - r0, n_sub, s + 1)
         for gi in range(G):
-            gemm_rm(False, False, <int> (b - a), <int> Kg, <int> Fg,
-                    1, dy + a * F + gi * Fg, <int> F, wt + gi * Fg * Kg, <int> Kg,
-                    0, ws + gi * Kg, <int> K)
+            gemm_rm(False, False, (b - a), Kg, Fg,
+                    1, dy + a * F + gi * Fg, F, wt + gi * Fg * Kg, Kg,
+                    0, ws + gi * Kg, K, limit)
         scatter_rows(ws, K, g, &ch, a, b, h0, h1, dx)
 
 
@@ -692,6 +709,7 @@ def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
     cdef Py_ssize_t P = g.OH * g.OW, R = N * P
     cdef Py_ssize_t HW = g.H * g.W, WC = g.W * g.C
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef Py_ssize_t groups_per_block = c_block // Cg if c_block % Cg == 0 else 0
     cdef Py_ssize_t blocks_per_group = 1 if groups_per_block else ceil_div(Cg, c_block)
     cdef Py_ssize_t n_blocks = (ceil_div(G, groups_per_block) if groups_per_block
@@ -708,9 +726,9 @@ def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
             r0 = split_point(R, n_tiles, item)
             r1 = split_point(R, n_tiles, item + 1)
             for gi in range(G):
-                gemm_rm(False, False, <int> (r1 - r0), <int> Kg, <int> Fg,
-                        1, &dy[r0, gi * Fg], <int> F, &wt[gi * Fg, 0], <int> Kg,
-                        0, &dx[0, 0, 0, 0] + r0 * C + gi * Cg, <int> C)
+                gemm_rm(False, False, (r1 - r0), Kg, Fg,
+                        1, &dy[r0, gi * Fg], F, &wt[gi * Fg, 0], Kg,
+                        0, &dx[0, 0, 0, 0] + r0 * C + gi * Cg, C, limit)
         return
     if n_bands > 1:
         for item in prange(N * n_bands, nogil=True, num_threads=n_threads, schedule="static"):
@@ -732,7 +750,8 @@ def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
                 while oh_end < g.OH and reads_band(&g, oh_end, h0, h1):
                     oh_end = oh_end + 1
                 input_rows(&wt[0, 0], &dy[0, 0], &g, F, Kg, n0 * P + oh * g.OW,
-                           n0 * P + oh_end * g.OW, tile_rows, h0, h1, ws, &dx[0, 0, 0, 0])
+                           n0 * P + oh_end * g.OW, tile_rows, h0, h1, ws, &dx[0, 0, 0, 0],
+                           limit)
                 oh = oh_end
         return
     if c_block >= C:
@@ -742,7 +761,7 @@ def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
             ws = &workspace[openmp.omp_get_thread_num() * per_thread]
             memset(&dx[0, 0, 0, 0] + n0 * HW * C, 0, (n1 - n0) * HW * C * sizeof(floating))
             input_rows(&wt[0, 0], &dy[0, 0], &g, F, Kg, n0 * P, n1 * P, tile_rows, 0, H, ws,
-                       &dx[0, 0, 0, 0])
+                       &dx[0, 0, 0, 0], limit)
         return
     for item in prange(N * n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
         n0 = item // n_blocks
@@ -771,14 +790,14 @@ def backward_input(const floating[:, ::1] wt, const floating[:, ::1] dy,
             r1 = n0 * P + split_point(P, n_sub, s + 1)
             if groups_per_block:
                 for gi in range(g0, g1):
-                    gemm_rm(False, False, <int> (r1 - r0), <int> Kg, <int> Fg,
-                            1, &dy[r0, gi * Fg], <int> F, &wt[gi * Fg, 0], <int> Kg,
-                            0, ws + (gi - g0) * Kg, <int> ldw)
+                    gemm_rm(False, False, (r1 - r0), Kg, Fg,
+                            1, &dy[r0, gi * Fg], F, &wt[gi * Fg, 0], Kg,
+                            0, ws + (gi - g0) * Kg, ldw, limit)
             else:
                 # the block's channels of tap t are columns t*Cg + a .. of wt_g
                 for t in range(KK):
-                    gemm_rm(False, False, <int> (r1 - r0), <int> cb, <int> Fg,
-                            1, &dy[r0, g0 * Fg], <int> F, &wt[g0 * Fg, t * Cg + a], <int> Kg,
-                            0, ws + t * cb, <int> ldw)
+                    gemm_rm(False, False, (r1 - r0), cb, Fg,
+                            1, &dy[r0, g0 * Fg], F, &wt[g0 * Fg, t * Cg + a], Kg,
+                            0, ws + t * cb, ldw, limit)
             scatter_rows(ws, ldw, &g, &bch, r0, r1, 0, H, &dx[0, 0, 0, 0])
 

@@ -34,6 +34,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcmp
 
+from fastconv import _tiling
 from fastconv._blas cimport gemm_rm
 
 
@@ -265,6 +266,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
     cdef Py_ssize_t tb_max = rows_per_block * TW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    # gemm_rm cuts Fg into pieces within the BLAS limit; Cg (U's rows) and the
+    # block's tiles (V's and M's) are its leading dimensions: fastconv._winograd.fits
+    # and plan_winograd keep them within it
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint has_bias = bias is not None
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
     cdef floating *D
@@ -293,9 +298,9 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
         # 2. M[s] = U[s] @ V[s], group by group
         for s in range(AA):
             for gi in range(groups):
-                gemm_rm(False, False, <int> Fg, <int> tb, <int> Cg,
-                        1, &U[s, gi * Fg, 0], <int> Cg, V + (s * C + gi * Cg) * tb, <int> tb,
-                        0, M + (s * F + gi * Fg) * tb, <int> tb)
+                gemm_rm(False, False, Fg, tb, Cg,
+                        1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
+                        0, M + (s * F + gi * Fg) * tb, tb, limit)
         # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
         for f in range(F):
             output_transform(m, M + f * tb, F * tb, tiles, tb, tb)
@@ -348,6 +353,9 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
     cdef Py_ssize_t tb_max = rows_per_block * TW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t grad_hi = OW // 2
+    # gemm_rm cuts Fg, Cg and the tiles into pieces within the BLAS limit; the leading
+    # dimensions (tiles of a block, Cg) stay within it (plan_winograd, filter-row check)
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, f, s, gi
     cdef int tid
     cdef floating *Dx
@@ -384,10 +392,9 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
             weight_grad_transforms(Dx, Vx, C * tb, Dg, Vg + f * tb, F * tb, tb, 1)
         for s in range(16):
             for gi in range(groups):
-                gemm_rm(False, True, <int> Fg, <int> Cg, <int> tb,
-                        1, Vg + (s * F + gi * Fg) * tb, <int> tb,
-                        Vx + (s * C + gi * Cg) * tb, <int> tb,
-                        1, acc + (s * F + gi * Fg) * Cg, <int> Cg)
+                gemm_rm(False, True, Fg, Cg, tb, 1, Vg + (s * F + gi * Fg) * tb, tb,
+                        Vx + (s * C + gi * Cg) * tb, tb, 1, acc + (s * F + gi * Fg) * Cg, Cg,
+                        limit)
 
 
 def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight):

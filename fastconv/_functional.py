@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _depthwise, _direct, _im2col, _nhwc, _pool, _winograd
+from fastconv import _conv, _depthwise, _direct, _im2col, _nhwc, _pool, _tiling, _winograd
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (
@@ -45,8 +45,7 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
     x_shape = x.shape if layout == "NCHW" else (x.shape[0], x.shape[3], x.shape[1], x.shape[2])
     geometry = conv_geometry(x_shape, weight.shape, stride, padding, dilation, groups,
                              padding_mode, string_padding=True)
-    check_blas_limits(geometry.F, geometry.C * geometry.KH * geometry.KW,
-                      geometry.OH * geometry.OW)
+    check_blas_limits(geometry.weight_shape, geometry.groups, layout)
     return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout, backward)
 
 
@@ -81,13 +80,21 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             f"stride={(geometry.stride_h, geometry.stride_w)}, "
             f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}"
         )
+    if algorithm == "winograd" and not backward and not _winograd.fits(geometry):
+        # (the backward falls back to im2col for grad_x, see conv2d_backward)
+        raise ValueError(
+            f"algorithm='winograd' needs ceil(OW/2) <= the BLAS limit "
+            f"{_tiling.BLAS_INT_MAX} (a tile row's tiles are one BLAS leading dimension), "
+            f"got OW={geometry.OW} (x.shape={geometry.input_shape})"
+        )
     if algorithm == "auto":
         if layout == "NCHW" and depthwise:
             return "direct"
         if layout == "NCHW" and not backward and _direct.pays_off(geometry):
             return "direct"
         pays_off = _winograd.pays_off_input_grad if backward else _winograd.pays_off
-        if winograd_applies and pays_off(geometry):
+        fits = _winograd.fits_input_grad if backward else _winograd.fits
+        if winograd_applies and pays_off(geometry) and fits(geometry):
             return "winograd"
         return "im2col"
     return algorithm
@@ -219,7 +226,10 @@ def conv2d(
         wrong length, non-positive stride or dilation, negative padding, an
         unknown padding string, padding_mode, layout, algorithm or activation,
         an algorithm that does not apply to the shape, reflect padding not
-        smaller than the input (circular: larger), output size < 1, bad ``out``.
+        smaller than the input (circular: larger), output size < 1, bad ``out``;
+        a filter of more than 2**31 - 1 values (``C/groups*KH*KW``: BLAS takes
+        it as one row), or with ``layout='NHWC'`` ``C*KH*KW`` or ``F`` above
+        that (every other size is tiled within BLAS's 32-bit limit).
 
     Notes
     -----
@@ -371,8 +381,9 @@ def conv2d_backward(
     split by (image, channel block) so that col2im never races. With
     ``algorithm='winograd'`` grad_x (a 3x3 stride-1 convolution of dY with the
     rotated kernel) runs by Winograd too when ``padding_mode='zeros'``, and by
-    im2col otherwise; grad_weight runs by F(3x3, 2x2) (every padding mode).
-    ``'auto'`` decides grad_x and grad_weight separately.
+    im2col otherwise (or where its GEMMs would pass the 32-bit BLAS limit:
+    ``W > 2**32`` or ``F/groups > 2**31 - 1``); grad_weight runs by F(3x3, 2x2)
+    (every padding mode). ``'auto'`` decides grad_x and grad_weight separately.
 
     Examples
     --------
@@ -453,11 +464,12 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
                                    n_threads)
         _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)
         return grad_x, grad_weight, grad_bias
-    winograd_input = algorithm == "winograd" and geometry.padding_mode == "zeros"
+    winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
+                      and _winograd.fits_input_grad(geometry))
     # grad_weight pays off on its own shapes: "auto" asks separately
-    winograd_weight = (_winograd.pays_off_weight_grad(geometry) if requested == "auto"
-                       and layout == "NCHW" and _winograd.applies(geometry)
-                       else algorithm == "winograd")
+    winograd_weight = _winograd.fits(geometry) and (
+        _winograd.pays_off_weight_grad(geometry) if requested == "auto"
+        and layout == "NCHW" and _winograd.applies(geometry) else algorithm == "winograd")
     if winograd_weight:
         _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
         if with_bias:

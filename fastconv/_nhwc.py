@@ -132,8 +132,9 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
     dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
     wt = nhwc_weight(weight, geometry, dtype)
     tiles, scratch = _plan(geometry, dtype, n_threads)
-    partial = workspace("nhwc-partial", dtype, n_threads * (F * Kg + F))
-    partial = partial.reshape(n_threads, F * Kg + F)
+    # per thread: grad_weight, grad_bias, and F more for a tile's bias sums
+    partial = workspace("nhwc-partial", dtype, n_threads * (F * Kg + 2 * F))
+    partial = partial.reshape(n_threads, F * Kg + 2 * F)
     with single_threaded_blas:
         _conv_nhwc.backward_weight(xc, dy, partial, scratch, geometry, tiles.n_tiles,
                                    tiles.f_blocks, with_bias, n_threads)

@@ -22,7 +22,12 @@ MIN_TILE_COLUMNS = 512
 #: many columns: stacking stages the output through a buffer, an extra pass
 #: that cost lenet-mnist (P=576, K=25, bound by output writes) ~20%.
 GROUP_BELOW_COLUMNS = MIN_TILE_COLUMNS
-#: BLAS takes 32-bit ints for every dimension and leading dimension.
+#: BLAS takes 32-bit ints for every dimension and leading dimension. The
+#: planners keep every tile's columns (rows, for NHWC; tiles of a block, for
+#: Winograd) within it, the kernels read it at every call and cut longer GEMM
+#: dimensions (``fastconv._blas.gemm_rm``), and a plane wider than it is staged
+#: through the workspace. Tests lower it (monkeypatch) to run all of that on
+#: small shapes; it is part of every planner's memo key.
 BLAS_INT_MAX = 2**31 - 1
 
 
@@ -53,12 +58,15 @@ class TilePlan(NamedTuple):
     images_per_tile: int  # > 1: a tile is a group of whole images (then tile_p == P)
     tile_p: int           # output columns per tile within one image
     c_block: int          # input channels per grad_x work item when images are cut
+    wide: bool = False    # P > BLAS_INT_MAX: tiles are staged (a plane's row stride P
+                          # cannot be a BLAS leading dimension)
 
     def workspace_per_thread(self, K: int, F: int, pointwise: bool) -> int:
         """Elements of scratch one thread needs: the tile's columns (K x total) and,
-        for image groups, an F x total staging tile for the output or grad_output."""
+        for image groups and wide planes, an F x total staging tile for the output
+        or grad_output (a wide pointwise layer builds its columns too)."""
         total = self.images_per_tile * self.tile_p
-        if self.images_per_tile > 1:
+        if self.images_per_tile > 1 or self.wide:
             return (K + F) * total
         return 0 if pointwise else K * total
 
@@ -79,21 +87,42 @@ def _splits_per_image(n_images: int, n_threads: int, at_least: int, at_most: int
     return max(1, min(splits, at_most))
 
 
-def check_blas_limits(F: int, K: int, P: int) -> None:
-    """Leading dimensions of the weight (K) and of an output plane (P) go to BLAS whole."""
-    for name, value in (("out_channels F", F), ("C*KH*KW", K), ("OH*OW", P)):
-        if value > BLAS_INT_MAX:
-            raise ValueError(
-                f"{name}={value} exceeds the 32-bit BLAS limit {BLAS_INT_MAX}; "
-                "split the input into smaller planes"
-            )
+def check_blas_limits(weight_shape: tuple, groups: int, layout: str = "NCHW",
+                      row_name: str = "C/groups*KH*KW") -> None:
+    """Refuse what no tiling can bring within the 32-bit BLAS limit: leading dimensions
+    that are rows of an operand as stored.
+
+    Every engine hands the weight's rows (C/groups*KH*KW values for conv2d's
+    (F, C/groups, KH, KW) weight, C_out/groups*KH*KW for conv_transpose2d's
+    (C_in, C_out/groups, KH, KW)) to BLAS as one leading dimension: a filter
+    over 2**31 - 1 values (8 GiB of float32) is refused. The NHWC engine
+    also stores a column row (C*KH*KW values) and an output pixel (F values)
+    as BLAS rows. Everything else (F, OH*OW, N*OH*OW) is tiled.
+    """
+    F, Cg, KH, KW = weight_shape
+    row = Cg * KH * KW
+    where = f"(weight.shape={tuple(weight_shape)}, groups={groups})"
+    if row > BLAS_INT_MAX:
+        raise ValueError(
+            f"{row_name}={row} exceeds the 32-bit BLAS limit {BLAS_INT_MAX} {where}: each "
+            "filter's values form one BLAS row, which cannot be tiled"
+        )
+    if layout == "NHWC":
+        for name, value in (("C*KH*KW", row * groups), ("out_channels F", F)):
+            if value > BLAS_INT_MAX:
+                raise ValueError(
+                    f"{name}={value} exceeds the 32-bit BLAS limit {BLAS_INT_MAX} with "
+                    f"layout='NHWC' {where}: the NHWC engine stores it as one BLAS row; "
+                    "use layout='NCHW'"
+                )
 
 
 @_memoised
 def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> TilePlan:
     """Tile plan for N images with K = C*KK column rows and P output columns each."""
     K = C * KK
-    budget = max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize))
+    # a tile's columns are gemm's n and the staging tile's leading dimension
+    budget = min(max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize)), BLAS_INT_MAX)
     if 2 * P <= min(budget, GROUP_BELOW_COLUMNS) and N > n_threads:
         # Small planes: stack whole images so each gemm has enough columns,
         # keeping at least one group per thread.
@@ -105,14 +134,17 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
         while (images_per_tile > 1 and math.ceil(N / images_per_tile) < 4 * n_threads
                and math.ceil(N / images_per_tile) % n_threads):
             images_per_tile -= 1
+        # the rounding up above may overshoot the budget by a plane
+        images_per_tile = min(images_per_tile, BLAS_INT_MAX // P)
         if images_per_tile > 1:
             return TilePlan(images_per_tile=images_per_tile, tile_p=P, c_block=C)
     # Large planes, or too few images for the threads (N = 1 inference): cut images.
     tiles = _splits_per_image(N, n_threads, at_least=math.ceil(P / budget), at_most=P)
-    tile_p = min(math.ceil(P / tiles), BLAS_INT_MAX)
+    tile_p = math.ceil(P / tiles)
     # grad_x splits an image by channel blocks instead (col2im must not race).
     blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)
-    return TilePlan(images_per_tile=1, tile_p=tile_p, c_block=math.ceil(C / blocks))
+    return TilePlan(images_per_tile=1, tile_p=tile_p, c_block=math.ceil(C / blocks),
+                    wide=P > BLAS_INT_MAX)
 
 
 #: A transposed convolution stacks images into one tile only up to this many
@@ -296,7 +328,10 @@ def plan_winograd(N: int, C: int, F: int, OH: int, OW: int, m: int, itemsize: in
     per_tile = aa * (C + F) * itemsize
     target = min(WINOGRAD_MAX_TILES, max(WINOGRAD_MIN_TILES, WINOGRAD_BLOCK_BYTES // per_tile))
     blocks = _balanced_count(math.ceil(rows * TW / target), n_threads, max(rows, 1))
-    return WinogradPlan(m, max(1, math.ceil(rows / blocks)), TW)
+    # a block's tiles are its GEMMs' columns and leading dimension
+    # (fastconv._winograd.fits keeps TW itself within the limit)
+    rows_per_block = min(math.ceil(rows / blocks), max(1, BLAS_INT_MAX // TW))
+    return WinogradPlan(m, max(1, rows_per_block), TW)
 
 
 #: The tuning constants above, in every planner's memo key.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv
+from fastconv import _conv, _tiling
 from fastconv._functional import _bias_gradient_wanted
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan_transposed
@@ -51,7 +51,7 @@ def _transposed_inputs(x, weight, stride, padding, output_padding, groups, dilat
     check_ndim(weight, 4, "weight", "(C_in, C_out/groups, KH, KW)")
     geometry = transposed_geometry(x.shape, weight.shape, stride, padding, output_padding,
                                    groups, dilation)
-    check_blas_limits(geometry.F, geometry.C * geometry.KH * geometry.KW, geometry.OH * geometry.OW)
+    check_blas_limits(weight.shape, geometry.groups, row_name="C_out/groups*KH*KW")
     return x, weight, geometry
 
 
@@ -141,15 +141,20 @@ def conv_transpose2d(
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     # W_g.T row-major, so BLAS packs contiguous rows (see _conv.backward_input);
-    # reused scratch: a fresh array would page-fault on every call
+    # reused scratch: a fresh array would page-fault on every call. Its rows
+    # hold C_in/groups values, a BLAS leading dimension: past the 32-bit limit
+    # the weight is used as it is (its rows are within it, _transposed_inputs).
     Kg = w2d.shape[1]
-    wt = workspace("transposed-weight", dtype, w2d.size).reshape(geometry.groups * Kg, -1)
+    transposed = C_in // geometry.groups <= _tiling.BLAS_INT_MAX
     with single_threaded_blas:
-        _conv.transpose_weight(w2d, wt, geometry.groups,
-                               n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
-        _conv.backward_input(wt, xc, y, scratch, geometry, tiles.images_per_tile,
-                             tiles.tile_p, tiles.c_block, n_threads, transposed_weight=True,
-                             bias=b)
+        if transposed:
+            wt = workspace("transposed-weight", dtype, w2d.size).reshape(geometry.groups * Kg,
+                                                                         -1)
+            _conv.transpose_weight(w2d, wt, geometry.groups,
+                                   n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
+        _conv.backward_input(wt if transposed else w2d, xc, y, scratch, geometry,
+                             tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads,
+                             transposed_weight=transposed, bias=b)
     return y
 
 

@@ -21,16 +21,16 @@ import threading
 
 import numpy as np
 
-from fastconv import _conv, _conv_winograd
+from fastconv import _conv, _conv_winograd, _tiling
 from fastconv._threads import single_threaded_blas
 from fastconv._tiling import WinogradPlan, plan_winograd
 from fastconv._padding import source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pays_off_input_grad", "pays_off_weight_grad", "choose_m",
-           "choose_m_input_grad", "transformed_weight", "TransformedWeights", "forward",
-           "backward_input", "backward_weight"]
+__all__ = ["applies", "fits", "fits_input_grad", "pays_off", "pays_off_input_grad",
+           "pays_off_weight_grad", "choose_m", "choose_m_input_grad", "transformed_weight",
+           "TransformedWeights", "forward", "backward_input", "backward_weight"]
 
 #: The output tile sizes the kernels implement (F(2x2, 3x3) and F(4x4, 3x3)).
 TILE_SIZES = (2, 4)
@@ -62,6 +62,25 @@ def applies(geometry: ConvGeometry) -> bool:
     return ((geometry.KH, geometry.KW) == (3, 3)
             and (geometry.stride_h, geometry.stride_w) == (1, 1)
             and (geometry.dilation_h, geometry.dilation_w) == (1, 1))
+
+
+def fits(geometry: ConvGeometry) -> bool:
+    """Whether the forward's GEMMs stay within the 32-bit BLAS limit
+    (``fastconv._tiling.BLAS_INT_MAX``) for any tile size.
+
+    A block holds whole tile rows, so a tile row's TW = ceil(OW/m) tiles (at
+    most ceil(OW/2)) are one leading dimension; U's rows of C/groups values
+    are another, within the limit whenever the weight's rows are (checked
+    for every engine). The filters (the GEMMs' rows) are cut as needed.
+    """
+    return -(-geometry.OW // 2) <= _tiling.BLAS_INT_MAX
+
+
+def fits_input_grad(geometry: ConvGeometry) -> bool:
+    """:func:`fits` for grad_x, whose tile rows span W and whose U rows hold F/groups
+    values: else grad_x runs by im2col."""
+    return (-(-geometry.W // 2) <= _tiling.BLAS_INT_MAX
+            and geometry.F // geometry.groups <= _tiling.BLAS_INT_MAX)
 
 
 def pays_off(geometry: ConvGeometry) -> bool:

@@ -15,6 +15,9 @@ variable ``FASTCONV_HYPOTHESIS_PROFILE``:
 
 No profile has a deadline: on a loaded 2-core VM an example's run time says
 nothing about the code, and a deadline would only make the tests flaky.
+
+Tests marked ``slow`` (real tensors past 2**31 elements, ``tests/test_huge.py``)
+run only when asked for: ``pytest -m slow`` or ``FASTCONV_SLOW_TESTS=1 pytest``.
 """
 
 import os
@@ -39,3 +42,14 @@ settings.load_profile(os.environ.get("FASTCONV_HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
 def dtype(request):
     return np.dtype(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``slow`` tests unless ``-m`` names them or FASTCONV_SLOW_TESTS is set."""
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("FASTCONV_SLOW_TESTS",
+                                                                   "0") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or FASTCONV_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

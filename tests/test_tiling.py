@@ -207,31 +207,34 @@ def test_plan_transposed_dcgan_up():
 
 
 def test_check_blas_limits():
-    check_blas_limits(BLAS_INT_MAX, BLAS_INT_MAX, BLAS_INT_MAX)      # at the limit: fine
-    check_blas_limits(1, 1, 1)
-    for args, name in [((BLAS_INT_MAX + 1, 1, 1), "out_channels F"),
-                       ((1, BLAS_INT_MAX + 1, 1), "C*KH*KW"),
-                       ((1, 1, 2**40), "OH*OW")]:
-        value = max(args)
+    """Only rows of an operand as stored are refused: every other size is tiled
+    (tests/test_huge.py runs them under a lowered limit)."""
+    check_blas_limits((BLAS_INT_MAX, 1, 1, BLAS_INT_MAX), 1)           # at the limit: fine
+    check_blas_limits((2**40, 1, 1, 1), 1)                            # F: cut into pieces
+    check_blas_limits((BLAS_INT_MAX, 1, 1, 1), 1, "NHWC")
+    check_blas_limits((4, 2**18, 2**10, 2), 4, "NCHW")    # C*KH*KW = 2**31, per group 2**29
+    for args, name, value in [(((1, 2**20, 2**10, 2), 1), "C/groups*KH*KW", 2**31),
+                              (((1, 2**20, 2**10, 2), 1, "NCHW", "C_out/groups*KH*KW"),
+                               "C_out/groups*KH*KW", 2**31),
+                              (((4, 2**18, 2**10, 2), 4, "NHWC"), "C*KH*KW", 2**31),
+                              (((BLAS_INT_MAX + 1, 1, 1, 1), 1, "NHWC"), "out_channels F",
+                               2**31)]:
         with pytest.raises(ValueError, match=rf"{re.escape(name)}={value} exceeds the 32-bit "
                            rf"BLAS limit {BLAS_INT_MAX}"):
             check_blas_limits(*args)
 
 
 def test_blas_limits_checked_before_allocating():
-    """A plane over 2**31 - 1 outputs is refused up front (broadcast inputs: no memory used)."""
-    side = math.isqrt(BLAS_INT_MAX) + 1                   # side**2 > 2**31 - 1
-    x = np.broadcast_to(np.float32(0), (1, 1, side, side))
-    weight = np.ones((1, 1, 1, 1), np.float32)
-    with pytest.raises(ValueError, match=r"OH\*OW=\d+ exceeds the 32-bit BLAS limit"):
-        fastconv.conv2d(x, weight)
-    with pytest.raises(ValueError, match=r"OH\*OW=\d+ exceeds the 32-bit BLAS limit"):
-        fastconv.conv2d_backward(np.broadcast_to(np.float32(0), (1, 1, side, side)), x, weight)
-    # K = C*KH*KW over the limit
+    """A filter row over 2**31 - 1 values is refused up front (broadcast inputs: no memory
+    used); a plane over 2**31 - 1 outputs is not (its tiles are staged)."""
     x = np.broadcast_to(np.float32(0), (1, 2**16, 2**8, 2**7))
     weight = np.broadcast_to(np.float32(0), (1, 2**16, 2**8, 2**7))
-    with pytest.raises(ValueError, match=rf"C\*KH\*KW={2**31} exceeds the 32-bit BLAS limit"):
+    with pytest.raises(ValueError, match=rf"C/groups\*KH\*KW={2**31} exceeds the 32-bit BLAS "
+                       "limit"):
         fastconv.conv2d(x, weight)
+    side = math.isqrt(BLAS_INT_MAX) + 1                   # side**2 > 2**31 - 1
+    tiles = plan(1, 1, 1, side * side, 4, 2)
+    assert tiles.wide and tiles.tile_p <= BLAS_INT_MAX
 
 
 # --- end to end: the cached column buffer does not scale with N -----------------
