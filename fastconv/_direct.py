@@ -102,6 +102,18 @@ def _row_plan(g: ConvGeometry) -> _RowPlan:
     return _RowPlan(S, ldr, rowmap, colmap, lo, hi, tap)
 
 
+#: Elements of one band's phase rows: the band stays in L2 (512 KiB per core here).
+BAND_ELEMENTS = 1 << 15
+
+
+def band_rows(g: ConvGeometry, rows: "_RowPlan", n_threads: int) -> int:
+    """Output rows per work item: as many as BAND_ELEMENTS of phase rows hold, but
+    at least 4 items per thread over the batch (N = 1 inference still splits)."""
+    per_row = g.C * g.KH * rows.S * rows.ldr
+    band = max(1, min(g.OH, BAND_ELEMENTS // per_row))
+    return max(1, min(band, -(-g.N * g.OH // (4 * n_threads))))
+
+
 def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
             n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
     """``act(conv2d(x, weight) + bias)`` by the direct kernel, into ``out`` (N, F, OH, OW).
@@ -110,11 +122,12 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     """
     g = geometry
     rows = _row_plan(g)
+    band = band_rows(g, rows, n_threads)
     wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    scratch = workspace("direct", dtype, n_threads * g.C * g.KH * rows.S * rows.ldr)
-    live = workspace("direct-live", np.uint8, n_threads * g.KH)
+    scratch = workspace("direct", dtype, n_threads * band * g.C * g.KH * rows.S * rows.ldr)
+    live = workspace("direct-live", np.uint8, n_threads * band * g.KH)
     _conv_direct.forward(x, wpack, b, out, scratch, live, rows.rowmap, rows.colmap, rows.lo,
-                         rows.hi, g.pad_left, rows.tap, g.KH, g.KW, rows.S, rows.ldr, relu,
+                         rows.hi, g.pad_left, rows.tap, g.KH, g.KW, rows.S, rows.ldr, band, relu,
                          n_threads)
     return out

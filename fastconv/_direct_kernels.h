@@ -32,14 +32,16 @@ typedef double fc_v4df __attribute__((vector_size(32)));
 typedef double fc_v4df_u __attribute__((vector_size(32), aligned(8)));
 typedef long long fc_v4di __attribute__((vector_size(32)));
 
-/* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): one output row of all filters.
+/* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): R consecutive output rows of all
+   filters (fc_direct_band_*).
 
-   rows   [C][KH][S][ldr] phase rows of this output row's input (see above)
-   live   [KH]: 0 where the input row is all padding (its taps are skipped)
+   rows   R x [C][KH][S][ldr] phase rows of each output row's input (see above), the
+          band's rows band_stride apart
+   live   R x [KH]: 0 where the input row is all padding (its taps are skipped)
    wpack  [ceil(F/FB)][C][KH][KW][FB] the filters, zero past F
    tap    [KW]: where kernel column kw starts in a row's phases,
           (kw*d % S)*ldr + kw*d / S
-   out    out[f*ldo + ow] for f < F, ow < OW, written as act(sum + bias[f]) */
+   out    out[f*ldo + r*OW + ow] for f < F, r < R, ow < OW: act(sum + bias[f]) */
 /* One register block: FC_FB filters x NV column vectors from ow0, summed over every tap,
    then stored as act(sum + bias) (through `tail` when the block hangs past OW). */
 #define FC_DIRECT_BLOCK(suffix, NV, T, VEC, VEC_U, IVEC, LANES)                               \
@@ -93,10 +95,10 @@ FC_DIRECT_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES)                          
 FC_DIRECT_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES)                                        \
 FC_DIRECT_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES)                                        \
                                                                                               \
-FC_TARGET static void fc_direct_row_##suffix(                                                 \
-    const T *rows, ptrdiff_t ldr, const unsigned char *live, const T *wpack,                  \
-    const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t F, const T *bias, int relu, \
-    T *out, ptrdiff_t ldo, ptrdiff_t OW)                                                      \
+FC_TARGET static void fc_direct_band_##suffix(                                                \
+    const T *rows, ptrdiff_t ldr, ptrdiff_t band_stride, const unsigned char *live,           \
+    const T *wpack, const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t F,          \
+    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t OW, ptrdiff_t R)               \
 {                                                                                             \
     const ptrdiff_t block_size = (ptrdiff_t)C * KH * KW * FC_FB;                              \
     /* the row's vectors in blocks of at most FC_V, as even as possible (32 columns run as   \
@@ -105,26 +107,32 @@ FC_TARGET static void fc_direct_row_##suffix(                                   
     const ptrdiff_t nv = (OW + LANES - 1) / LANES;                                           \
     const ptrdiff_t blocks = (nv + FC_V - 1) / FC_V;                                         \
     const ptrdiff_t base_vectors = nv / blocks, wider_blocks = nv % blocks;                  \
+    /* filter blocks outermost: a block's 4 output planes are written row after row, 4      \
+       streams instead of F (lenet's 30 planes at once stalled on the store buffer) */      \
     for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_FB) {                                             \
         const T *wblock = wpack + (f0 / FC_FB) * block_size;                                  \
         const T *b = bias ? bias + f0 : NULL;                                                 \
-        T *o = out + f0 * ldo;                                                                \
         const ptrdiff_t nf = F - f0;                                                          \
-        ptrdiff_t ow0 = 0;                                                                   \
-        for (ptrdiff_t k = 0; k < blocks; k++) {                                             \
-            const int nvec = (int)(base_vectors + (k < wider_blocks));                        \
-            const ptrdiff_t width = OW - ow0 < nvec * LANES ? OW - ow0 : nvec * LANES;       \
-            if (nvec == 3)                                                                   \
-                fc_direct_block3_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0,  \
-                                          nf, b, relu, o, ldo, width);                       \
-            else if (nvec == 2)                                                              \
-                fc_direct_block2_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0,  \
-                                          nf, b, relu, o, ldo, width);                       \
-            else                                                                             \
-                fc_direct_block1_##suffix(rows, ldr, live, wblock, tap, C, KH, KW, S, ow0,  \
-                                          nf, b, relu, o, ldo, width);                       \
-            ow0 += width;                                                                    \
-        }                                                                                    \
+        for (ptrdiff_t r = 0; r < R; r++) {                                                   \
+            const T *row_in = rows + r * band_stride;                                        \
+            const unsigned char *row_live = live + r * KH;                                   \
+            T *o = out + f0 * ldo + r * OW;                                                  \
+            ptrdiff_t ow0 = 0;                                                               \
+            for (ptrdiff_t k = 0; k < blocks; k++) {                                         \
+                const int nvec = (int)(base_vectors + (k < wider_blocks));                    \
+                const ptrdiff_t width = OW - ow0 < nvec * LANES ? OW - ow0 : nvec * LANES;   \
+                if (nvec == 3)                                                               \
+                    fc_direct_block3_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
+                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                else if (nvec == 2)                                                          \
+                    fc_direct_block2_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
+                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                else                                                                         \
+                    fc_direct_block1_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
+                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                ow0 += width;                                                                \
+            }                                                                                \
+        }                                                                                     \
     }                                                                                         \
 }
 
