@@ -39,51 +39,30 @@ from fastconv._blas cimport gemm_rm
 
 
 cdef extern from "_winograd_transforms.h" nogil:
-    void fc_wino2_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+    # fc_wino_<kind>_<s|d>(m, ...): the F(m x m, 3 x 3) kernel of each kind
+    void fc_wino_input_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                         Py_ssize_t n)
+    void fc_wino_input_d(int m, const double *src, Py_ssize_t lds, double *dst,
+                         Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino_output_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
                           Py_ssize_t n)
-    void fc_wino2_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                          Py_ssize_t n)
-    void fc_wino4_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                          Py_ssize_t n)
-    void fc_wino4_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                          Py_ssize_t n)
-    void fc_wino2_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_wino2_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_wino4_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_wino4_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_wino2_weight_s(const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
-                           Py_ssize_t ldd, Py_ssize_t n)
-    void fc_wino2_weight_d(const double *g, Py_ssize_t ldg, Py_ssize_t inc, double *dst,
-                           Py_ssize_t ldd, Py_ssize_t n)
-    void fc_wino4_weight_s(const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
-                           Py_ssize_t ldd, Py_ssize_t n)
-    void fc_wino4_weight_d(const double *g, Py_ssize_t ldg, Py_ssize_t inc, double *dst,
-                           Py_ssize_t ldd, Py_ssize_t n)
-    void fc_wino2_gather_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
-    void fc_wino2_gather_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
-    void fc_wino4_gather_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
-    void fc_wino4_gather_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
-    void fc_wino2_scatter_s(const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
-                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
-    void fc_wino2_scatter_d(const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
-                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
-    void fc_wino4_scatter_s(const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
-                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
-    void fc_wino4_scatter_d(const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
-                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
-
+    void fc_wino_output_d(int m, const double *src, Py_ssize_t lds, double *dst,
+                          Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino_weight_s(int m, const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
+                          Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino_weight_d(int m, const double *g, Py_ssize_t ldg, Py_ssize_t inc, double *dst,
+                          Py_ssize_t ldd, Py_ssize_t n)
+    void fc_wino_gather_s(int m, const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                          const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                          Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_wino_gather_d(int m, const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                          const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                          Py_ssize_t hi, double *D, Py_ssize_t ldd)
+    void fc_wino_scatter_s(int m, const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
+                           Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
+    void fc_wino_scatter_d(int m, const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
+                           Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
+    # grad_weight's F(3x3, 2x2) kernels
     void fc_winodw_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
                            Py_ssize_t n)
     void fc_winodw_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
@@ -104,48 +83,30 @@ cdef extern from "_winograd_transforms.h" nogil:
                                  Py_ssize_t lo, Py_ssize_t hi, double *D, Py_ssize_t ldd)
 
 
-# --- dispatch on the variant m (2 or 4) and the dtype --------------------------------------
+# --- dispatch on the dtype (the header dispatches on m) -----------------------------------
 
 cdef inline void input_transform(int m, const floating *src, Py_ssize_t lds, floating *dst,
                                  Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        if m == 4:
-            fc_wino4_input_s(src, lds, dst, ldd, n)
-        else:
-            fc_wino2_input_s(src, lds, dst, ldd, n)
+        fc_wino_input_s(m, src, lds, dst, ldd, n)
     else:
-        if m == 4:
-            fc_wino4_input_d(src, lds, dst, ldd, n)
-        else:
-            fc_wino2_input_d(src, lds, dst, ldd, n)
+        fc_wino_input_d(m, src, lds, dst, ldd, n)
 
 
 cdef inline void output_transform(int m, const floating *src, Py_ssize_t lds, floating *dst,
                                   Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        if m == 4:
-            fc_wino4_output_s(src, lds, dst, ldd, n)
-        else:
-            fc_wino2_output_s(src, lds, dst, ldd, n)
+        fc_wino_output_s(m, src, lds, dst, ldd, n)
     else:
-        if m == 4:
-            fc_wino4_output_d(src, lds, dst, ldd, n)
-        else:
-            fc_wino2_output_d(src, lds, dst, ldd, n)
+        fc_wino_output_d(m, src, lds, dst, ldd, n)
 
 
 cdef inline void filter_transform(int m, const floating *g, Py_ssize_t ldg, Py_ssize_t inc,
                                   floating *dst, Py_ssize_t ldd, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        if m == 4:
-            fc_wino4_weight_s(g, ldg, inc, dst, ldd, n)
-        else:
-            fc_wino2_weight_s(g, ldg, inc, dst, ldd, n)
+        fc_wino_weight_s(m, g, ldg, inc, dst, ldd, n)
     else:
-        if m == 4:
-            fc_wino4_weight_d(g, ldg, inc, dst, ldd, n)
-        else:
-            fc_wino2_weight_d(g, ldg, inc, dst, ldd, n)
+        fc_wino_weight_d(m, g, ldg, inc, dst, ldd, n)
 
 
 cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
@@ -153,47 +114,36 @@ cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W, const 
                               Py_ssize_t lo, Py_ssize_t hi, floating *D,
                               Py_ssize_t ldd) noexcept nogil:
     if floating is float:
-        if m == 4:
-            fc_wino4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
-        else:
-            fc_wino2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        fc_wino_gather_s(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
     else:
-        if m == 4:
-            fc_wino4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
-        else:
-            fc_wino2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        fc_wino_gather_d(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
 
 
 cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floating *out,
                                Py_ssize_t OW, Py_ssize_t rows, Py_ssize_t TW, floating bias,
                                bint relu) noexcept nogil:
     if floating is float:
-        if m == 4:
-            fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu)
-        else:
-            fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu)
+        fc_wino_scatter_s(m, Y, ldy, out, OW, rows, TW, bias, relu)
     else:
-        if m == 4:
-            fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
-        else:
-            fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu)
+        fc_wino_scatter_d(m, Y, ldy, out, OW, rows, TW, bias, relu)
 
 
-cdef inline void weight_grad_transforms(const floating *Dx, floating *Vx, Py_ssize_t ldx,
-                                        const floating *Dg, floating *Vg, Py_ssize_t ldg,
-                                        Py_ssize_t n, bint which) noexcept nogil:
-    """grad_weight's tile transforms: ``which`` 0 for input tiles (BT d B), 1 for dY tiles
-    (G dY G^T); n tiles each."""
+cdef inline void weight_grad_input_tiles(const floating *D, floating *V, Py_ssize_t ldv,
+                                         Py_ssize_t n) noexcept nogil:
+    """V = BT D B of n 4x4 input tiles (D's streams n apart) for grad_weight."""
     if floating is float:
-        if which == 0:
-            fc_winodw_input_s(Dx, n, Vx, ldx, n)
-        else:
-            fc_winodw_grad_s(Dg, n, Vg, ldg, n)
+        fc_winodw_input_s(D, n, V, ldv, n)
     else:
-        if which == 0:
-            fc_winodw_input_d(Dx, n, Vx, ldx, n)
-        else:
-            fc_winodw_grad_d(Dg, n, Vg, ldg, n)
+        fc_winodw_input_d(D, n, V, ldv, n)
+
+
+cdef inline void weight_grad_dy_tiles(const floating *D, floating *V, Py_ssize_t ldv,
+                                      Py_ssize_t n) noexcept nogil:
+    """W = G dY G^T of n 2x2 dY tiles (D's streams n apart) for grad_weight."""
+    if floating is float:
+        fc_winodw_grad_s(D, n, V, ldv, n)
+    else:
+        fc_winodw_grad_d(D, n, V, ldv, n)
 
 
 cdef inline void gather_grad_tiles(const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
@@ -382,14 +332,14 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
                 th = r - n * TH
                 gather_tiles(2, &x[n, c, 0, 0], W, &rowmap[th * 2], &colmap[0], left, TW, lo,
                              hi, Dx + (r - r0) * TW, tb)
-            weight_grad_transforms(Dx, Vx + c * tb, C * tb, Dg, Vg, F * tb, tb, 0)
+            weight_grad_input_tiles(Dx, Vx + c * tb, C * tb, tb)
         for f in range(F):
             for r in range(r0, r1):
                 n = r // TH
                 th = r - n * TH
                 gather_grad_tiles(&dy[n, f, 0, 0], OW, &grad_rows[th * 2], &grad_cols[0], TW,
                                   grad_hi, Dg + (r - r0) * TW, tb)
-            weight_grad_transforms(Dx, Vx, C * tb, Dg, Vg + f * tb, F * tb, tb, 1)
+            weight_grad_dy_tiles(Dg, Vg + f * tb, F * tb, tb)
         for s in range(16):
             for gi in range(groups):
                 gemm_rm(False, True, Fg, Cg, tb, 1, Vg + (s * F + gi * Fg) * tb, tb,

@@ -640,6 +640,58 @@ FC_TARGET static void fc_wino4_scatter_d(
     }
 }
 
+/* ---- the variant for output tiles m x m ---- */
+
+static inline void fc_wino_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_input_s(src, lds, dst, ldd, n); else fc_wino4_input_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_wino_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_output_s(src, lds, dst, ldd, n); else fc_wino4_output_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_wino_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_weight_s(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_s(g, ldg, inc, dst, ldd, n);
+}
+
+static inline void fc_wino_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    if (m == 2) fc_wino2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_wino_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
+{
+    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
+}
+
+static inline void fc_wino_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_input_d(src, lds, dst, ldd, n); else fc_wino4_input_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_wino_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_output_d(src, lds, dst, ldd, n); else fc_wino4_output_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_wino_weight_d(int m, const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_wino2_weight_d(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_d(g, ldg, inc, dst, ldd, n);
+}
+
+static inline void fc_wino_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    if (m == 2) fc_wino2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_wino_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)
+{
+    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
+}
+
 /* ---- grad_weight by F(3x3, 2x2): alpha = 4, points 0, 1, -1, infinity: the
    3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */
 
