@@ -468,8 +468,8 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
                       and _winograd.fits_input_grad(geometry))
     # grad_weight pays off on its own shapes: "auto" asks separately
     winograd_weight = _winograd.fits(geometry) and (
-        _winograd.pays_off_weight_grad(geometry) if requested == "auto"
-        and layout == "NCHW" and _winograd.applies(geometry) else algorithm == "winograd")
+        _winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
+        if requested == "auto" else algorithm == "winograd")
     if winograd_weight:
         _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
         if with_bias:

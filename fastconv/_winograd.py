@@ -299,7 +299,8 @@ def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeomet
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(g.C, g.F))
     partial = workspace("winograd-partial", x.dtype, n_threads * 16 * g.F * Cg)
     partial = partial.reshape(n_threads, -1)
-    sums = np.empty(16 * g.F * Cg, x.dtype)
+    # reused: deep-7x7's 16 MiB of fresh pages would cost milliseconds per call
+    sums = workspace("winograd-sums", x.dtype, 16 * g.F * Cg)
     with single_threaded_blas:
         _conv_winograd.backward_weight(x, grad_output, partial, scratch, g.groups, rowmap,
                                        colmap, g.pad_left, lo, hi, grad_rows, grad_cols,
