@@ -155,6 +155,20 @@ cdef inline void gather_grad_tiles(const floating *plane, Py_ssize_t W, const Py
         fc_winodw_gather_grad_d(plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
 
 
+cdef inline void gather_block(int m, const floating *x, Py_ssize_t C, Py_ssize_t H,
+                              Py_ssize_t W, Py_ssize_t c, Py_ssize_t r0, Py_ssize_t r1,
+                              Py_ssize_t TH, Py_ssize_t TW, const Py_ssize_t *rowmap,
+                              const Py_ssize_t *colmap, Py_ssize_t left, Py_ssize_t lo,
+                              Py_ssize_t hi, floating *D, Py_ssize_t tb) noexcept nogil:
+    """Channel c's input tiles of the block's tile rows [r0, r1) (r = n*TH + th) into D."""
+    cdef Py_ssize_t r, n, th
+    for r in range(r0, r1):
+        n = r // TH
+        th = r - n * TH
+        gather_tiles(m, x + (n * C + c) * H * W, W, rowmap + th * m, colmap, left, TW, lo, hi,
+                     D + (r - r0) * TW, tb)
+
+
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -207,7 +221,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     # OUT y: (N, F, OH, OW), every element written
     # workspace: n_threads * workspace_per_thread of the plan
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
     cdef Py_ssize_t A = m + 2, AA = (m + 2) * (m + 2)
     cdef Py_ssize_t TH = ceil_div(OH, m), TW = ceil_div(OW, m)
@@ -239,11 +253,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
         tb = (r1 - r0) * TW
         # 1. V[s, c, t] for the block's tiles t
         for c in range(C):
-            for r in range(r0, r1):
-                n = r // TH
-                th = r - n * TH
-                gather_tiles(m, &x[n, c, 0, 0], W, &rowmap[th * m], &colmap[0], left, TW,
-                             lo, hi, D + (r - r0) * TW, tb)
+            gather_block(m, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
+                         &colmap[0], left, lo, hi, D, tb)
             input_transform(m, D, tb, V + c * tb, C * tb, tb)
         # 2. M[s] = U[s] @ V[s], group by group
         for s in range(AA):
@@ -294,7 +305,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
     # IN  x: (N, C, H, W); dy: (N, F, OH, OW)
     # OUT partial: (n_threads, 16 * F * C/groups), zeroed here
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], W = x.shape[3]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dy.shape[1], OH = dy.shape[2], OW = dy.shape[3]
     cdef Py_ssize_t TH = ceil_div(OH, 2), TW = ceil_div(OW, 2)
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups
@@ -327,11 +338,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
         r1 = min(r0 + rows_per_block, total_rows)
         tb = (r1 - r0) * TW
         for c in range(C):
-            for r in range(r0, r1):
-                n = r // TH
-                th = r - n * TH
-                gather_tiles(2, &x[n, c, 0, 0], W, &rowmap[th * 2], &colmap[0], left, TW, lo,
-                             hi, Dx + (r - r0) * TW, tb)
+            gather_block(2, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
+                         &colmap[0], left, lo, hi, Dx, tb)
             weight_grad_input_tiles(Dx, Vx + c * tb, C * tb, tb)
         for f in range(F):
             for r in range(r0, r1):
