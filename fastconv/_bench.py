@@ -359,16 +359,20 @@ def _conv_call(module, pass_: str, shape: Shape, arrays: dict, **kwargs) -> Call
 
 
 def auto_algorithm(shape: Shape, pass_: str) -> str:
-    """What ``algorithm="auto"`` runs for this row (the backward's is its grad_x's; its
-    grad_weight always runs by im2col)."""
+    """What ``algorithm="auto"`` runs for this row; for the backward, grad_x's family,
+    then grad_weight's after a slash where they differ (``im2col/direct``)."""
     if shape.transposed:
         return "im2col"
-    from fastconv._functional import _choose_algorithm
+    from fastconv._functional import _choose_algorithm, _weight_grad_algorithm
     from fastconv._validation import conv_geometry
 
     geometry = conv_geometry(shape.input_shape, shape.weight_shape, shape.stride, shape.pad, 1,
                              shape.groups)
-    return _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "backward")
+    algorithm = _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "backward")
+    if pass_ == "forward" or algorithm == "direct":   # (depthwise: both by its kernels)
+        return algorithm
+    weight_algorithm = _weight_grad_algorithm("auto", algorithm, geometry)
+    return algorithm if weight_algorithm == algorithm else f"{algorithm}/{weight_algorithm}"
 
 
 def nhwc_arrays(arrays: dict) -> dict:

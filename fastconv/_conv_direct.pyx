@@ -10,12 +10,15 @@ up to 24 columns at a time and writes ``act(sum + bias)``, filter block by
 filter block over the band, so each block's 4 output planes are written in
 order. Nothing is shared between items, so the loop is a plain ``prange``;
 the workspace is one band's rows per thread, whatever the batch.
+
+:func:`backward_weight` lays the bands out the same way and sums dY times each
+tap's columns into per-thread partial sums of grad_weight.
 """
 
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 
 cdef extern from "_direct_kernels.h" nogil:
@@ -27,6 +30,59 @@ cdef extern from "_direct_kernels.h" nogil:
                           const unsigned char *live, const double *wpack, const Py_ssize_t *tap,
                           int C, int KH, int KW, int S, Py_ssize_t F, const double *bias,
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+    void fc_direct_weight_grad_band_s(const float *rows, Py_ssize_t band_stride,
+                                      const Py_ssize_t *off, Py_ssize_t K, const float *dy,
+                                      Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
+                                      float *g)
+    void fc_direct_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
+                                      const Py_ssize_t *off, Py_ssize_t K, const double *dy,
+                                      Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
+                                      double *g)
+
+
+cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                     Py_ssize_t oh0,
+                     Py_ssize_t R, floating *rows, Py_ssize_t row_size, unsigned char *live,
+                     const Py_ssize_t *rowmap, const Py_ssize_t *colmap, const Py_ssize_t *lo,
+                     const Py_ssize_t *hi, Py_ssize_t left, int KH, Py_ssize_t S,
+                     Py_ssize_t ldr, bint zero_padding_rows) noexcept nogil:
+    """Copy the input rows under output rows oh0 .. oh0 + R of one image (C planes of
+    H x W) into ``rows`` in phase form (see :func:`forward`),
+    row_size apart; live[r*KH + kh] = 0 where tap row kh of output row r is all padding.
+    That row's phases are left unwritten (the forward skips it) or, with
+    ``zero_padding_rows``, zeroed."""
+    cdef Py_ssize_t r, oh, kh, c, ph, q, src_row, src_col
+    cdef floating *dst
+    cdef const floating *plane_row
+    cdef floating *out_row
+    for r in range(R):
+        oh = oh0 + r
+        out_row = rows + r * row_size
+        for kh in range(KH):
+            src_row = rowmap[oh * KH + kh]
+            live[r * KH + kh] = src_row >= 0
+            if src_row < 0:
+                if zero_padding_rows:
+                    for c in range(C):
+                        memset(out_row + (c * KH + kh) * S * ldr, 0, S * ldr * sizeof(floating))
+                continue
+            for c in range(C):
+                plane_row = image + (c * H + src_row) * W
+                for ph in range(S):
+                    dst = out_row + ((c * KH + kh) * S + ph) * ldr
+                    # phase ph's columns [lo[ph], hi[ph]) map to plane columns q*S + ph - left
+                    for q in range(lo[ph]):
+                        src_col = colmap[q * S + ph]
+                        dst[q] = plane_row[src_col] if src_col >= 0 else 0
+                    if S == 1:
+                        memcpy(dst + lo[0], plane_row + lo[0] - left,
+                               (hi[0] - lo[0]) * sizeof(floating))
+                    else:
+                        for q in range(lo[ph], hi[ph]):
+                            dst[q] = plane_row[q * S + ph - left]
+                    for q in range(hi[ph], ldr):
+                        src_col = colmap[q * S + ph]
+                        dst[q] = plane_row[src_col] if src_col >= 0 else 0
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const floating[::1] bias,
@@ -49,18 +105,16 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     # workspace: n_threads * band_rows * C * KH * stride_w * ldr;
     # live_flags: n_threads * band_rows * KH
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
     cdef Py_ssize_t S = stride_w
     cdef Py_ssize_t row_size = C * KH * S * ldr
     cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
     cdef Py_ssize_t per_thread = band_rows * row_size
     cdef const floating *bias_ptr = NULL
-    cdef Py_ssize_t item, n, band, oh0, R, r, oh, kh, c, ph, q, src_row, src_col
+    cdef Py_ssize_t item, n, band, oh0, R
     cdef int tid
     cdef floating *rows
-    cdef floating *dst
-    cdef const floating *plane_row
     cdef unsigned char *live
     if N == 0:
         return
@@ -72,38 +126,61 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         oh0 = band * band_rows
         R = min(band_rows, OH - oh0)
         tid = openmp.omp_get_thread_num()
-        for r in range(R):
-            oh = oh0 + r
-            rows = &workspace[tid * per_thread + r * row_size]
-            live = &live_flags[(tid * band_rows + r) * KH]
-            for kh in range(KH):
-                src_row = rowmap[oh * KH + kh]
-                live[kh] = src_row >= 0
-                if src_row < 0:
-                    continue
-                for c in range(C):
-                    plane_row = &x[n, c, src_row, 0]
-                    for ph in range(S):
-                        dst = rows + ((c * KH + kh) * S + ph) * ldr
-                        # phase ph's columns [lo[ph], hi[ph]) map to plane columns
-                        # q*S + ph - left
-                        for q in range(lo[ph]):
-                            src_col = colmap[q * S + ph]
-                            dst[q] = plane_row[src_col] if src_col >= 0 else 0
-                        if S == 1:
-                            memcpy(dst + lo[0], plane_row + lo[0] - left,
-                                   (hi[0] - lo[0]) * sizeof(floating))
-                        else:
-                            for q in range(lo[ph], hi[ph]):
-                                dst[q] = plane_row[q * S + ph - left]
-                        for q in range(hi[ph], ldr):
-                            src_col = colmap[q * S + ph]
-                            dst[q] = plane_row[src_col] if src_col >= 0 else 0
         rows = &workspace[tid * per_thread]
         live = &live_flags[tid * band_rows * KH]
+        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_size, live, &rowmap[0], &colmap[0],
+                   &lo[0], &hi[0], left, KH, S, ldr, False)
         if floating is float:
             fc_direct_band_s(rows, ldr, row_size, live, &wpack[0], &tap[0], <int> C, KH, KW,
                              <int> S, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
         else:
             fc_direct_band_d(rows, ldr, row_size, live, &wpack[0], &tap[0], <int> C, KH, KW,
                              <int> S, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
+
+
+def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
+                    floating[:, ::1] partial, floating[::1] workspace,
+                    unsigned char[::1] live_flags, const Py_ssize_t[::1] rowmap,
+                    const Py_ssize_t[::1] colmap, const Py_ssize_t[::1] lo,
+                    const Py_ssize_t[::1] hi, Py_ssize_t left, const Py_ssize_t[::1] offsets,
+                    int KH, int stride_w, Py_ssize_t ldr, Py_ssize_t band_rows, int n_threads):
+    """partial[t, f*K + k] = the sum, over thread t's bands, of dy[n, f, oh, ow] times the
+    input under tap k = (c*KH + kh)*KW + kw of output (oh, ow): per-thread grad_weight sums.
+
+    The bands' phase rows are laid out as :func:`forward`'s (an all-padding row as
+    zeros); ``offsets[k]`` is where tap k's columns start in an output row's phase rows.
+
+    # IN  x: (N, C, H, W); dy: (N, F, OH, OW); offsets: (K,) with K = C*KH*KW
+    # OUT partial: (n_threads, >= F*K), the first F*K of each row overwritten
+    # workspace and live_flags: as forward's
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = dy.shape[1], OH = dy.shape[2], OW = dy.shape[3]
+    cdef Py_ssize_t K = offsets.shape[0], S = stride_w
+    cdef Py_ssize_t row_size = C * KH * S * ldr
+    cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
+    cdef Py_ssize_t per_thread = band_rows * row_size
+    cdef Py_ssize_t item, n, band, oh0, R, t
+    cdef int tid
+    cdef floating *rows
+    cdef unsigned char *live
+    for t in range(partial.shape[0]):
+        memset(&partial[t, 0], 0, F * K * sizeof(floating))
+    if N == 0 or OH == 0:
+        return
+    for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="static"):
+        n = item // bands
+        band = item - n * bands
+        oh0 = band * band_rows
+        R = min(band_rows, OH - oh0)
+        tid = openmp.omp_get_thread_num()
+        rows = &workspace[tid * per_thread]
+        live = &live_flags[tid * band_rows * KH]
+        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_size, live, &rowmap[0], &colmap[0],
+                   &lo[0], &hi[0], left, KH, S, ldr, True)
+        if floating is float:
+            fc_direct_weight_grad_band_s(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0],
+                                         OH * OW, F, OW, R, &partial[tid, 0])
+        else:
+            fc_direct_weight_grad_band_d(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0],
+                                         OH * OW, F, OW, R, &partial[tid, 0])

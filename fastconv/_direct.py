@@ -4,8 +4,10 @@
 ``algorithm="auto"`` where :func:`pays_off`, run ``fastconv._conv_direct``:
 register-blocked sums over the C*KH*KW taps of each output row, which beat
 im2col + GEMM when that GEMM would be too shallow (K = C*KH*KW of 25 .. 150
-for a network's first layers). Depthwise layers have their own direct kernel
-(``fastconv._depthwise``). The backward pass runs the im2col engine.
+for a network's first layers). grad_weight of the same layers
+(:func:`backward_weight`) sums dY times the same phase rows: its GEMM would
+have only F x K outputs per image. Depthwise layers have their own direct kernel
+(``fastconv._depthwise``). grad_x runs by the im2col engine.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastconv import _conv_direct
+from fastconv import _conv, _conv_direct
 from fastconv._padding import source_indices, source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pack_weight", "forward"]
+__all__ = ["applies", "pays_off", "pack_weight", "forward", "backward_weight"]
 
 #: Filters per register block of the kernel (FC_FB in _direct_kernels.h).
 FILTER_BLOCK = 4
@@ -130,4 +132,38 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     _conv_direct.forward(x, wpack, b, out, scratch, live, rows.rowmap, rows.colmap, rows.lo,
                          rows.hi, g.pad_left, rows.tap, g.KH, g.KW, rows.S, rows.ldr, band, relu,
                          n_threads)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _tap_offsets(g: ConvGeometry) -> np.ndarray:
+    """Where each tap k = (c*KH + kh)*KW + kw starts in an output row's phase rows."""
+    rows = _row_plan(g)
+    offsets = ((np.arange(g.C * g.KH, dtype=np.intp) * rows.S * rows.ldr)[:, None]
+               + rows.tap[None, :]).reshape(-1)
+    offsets.flags.writeable = False
+    return offsets
+
+
+def backward_weight(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry, dtype,
+                    n_threads: int, out: np.ndarray) -> np.ndarray:
+    """grad_weight of a layer :func:`applies` to, by the direct kernel, into ``out``
+    (F*C*KH*KW values, C-order of (F, C, KH, KW)).
+
+    Every output row's input rows are laid out as in :func:`forward`; each thread sums
+    its bands' ``dY x input`` products into its own row of partial sums, reduced at the
+    end (a GEMM of only F x C*KH*KW outputs per image runs BLAS far below its speed).
+    ``x`` and ``dy`` must be C-contiguous of ``dtype``.
+    """
+    g = geometry
+    rows = _row_plan(g)
+    band = band_rows(g, rows, n_threads)
+    K = g.C * g.KH * g.KW
+    partial = workspace("direct-weight-grad", dtype, n_threads * g.F * K).reshape(n_threads, -1)
+    scratch = workspace("direct", dtype, n_threads * band * g.C * g.KH * rows.S * rows.ldr)
+    live = workspace("direct-live", np.uint8, n_threads * band * g.KH)
+    _conv_direct.backward_weight(x, dy, partial, scratch, live, rows.rowmap, rows.colmap,
+                                 rows.lo, rows.hi, g.pad_left, _tap_offsets(g), g.KH, rows.S,
+                                 rows.ldr, band, n_threads)
+    _conv.reduce_rows(partial, out, n_threads)
     return out

@@ -136,7 +136,111 @@ FC_TARGET static void fc_direct_band_##suffix(                                  
     }                                                                                         \
 }
 
+/* FC_DIRECT_WEIGHT_GRAD(suffix, T, VEC, VEC_U, IVEC, LANES): one band's share of
+   grad_weight (fc_direct_weight_grad_band_*), from the same phase rows as the forward:
+
+     g[f*K + t] += sum_{r < R, ow < OW} dy[f*ldo + r*OW + ow] * rows[r*band_stride + off[t] + ow]
+
+   for the K = C*KH*KW taps t = (c*KH + kh)*KW + kw, off[t] = (c*KH + kh)*S*ldr + tap[kw]
+   (an all-padding input row must be zeros here). Im2col + GEMM runs this as a GEMM of
+   K x F outputs summed over OH*OW per image, too few outputs (27 x 32 for cifar) for BLAS
+   to run well. Here a register block is FC_WG_FB filters x up to FC_WG_TB taps: per column
+   vector, FC_WG_FB loads of dY and one load of each tap's input feed FC_WG_FB * FC_WG_TB
+   FMAs into independent sums, reduced across lanes once per band. */
+#define FC_WG_FB 2
+#define FC_WG_TB 6
+
+#define FC_WEIGHT_GRAD_BLOCK(suffix, NT, T, VEC, VEC_U, IVEC, LANES)                          \
+static inline FC_ALWAYS_INLINE void fc_weight_grad_block##NT##_##suffix(                      \
+    const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, const T *dy0, const T *dy1,   \
+    ptrdiff_t OW, ptrdiff_t R, T *g0, T *g1)                                                  \
+{                                                                                             \
+    VEC acc0[NT], acc1[NT];                                                                   \
+    const ptrdiff_t full = OW / LANES * LANES, rest = OW - full;                              \
+    IVEC keep;                                                                                \
+    for (int l = 0; l < LANES; l++)                                                           \
+        keep[l] = l < rest ? -1 : 0;                                                          \
+    for (int j = 0; j < NT; j++)                                                              \
+        acc0[j] = acc1[j] = (VEC){0};                                                         \
+    for (ptrdiff_t r = 0; r < R; r++) {                                                       \
+        const T *x = rows + r * band_stride, *d0 = dy0 + r * OW, *d1 = dy1 + r * OW;          \
+        for (ptrdiff_t ow = 0; ow < full; ow += LANES) {                                      \
+            const VEC a = *(const VEC_U *)(d0 + ow), b = *(const VEC_U *)(d1 + ow);           \
+            for (int j = 0; j < NT; j++) {                                                    \
+                const VEC v = *(const VEC_U *)(x + off[j] + ow);                              \
+                acc0[j] += a * v;                                                             \
+                acc1[j] += b * v;                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        if (rest) {                                                                           \
+            /* the row's last columns: dY from a zero-filled copy, the input masked (what  \
+               lies past OW in a phase row is never summed, whatever its value) */          \
+            T ta[LANES], tb[LANES];                                                           \
+            for (int l = 0; l < LANES; l++)                                                   \
+                ta[l] = tb[l] = 0;                                                            \
+            memcpy(ta, d0 + full, (size_t)rest * sizeof(T));                                  \
+            memcpy(tb, d1 + full, (size_t)rest * sizeof(T));                                  \
+            const VEC a = *(const VEC_U *)ta, b = *(const VEC_U *)tb;                         \
+            for (int j = 0; j < NT; j++) {                                                    \
+                const VEC v = (VEC)((IVEC) * (const VEC_U *)(x + off[j] + full) & keep);      \
+                acc0[j] += a * v;                                                             \
+                acc1[j] += b * v;                                                             \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    for (int j = 0; j < NT; j++) {                                                            \
+        T s0 = 0, s1 = 0;                                                                     \
+        for (int l = 0; l < LANES; l++) {                                                     \
+            s0 += acc0[j][l];                                                                 \
+            s1 += acc1[j][l];                                                                 \
+        }                                                                                     \
+        g0[j] += s0;                                                                          \
+        if (g1)                                                                               \
+            g1[j] += s1;                                                                      \
+    }                                                                                         \
+}
+
+#define FC_DIRECT_WEIGHT_GRAD(suffix, T, VEC, VEC_U, IVEC, LANES)                            \
+FC_WEIGHT_GRAD_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES)                                   \
+FC_WEIGHT_GRAD_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES)                                   \
+FC_WEIGHT_GRAD_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES)                                   \
+FC_WEIGHT_GRAD_BLOCK(suffix, 4, T, VEC, VEC_U, IVEC, LANES)                                   \
+FC_WEIGHT_GRAD_BLOCK(suffix, 5, T, VEC, VEC_U, IVEC, LANES)                                   \
+FC_WEIGHT_GRAD_BLOCK(suffix, 6, T, VEC, VEC_U, IVEC, LANES)                                   \
+                                                                                              \
+FC_TARGET static void fc_direct_weight_grad_band_##suffix(                                    \
+    const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, ptrdiff_t K, const T *dy,     \
+    ptrdiff_t ldo, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t R, T *g)                              \
+{                                                                                             \
+    for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_WG_FB) {                                          \
+        /* an odd last filter runs paired with itself, its twin's sums dropped */            \
+        const int pair = f0 + 1 < F;                                                          \
+        const T *dy0 = dy + f0 * ldo, *dy1 = pair ? dy0 + ldo : dy0;                          \
+        T *g0 = g + f0 * K, *g1 = pair ? g0 + K : NULL;                                       \
+        for (ptrdiff_t t0 = 0; t0 < K; t0 += FC_WG_TB) {                                      \
+            const ptrdiff_t nt = K - t0 < FC_WG_TB ? K - t0 : FC_WG_TB;                       \
+            const ptrdiff_t *o = off + t0;                                                    \
+            switch (nt) {                                                                     \
+            case 6: fc_weight_grad_block6_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
+                                                   g0 + t0, g1 ? g1 + t0 : NULL); break;      \
+            case 5: fc_weight_grad_block5_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
+                                                   g0 + t0, g1 ? g1 + t0 : NULL); break;      \
+            case 4: fc_weight_grad_block4_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
+                                                   g0 + t0, g1 ? g1 + t0 : NULL); break;      \
+            case 3: fc_weight_grad_block3_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
+                                                   g0 + t0, g1 ? g1 + t0 : NULL); break;      \
+            case 2: fc_weight_grad_block2_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
+                                                   g0 + t0, g1 ? g1 + t0 : NULL); break;      \
+            default: fc_weight_grad_block1_##suffix(rows, band_stride, o, dy0, dy1, OW, R,    \
+                                                    g0 + t0, g1 ? g1 + t0 : NULL); break;     \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
 FC_DIRECT_ROW(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8)
 FC_DIRECT_ROW(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4)
+FC_DIRECT_WEIGHT_GRAD(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8)
+FC_DIRECT_WEIGHT_GRAD(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4)
 
 #endif

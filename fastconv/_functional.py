@@ -100,6 +100,23 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     return algorithm
 
 
+def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometry) -> str:
+    """The kernel family of a plain or grouped NCHW layer's grad_weight, which pays off on
+    its own shapes: with ``algorithm="auto"`` it is chosen apart from grad_x's
+    (``algorithm``, from :func:`_choose_algorithm`); explicit algorithms apply to both
+    where they can, and Winograd's F(3x3, 2x2) only within the BLAS limit."""
+    if requested == "auto":
+        if _direct.pays_off(geometry):
+            return "direct"
+        if (_winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
+                and _winograd.fits(geometry)):
+            return "winograd"
+        return "im2col"
+    if algorithm == "winograd" and not _winograd.fits(geometry):
+        return "im2col"
+    return algorithm
+
+
 def _relu_in_place(y: np.ndarray, n_threads: int) -> np.ndarray:
     """The ReLU of a result the kernel could not fuse it into (NHWC, depthwise)."""
     flat = y.reshape(-1)
@@ -193,7 +210,8 @@ def conv2d(
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), a register-blocked one for few
-        input channels (its backward runs by im2col); NCHW only. 'winograd'
+        input channels (its backward: grad_weight by a direct kernel too,
+        grad_x by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(2x2, 3x3) where accuracy or a tiny output needs it); 'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
@@ -466,17 +484,18 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         return grad_x, grad_weight, grad_bias
     winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
                       and _winograd.fits_input_grad(geometry))
-    # grad_weight pays off on its own shapes: "auto" asks separately
-    winograd_weight = _winograd.fits(geometry) and (
-        _winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
-        if requested == "auto" else algorithm == "winograd")
-    if winograd_weight:
+    weight_algorithm = _weight_grad_algorithm(requested, algorithm, geometry)
+    direct_weight = weight_algorithm == "direct"
+    winograd_weight = weight_algorithm == "winograd"
+    if direct_weight:
+        _direct.backward_weight(xc, dy, geometry, dtype, n_threads, grad_weight.reshape(-1))
+    elif winograd_weight:
         _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
-        if with_bias:
-            _conv.channel_sums(dy.reshape(N, F, -1), grad_bias, n_threads)
-    if not (winograd_weight and winograd_input):
+    if with_bias and (direct_weight or winograd_weight):
+        _conv.channel_sums(dy.reshape(N, F, -1), grad_bias, n_threads)
+    if not ((direct_weight or winograd_weight) and winograd_input):
         tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
-    if not winograd_weight:
+    if not (direct_weight or winograd_weight):
         partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
         with single_threaded_blas:
             _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,

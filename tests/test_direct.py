@@ -60,13 +60,80 @@ def test_thread_counts_are_bit_identical(n_threads):
         fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=n_threads), serial)
 
 
-def test_backward_of_direct_runs_the_im2col_engine(dtype):
+def test_backward_of_direct_runs_grad_x_by_the_im2col_engine(dtype):
     rng = np.random.default_rng(3)
     x, w, b = _problem(rng, 2, 3, 9, 9, 5, (3, 3), dtype)
     dy = rng.standard_normal((2, 5, 9, 9)).astype(dtype)
     got = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="direct")
     want = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="im2col")
-    for a, e in zip(got, want):
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])
+    assert_matches(got[1], want[1], dtype, 2 * 9 * 9, "grad_weight")
+
+
+def _backward_reference(dy, x, w, **args):
+    wide = [a.astype(np.float64) for a in (dy, x, w)]
+    return reference.conv2d_backward(*wide, **args)
+
+
+# output widths around the 8-column vectors, odd filter counts (the last filter unpaired)
+# and tap counts around the 6-tap blocks (C*KH*KW = 1, 5, 6, 7, 12, 27)
+@pytest.mark.parametrize("OW", [1, 7, 8, 9, 17, 32])
+@pytest.mark.parametrize("F,C,kernel", [(1, 1, (1, 1)), (3, 1, (1, 5)), (2, 2, (1, 3)),
+                                        (5, 1, (7, 1)), (4, 3, (2, 2)), (7, 3, (3, 3))])
+def test_direct_grad_weight_blocks_and_tails(OW, F, C, kernel, dtype):
+    rng = np.random.default_rng(4)
+    x, w, _ = _problem(rng, 3, C, 8, OW + kernel[1] - 1, F, kernel, dtype)
+    dy = rng.standard_normal((3, F, 9 - kernel[0], OW)).astype(dtype)
+    _, grad_weight, grad_bias = fastconv.conv2d_backward(dy, x, w, algorithm="direct")
+    want = _backward_reference(dy, x, w)
+    assert_matches(grad_weight, want[1], dtype, dy[:, 0].size, "grad_weight")
+    assert_matches(grad_bias, want[2], dtype, dy[:, 0].size, "grad_bias")
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)), ((3, 2), (2, 3), 2, 1),
+    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"),
+])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_direct_grad_weight_strides_dilations_and_padding_modes(kernel, stride, dilation,
+                                                                padding, mode, dtype):
+    """Padding rows (all-padding input rows are zeros in the phase rows) and every mode's
+    border fold into grad_weight as the reference's."""
+    rng = np.random.default_rng(5)
+    x, w, _ = _problem(rng, 2, 3, 19, 33, 5, kernel, dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    try:
+        output_shape = reference.conv2d(x, w, **args).shape
+    except ValueError:                    # reflect padding >= the input: refused by both
+        return
+    dy = rng.standard_normal(output_shape).astype(dtype)
+    want = _backward_reference(dy, x, w, **args)
+    got = fastconv.conv2d_backward(dy, x, w, algorithm="direct", **args)
+    assert_matches(got[1], want[1], dtype, dy[:, 0].size, "grad_weight")
+    np.testing.assert_array_equal(
+        got[0], fastconv.conv2d_backward(dy, x, w, algorithm="im2col", **args)[0])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_direct_grad_weight_is_deterministic_for_a_thread_count(n_threads):
+    """Each thread sums a fixed set of bands (a static schedule) and the per-thread sums
+    are reduced in thread order: the same call gives the same bits."""
+    rng = np.random.default_rng(6)
+    x, w, _ = _problem(rng, 5, 3, 20, 30, 10, (5, 5), np.float32)
+    dy = rng.standard_normal((5, 10, 20, 30)).astype(np.float32)
+    first = fastconv.conv2d_backward(dy, x, w, padding=2, algorithm="direct", n_threads=n_threads)
+    again = fastconv.conv2d_backward(dy, x, w, padding=2, algorithm="direct", n_threads=n_threads)
+    np.testing.assert_array_equal(first[1], again[1])
+
+
+def test_auto_takes_the_direct_grad_weight_for_few_channels():
+    rng = np.random.default_rng(7)
+    x, w, _ = _problem(rng, 2, 3, 12, 12, 8, (3, 3), np.float64)
+    dy = rng.standard_normal((2, 8, 12, 12))
+    auto = fastconv.conv2d_backward(dy, x, w, padding=1)
+    direct = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="direct")
+    for a, e in zip(auto, direct):
         np.testing.assert_array_equal(a, e)
 
 
