@@ -32,7 +32,7 @@ COMPILER_DIRECTIVES = {
 }
 
 EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc",
-                   "_conv_winograd", "_conv_direct"]
+                   "_conv_winograd", "_conv_direct", "_conv_phases"]
 # Development shortcut: FASTCONV_BUILD_ONLY=_conv,_im2col python setup.py build_ext --inplace
 # recompiles just those extensions (a full forced build takes ~2 minutes on 2 cores).
 ONLY = [name for name in os.environ.get("FASTCONV_BUILD_ONLY", "").split(",") if name]

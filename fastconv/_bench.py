@@ -362,7 +362,12 @@ def auto_algorithm(shape: Shape, pass_: str) -> str:
     """What ``algorithm="auto"`` runs for this row; for the backward, grad_x's family,
     then grad_weight's after a slash where they differ (``im2col/direct``)."""
     if shape.transposed:
-        return "im2col"
+        from fastconv._transposed import _transposed_algorithm
+        from fastconv._validation import transposed_geometry
+
+        geometry = transposed_geometry(shape.input_shape, shape.weight_shape, shape.stride,
+                                       shape.pad, 0, shape.groups, 1)
+        return _transposed_algorithm("auto", geometry, backward=pass_ == "backward")
     from fastconv._functional import _choose_algorithm, _weight_grad_algorithm
     from fastconv._validation import conv_geometry
 

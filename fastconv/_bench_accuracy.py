@@ -1,7 +1,8 @@
 """``python -m fastconv bench --accuracy``: each algorithm's float32 error, side by side.
 
-For every plain (ungrouped, not transposed) suite shape, the forward, grad_x
-and grad_weight are computed in float32 by each algorithm that applies, and compared
+For every plain (ungrouped) suite shape and every transposed one whose kernel
+is twice its stride, the forward, grad_x and grad_weight are computed in float32
+by each algorithm that applies, and compared
 with the float64 im2col result (which agrees with the NumPy reference to
 ~1e-15). The error is ``max|a - b| / max|b|``, the measure the tests use. The
 ratio to im2col's error is what issue #6 bounds: Winograd within 10x.
@@ -64,6 +65,9 @@ def measure_accuracy(shapes: Iterable, threads: int,
 
     rows = []
     for shape in shapes:
+        if shape.transposed and shape.groups == 1:
+            rows += _transposed_rows(shape, threads, progress)
+            continue
         if not shape.is_plain:
             continue
         a32 = shape.make_inputs("float32")
@@ -91,11 +95,52 @@ def measure_accuracy(shapes: Iterable, threads: int,
                                                      n_threads=threads)
                     got = grads[0] if pass_ == "grad_x" else grads[1]
                 row[f"{algorithm}_err"] = relative_error(got, exact[pass_])
-            for algorithm in ("winograd", "direct"):
-                if row.get(f"{algorithm}_err") is not None:
-                    row[f"{algorithm}_vs_im2col"] = row[f"{algorithm}_err"] / row["im2col_err"]
-            rows.append(row)
-            if progress is not None:
-                progress(f"{shape.name} {pass_}: " + ", ".join(
-                    f"{k} {v:.2e}" for k, v in row.items() if k.endswith("_err")))
+            _finish(row, rows, progress)
+    return rows
+
+
+def _finish(row: dict, rows: list, progress) -> None:
+    """Add the ratios to im2col's error, append the row and report it."""
+    for algorithm in ("winograd", "direct"):
+        if row.get(f"{algorithm}_err") is not None:
+            row[f"{algorithm}_vs_im2col"] = row[f"{algorithm}_err"] / row["im2col_err"]
+    rows.append(row)
+    if progress is not None:
+        progress(f"{row['shape']} {row['pass']}: " + ", ".join(
+            f"{k} {v:.2e}" for k, v in row.items() if k.endswith("_err")))
+
+
+def _transposed_rows(shape, threads: int, progress) -> list[dict]:
+    """The rows of a transposed shape: im2col and, where the kernel is twice the stride,
+    the phase convolutions (``algorithm="winograd"``)."""
+    import fastconv
+    from fastconv import _phases
+    from fastconv._bench import relative_error
+    from fastconv._transposed import _transposed_algorithm
+    from fastconv._validation import transposed_geometry
+
+    a32 = shape.make_inputs("float32")
+    a64 = {k: v.astype(np.float64) for k, v in a32.items()}
+    geometry = transposed_geometry(shape.input_shape, shape.weight_shape, shape.stride,
+                                   shape.pad, 0, 1, 1)
+    algorithms = ["im2col"] + (["winograd"] if _phases.applies(geometry) else [])
+    s, p = shape.stride, shape.pad
+
+    def passes(arrays, algorithm):
+        y = fastconv.conv_transpose2d(arrays["x"], arrays["weight"], arrays["bias"], s, p,
+                                      algorithm=algorithm, n_threads=threads)
+        grad_x, grad_weight, _ = fastconv.conv_transpose2d_backward(
+            arrays["grad_output"], arrays["x"], arrays["weight"], s, p, algorithm=algorithm,
+            n_threads=threads)
+        return {"forward": y, "grad_x": grad_x, "grad_weight": grad_weight}
+
+    exact = passes(a64, "im2col")
+    got = {algorithm: passes(a32, algorithm) for algorithm in algorithms}
+    rows = []
+    for pass_ in ("forward", "grad_x", "grad_weight"):
+        auto = _transposed_algorithm("auto", geometry, backward=pass_ != "forward")
+        row = {"shape": shape.name, "pass": pass_, "auto": auto}
+        for algorithm in algorithms:
+            row[f"{algorithm}_err"] = relative_error(got[algorithm][pass_], exact[pass_])
+        _finish(row, rows, progress)
     return rows

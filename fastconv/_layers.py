@@ -7,7 +7,11 @@ import math
 import numpy as np
 
 from fastconv._functional import _conv2d, _conv2d_backward
-from fastconv._transposed import conv_transpose2d, conv_transpose2d_backward
+from fastconv._transposed import (
+    _transposed_algorithm,
+    conv_transpose2d,
+    conv_transpose2d_backward,
+)
 from fastconv._winograd import TransformedWeights
 from fastconv._threads import effective_n_threads
 from fastconv._pooling import (
@@ -370,6 +374,8 @@ class ConvTranspose2D(_ConvLayerBase):
     dtype : float32 or float64, default float32
     rng : None, int or numpy.random.Generator
         PyTorch's default initialisation, ``fan_in = C_out/groups*KH*KW``.
+    algorithm : {'auto', 'im2col', 'winograd'}, default 'auto'
+        As in :func:`fastconv.conv_transpose2d`.
     n_threads : int, optional
 
     Attributes
@@ -407,6 +413,7 @@ class ConvTranspose2D(_ConvLayerBase):
         dtype=np.float32,
         rng=None,
         *,
+        algorithm: str = "auto",
         n_threads: int | None = None,
     ) -> None:
         in_channels, out_channels, (kh, kw), groups, dtype = _layer_args(
@@ -416,9 +423,10 @@ class ConvTranspose2D(_ConvLayerBase):
         # Validate everything now, on a stand-in input big enough for any padding
         # (transposed_geometry raises the string-padding error before parsing pads).
         probe = 2 * max(as_pair(padding, "padding") if not isinstance(padding, str) else (0,)) + 1
-        transposed_geometry((0, in_channels, probe, probe),
-                            (in_channels, out_channels // groups, kh, kw), self.stride, padding,
-                            output_padding, groups, self.dilation)
+        geometry = transposed_geometry((0, in_channels, probe, probe),
+                                       (in_channels, out_channels // groups, kh, kw),
+                                       self.stride, padding, output_padding, groups,
+                                       self.dilation)
         ph, pw = as_pair(padding, "padding")
         self.output_padding = as_pair(output_padding, "output_padding")
         self.padding = (ph, pw)
@@ -427,6 +435,8 @@ class ConvTranspose2D(_ConvLayerBase):
                              (in_channels, out_channels // groups, kh, kw), out_channels, bias,
                              dtype)
         self.W, self.b = W, b
+        _transposed_algorithm(algorithm, geometry)   # raises for a layer it cannot run
+        self.algorithm = algorithm
         effective_n_threads(n_threads)
         self.n_threads = n_threads
         self.dW = None
@@ -451,7 +461,8 @@ class ConvTranspose2D(_ConvLayerBase):
     def _arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding,
                     output_padding=self.output_padding, groups=self.groups,
-                    dilation=self.dilation, n_threads=self.n_threads)
+                    dilation=self.dilation, algorithm=self.algorithm,
+                    n_threads=self.n_threads)
 
     def __repr__(self) -> str:
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
@@ -462,6 +473,8 @@ class ConvTranspose2D(_ConvLayerBase):
         if self.output_padding != (0, 0):
             parts.append(f"output_padding={_short(self.output_padding)}")
         parts += self._common_repr_parts()
+        if self.algorithm != "auto":
+            parts.append(f"algorithm={self.algorithm!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 

@@ -26,6 +26,9 @@ LAYOUTS = ("NCHW", "NHWC")
 #: ``algorithm`` values of conv2d / conv2d_backward ("direct": the depthwise kernel;
 #: "winograd": F(m x m, 3 x 3) for 3x3 kernels at stride 1 and dilation 1).
 ALGORITHMS = ("auto", "im2col", "direct", "winograd")
+#: ``algorithm`` values of conv_transpose2d / conv_transpose2d_backward ("winograd": the
+#: 2x2 phase convolutions of a kernel twice the stride, fastconv._phases).
+TRANSPOSED_ALGORITHMS = ("auto", "im2col", "winograd")
 #: ``activation`` values of conv2d / conv2d_backward / Conv2D (None: the identity).
 ACTIVATIONS = (None, "relu")
 

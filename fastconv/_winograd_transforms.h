@@ -6,6 +6,9 @@
 #include <stddef.h>
 #include "_simd_target.h"
 
+/* _conv_winograd and _conv_phases each use only their part of this header */
+#pragma GCC diagnostic ignored "-Wunused-function"
+
 #define FC_CHUNK 64
 
 /* ---- F(2x2, 3x3): alpha = 4, points 0, 1, -1, infinity ---- */
@@ -115,7 +118,7 @@ FC_TARGET static void fc_wino2_output_s(
     }
 }
 
-/* U = G g G^T for n filters, in double: element t of tap k (= kh*3 + kw) is
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
    g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
    reads the kernel rotated by 180 degrees); dst stream xi*4+nu gets U[xi][nu]. */
 FC_TARGET static void fc_wino2_weight_s(
@@ -230,7 +233,7 @@ FC_TARGET static void fc_wino2_output_d(
     }
 }
 
-/* U = G g G^T for n filters, in double: element t of tap k (= kh*3 + kw) is
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
    g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
    reads the kernel rotated by 180 degrees); dst stream xi*4+nu gets U[xi][nu]. */
 FC_TARGET static void fc_wino2_weight_d(
@@ -440,7 +443,7 @@ FC_TARGET static void fc_wino4_output_s(
     }
 }
 
-/* U = G g G^T for n filters, in double: element t of tap k (= kh*3 + kw) is
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
    g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
    reads the kernel rotated by 180 degrees); dst stream xi*6+nu gets U[xi][nu]. */
 FC_TARGET static void fc_wino4_weight_s(
@@ -555,7 +558,7 @@ FC_TARGET static void fc_wino4_output_d(
     }
 }
 
-/* U = G g G^T for n filters, in double: element t of tap k (= kh*3 + kw) is
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
    g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
    reads the kernel rotated by 180 degrees); dst stream xi*6+nu gets U[xi][nu]. */
 FC_TARGET static void fc_wino4_weight_d(
@@ -945,6 +948,514 @@ FC_TARGET static void fc_winodw_gather_grad_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
         }
     }
+}
+
+/* ---- phase convolutions: F(2x2, 2x2) for the forward and grad_x, F(2x2, 2x2)
+   for grad_weight; alpha = 3, points 0, 1, infinity ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2gd_d(
+    const double *restrict i0, const double *restrict i1,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = x0 + x1;
+        o2[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2bt_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        o0[t] = - x0 + x1;
+        o1[t] = x1;
+        o2[t] = - x1 + x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2at_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2,
+    float *restrict o0, float *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        o0[t] = x0 + x1;
+        o1[t] = x1 + x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2dwg_s(
+    const float *restrict i0, const float *restrict i1,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = x0 + x1;
+        o2[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2dwat_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2,
+    float *restrict o0, float *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        o0[t] = x0 + x1;
+        o1[t] = x1 + x2;
+    }
+}
+
+/* V = BT D B of the 3x3 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase2_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[9 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2bt_s(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase2bt_s(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 9 streams in, 4 out (the 2x2 output tiles). */
+FC_TARGET static void fc_phase2_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[6 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2at_s(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++)
+            fc_apply_phase2at_s(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 2 + 0) * ldd + t0, dst + (r * 2 + 1) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*3+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase2_weight_s(
+    const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[6 * FC_CHUNK];
+    double out[9 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase2gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 3; xi++)
+            fc_apply_phase2gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 3 + 0) * FC_CHUNK, out + (xi * 3 + 1) * FC_CHUNK, out + (xi * 3 + 2) * FC_CHUNK, len);
+        for (int s = 0; s < 9; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (float)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase2_gather_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        float *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1]; d2[tw] = base[2 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 2x2 x tiles: 4 streams in, 9 out. */
+FC_TARGET static void fc_phase2_dw_x_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[6 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 2; j++)
+            fc_apply_phase2dwg_s(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase2dwg_s(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 9 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase2_dw_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[6 * FC_CHUNK];
+    float row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2dwat_s(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase2dwat_s(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase2_dw_gather_x_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 2; i++) {
+        float *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2bt_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = - x0 + x1;
+        o1[t] = x1;
+        o2[t] = - x1 + x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2at_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = x0 + x1;
+        o1[t] = x1 + x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2dwg_d(
+    const double *restrict i0, const double *restrict i1,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = x0 + x1;
+        o2[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase2dwat_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = x0 + x1;
+        o1[t] = x1 + x2;
+    }
+}
+
+/* V = BT D B of the 3x3 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase2_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[9 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2bt_d(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase2bt_d(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 9 streams in, 4 out (the 2x2 output tiles). */
+FC_TARGET static void fc_phase2_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[6 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2at_d(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++)
+            fc_apply_phase2at_d(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 2 + 0) * ldd + t0, dst + (r * 2 + 1) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*3+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase2_weight_d(
+    const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[6 * FC_CHUNK];
+    double out[9 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase2gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 3; xi++)
+            fc_apply_phase2gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 3 + 0) * FC_CHUNK, out + (xi * 3 + 1) * FC_CHUNK, out + (xi * 3 + 2) * FC_CHUNK, len);
+        for (int s = 0; s < 9; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (double)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase2_gather_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        double *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1]; d2[tw] = base[2 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 2x2 x tiles: 4 streams in, 9 out. */
+FC_TARGET static void fc_phase2_dw_x_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[6 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 2; j++)
+            fc_apply_phase2dwg_d(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase2dwg_d(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 9 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase2_dw_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[6 * FC_CHUNK];
+    double row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase2dwat_d(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase2dwat_d(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase2_dw_gather_x_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 2; i++) {
+        double *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 2;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
+        }
+    }
+}
+
+/* ---- the phase kernels for output tiles m x m ---- */
+
+static inline void fc_phase_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_input_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_output_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_weight_s(g, ldg, inc, dst, ldd, n);
+}
+
+static inline void fc_phase_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_phase_dw_x_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_dw_x_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_dw_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_dw_output_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_dw_gather_x_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_phase_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
+{
+    fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
+}
+
+static inline void fc_phase_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_input_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_output_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_weight_d(int m, const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_weight_d(g, ldg, inc, dst, ldd, n);
+}
+
+static inline void fc_phase_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_phase_dw_x_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_dw_x_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_dw_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    fc_phase2_dw_output_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_phase_dw_gather_x_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_phase_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)
+{
+    fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 #endif

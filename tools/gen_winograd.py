@@ -148,30 +148,32 @@ def output_transform(m: int, a: int, ctype: str, suffix: str) -> str:
                      f"stride lds),\n   dst stream i*{m}+j gets Y[i][j] (row stride ldd).")
 
 
-def weight_transform(m: int, a: int, ctype: str, suffix: str) -> str:
-    """dst[(xi, nu)] = (G g G.T)[xi, nu], computed in double and rounded once."""
-    name = f"g{m}"
-    lines = [f"/* U = G g G^T for n filters, in double: element t of tap k (= kh*3 + kw) is",
+def weight_transform(m: int, a: int, ctype: str, suffix: str, r: int = 3,
+                     name: str | None = None) -> str:
+    """dst[(xi, nu)] = (G g G.T)[xi, nu] of r x r filters, computed in double and rounded once."""
+    apply = f"g{m}d" if name is None else f"{name}gd"
+    function = f"wino{m}_weight" if name is None else f"{name}_weight"
+    lines = [f"/* U = G g G^T for n {r}x{r} filters, in double: element t of tap k (= kh*{r} + kw) is",
              "   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap",
              f"   reads the kernel rotated by 180 degrees); dst stream xi*{a}+nu gets U[xi][nu]. */",
-             f"FC_TARGET static void fc_wino{m}_weight_{suffix}(",
+             f"FC_TARGET static void fc_{function}_{suffix}(",
              f"    const {ctype} *g, ptrdiff_t ldg, ptrdiff_t inc, {ctype} *dst, ptrdiff_t ldd,",
              "    ptrdiff_t n)", "{",
-             "    double taps[9 * FC_CHUNK];",
-             f"    double tmp[{a * 3} * FC_CHUNK];",
+             f"    double taps[{r * r} * FC_CHUNK];",
+             f"    double tmp[{a * r} * FC_CHUNK];",
              f"    double out[{a * a} * FC_CHUNK];",
              "    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {",
              "        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;",
-             "        for (int k = 0; k < 9; k++)",
+             f"        for (int k = 0; k < {r * r}; k++)",
              "            for (ptrdiff_t t = 0; t < len; t++)",
              "                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];",
-             "        for (int kw = 0; kw < 3; kw++)",
-             "            " + _call(name + "d", "d",
-                                    [f"taps + ({kh} * 3 + kw) * FC_CHUNK" for kh in range(3)],
-                                    [f"tmp + ({x} * 3 + kw) * FC_CHUNK" for x in range(a)]),
+             f"        for (int kw = 0; kw < {r}; kw++)",
+             "            " + _call(apply, "d",
+                                    [f"taps + ({kh} * {r} + kw) * FC_CHUNK" for kh in range(r)],
+                                    [f"tmp + ({x} * {r} + kw) * FC_CHUNK" for x in range(a)]),
              f"        for (int xi = 0; xi < {a}; xi++)",
-             "            " + _call(name + "d", "d",
-                                    [f"tmp + (xi * 3 + {kw}) * FC_CHUNK" for kw in range(3)],
+             "            " + _call(apply, "d",
+                                    [f"tmp + (xi * {r} + {kw}) * FC_CHUNK" for kw in range(r)],
                                     [f"out + (xi * {a} + {v}) * FC_CHUNK" for v in range(a)]),
              f"        for (int s = 0; s < {a * a}; s++)",
              "            for (ptrdiff_t t = 0; t < len; t++)",
@@ -279,17 +281,29 @@ KERNEL_SIGNATURES = {
 }
 
 
-def dispatchers(sizes, ctype: str, suffix: str) -> str:
-    """``fc_wino_<kind>_<suffix>(int m, ...)``: the variant's kernel for output tiles m x m,
-    so the Cython side dispatches on the dtype only."""
+#: The phase kernels' signatures (fc_phase<m>_<kind>): the transforms take streams, the
+#: gathers a plane, the weight transform filters.
+_STREAMS = KERNEL_SIGNATURES["input"]
+PHASE_KERNEL_SIGNATURES = {
+    "input": _STREAMS, "output": _STREAMS, "weight": KERNEL_SIGNATURES["weight"],
+    "gather": KERNEL_SIGNATURES["gather"], "dw_x": _STREAMS, "dw_output": _STREAMS,
+    "dw_gather_x": KERNEL_SIGNATURES["gather"], "scatter": KERNEL_SIGNATURES["scatter"],
+}
+
+
+def dispatchers(sizes, ctype: str, suffix: str, signatures=None, family: str = "wino") -> str:
+    """``fc_<family>_<kind>_<suffix>(int m, ...)``: the variant's kernel for output tiles
+    m x m, so the Cython side dispatches on the dtype only (the phase family's scatter
+    is the Winograd one's)."""
     out = []
-    for kind, (params, args) in KERNEL_SIGNATURES.items():
+    for kind, (params, args) in (signatures or KERNEL_SIGNATURES).items():
         params = params.format(T=ctype)
-        body = " else ".join(f"if (m == {m}) fc_wino{m}_{kind}_{suffix}({args});"
+        prefix = "wino" if kind == "scatter" else family
+        body = " else ".join(f"if (m == {m}) fc_{prefix}{m}_{kind}_{suffix}({args});"
                              for m in sizes[:-1])
-        last = f"fc_wino{sizes[-1]}_{kind}_{suffix}({args});"
+        last = f"fc_{prefix}{sizes[-1]}_{kind}_{suffix}({args});"
         body = f"{body} else {last}" if body else last
-        out += [f"static inline void fc_wino_{kind}_{suffix}(int m, {params})",
+        out += [f"static inline void fc_{family}_{kind}_{suffix}(int m, {params})",
                 "{", f"    {body}", "}", ""]
     return "\n".join(out)
 
@@ -300,6 +314,8 @@ def render() -> str:
              "   do not edit by hand (a test checks that this file is up to date). */",
              "#ifndef FASTCONV_WINOGRAD_TRANSFORMS_H", "#define FASTCONV_WINOGRAD_TRANSFORMS_H",
              "", "#include <stddef.h>", "#include \"_simd_target.h\"", "",
+             "/* _conv_winograd and _conv_phases each use only their part of this header */",
+             "#pragma GCC diagnostic ignored \"-Wunused-function\"", "",
              f"#define FC_CHUNK {CHUNK}", ""]
     for m, mats in sorted(variants.items()):
         a = mats.alpha
@@ -336,8 +352,52 @@ def render() -> str:
                                "stride lds),\n   each pair's 3x3 kernel gradient at "
                                "dst[t*9 .. t*9 + 8].", interleaved=True))
         parts.append(gather(2, 2, ctype, suffix, function="winodw_gather_grad"))
+    parts += phase_kernels(_load_matrices_module())
     parts += ["#endif", ""]
     return "\n".join(parts)
+
+
+def phase_kernels(matrices) -> list[str]:
+    """The 2x2 phase convolutions of a transposed convolution (``fc_phase<m>_*``, and
+    ``fc_phase_<kind>_<s|d>(int m, ...)`` dispatching on m): F(m x m, 2 x 2) for the
+    forward and grad_x, F(2 x 2, m x m) for grad_weight from the same input transform
+    (both have the same BT); the output tiles are scattered by ``fc_wino<m>_scatter``."""
+    parts = []
+    for m, (dx, dw) in sorted(matrices.PHASE_VARIANTS.items()):
+        a = dx.alpha
+        assert dx.BT == dw.BT and dw.alpha == a and (dx.m, dx.r, dw.m, dw.r) == (m, 2, 2, m)
+        points = ", ".join(str(p) for p in dx.points)
+        name = f"phase{m}"
+        parts.append(f"/* ---- phase convolutions: F({m}x{m}, 2x2) for the forward and grad_x, "
+                     f"F(2x2, {m}x{m})\n   for grad_weight; alpha = {a}, points {points}, "
+                     "infinity ---- */\n")
+        parts.append(apply_function(f"{name}gd", dx.G, "double", "d"))
+        for suffix, ctype in TYPES:
+            parts.append(apply_function(f"{name}bt", dx.BT, ctype, suffix))
+            parts.append(apply_function(f"{name}at", dx.AT, ctype, suffix))
+            parts.append(apply_function(f"{name}dwg", dw.G, ctype, suffix))
+            parts.append(apply_function(f"{name}dwat", dw.AT, ctype, suffix))
+            parts.append(separable(f"{name}_input", f"{name}bt", a, a, a, a, ctype, suffix,
+                                   f"V = BT D B of the {a}x{a} input tiles (streams as the "
+                                   "forward's)."))
+            parts.append(separable(f"{name}_output", f"{name}at", a, a, m, m, ctype, suffix,
+                                   f"Y = AT M A: {a * a} streams in, {m * m} out (the {m}x{m} "
+                                   "output tiles)."))
+            parts.append(weight_transform(m, a, ctype, suffix, r=2, name=name))
+            parts.append(gather(m, a, ctype, suffix, function=f"{name}_gather"))
+            parts.append(separable(f"{name}_dw_x", f"{name}dwg", m, m, a, a, ctype, suffix,
+                                   f"X = G x G^T of grad_weight's {m}x{m} x tiles: {m * m} "
+                                   f"streams in, {a * a} out."))
+            parts.append(separable(f"{name}_dw_output", f"{name}dwat", a, a, 2, 2, ctype,
+                                   suffix, f"dK = AT M A for n (filter, channel) pairs: "
+                                   f"{a * a} streams in (row stride lds),\n   each pair's 2x2 "
+                                   "kernel gradient at dst[t*4 .. t*4 + 3].", interleaved=True))
+            parts.append(gather(m, m, ctype, suffix, function=f"{name}_dw_gather_x"))
+    parts.append("/* ---- the phase kernels for output tiles m x m ---- */\n")
+    sizes = sorted(matrices.PHASE_VARIANTS)
+    for suffix, ctype in TYPES:
+        parts.append(dispatchers(sizes, ctype, suffix, PHASE_KERNEL_SIGNATURES, "phase"))
+    return parts
 
 
 def main() -> int:

@@ -1,0 +1,436 @@
+"""Transposed convolutions whose kernel is twice their stride, by 2x2 phase convolutions.
+
+The transposed convolution's grad_x is the strided convolution
+``conv2d(dY, W, stride s, padding p)``. Split dY into its ``s * s`` phases
+(dY rows ``a + s*q``, columns ``b + s*q'``): the kernel taps that meet phase
+``(a, b)`` are ``kh = kh0(a) + s*t``, ``kw = kw0(b) + s*t'`` with
+``kh0(a) = (a + p) mod s`` and ``t, t' < k/s = 2``, so each phase is a 2x2
+stride-1 correlation of the phase plane (its top padding ``(a + p) // s``).
+grad_x is the sum of the phase correlations, one 2x2 convolution over
+``s * s * C_out`` stacked channels ``c = (a*s + b) * C_out + co`` whose
+filters are ``Wsub[ci, c, t, t'] = W[ci, co, kh0(a) + s*t, kw0(b) + s*t']``;
+grad_weight is each phase's 2x2 weight gradient, written back to its taps.
+
+Both run in the Winograd domain from one transform of the dY tiles
+``V = BT d B`` ((m+1)x(m+1) tiles of the phase planes, read in place through
+row and column maps of dY): grad_x by F(m x m, 2 x 2), ``M_s = U_s @ V_s``
+then ``AT M A``; grad_weight by F(2 x 2, m x m), ``sum_tiles (G x G^T)_s @
+V_s^T`` then ``AT . A`` once per (filter, channel) pair. Work items are blocks
+of grad_x's m x m tile rows, as in ``fastconv._conv_winograd``; the per-thread
+workspace comes from the block size, never from the batch.
+
+The forward is the same split seen from x: output phase ``(a, b)`` (rows
+``a + s*q``) is a 2x2 correlation of x, top padding ``1 - (a + p) // s``,
+with the phase's taps rotated by 180 degrees and the channel axes swapped,
+``Wf[a, b][co, ci, t, t'] = W[ci, co, kh0(a) + s*(1 - t), kw0(b) + s*(1 - t')]``:
+one F(m x m, 2 x 2) convolution per phase, the phases' tiles interleaved into
+y's rows.
+
+m is 4 or 2 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
+gathers and scatters are the generated C of ``fastconv/_winograd_transforms.h``.
+"""
+
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange
+
+from fastconv import _tiling
+from fastconv._blas cimport gemm_rm
+
+
+cdef extern from "_winograd_transforms.h" nogil:
+    # fc_phase_<kind>_<s|d>(m, ...): the F(m x m, 2 x 2) / F(2 x 2, m x m) kernel of each kind
+    void fc_phase_input_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                          Py_ssize_t n)
+    void fc_phase_input_d(int m, const double *src, Py_ssize_t lds, double *dst,
+                          Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_output_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                           Py_ssize_t n)
+    void fc_phase_output_d(int m, const double *src, Py_ssize_t lds, double *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_weight_s(int m, const float *g, Py_ssize_t ldg, Py_ssize_t inc, float *dst,
+                           Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_weight_d(int m, const double *g, Py_ssize_t ldg, Py_ssize_t inc,
+                           double *dst, Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_gather_s(int m, const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_phase_gather_d(int m, const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                           const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
+                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
+    void fc_phase_dw_x_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                         Py_ssize_t n)
+    void fc_phase_dw_x_d(int m, const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
+                         Py_ssize_t n)
+    void fc_phase_dw_output_s(int m, const float *src, Py_ssize_t lds, float *dst,
+                              Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_dw_output_d(int m, const double *src, Py_ssize_t lds, double *dst,
+                              Py_ssize_t ldd, Py_ssize_t n)
+    void fc_phase_dw_gather_x_s(int m, const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                                const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
+                                Py_ssize_t lo, Py_ssize_t hi, float *D, Py_ssize_t ldd)
+    void fc_phase_dw_gather_x_d(int m, const double *plane, Py_ssize_t W,
+                                const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t left,
+                                Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi, double *D,
+                                Py_ssize_t ldd)
+    void fc_phase_scatter_s(int m, const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
+    void fc_phase_scatter_d(int m, const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
+                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
+
+
+# --- dispatch on the dtype (the header dispatches on m) -----------------------------------
+
+cdef inline void input_transform(int m, const floating *D, floating *V, Py_ssize_t ldv,
+                                 Py_ssize_t n) noexcept nogil:
+    """V = BT D B of n (m+1)x(m+1) input tiles (D's streams n apart)."""
+    if floating is float:
+        fc_phase_input_s(m, D, n, V, ldv, n)
+    else:
+        fc_phase_input_d(m, D, n, V, ldv, n)
+
+
+cdef inline void x_transform(int m, const floating *D, floating *X, Py_ssize_t ldx,
+                             Py_ssize_t n) noexcept nogil:
+    """X = G x G^T of n m x m x tiles (D's streams n apart), grad_weight's filters."""
+    if floating is float:
+        fc_phase_dw_x_s(m, D, n, X, ldx, n)
+    else:
+        fc_phase_dw_x_d(m, D, n, X, ldx, n)
+
+
+cdef inline void output_transform(int m, const floating *M, Py_ssize_t ldm, floating *Y,
+                                  Py_ssize_t n) noexcept nogil:
+    """Y = AT M A of n tiles: m*m streams of the m x m output tiles, n apart."""
+    if floating is float:
+        fc_phase_output_s(m, M, ldm, Y, n, n)
+    else:
+        fc_phase_output_d(m, M, ldm, Y, n, n)
+
+
+cdef inline void filter_transform(int m, const floating *g, floating *U, Py_ssize_t ldu,
+                                  Py_ssize_t n) noexcept nogil:
+    """U = G g G^T of n contiguous 2x2 filters, in double."""
+    if floating is float:
+        fc_phase_weight_s(m, g, 1, 4, U, ldu, n)
+    else:
+        fc_phase_weight_d(m, g, 1, 4, U, ldu, n)
+
+
+cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W,
+                              const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t left,
+                              Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi, floating *D,
+                              Py_ssize_t ldd) noexcept nogil:
+    if floating is float:
+        fc_phase_gather_s(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+    else:
+        fc_phase_gather_d(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+
+
+cdef inline void gather_x(int m, const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
+                          const Py_ssize_t *cols, Py_ssize_t TW, Py_ssize_t hi, floating *D,
+                          Py_ssize_t ldd) noexcept nogil:
+    if floating is float:
+        fc_phase_dw_gather_x_s(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+    else:
+        fc_phase_dw_gather_x_d(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+
+
+cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floating *out,
+                               Py_ssize_t OW, Py_ssize_t rows, Py_ssize_t TW) noexcept nogil:
+    if floating is float:
+        fc_phase_scatter_s(m, Y, ldy, out, OW, rows, TW, 0, 0)
+    else:
+        fc_phase_scatter_d(m, Y, ldy, out, OW, rows, TW, 0, 0)
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline void scatter_output_row(int m, const floating *T, Py_ssize_t ld_phase,
+                                    Py_ssize_t ldt, floating *out, Py_ssize_t i, Py_ssize_t a,
+                                    Py_ssize_t sw, Py_ssize_t OW_t, Py_ssize_t TW,
+                                    floating bias) noexcept nogil:
+    """Row i of one tile row of output phase row a, every column phase b interleaved:
+    ``out[b + sw*(m*tw + j)] = T_b[(i*m + j)*ldt + tw] + bias``, with ``T_b = T +
+    (a*sw + b)*ld_phase``; whole rows at once, so each cache line of y is written once."""
+    cdef Py_ssize_t b, j, tw, col, cols, full
+    cdef const floating *Y
+    for b in range(sw):
+        Y = T + (a * sw + b) * ld_phase + i * m * ldt
+        cols = (OW_t - b + sw - 1) // sw          # columns b + sw*q < OW_t
+        full = min(cols // m, TW)
+        for tw in range(full):
+            for j in range(m):
+                out[b + sw * (m * tw + j)] = Y[j * ldt + tw] + bias
+        for tw in range(full, TW):
+            for j in range(m):
+                col = m * tw + j
+                if col < cols:
+                    out[b + sw * col] = Y[j * ldt + tw] + bias
+
+
+# --- kernels ---------------------------------------------------------------------------------
+
+def transform_weight(const floating[:, :, :, ::1] weight, floating[:, :, ::1] U,
+                     floating[:, :, :, ::1] taps, const Py_ssize_t[::1] kh0,
+                     const Py_ssize_t[::1] kw0, int m, int n_threads):
+    """U[s, ci, c] = (G Wsub[ci, c] G^T)[s] for grad_x's stacked phase channels c, in double.
+
+    ``Wsub[ci, (a*sw + b)*C_out + co, t, t'] = weight[ci, co, kh0[a] + sh*t, kw0[b] + sw*t']``
+    is first copied into ``taps`` (a phase's taps are not one stride apart in
+    the kernel); ``sh = len(kh0)``, ``sw = len(kw0)``.
+
+    # IN  weight: (C_in, C_out, 2*sh, 2*sw); kh0: (sh,); kw0: (sw,)
+    # OUT U: ((m+1)**2, C_in, sh*sw*C_out); taps: (C_in, sh*sw*C_out, 2, 2), all written
+    """
+    cdef Py_ssize_t C_in = weight.shape[0], C_out = weight.shape[1]
+    cdef Py_ssize_t sh = kh0.shape[0], sw = kw0.shape[0]
+    cdef Py_ssize_t K = sh * sw * C_out
+    cdef Py_ssize_t ci, a, b, co, c, t, u
+    for ci in prange(C_in, nogil=True, num_threads=n_threads, schedule="static"):
+        for a in range(sh):
+            for b in range(sw):
+                for co in range(C_out):
+                    c = (a * sw + b) * C_out + co
+                    for t in range(2):
+                        for u in range(2):
+                            taps[ci, c, t, u] = weight[ci, co, kh0[a] + sh * t, kw0[b] + sw * u]
+        filter_transform(m, &taps[ci, 0, 0, 0], &U[0, ci, 0], C_in * K, K)
+
+
+def transform_weight_forward(const floating[:, :, :, ::1] weight, floating[:, :, :, ::1] U,
+                             floating[:, :, :, :, ::1] taps, const Py_ssize_t[::1] kh0,
+                             const Py_ssize_t[::1] kw0, int m, int n_threads):
+    """U[a*sw + b, s, co, ci] = (G Wf[a, b][co, ci] G^T)[s], the forward's phase filters
+    (``Wf`` as in the module docstring), in double; ``taps`` receives ``Wf``.
+
+    # IN  weight: (C_in, C_out, 2*sh, 2*sw); kh0: (sh,); kw0: (sw,)
+    # OUT U: (sh*sw, (m+1)**2, C_out, C_in); taps: (sh*sw, C_out, C_in, 2, 2), all written
+    """
+    cdef Py_ssize_t C_in = weight.shape[0], C_out = weight.shape[1]
+    cdef Py_ssize_t sh = kh0.shape[0], sw = kw0.shape[0]
+    cdef Py_ssize_t job, ph, a, b, co, ci, t, u
+    for job in prange(sh * sw * C_out, nogil=True, num_threads=n_threads, schedule="static"):
+        ph = job // C_out
+        co = job - ph * C_out
+        a = ph // sw
+        b = ph - a * sw
+        for ci in range(C_in):
+            for t in range(2):
+                for u in range(2):
+                    taps[ph, co, ci, t, u] = weight[ci, co, kh0[a] + sh * (1 - t),
+                                                    kw0[b] + sw * (1 - u)]
+        filter_transform(m, &taps[ph, co, 0, 0, 0], &U[ph, 0, co, 0], C_out * C_in, C_in)
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] U,
+            const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
+            const Py_ssize_t[:, ::1] x_rows, const Py_ssize_t[:, ::1] x_cols,
+            const Py_ssize_t[::1] lefts, const Py_ssize_t[::1] los, const Py_ssize_t[::1] his,
+            int m, Py_ssize_t rows_per_block, int n_threads):
+    """y = conv_transpose2d(x, weight) + bias by one F(m x m, 2 x 2) convolution per output
+    phase.
+
+    Tile rows ``r = n*TH + th`` of the phase planes (``TH = ceil(ceil(OH_t/sh)/m)``,
+    the largest phase's) are the work items. ``x_rows[a, p]`` / ``x_cols[b, p]``
+    give the x row / column under tile position ``p`` of phase row ``a`` /
+    column ``b`` (-1: zero); tiles ``[los[b], his[b])`` of a tile row read
+    columns ``p - lefts[b]`` inside x (no map lookup).
+
+    # IN  x: (N, C_in, H, W); U: (sh*sw, (m+1)**2, C_out, C_in) from transform_weight_forward
+    # IN  bias: (C_out,) or None
+    # OUT y: (N, C_out, OH_t, OW_t), every element written
+    # workspace: n_threads equal slices of at least
+    # tiles_per_block * ((m+1)**2 * (1 + C_in + C_out) + m*m * sh * sw * C_out)
+    """
+    cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t C_out = y.shape[1], OH_t = y.shape[2], OW_t = y.shape[3]
+    cdef Py_ssize_t sh = x_rows.shape[0], sw = x_cols.shape[0]
+    cdef Py_ssize_t AA = (m + 1) * (m + 1), MM = m * m
+    cdef Py_ssize_t TH = ceil_div(ceil_div(OH_t, sh), m), TW = ceil_div(ceil_div(OW_t, sw), m)
+    cdef Py_ssize_t total_rows = N * TH
+    cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
+    cdef Py_ssize_t tb_max = rows_per_block * TW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    # gemm_rm cuts every dimension within the BLAS limit; the leading dimensions
+    # (a block's tiles, C_in) are checked by fastconv._phases.applies
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
+    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t block, r0, r1, r, n, th, tb, a, b, ph, co, ci, s, i
+    cdef floating *D
+    cdef floating *V
+    cdef floating *M
+    cdef floating *tiles
+    cdef floating bias_value
+    if N == 0:
+        return
+    for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        D = &workspace[openmp.omp_get_thread_num() * per_thread]
+        V = D + AA * tb_max
+        M = V + AA * C_in * tb_max
+        tiles = M + AA * C_out * tb_max
+        r0 = block * rows_per_block
+        r1 = min(r0 + rows_per_block, total_rows)
+        tb = (r1 - r0) * TW
+        # 1. every phase's output tiles: tiles[(ph*C_out + co)*MM*tb + k*tb + t]
+        for a in range(sh):
+            for b in range(sw):
+                ph = a * sw + b
+                for ci in range(C_in):
+                    for r in range(r0, r1):
+                        n = r // TH
+                        th = r - n * TH
+                        gather_tiles(m, &x[n, ci, 0, 0], W, &x_rows[a, th * m], &x_cols[b, 0],
+                                     lefts[b], TW, los[b], his[b], D + (r - r0) * TW, tb)
+                    input_transform(m, D, V + ci * tb, C_in * tb, tb)
+                for s in range(AA):
+                    gemm_rm(False, False, C_out, tb, C_in, 1, &U[ph, s, 0, 0], C_in,
+                            V + s * C_in * tb, tb, 0, M + s * C_out * tb, tb, limit)
+                for co in range(C_out):
+                    output_transform(m, M + co * tb, C_out * tb,
+                                     tiles + (ph * C_out + co) * MM * tb, tb)
+        # 2. y's rows, the phases interleaved (phase row a holds rows a + sh*q < OH_t)
+        for co in range(C_out):
+            bias_value = bias[co] if has_bias else 0
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                for i in range(m):
+                    for a in range(sh):
+                        if a + sh * (th * m + i) < OH_t:
+                            scatter_output_row(m, tiles + co * MM * tb + (r - r0) * TW,
+                                               C_out * MM * tb, tb,
+                                               &y[n, co, a + sh * (th * m + i), 0], i, a, sw,
+                                               OW_t, TW, bias_value)
+
+
+def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
+             const floating[:, :, ::1] U, floating[:, :, :, ::1] grad_x,
+             floating[:, ::1] partial, floating[::1] workspace,
+             const Py_ssize_t[:, ::1] dy_rows, const Py_ssize_t[:, ::1] dy_cols,
+             const Py_ssize_t[::1] x_rows, const Py_ssize_t[::1] x_cols, int m,
+             Py_ssize_t rows_per_block, bint want_input, bint want_weight, int n_threads):
+    """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
+    F(2 x 2, m x m).
+
+    ``dy_rows[a, p]`` is the dY row under position ``p = th*m + i`` of phase
+    row ``a``'s tiles (-1 for padding), ``dy_cols[b, p]`` likewise;
+    ``x_rows[p]`` / ``x_cols[p]`` the x row / column of grad_x's tile position
+    ``p``, -1 past H / W (those tiles' x values are zero, their grad_x not written).
+
+    # IN  dy: (N, C_out, OH_t, OW_t); x: (N, C_in, H, W)
+    # IN  U: ((m+1)**2, C_in, K) from transform_weight, K = sh*sw*C_out
+    # IN  dy_rows: (sh, ceil(H/m)*m + 1); dy_cols: (sw, ceil(W/m)*m + 1); x_rows/x_cols: ceil*m
+    # OUT grad_x: (N, C_in, H, W), every element written when want_input
+    # OUT partial: (n_threads, (m+1)**2 * C_in * K), zeroed here, when want_weight
+    # workspace: n_threads equal slices of at least tiles_per_block * (m+1)**2 * (2 + K + C_in)
+    """
+    cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t C_out = dy.shape[1], OH_t = dy.shape[2], OW_t = dy.shape[3]
+    cdef Py_ssize_t sh = dy_rows.shape[0], sw = dy_cols.shape[0]
+    cdef Py_ssize_t K = sh * sw * C_out
+    cdef Py_ssize_t AA = (m + 1) * (m + 1)
+    cdef Py_ssize_t TH = ceil_div(H, m), TW = ceil_div(W, m)
+    cdef Py_ssize_t total_rows = N * TH
+    cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
+    cdef Py_ssize_t tb_max = rows_per_block * TW
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t x_hi = min(W // m, TW)
+    # gemm_rm cuts every dimension within the BLAS limit; the leading dimensions
+    # (a block's tiles, K) are checked by fastconv._phases.applies
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
+    cdef Py_ssize_t block, r0, r1, r, n, th, tb, a, b, co, c, ci, s
+    cdef floating *D
+    cdef floating *V
+    cdef floating *M
+    cdef floating *acc
+    if want_weight:
+        partial[:, :] = 0
+    if N == 0:
+        return
+    for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        D = &workspace[openmp.omp_get_thread_num() * per_thread]
+        V = D + AA * tb_max
+        M = V + AA * K * tb_max
+        r0 = block * rows_per_block
+        r1 = min(r0 + rows_per_block, total_rows)
+        tb = (r1 - r0) * TW
+        # 1. V[s, c, t]: the block's tiles of every phase plane of every dY channel,
+        #    read in place (a phase plane's columns are s apart: every one through the map)
+        for a in range(sh):
+            for b in range(sw):
+                for co in range(C_out):
+                    c = (a * sw + b) * C_out + co
+                    for r in range(r0, r1):
+                        n = r // TH
+                        th = r - n * TH
+                        gather_tiles(m, &dy[n, co, 0, 0], OW_t, &dy_rows[a, th * m],
+                                     &dy_cols[b, 0], 0, TW, 0, 0, D + (r - r0) * TW, tb)
+                    input_transform(m, D, V + c * tb, K * tb, tb)
+        # 2. grad_weight: partial[s, ci, c] += X_s[ci, tiles] @ V_s[c, tiles].T
+        if want_weight:
+            acc = &partial[openmp.omp_get_thread_num(), 0]
+            for ci in range(C_in):
+                for r in range(r0, r1):
+                    n = r // TH
+                    th = r - n * TH
+                    gather_x(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], TW, x_hi,
+                             D + (r - r0) * TW, tb)
+                x_transform(m, D, M + ci * tb, C_in * tb, tb)
+            for s in range(AA):
+                gemm_rm(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb, V + s * K * tb, tb,
+                        1, acc + s * C_in * K, K, limit)
+        # 3. grad_x: M_s = U_s @ V_s, then AT M A into the output tiles
+        if want_input:
+            for s in range(AA):
+                gemm_rm(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
+                        0, M + s * C_in * tb, tb, limit)
+            for ci in range(C_in):
+                output_transform(m, M + ci * tb, C_in * tb, D, tb)
+                for r in range(r0, r1):
+                    n = r // TH
+                    th = r - n * TH
+                    scatter_tiles(m, D + (r - r0) * TW, tb, &grad_x[n, ci, th * m, 0], W,
+                                  min(m, H - th * m), TW)
+
+
+def weight_grad_output(floating[:, ::1] partial, floating[:, :, :, ::1] grad_weight,
+                       floating[::1] scratch, const Py_ssize_t[::1] kh0,
+                       const Py_ssize_t[::1] kw0, int m, int n_threads):
+    """grad_weight's taps from :func:`backward`'s per-thread sums: the sums are reduced
+    into ``partial[0]`` (in place), then ``AT M A`` per pair and each phase's 2x2
+    gradient written back to its taps ``kh0[a] + sh*t, kw0[b] + sw*t'``.
+
+    # IN  partial: (T, (m+1)**2 * C_in * K), K = sh*sw*C_out; scratch: (C_in * K * 4,)
+    # OUT grad_weight: (C_in, C_out, 2*sh, 2*sw), every element written
+    """
+    cdef Py_ssize_t T = partial.shape[0]
+    cdef Py_ssize_t C_in = grad_weight.shape[0], C_out = grad_weight.shape[1]
+    cdef Py_ssize_t sh = kh0.shape[0], sw = kw0.shape[0]
+    cdef Py_ssize_t K = sh * sw * C_out
+    cdef Py_ssize_t AA = (m + 1) * (m + 1)
+    cdef Py_ssize_t pairs = C_in * K
+    cdef Py_ssize_t ci, a, b, co, c, t, u, s, i, first
+    cdef floating *total
+    for ci in prange(C_in, nogil=True, num_threads=n_threads, schedule="static"):
+        # filter ci's K pairs: streams s*pairs + ci*K .. + K of every thread's sums
+        total = &partial[0, 0]
+        for t in range(1, T):
+            for s in range(AA):
+                first = s * pairs + ci * K
+                for i in range(first, first + K):
+                    total[i] = total[i] + partial[t, i]
+        if floating is float:
+            fc_phase_dw_output_s(m, total + ci * K, pairs, &scratch[ci * K * 4], 0, K)
+        else:
+            fc_phase_dw_output_d(m, total + ci * K, pairs, &scratch[ci * K * 4], 0, K)
+        for a in range(sh):
+            for b in range(sw):
+                for co in range(C_out):
+                    c = (a * sw + b) * C_out + co
+                    for t in range(2):
+                        for u in range(2):
+                            grad_weight[ci, co, kh0[a] + sh * t, kw0[b] + sw * u] = \
+                                scratch[(ci * K + c) * 4 + t * 2 + u]

@@ -1,0 +1,224 @@
+"""Transposed convolutions by 2x2 phase convolutions in the Winograd domain.
+
+A transposed convolution whose kernel is twice its stride on both axes
+(DCGAN's 4x4 stride-2 upsampling, or a plain 2x2 stride-1 one) splits into
+``s * s`` output phases, each a 2x2 stride-1 correlation: of x in the
+forward, of one phase plane of grad_output for grad_x (``fastconv._conv_phases``
+derives both). They run by F(2x2, 2x2) Winograd, and grad_weight by
+F(2x2, 2x2) from the same transform of the grad_output tiles: 16/9 = 1.78x
+fewer multiplications than im2col + GEMM. :func:`applies` says which layers;
+``conv_transpose2d`` / ``conv_transpose2d_backward`` take it with
+``algorithm="winograd"``, or with "auto" where :func:`pays_off` /
+:func:`pays_off_backward` say it measured faster.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fastconv import _conv_phases, _tiling
+from fastconv._threads import single_threaded_blas
+from fastconv._validation import ConvGeometry
+from fastconv._workspace import workspace
+
+__all__ = ["applies", "pays_off", "pays_off_backward", "forward", "backward"]
+
+#: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5, 4x4 stride-2 layers,
+#: C 3..512, planes 4x4..32x32, README "Transposed convolution"). The forward gained
+#: 1.05-1.2x with C_out >= C_in >= 16 and lost up to 4x with few output channels
+#: (64 -> 3: 0.23x; 256 -> 128: 0.9x): its GEMMs have C_out rows, and x is transformed
+#: once per phase. The backward gained 1.1-1.9x except with few output channels
+#: (64 -> 3: 0.84x) or few tiles for the weights' size (256 -> 128 on 8 4x4 planes:
+#: 0.94x; 1 16x16 plane: 1.07x).
+AUTO_MIN_CHANNELS = 16
+AUTO_MAX_INPUTS_PER_OUTPUT = 16
+AUTO_TILES_PER_WEIGHT = 1 / 2048
+
+#: Output tile size: F(2x2, 2x2) (fastconv._winograd_matrices.PHASE_VARIANTS says why).
+TILE = 2
+
+
+def applies(geometry: ConvGeometry) -> bool:
+    """Whether a transposed convolution (its ``transposed_geometry``) splits into 2x2
+    phases: kernel = 2 * stride on both axes, dilation 1, groups 1, and the GEMMs'
+    leading dimensions (a tile row's tiles, the stacked phase channels, C_in) within
+    the 32-bit BLAS limit."""
+    g = geometry
+    return (g.KH == 2 * g.stride_h and g.KW == 2 * g.stride_w
+            and (g.dilation_h, g.dilation_w) == (1, 1) and g.groups == 1
+            and max(g.stride_h * g.stride_w * g.C, g.F) <= _tiling.BLAS_INT_MAX
+            and -(-g.OW // TILE) <= _tiling.BLAS_INT_MAX)
+
+
+def _tiles(geometry: ConvGeometry) -> int:
+    """x's m x m tiles over the batch: the columns of every phase's GEMMs."""
+    return geometry.N * -(-geometry.OH // TILE) * -(-geometry.OW // TILE)
+
+
+def _enough_tiles(geometry: ConvGeometry) -> bool:
+    """The filters' transform and grad_weight's transform-domain sums cost ~9 values per
+    (phase, C_in, C_out) triple whatever the batch; the GEMMs only save enough over
+    im2col with AUTO_TILES_PER_WEIGHT tiles for every such triple."""
+    g = geometry
+    phases = g.stride_h * g.stride_w
+    return _tiles(g) >= AUTO_TILES_PER_WEIGHT * phases * g.C * g.F
+
+
+def pays_off(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes the phase convolutions for the forward of a
+    layer that :func:`applies`: as many or more output channels (C_out, the GEMMs'
+    rows) than input channels, at least AUTO_MIN_CHANNELS of them, and enough tiles."""
+    C_out, C_in = geometry.C, geometry.F
+    return C_out >= C_in >= AUTO_MIN_CHANNELS and _enough_tiles(geometry)
+
+
+def pays_off_backward(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes the phase convolutions for the backward of a
+    layer that :func:`applies`: C_out at least C_in / AUTO_MAX_INPUTS_PER_OUTPUT and
+    enough tiles."""
+    C_out, C_in = geometry.C, geometry.F
+    return C_out * AUTO_MAX_INPUTS_PER_OUTPUT >= C_in and _enough_tiles(geometry)
+
+
+@functools.lru_cache(maxsize=256)
+def _maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int, pw: int):
+    """The read-only index maps of :func:`fastconv._conv_phases.backward` and each phase's
+    first tap ``kh0`` / ``kw0``.
+
+    Phase row ``a`` holds grad_output rows ``a + sh*q``; its 2x2 correlation
+    has top padding ``(a + ph) // sh``, so tile position ``p`` reads phase row
+    ``q = p - top``. x's maps are the position itself, -1 past H / W.
+    """
+    TH, TW = -(-H // m), -(-W // m)
+
+    def phase_maps(tiles: int, size_t: int, s: int, pad: int) -> np.ndarray:
+        positions = np.arange(tiles * m + 1, dtype=np.intp)
+        rows = []
+        for a in range(s):
+            source = a + s * (positions - (a + pad) // s)
+            rows.append(np.where((source >= 0) & (source < size_t), source, -1))
+        return np.ascontiguousarray(rows, dtype=np.intp)
+
+    def x_map(tiles: int, size: int) -> np.ndarray:
+        positions = np.arange(tiles * m, dtype=np.intp)
+        return np.where(positions < size, positions, -1)
+
+    maps = (phase_maps(TH, H_t, sh, ph), phase_maps(TW, W_t, sw, pw), x_map(TH, H), x_map(TW, W),
+            *_first_taps(sh, sw, ph, pw))
+    for array in maps:
+        array.flags.writeable = False   # shared by every call
+    return maps
+
+
+def _first_taps(sh: int, sw: int, ph: int, pw: int) -> tuple[np.ndarray, np.ndarray]:
+    """``kh0[a] = (a + ph) % sh``, ``kw0[b] = (b + pw) % sw``: each phase's first kernel tap."""
+    return (np.array([(a + ph) % sh for a in range(sh)], dtype=np.intp),
+            np.array([(b + pw) % sw for b in range(sw)], dtype=np.intp))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
+                  pw: int):
+    """The read-only maps of :func:`fastconv._conv_phases.forward`: x row / column under
+    each tile position of each phase (phase row ``a`` reads x rows ``p + (a + ph)//sh - 1``),
+    the columns' ``left`` offsets and interior tiles ``[lo, hi)``, and ``kh0`` / ``kw0``."""
+    TH, TW = _phase_tiles(m, H_t, W_t, sh, sw)
+
+    def x_maps(tiles: int, size: int, s: int, pad: int) -> np.ndarray:
+        positions = np.arange(tiles * m + 1, dtype=np.intp)
+        rows = [positions + (a + pad) // s - 1 for a in range(s)]
+        return np.ascontiguousarray([np.where((r >= 0) & (r < size), r, -1) for r in rows],
+                                    dtype=np.intp)
+
+    lefts = np.array([1 - (b + pw) // sw for b in range(sw)], dtype=np.intp)
+    # interior tiles: all m + 1 columns m*tw + j - left inside x
+    los = np.array([min(TW, max(0, -(-int(left) // m))) for left in lefts], dtype=np.intp)
+    his = np.array([max(lo, min(TW, (W - (m + 1) + int(left)) // m + 1))
+                    for lo, left in zip(los, lefts)], dtype=np.intp)
+    maps = (x_maps(TH, H, sh, ph), x_maps(TW, W, sw, pw), lefts, los, his,
+            *_first_taps(sh, sw, ph, pw))
+    for array in maps:
+        array.flags.writeable = False
+    return maps
+
+
+def _phase_tiles(m: int, H_t: int, W_t: int, sh: int, sw: int) -> tuple[int, int]:
+    """Tile rows and columns of the largest output phase plane, ceil(H_t/sh) x ceil(W_t/sw)."""
+    return -(-(-(-H_t // sh)) // m), -(-(-(-W_t // sw)) // m)
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
+            geometry: ConvGeometry, n_threads: int, out: np.ndarray,
+            m: int | None = None) -> np.ndarray:
+    """``conv_transpose2d(x, weight) + bias`` of a layer that :func:`applies`, into ``out``.
+
+    ``x`` (N, C_in, H, W), ``weight`` (C_in, C_out, 2*sh, 2*sw) and ``bias``
+    (C_out,) or None must be C-contiguous of one float dtype; ``out``
+    (N, C_out, H_out, W_out) is written in full.
+    """
+    g = geometry
+    dtype = x.dtype
+    N, C_in, H, W = x.shape
+    C_out, H_t, W_t = out.shape[1:]
+    sh, sw = g.stride_h, g.stride_w
+    m = TILE if m is None else m
+    positions = (m + 1) ** 2
+    x_rows, x_cols, lefts, los, his, kh0, kw0 = _forward_maps(m, H, W, H_t, W_t, sh, sw,
+                                                              g.pad_top, g.pad_left)
+    phases = sh * sw
+    U = workspace("winograd-weight", dtype, phases * positions * C_out * C_in).reshape(
+        phases, positions, C_out, C_in)
+    taps = workspace("phase-taps", dtype, phases * C_out * C_in * 4).reshape(
+        phases, C_out, C_in, 2, 2)
+    _conv_phases.transform_weight_forward(weight, U, taps, kh0, kw0, m, n_threads)
+    TH, TW = _phase_tiles(m, H_t, W_t, sh, sw)
+    per_tile = positions * (1 + C_in + C_out) + m * m * phases * C_out
+    rows_per_block = _tiling.plan_phase_forward(N, TH, TW, per_tile * dtype.itemsize,
+                                                n_threads)
+    scratch = workspace("winograd", dtype, n_threads * rows_per_block * TW * per_tile)
+    with single_threaded_blas:
+        _conv_phases.forward(x, U, bias, out, scratch, x_rows, x_cols, lefts, los, his, m,
+                             rows_per_block, n_threads)
+    return out
+
+
+def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
+             geometry: ConvGeometry, n_threads: int, grad_x: np.ndarray | None,
+             grad_weight: np.ndarray | None, m: int | None = None) -> None:
+    """grad_x and/or grad_weight of a transposed convolution that :func:`applies`.
+
+    ``grad_output`` (N, C_out, H_out, W_out), ``x`` (N, C_in, H, W) and
+    ``weight`` (C_in, C_out, 2*sh, 2*sw) must be C-contiguous of one float
+    dtype; ``grad_x`` / ``grad_weight`` (either may be None) are written in full.
+    """
+    g = geometry
+    dtype = x.dtype
+    N, C_in, H, W = x.shape
+    C_out, H_t, W_t = grad_output.shape[1:]
+    sh, sw = g.stride_h, g.stride_w
+    K = sh * sw * C_out
+    m = TILE if m is None else m
+    positions = (m + 1) ** 2
+    dy_rows, dy_cols, x_rows, x_cols, kh0, kw0 = _maps(m, H, W, H_t, W_t, sh, sw, g.pad_top,
+                                                      g.pad_left)
+    plan = _tiling.plan_winograd(N, K, C_in, H, W, m, dtype.itemsize, n_threads)
+    per_thread = plan.rows_per_block * plan.tile_cols * positions * (2 + K + C_in)
+    scratch = workspace("winograd", dtype, n_threads * per_thread)
+    want_input, want_weight = grad_x is not None, grad_weight is not None
+    U = workspace("winograd-weight-grad", dtype, positions * C_in * K).reshape(
+        positions, C_in, K)
+    taps = workspace("phase-taps", dtype, C_in * K * 4).reshape(C_in, K, 2, 2)
+    if want_input:
+        _conv_phases.transform_weight(weight, U, taps, kh0, kw0, m, n_threads)
+    sums_size = positions * C_in * K if want_weight else 1
+    partial = workspace("winograd-partial", dtype, n_threads * sums_size).reshape(n_threads, -1)
+    with single_threaded_blas:
+        _conv_phases.backward(grad_output, x, U,
+                              grad_x if want_input else np.empty((0, 0, 0, 0), dtype),
+                              partial, scratch, dy_rows, dy_cols, x_rows, x_cols, m,
+                              plan.rows_per_block, want_input, want_weight, n_threads)
+    if want_weight:
+        _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
+                                        n_threads)
