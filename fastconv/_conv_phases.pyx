@@ -54,10 +54,10 @@ cdef extern from "_winograd_transforms.h" nogil:
                            double *dst, Py_ssize_t ldd, Py_ssize_t n)
     void fc_phase_gather_s(int m, const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
                            const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, float *D, Py_ssize_t ldd)
+                           Py_ssize_t hi, float *D, Py_ssize_t ldd, Py_ssize_t step)
     void fc_phase_gather_d(int m, const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
                            const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo,
-                           Py_ssize_t hi, double *D, Py_ssize_t ldd)
+                           Py_ssize_t hi, double *D, Py_ssize_t ldd, Py_ssize_t step)
     void fc_phase_dw_x_s(int m, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
                          Py_ssize_t n)
     void fc_phase_dw_x_d(int m, const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
@@ -120,11 +120,12 @@ cdef inline void filter_transform(int m, const floating *g, floating *U, Py_ssiz
 cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W,
                               const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t left,
                               Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi, floating *D,
-                              Py_ssize_t ldd) noexcept nogil:
+                              Py_ssize_t ldd, Py_ssize_t step) noexcept nogil:
+    """One tile row's input tiles; interior tiles [lo, hi) read ``step*p - left``."""
     if floating is float:
-        fc_phase_gather_s(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        fc_phase_gather_s(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd, step)
     else:
-        fc_phase_gather_d(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd)
+        fc_phase_gather_d(m, plane, W, rows, cols, left, TW, lo, hi, D, ldd, step)
 
 
 cdef inline void gather_x(int m, const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
@@ -283,7 +284,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] U,
                         n = r // TH
                         th = r - n * TH
                         gather_tiles(m, &x[n, ci, 0, 0], W, &x_rows[a, th * m], &x_cols[b, 0],
-                                     lefts[b], TW, los[b], his[b], D + (r - r0) * TW, tb)
+                                     lefts[b], TW, los[b], his[b], D + (r - r0) * TW, tb, 1)
                     input_transform(m, D, V + ci * tb, C_in * tb, tb)
                 for s in range(AA):
                     gemm_rm(False, False, C_out, tb, C_in, 1, &U[ph, s, 0, 0], C_in,
@@ -310,13 +311,17 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const floating[:, :, ::1] U, floating[:, :, :, ::1] grad_x,
              floating[:, ::1] partial, floating[::1] workspace,
              const Py_ssize_t[:, ::1] dy_rows, const Py_ssize_t[:, ::1] dy_cols,
-             const Py_ssize_t[::1] x_rows, const Py_ssize_t[::1] x_cols, int m,
+             const Py_ssize_t[::1] dy_lefts, const Py_ssize_t[::1] dy_los,
+             const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
+             const Py_ssize_t[::1] x_cols, int m,
              Py_ssize_t rows_per_block, bint want_input, bint want_weight, int n_threads):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
 
     ``dy_rows[a, p]`` is the dY row under position ``p = th*m + i`` of phase
-    row ``a``'s tiles (-1 for padding), ``dy_cols[b, p]`` likewise;
+    row ``a``'s tiles (-1 for padding), ``dy_cols[b, p]`` likewise; tiles
+    ``[dy_los[b], dy_his[b])`` of phase column ``b`` read dY columns
+    ``sw*p - dy_lefts[b]`` (no map lookup).
     ``x_rows[p]`` / ``x_cols[p]`` the x row / column of grad_x's tile position
     ``p``, -1 past H / W (those tiles' x values are zero, their grad_x not written).
 
@@ -358,7 +363,7 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
         r1 = min(r0 + rows_per_block, total_rows)
         tb = (r1 - r0) * TW
         # 1. V[s, c, t]: the block's tiles of every phase plane of every dY channel,
-        #    read in place (a phase plane's columns are s apart: every one through the map)
+        #    read in place (a phase plane's columns are sw apart in dY)
         for a in range(sh):
             for b in range(sw):
                 for co in range(C_out):
@@ -367,7 +372,8 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
                         n = r // TH
                         th = r - n * TH
                         gather_tiles(m, &dy[n, co, 0, 0], OW_t, &dy_rows[a, th * m],
-                                     &dy_cols[b, 0], 0, TW, 0, 0, D + (r - r0) * TW, tb)
+                                     &dy_cols[b, 0], dy_lefts[b], TW, dy_los[b], dy_his[b],
+                                     D + (r - r0) * TW, tb, sw)
                     input_transform(m, D, V + c * tb, K * tb, tb)
         # 2. grad_weight: partial[s, ci, c] += X_s[ci, tiles] @ V_s[c, tiles].T
         if want_weight:

@@ -84,8 +84,8 @@ def pays_off_backward(geometry: ConvGeometry) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int, pw: int):
-    """The read-only index maps of :func:`fastconv._conv_phases.backward` and each phase's
-    first tap ``kh0`` / ``kw0``.
+    """The read-only index maps of :func:`fastconv._conv_phases.backward` (with the
+    interior tiles of each phase column) and each phase's first tap ``kh0`` / ``kw0``.
 
     Phase row ``a`` holds grad_output rows ``a + sh*q``; its 2x2 correlation
     has top padding ``(a + ph) // sh``, so tile position ``p`` reads phase row
@@ -105,8 +105,15 @@ def _maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
         positions = np.arange(tiles * m, dtype=np.intp)
         return np.where(positions < size, positions, -1)
 
-    maps = (phase_maps(TH, H_t, sh, ph), phase_maps(TW, W_t, sw, pw), x_map(TH, H), x_map(TW, W),
-            *_first_taps(sh, sw, ph, pw))
+    # interior tiles of phase column b: positions p = m*tw + j (j <= m) at phase columns
+    # q = p - top inside [0, ceil((W_t - b)/sw)), dY column sw*p - left
+    tops = [(b + pw) // sw for b in range(sw)]
+    lefts = np.array([sw * top - b for b, top in enumerate(tops)], dtype=np.intp)
+    los = np.array([min(TW, -(-top // m)) for top in tops], dtype=np.intp)
+    his = np.array([max(lo, min(TW, (-(-(W_t - b) // sw) - (m + 1) + top) // m + 1))
+                    for b, (lo, top) in enumerate(zip(los, tops))], dtype=np.intp)
+    maps = (phase_maps(TH, H_t, sh, ph), phase_maps(TW, W_t, sw, pw), lefts, los, his,
+            x_map(TH, H), x_map(TW, W), *_first_taps(sh, sw, ph, pw))
     for array in maps:
         array.flags.writeable = False   # shared by every call
     return maps
@@ -201,10 +208,11 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     K = sh * sw * C_out
     m = TILE if m is None else m
     positions = (m + 1) ** 2
-    dy_rows, dy_cols, x_rows, x_cols, kh0, kw0 = _maps(m, H, W, H_t, W_t, sh, sw, g.pad_top,
-                                                      g.pad_left)
-    plan = _tiling.plan_winograd(N, K, C_in, H, W, m, dtype.itemsize, n_threads)
-    per_thread = plan.rows_per_block * plan.tile_cols * positions * (2 + K + C_in)
+    dy_rows, dy_cols, dy_lefts, dy_los, dy_his, x_rows, x_cols, kh0, kw0 = _maps(
+        m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
+    TW = -(-W // m)
+    rows_per_block = _tiling.plan_phase_backward(N, -(-H // m), TW, n_threads)
+    per_thread = rows_per_block * TW * positions * (2 + K + C_in)
     scratch = workspace("winograd", dtype, n_threads * per_thread)
     want_input, want_weight = grad_x is not None, grad_weight is not None
     U = workspace("winograd-weight-grad", dtype, positions * C_in * K).reshape(
@@ -217,8 +225,9 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U,
                               grad_x if want_input else np.empty((0, 0, 0, 0), dtype),
-                              partial, scratch, dy_rows, dy_cols, x_rows, x_cols, m,
-                              plan.rows_per_block, want_input, want_weight, n_threads)
+                              partial, scratch, dy_rows, dy_cols, dy_lefts, dy_los, dy_his,
+                              x_rows, x_cols, m, rows_per_block, want_input, want_weight,
+                              n_threads)
     if want_weight:
         _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
                                         n_threads)

@@ -1075,10 +1075,10 @@ FC_TARGET static void fc_phase2_weight_s(
 /* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+   cols[tw*2 + j] = step*(tw*2 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase2_gather_s(
     const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 3; i++) {
         float *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
@@ -1095,7 +1095,7 @@ FC_TARGET static void fc_phase2_gather_s(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1]; d2[tw] = base[2 * tw + 2];
+            d0[tw] = base[step * (2 * tw + 0)]; d1[tw] = base[step * (2 * tw + 1)]; d2[tw] = base[step * (2 * tw + 2)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 2;
@@ -1280,10 +1280,10 @@ FC_TARGET static void fc_phase2_weight_d(
 /* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+   cols[tw*2 + j] = step*(tw*2 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase2_gather_d(
     const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 3; i++) {
         double *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
@@ -1300,7 +1300,7 @@ FC_TARGET static void fc_phase2_gather_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1]; d2[tw] = base[2 * tw + 2];
+            d0[tw] = base[step * (2 * tw + 0)]; d1[tw] = base[step * (2 * tw + 1)]; d2[tw] = base[step * (2 * tw + 2)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 2;
@@ -1393,9 +1393,9 @@ static inline void fc_phase_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdi
     fc_phase2_weight_s(g, ldg, inc, dst, ldd, n);
 }
 
-static inline void fc_phase_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+static inline void fc_phase_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
@@ -1433,9 +1433,9 @@ static inline void fc_phase_weight_d(int m, const double *g, ptrdiff_t ldg, ptrd
     fc_phase2_weight_d(g, ldg, inc, dst, ldd, n);
 }
 
-static inline void fc_phase_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+static inline void fc_phase_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)

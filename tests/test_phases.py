@@ -91,16 +91,14 @@ def test_phase_grid(N, C_in, C_out, H, W, stride, kernel, padding, output_paddin
 def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, n_threads, dtype):
     """The smallest blocks in both passes: every block boundary between tile rows and
     images is crossed, and every thread's grad_weight sums are reduced."""
-    monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)
-    monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(_tiling, "PHASE_BACKWARD_TILES", 1)
     monkeypatch.setattr(_tiling, "PHASE_FORWARD_BLOCK_BYTES", 1)
     monkeypatch.setattr(_tiling, "PHASE_FORWARD_MIN_TILES", 1)
     rng = np.random.default_rng(2)
     x, weight, b = _layer_problem(rng, N, 5, 7, 9, 6, 4, dtype)
     args = dict(stride=2, padding=1)
-    g = transposed_geometry(x.shape, weight.shape, 2, 1, 0, 1, 1)
-    assert _tiling.plan_phase_forward(N, 5, 4, 1000, n_threads) == 1
-    assert _tiling.plan_winograd(N, 28, 5, g.OH, g.OW, 2, 4, n_threads).rows_per_block == 1
+    assert _tiling.plan_phase_forward(N, 5, 3, 1000, n_threads) == 1
+    assert _tiling.plan_phase_backward(N, 5, 3, n_threads) == 1
     y = fastconv.conv_transpose2d(x, weight, b, algorithm="winograd", n_threads=n_threads,
                                   **args)
     assert_matches(y, reference.conv_transpose2d(x, weight, b, **args), dtype, 20, "y")
@@ -272,7 +270,7 @@ def test_workspace_does_not_grow_with_the_batch():
     TW = 8                                          # 16 columns in 2x2 tiles
     per_tile = max(9 * (1 + 16 + 16) + 4 * 4 * 16,  # forward: D, V, M, every phase's tiles
                    9 * (2 + 4 * 16 + 16))           # backward: D, V of 4 phases, M
-    bound = 2 * (max(_tiling.WINOGRAD_MAX_TILES, _tiling.PHASE_FORWARD_MAX_TILES) + TW) \
+    bound = 2 * (max(_tiling.PHASE_BACKWARD_TILES, _tiling.PHASE_FORWARD_MAX_TILES) + TW) \
         * per_tile
     assert max(found) <= bound, (found, bound)
     whole_batch = 128 * 64 * per_tile              # every tile of N=128 at once

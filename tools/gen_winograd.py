@@ -182,17 +182,23 @@ def weight_transform(m: int, a: int, ctype: str, suffix: str, r: int = 3,
     return "\n".join(lines)
 
 
-def gather(m: int, a: int, ctype: str, suffix: str, function: str | None = None) -> str:
+def gather(m: int, a: int, ctype: str, suffix: str, function: str | None = None,
+           strided: bool = False) -> str:
     """D[(i, j)][tw] = the input value under tap (i, j) of tile tw of one tile row
-    (tiles m apart, a x a values each)."""
+    (tiles m apart, a x a values each); ``strided`` adds a column step for the
+    interior tiles (a phase plane's columns are the stride apart in its plane)."""
     dj = ", ".join(f"*restrict d{j} = D + (i * {a} + {j}) * ldd" for j in range(a))
+    interior = (f"   cols[tw*{m} + j] = step*(tw*{m} + j) - left there, a strided copy. */"
+                if strided else
+                f"   cols[tw*{m} + j] = tw*{m} + j - left there, a strided copy. */")
     lines = [f"/* The {a}x{a} input tile of every tile tw < TW of one tile row of one plane, as",
              f"   streams: D[(i*{a} + j)*ldd + tw] = plane[rows[i]*W + cols[tw*{m} + j]], 0 where the",
              "   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:",
-             f"   cols[tw*{m} + j] = tw*{m} + j - left there, a strided copy. */",
+             interior,
              f"FC_TARGET static void fc_{function or f'wino{m}_gather'}_{suffix}(",
              f"    const {ctype} *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,",
-             f"    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, {ctype} *D, ptrdiff_t ldd)",
+             f"    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, {ctype} *D, ptrdiff_t ldd"
+             + (", ptrdiff_t step)" if strided else ")"),
              "{",
              f"    for (int i = 0; i < {a}; i++) {{",
              f"        {ctype} {dj};",
@@ -209,7 +215,8 @@ def gather(m: int, a: int, ctype: str, suffix: str, function: str | None = None)
              "            " + " ".join(f"d{j}[tw] = c[{j}] < 0 ? 0 : src[c[{j}]];" for j in range(a)),
              "        }",
              "        for (ptrdiff_t tw = lo; tw < hi; tw++) {",
-             "            " + " ".join(f"d{j}[tw] = base[{m} * tw + {j}];" for j in range(a)),
+             "            " + " ".join(f"d{j}[tw] = base[step * ({m} * tw + {j})];" if strided
+                                    else f"d{j}[tw] = base[{m} * tw + {j}];" for j in range(a)),
              "        }",
              "        for (ptrdiff_t tw = hi; tw < TW; tw++) {",
              f"            const ptrdiff_t *c = cols + tw * {m};",
@@ -286,7 +293,9 @@ KERNEL_SIGNATURES = {
 _STREAMS = KERNEL_SIGNATURES["input"]
 PHASE_KERNEL_SIGNATURES = {
     "input": _STREAMS, "output": _STREAMS, "weight": KERNEL_SIGNATURES["weight"],
-    "gather": KERNEL_SIGNATURES["gather"], "dw_x": _STREAMS, "dw_output": _STREAMS,
+    "gather": (KERNEL_SIGNATURES["gather"][0] + ", ptrdiff_t step",
+               KERNEL_SIGNATURES["gather"][1] + ", step"),
+    "dw_x": _STREAMS, "dw_output": _STREAMS,
     "dw_gather_x": KERNEL_SIGNATURES["gather"], "scatter": KERNEL_SIGNATURES["scatter"],
 }
 
@@ -384,7 +393,7 @@ def phase_kernels(matrices) -> list[str]:
                                    f"Y = AT M A: {a * a} streams in, {m * m} out (the {m}x{m} "
                                    "output tiles)."))
             parts.append(weight_transform(m, a, ctype, suffix, r=2, name=name))
-            parts.append(gather(m, a, ctype, suffix, function=f"{name}_gather"))
+            parts.append(gather(m, a, ctype, suffix, function=f"{name}_gather", strided=True))
             parts.append(separable(f"{name}_dw_x", f"{name}dwg", m, m, a, a, ctype, suffix,
                                    f"X = G x G^T of grad_weight's {m}x{m} x tiles: {m * m} "
                                    f"streams in, {a * a} out."))

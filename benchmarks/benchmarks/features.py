@@ -104,6 +104,32 @@ class Transposed(Benchmark):
         self.call()
 
 
+class TransposedAlgorithms(Benchmark):
+    """dcgan-up by each explicit ``algorithm`` ("winograd": its 2x2 phase convolutions),
+    all cores; a commit without the argument reads "n/a"."""
+
+    params = [("im2col", "winograd"), PASSES]
+    param_names = ["algorithm", "pass"]
+
+    def setup(self, algorithm, pass_):
+        forward, backward = require_functions("conv_transpose2d", "conv_transpose2d_backward")
+        require_params(forward, "algorithm")
+        require_params(backward, "algorithm")
+        x = _randn((16, 256, 16, 16))
+        w = _randn((256, 128, 4, 4), seed=1) / np.float32(np.sqrt(256 * 16))
+        b = _randn(128, seed=2)
+        kwargs = dict(stride=2, padding=1, algorithm=algorithm)
+        if pass_ == "forward":
+            self.call = lambda: forward(x, w, b, **kwargs)
+        else:
+            g = _randn((16, 128, 32, 32), seed=3)
+            self.call = lambda: backward(g, x, w, **kwargs)
+        self.call()
+
+    def time_conv_transpose(self, algorithm, pass_):
+        self.call()
+
+
 class ChannelsLast(Benchmark):
     """The standard suite with ``layout="NHWC"`` (compare with conv.Forward/Backward), all cores."""
 
