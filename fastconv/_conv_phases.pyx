@@ -22,9 +22,11 @@ workspace comes from the block size, never from the batch.
 The forward is the same split seen from x: output phase ``(a, b)`` (rows
 ``a + s*q``) is a 2x2 correlation of x, top padding ``1 - (a + p) // s``,
 with the phase's taps rotated by 180 degrees and the channel axes swapped,
-``Wf[a, b][co, ci, t, t'] = W[ci, co, kh0(a) + s*(1 - t), kw0(b) + s*(1 - t')]``:
-one F(m x m, 2 x 2) convolution per phase, the phases' tiles interleaved into
-y's rows.
+``Wf[a, b][co, ci, t, t'] = W[ci, co, kh0(a) + s*(1 - t), kw0(b) + s*(1 - t')]``.
+The phases' paddings differ by at most one row, so with their tiles shifted
+by that row they all read the same x tiles: one input transform and one GEMM
+per position for every phase at once (filters stacked), the phases' output
+tiles interleaved into y's rows.
 
 m is 4 or 2 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
 gathers and scatters are the generated C of ``fastconv/_winograd_transforms.h``.
@@ -152,24 +154,22 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 cdef inline void scatter_output_row(int m, const floating *T, Py_ssize_t ld_phase,
                                     Py_ssize_t ldt, floating *out, Py_ssize_t i, Py_ssize_t a,
                                     Py_ssize_t sw, Py_ssize_t OW_t, Py_ssize_t TW,
-                                    floating bias) noexcept nogil:
+                                    const Py_ssize_t *shifts, floating bias) noexcept nogil:
     """Row i of one tile row of output phase row a, every column phase b interleaved:
-    ``out[b + sw*(m*tw + j)] = T_b[(i*m + j)*ldt + tw] + bias``, with ``T_b = T +
-    (a*sw + b)*ld_phase``; whole rows at once, so each cache line of y is written once."""
-    cdef Py_ssize_t b, j, tw, col, cols, full
+    tile tw's value (i, j) of phase (a, b), ``T_b[(i*m + j)*ldt + tw]`` with ``T_b = T +
+    (a*sw + b)*ld_phase``, goes to phase column ``q = m*tw - shifts[b] + j``, i.e.
+    ``out[b + sw*q]`` (+ bias) where that lies in [0, OW_t); whole rows at once, so each
+    cache line of y is written once."""
+    cdef Py_ssize_t b, j, tw, q, col
     cdef const floating *Y
     for b in range(sw):
         Y = T + (a * sw + b) * ld_phase + i * m * ldt
-        cols = (OW_t - b + sw - 1) // sw          # columns b + sw*q < OW_t
-        full = min(cols // m, TW)
-        for tw in range(full):
+        for tw in range(TW):
             for j in range(m):
-                out[b + sw * (m * tw + j)] = Y[j * ldt + tw] + bias
-        for tw in range(full, TW):
-            for j in range(m):
-                col = m * tw + j
-                if col < cols:
-                    out[b + sw * col] = Y[j * ldt + tw] + bias
+                q = m * tw - shifts[b] + j
+                col = b + sw * q
+                if q >= 0 and col < OW_t:
+                    out[col] = Y[j * ldt + tw] + bias
 
 
 # --- kernels ---------------------------------------------------------------------------------
@@ -201,19 +201,20 @@ def transform_weight(const floating[:, :, :, ::1] weight, floating[:, :, ::1] U,
         filter_transform(m, &taps[ci, 0, 0, 0], &U[0, ci, 0], C_in * K, K)
 
 
-def transform_weight_forward(const floating[:, :, :, ::1] weight, floating[:, :, :, ::1] U,
+def transform_weight_forward(const floating[:, :, :, ::1] weight, floating[:, :, ::1] U,
                              floating[:, :, :, :, ::1] taps, const Py_ssize_t[::1] kh0,
                              const Py_ssize_t[::1] kw0, int m, int n_threads):
-    """U[a*sw + b, s, co, ci] = (G Wf[a, b][co, ci] G^T)[s], the forward's phase filters
-    (``Wf`` as in the module docstring), in double; ``taps`` receives ``Wf``.
+    """U[s, (a*sw + b)*C_out + co, ci] = (G Wf[a, b][co, ci] G^T)[s], the forward's phase
+    filters stacked (``Wf`` as in the module docstring), in double; ``taps`` receives ``Wf``.
 
     # IN  weight: (C_in, C_out, 2*sh, 2*sw); kh0: (sh,); kw0: (sw,)
-    # OUT U: (sh*sw, (m+1)**2, C_out, C_in); taps: (sh*sw, C_out, C_in, 2, 2), all written
+    # OUT U: ((m+1)**2, sh*sw*C_out, C_in); taps: (sh*sw, C_out, C_in, 2, 2), all written
     """
     cdef Py_ssize_t C_in = weight.shape[0], C_out = weight.shape[1]
     cdef Py_ssize_t sh = kh0.shape[0], sw = kw0.shape[0]
+    cdef Py_ssize_t K = sh * sw * C_out
     cdef Py_ssize_t job, ph, a, b, co, ci, t, u
-    for job in prange(sh * sw * C_out, nogil=True, num_threads=n_threads, schedule="static"):
+    for job in prange(K, nogil=True, num_threads=n_threads, schedule="static"):
         ph = job // C_out
         co = job - ph * C_out
         a = ph // sw
@@ -223,34 +224,40 @@ def transform_weight_forward(const floating[:, :, :, ::1] weight, floating[:, :,
                 for u in range(2):
                     taps[ph, co, ci, t, u] = weight[ci, co, kh0[a] + sh * (1 - t),
                                                     kw0[b] + sw * (1 - u)]
-        filter_transform(m, &taps[ph, co, 0, 0, 0], &U[ph, 0, co, 0], C_out * C_in, C_in)
+        filter_transform(m, &taps[ph, co, 0, 0, 0], &U[0, job, 0], K * C_in, C_in)
 
 
-def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] U,
+def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
             const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
-            const Py_ssize_t[:, ::1] x_rows, const Py_ssize_t[:, ::1] x_cols,
-            const Py_ssize_t[::1] lefts, const Py_ssize_t[::1] los, const Py_ssize_t[::1] his,
-            int m, Py_ssize_t rows_per_block, int n_threads):
-    """y = conv_transpose2d(x, weight) + bias by one F(m x m, 2 x 2) convolution per output
-    phase.
+            const Py_ssize_t[::1] x_rows, const Py_ssize_t[::1] x_cols, Py_ssize_t left,
+            Py_ssize_t lo, Py_ssize_t hi, const Py_ssize_t[::1] shifts_h,
+            const Py_ssize_t[::1] shifts_w, int m, Py_ssize_t rows_per_block, int n_threads):
+    """y = conv_transpose2d(x, weight) + bias: every output phase's F(m x m, 2 x 2)
+    convolution from one transform of shared x tiles.
 
-    Tile rows ``r = n*TH + th`` of the phase planes (``TH = ceil(ceil(OH_t/sh)/m)``,
-    the largest phase's) are the work items. ``x_rows[a, p]`` / ``x_cols[b, p]``
-    give the x row / column under tile position ``p`` of phase row ``a`` /
-    column ``b`` (-1: zero); tiles ``[los[b], his[b])`` of a tile row read
-    columns ``p - lefts[b]`` inside x (no map lookup).
+    Phase row ``a`` reads x rows ``q + (a + p)//sh - 1 + t``, ``t < 2``, for its output
+    row ``q``; the tops ``(a + p)//sh`` differ by ``shifts_h[a]`` (0 or 1) from phase
+    0's, so phase ``a``'s tiles start ``shifts_h[a]`` rows earlier and every phase
+    reads the same (m+1)x(m+1) x tile: one gather and input transform, then one GEMM
+    per position with the phases' filters stacked (``sh*sw*C_out`` rows). Tile row
+    ``th`` of the batch (``r = n*TH + th``) gives each phase's rows
+    ``m*th - shift .. + m`` (those inside the phase plane are written).
 
-    # IN  x: (N, C_in, H, W); U: (sh*sw, (m+1)**2, C_out, C_in) from transform_weight_forward
-    # IN  bias: (C_out,) or None
+    ``x_rows[p]`` / ``x_cols[p]``: the x row / column under tile position ``p``
+    (-1: zero); tiles ``[lo, hi)`` of a tile row read columns ``p - left`` (no lookup).
+
+    # IN  x: (N, C_in, H, W); U: ((m+1)**2, sh*sw*C_out, C_in) from transform_weight_forward
+    # IN  bias: (C_out,) or None; x_rows: (TH*m + 1,); x_cols: (TW*m + 1,)
     # OUT y: (N, C_out, OH_t, OW_t), every element written
     # workspace: n_threads equal slices of at least
-    # tiles_per_block * ((m+1)**2 * (1 + C_in + C_out) + m*m * sh * sw * C_out)
+    # tiles_per_block * ((m+1)**2 * (1 + C_in + sh*sw*C_out) + m*m * sh*sw)
     """
     cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t C_out = y.shape[1], OH_t = y.shape[2], OW_t = y.shape[3]
-    cdef Py_ssize_t sh = x_rows.shape[0], sw = x_cols.shape[0]
+    cdef Py_ssize_t sh = shifts_h.shape[0], sw = shifts_w.shape[0]
+    cdef Py_ssize_t P = sh * sw, K = sh * sw * C_out
     cdef Py_ssize_t AA = (m + 1) * (m + 1), MM = m * m
-    cdef Py_ssize_t TH = ceil_div(ceil_div(OH_t, sh), m), TW = ceil_div(ceil_div(OW_t, sw), m)
+    cdef Py_ssize_t TH = (x_rows.shape[0] - 1) // m, TW = (x_cols.shape[0] - 1) // m
     cdef Py_ssize_t total_rows = N * TH
     cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
     cdef Py_ssize_t tb_max = rows_per_block * TW
@@ -259,7 +266,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] U,
     # (a block's tiles, C_in) are checked by fastconv._phases.applies
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint has_bias = bias is not None
-    cdef Py_ssize_t block, r0, r1, r, n, th, tb, a, b, ph, co, ci, s, i
+    cdef Py_ssize_t block, r0, r1, r, n, th, tb, a, ph, co, ci, s, i, q
     cdef floating *D
     cdef floating *V
     cdef floating *M
@@ -271,40 +278,38 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] U,
         D = &workspace[openmp.omp_get_thread_num() * per_thread]
         V = D + AA * tb_max
         M = V + AA * C_in * tb_max
-        tiles = M + AA * C_out * tb_max
+        tiles = M + AA * K * tb_max
         r0 = block * rows_per_block
         r1 = min(r0 + rows_per_block, total_rows)
         tb = (r1 - r0) * TW
-        # 1. every phase's output tiles: tiles[(ph*C_out + co)*MM*tb + k*tb + t]
-        for a in range(sh):
-            for b in range(sw):
-                ph = a * sw + b
-                for ci in range(C_in):
-                    for r in range(r0, r1):
-                        n = r // TH
-                        th = r - n * TH
-                        gather_tiles(m, &x[n, ci, 0, 0], W, &x_rows[a, th * m], &x_cols[b, 0],
-                                     lefts[b], TW, los[b], his[b], D + (r - r0) * TW, tb, 1)
-                    input_transform(m, D, V + ci * tb, C_in * tb, tb)
-                for s in range(AA):
-                    gemm_rm(False, False, C_out, tb, C_in, 1, &U[ph, s, 0, 0], C_in,
-                            V + s * C_in * tb, tb, 0, M + s * C_out * tb, tb, limit)
-                for co in range(C_out):
-                    output_transform(m, M + co * tb, C_out * tb,
-                                     tiles + (ph * C_out + co) * MM * tb, tb)
-        # 2. y's rows, the phases interleaved (phase row a holds rows a + sh*q < OH_t)
+        # 1. V[s, ci, t] of the shared x tiles; M[s] = U[s] @ V[s] for every phase at once
+        for ci in range(C_in):
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                gather_tiles(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], left, TW,
+                             lo, hi, D + (r - r0) * TW, tb, 1)
+            input_transform(m, D, V + ci * tb, C_in * tb, tb)
+        for s in range(AA):
+            gemm_rm(False, False, K, tb, C_in, 1, &U[s, 0, 0], C_in, V + s * C_in * tb, tb, 0,
+                    M + s * K * tb, tb, limit)
+        # 2. per channel: every phase's output tiles, then y's rows with the phases
+        #    interleaved (phase row a holds y rows a + sh*q, q < ceil((OH_t - a)/sh))
         for co in range(C_out):
+            for ph in range(P):
+                output_transform(m, M + (ph * C_out + co) * tb, K * tb, tiles + ph * MM * tb,
+                                 tb)
             bias_value = bias[co] if has_bias else 0
             for r in range(r0, r1):
                 n = r // TH
                 th = r - n * TH
                 for i in range(m):
                     for a in range(sh):
-                        if a + sh * (th * m + i) < OH_t:
-                            scatter_output_row(m, tiles + co * MM * tb + (r - r0) * TW,
-                                               C_out * MM * tb, tb,
-                                               &y[n, co, a + sh * (th * m + i), 0], i, a, sw,
-                                               OW_t, TW, bias_value)
+                        q = m * th - shifts_h[a] + i
+                        if q >= 0 and a + sh * q < OH_t:
+                            scatter_output_row(m, tiles + (r - r0) * TW, MM * tb, tb,
+                                               &y[n, co, a + sh * q, 0], i, a, sw, OW_t, TW,
+                                               &shifts_w[0], bias_value)
 
 
 def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,

@@ -25,15 +25,20 @@ from fastconv._workspace import workspace
 
 __all__ = ["applies", "pays_off", "pays_off_backward", "forward", "backward"]
 
-#: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5, 4x4 stride-2 layers,
-#: C 3..512, planes 4x4..32x32, README "Transposed convolution"). The forward gained
-#: 1.05-1.2x with C_out >= C_in >= 16 and lost up to 4x with few output channels
-#: (64 -> 3: 0.23x; 256 -> 128: 0.9x): its GEMMs have C_out rows, and x is transformed
-#: once per phase. The backward gained 1.1-1.9x except with few output channels
-#: (64 -> 3: 0.84x) or few tiles for the weights' size (256 -> 128 on 8 4x4 planes:
-#: 0.94x; 1 16x16 plane: 1.07x).
-AUTO_MIN_CHANNELS = 16
-AUTO_MAX_INPUTS_PER_OUTPUT = 16
+#: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
+#: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
+#: convolution"). The forward shares each x tile among the phases by shifting some
+#: phases' tiles a row (column) earlier, which costs one extra tile row and column:
+#: on 8x8 planes (5 tiles for 4) it lost (0.8-0.9x), on 16x16 and 32x32 it gained
+#: 1.05-1.5x where C_out >= C_in / 4, and lost with fewer outputs (64 -> 3: 0.64x),
+#: a single phase (2x2 stride 1: 0.8-0.9x) or few tiles for the weight's size
+#: (256 -> 128 on one 16x16 plane: 0.68x). The backward gained 1.1-1.9x except with
+#: few output channels (64 -> 4: 0.95x; 64 -> 8: 1.16x) or few tiles for the weight's
+#: size (256 -> 128 on eight 4x4 planes: 0.96x; on one 16x16 plane: 1.09x).
+AUTO_FORWARD_MIN_PLANE = 16
+AUTO_FORWARD_MAX_INPUTS_PER_OUTPUT = 4
+AUTO_FORWARD_TILES_PER_WEIGHT = 1 / 512
+AUTO_MAX_INPUTS_PER_OUTPUT = 8
 AUTO_TILES_PER_WEIGHT = 1 / 2048
 
 #: Output tile size: F(2x2, 2x2) (fastconv._winograd_matrices.PHASE_VARIANTS says why).
@@ -57,29 +62,33 @@ def _tiles(geometry: ConvGeometry) -> int:
     return geometry.N * -(-geometry.OH // TILE) * -(-geometry.OW // TILE)
 
 
-def _enough_tiles(geometry: ConvGeometry) -> bool:
-    """The filters' transform and grad_weight's transform-domain sums cost ~9 values per
+def _enough_tiles(geometry: ConvGeometry, per_weight: float) -> bool:
+    """The filters' transform (and the backward's grad_weight sums) cost ~9 values per
     (phase, C_in, C_out) triple whatever the batch; the GEMMs only save enough over
-    im2col with AUTO_TILES_PER_WEIGHT tiles for every such triple."""
+    im2col with ``per_weight`` tiles for every such triple."""
     g = geometry
-    phases = g.stride_h * g.stride_w
-    return _tiles(g) >= AUTO_TILES_PER_WEIGHT * phases * g.C * g.F
+    return _tiles(g) >= per_weight * g.stride_h * g.stride_w * g.C * g.F
 
 
 def pays_off(geometry: ConvGeometry) -> bool:
     """Whether ``algorithm="auto"`` takes the phase convolutions for the forward of a
-    layer that :func:`applies`: as many or more output channels (C_out, the GEMMs'
-    rows) than input channels, at least AUTO_MIN_CHANNELS of them, and enough tiles."""
-    C_out, C_in = geometry.C, geometry.F
-    return C_out >= C_in >= AUTO_MIN_CHANNELS and _enough_tiles(geometry)
+    layer that :func:`applies`: several phases, x planes of AUTO_FORWARD_MIN_PLANE
+    or more on both axes, C_out >= C_in / AUTO_FORWARD_MAX_INPUTS_PER_OUTPUT (the
+    GEMMs' rows are the phases' C_out filters) and enough tiles."""
+    g = geometry
+    C_out, C_in = g.C, g.F
+    return (g.stride_h * g.stride_w > 1 and min(g.OH, g.OW) >= AUTO_FORWARD_MIN_PLANE
+            and C_out * AUTO_FORWARD_MAX_INPUTS_PER_OUTPUT >= C_in
+            and _enough_tiles(g, AUTO_FORWARD_TILES_PER_WEIGHT))
 
 
 def pays_off_backward(geometry: ConvGeometry) -> bool:
     """Whether ``algorithm="auto"`` takes the phase convolutions for the backward of a
-    layer that :func:`applies`: C_out at least C_in / AUTO_MAX_INPUTS_PER_OUTPUT and
-    enough tiles."""
+    layer that :func:`applies`: C_out >= C_in / AUTO_MAX_INPUTS_PER_OUTPUT and enough
+    tiles."""
     C_out, C_in = geometry.C, geometry.F
-    return C_out * AUTO_MAX_INPUTS_PER_OUTPUT >= C_in and _enough_tiles(geometry)
+    return (C_out * AUTO_MAX_INPUTS_PER_OUTPUT >= C_in
+            and _enough_tiles(geometry, AUTO_TILES_PER_WEIGHT))
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,32 +137,31 @@ def _first_taps(sh: int, sw: int, ph: int, pw: int) -> tuple[np.ndarray, np.ndar
 @functools.lru_cache(maxsize=256)
 def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
                   pw: int):
-    """The read-only maps of :func:`fastconv._conv_phases.forward`: x row / column under
-    each tile position of each phase (phase row ``a`` reads x rows ``p + (a + ph)//sh - 1``),
-    the columns' ``left`` offsets and interior tiles ``[lo, hi)``, and ``kh0`` / ``kw0``."""
-    TH, TW = _phase_tiles(m, H_t, W_t, sh, sw)
+    """The read-only maps of :func:`fastconv._conv_phases.forward`: the x row / column under
+    each shared tile position (phase 0 reads x rows ``q + ph//sh - 1 + t``), each phase's
+    tile shift, ``kh0`` / ``kw0``, and the columns' ``left`` offset and interior tiles
+    ``lo, hi``."""
 
-    def x_maps(tiles: int, size: int, s: int, pad: int) -> np.ndarray:
-        positions = np.arange(tiles * m + 1, dtype=np.intp)
-        rows = [positions + (a + pad) // s - 1 for a in range(s)]
-        return np.ascontiguousarray([np.where((r >= 0) & (r < size), r, -1) for r in rows],
-                                    dtype=np.intp)
+    def axis(size: int, size_t: int, s: int, pad: int):
+        top = pad // s
+        shifts = np.array([(a + pad) // s - top for a in range(s)], dtype=np.intp)
+        # enough tile rows for every phase: phase a's q < ceil((size_t - a)/s), its tiles
+        # starting shifts[a] rows earlier
+        tiles = max(-(-(max(0, -(-(size_t - a) // s)) + int(shift)) // m)
+                    for a, shift in enumerate(shifts))
+        positions = np.arange(tiles * m + 1, dtype=np.intp) + top - 1
+        return np.where((positions >= 0) & (positions < size), positions, -1), shifts, tiles
 
-    lefts = np.array([1 - (b + pw) // sw for b in range(sw)], dtype=np.intp)
+    x_rows, shifts_h, _ = axis(H, H_t, sh, ph)
+    x_cols, shifts_w, TW = axis(W, W_t, sw, pw)
+    left = 1 - pw // sw
     # interior tiles: all m + 1 columns m*tw + j - left inside x
-    los = np.array([min(TW, max(0, -(-int(left) // m))) for left in lefts], dtype=np.intp)
-    his = np.array([max(lo, min(TW, (W - (m + 1) + int(left)) // m + 1))
-                    for lo, left in zip(los, lefts)], dtype=np.intp)
-    maps = (x_maps(TH, H, sh, ph), x_maps(TW, W, sw, pw), lefts, los, his,
-            *_first_taps(sh, sw, ph, pw))
-    for array in maps:
+    lo = min(TW, max(0, -(-left // m)))
+    hi = max(lo, min(TW, (W - (m + 1) + left) // m + 1))
+    arrays = (x_rows, x_cols, shifts_h, shifts_w, *_first_taps(sh, sw, ph, pw))
+    for array in arrays:
         array.flags.writeable = False
-    return maps
-
-
-def _phase_tiles(m: int, H_t: int, W_t: int, sh: int, sw: int) -> tuple[int, int]:
-    """Tile rows and columns of the largest output phase plane, ceil(H_t/sh) x ceil(W_t/sw)."""
-    return -(-(-(-H_t // sh)) // m), -(-(-(-W_t // sw)) // m)
+    return (*arrays, left, lo, hi)
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
@@ -172,22 +180,20 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     sh, sw = g.stride_h, g.stride_w
     m = TILE if m is None else m
     positions = (m + 1) ** 2
-    x_rows, x_cols, lefts, los, his, kh0, kw0 = _forward_maps(m, H, W, H_t, W_t, sh, sw,
-                                                              g.pad_top, g.pad_left)
+    x_rows, x_cols, shifts_h, shifts_w, kh0, kw0, left, lo, hi = _forward_maps(
+        m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
     phases = sh * sw
-    U = workspace("winograd-weight", dtype, phases * positions * C_out * C_in).reshape(
-        phases, positions, C_out, C_in)
-    taps = workspace("phase-taps", dtype, phases * C_out * C_in * 4).reshape(
-        phases, C_out, C_in, 2, 2)
+    K = phases * C_out
+    U = workspace("winograd-weight", dtype, positions * K * C_in).reshape(positions, K, C_in)
+    taps = workspace("phase-taps", dtype, K * C_in * 4).reshape(phases, C_out, C_in, 2, 2)
     _conv_phases.transform_weight_forward(weight, U, taps, kh0, kw0, m, n_threads)
-    TH, TW = _phase_tiles(m, H_t, W_t, sh, sw)
-    per_tile = positions * (1 + C_in + C_out) + m * m * phases * C_out
-    rows_per_block = _tiling.plan_phase_forward(N, TH, TW, per_tile * dtype.itemsize,
-                                                n_threads)
+    TH, TW = (len(x_rows) - 1) // m, (len(x_cols) - 1) // m
+    per_tile = positions * (1 + C_in + K) + m * m * phases
+    rows_per_block = _tiling.plan_phase_forward(N, TH, TW, n_threads)
     scratch = workspace("winograd", dtype, n_threads * rows_per_block * TW * per_tile)
     with single_threaded_blas:
-        _conv_phases.forward(x, U, bias, out, scratch, x_rows, x_cols, lefts, los, his, m,
-                             rows_per_block, n_threads)
+        _conv_phases.forward(x, U, bias, out, scratch, x_rows, x_cols, left, lo, hi, shifts_h,
+                             shifts_w, m, rows_per_block, n_threads)
     return out
 
 

@@ -334,14 +334,11 @@ def plan_winograd(N: int, C: int, F: int, OH: int, OW: int, m: int, itemsize: in
     return WinogradPlan(m, max(1, rows_per_block), TW)
 
 
-#: The transposed convolution's phase forward (fastconv._conv_phases.forward) keeps a
-#: block's V, M and every phase's output tiles within L2: on dcgan-up (C_in 256,
-#: C_out 128, 71 KiB a tile) 16 tiles ran 1.15-1.2x faster than 32-128 at 1 thread;
-#: with 64 channels (29 KiB a tile) 64-128 tiles were best (1 thread, median of 15).
-PHASE_FORWARD_BLOCK_BYTES = 3 << 19
-PHASE_FORWARD_MIN_TILES = 16
-PHASE_FORWARD_MAX_TILES = 256
-
+#: The transposed convolution's phase forward (fastconv._conv_phases.forward) runs one
+#: GEMM per transform position with the phases' filters stacked and a block's tiles as
+#: its columns: on dcgan-up 128-144 tiles ran 1.8x faster than 18 and 1.1x faster than
+#: 288 (1 and 2 threads, median of 11); on a 128 -> 64-channel 32x32 layer likewise.
+PHASE_FORWARD_TILES = 128
 
 #: The phase backward's blocks (fastconv._conv_phases.backward) hold this many tiles:
 #: each block's grad_weight GEMMs read and write the thread's transform-domain sums
@@ -351,13 +348,10 @@ PHASE_BACKWARD_TILES = 256
 
 
 @_memoised
-def plan_phase_forward(N: int, TH: int, TW: int, bytes_per_tile: int, n_threads: int) -> int:
-    """Tile rows per block of the phase forward: PHASE_FORWARD_BLOCK_BYTES of workspace,
-    PHASE_FORWARD_MIN_TILES..PHASE_FORWARD_MAX_TILES tiles, as many blocks as keep the
-    threads evenly busy."""
-    target = min(PHASE_FORWARD_MAX_TILES,
-                 max(PHASE_FORWARD_MIN_TILES, PHASE_FORWARD_BLOCK_BYTES // max(bytes_per_tile, 1)))
-    return _phase_rows(N * TH, TW, target, n_threads)
+def plan_phase_forward(N: int, TH: int, TW: int, n_threads: int) -> int:
+    """Tile rows per block of the phase forward: PHASE_FORWARD_TILES tiles, as many
+    blocks as keep the threads evenly busy."""
+    return _phase_rows(N * TH, TW, PHASE_FORWARD_TILES, n_threads)
 
 
 @_memoised

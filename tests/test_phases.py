@@ -92,12 +92,11 @@ def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, n_threads, dtyp
     """The smallest blocks in both passes: every block boundary between tile rows and
     images is crossed, and every thread's grad_weight sums are reduced."""
     monkeypatch.setattr(_tiling, "PHASE_BACKWARD_TILES", 1)
-    monkeypatch.setattr(_tiling, "PHASE_FORWARD_BLOCK_BYTES", 1)
-    monkeypatch.setattr(_tiling, "PHASE_FORWARD_MIN_TILES", 1)
+    monkeypatch.setattr(_tiling, "PHASE_FORWARD_TILES", 1)
     rng = np.random.default_rng(2)
     x, weight, b = _layer_problem(rng, N, 5, 7, 9, 6, 4, dtype)
     args = dict(stride=2, padding=1)
-    assert _tiling.plan_phase_forward(N, 5, 3, 1000, n_threads) == 1
+    assert _tiling.plan_phase_forward(N, 5, 4, n_threads) == 1
     assert _tiling.plan_phase_backward(N, 5, 3, n_threads) == 1
     y = fastconv.conv_transpose2d(x, weight, b, algorithm="winograd", n_threads=n_threads,
                                   **args)
@@ -191,20 +190,28 @@ def test_applies_to_kernels_twice_the_stride_only():
 
 
 def test_auto_rule():
-    """The measured thresholds (fastconv._phases.AUTO_*): dcgan-up's backward, not its
-    forward (fewer outputs than inputs); nothing for few tiles or few output channels."""
+    """The measured thresholds (fastconv._phases.AUTO_*): dcgan-up's forward and
+    backward; neither for few tiles for the weight's size, nor with few output
+    channels; the forward not on small planes or a single phase."""
+    def choice(backward=False, **shape):
+        return _transposed._transposed_algorithm("auto", _geometry(**shape), backward)
+
+    for backward in (False, True):
+        assert choice(backward, N=16, C_in=256, C_out=128, H=16) == "winograd"    # dcgan-up
+        assert choice(backward, N=8, C_in=64, C_out=64, H=16) == "winograd"
+        assert choice(backward, N=8, C_in=64, C_out=3, H=32) == "im2col"
+        assert choice(backward, N=8, C_in=256, C_out=128, H=4) == "im2col"
+        assert choice(backward, N=16, C_in=256, C_out=128, H=16, kernel=3) == "im2col"
+    assert choice(N=8, C_in=32, C_out=32, H=8) == "im2col"                # 8x8 planes
+    assert choice(True, N=8, C_in=32, C_out=32, H=8) == "winograd"
+    assert choice(N=1, C_in=256, C_out=128, H=16) == "im2col"             # one plane
+    assert choice(True, N=1, C_in=256, C_out=128, H=16) == "winograd"
+    assert choice(N=8, C_in=32, C_out=32, H=16, kernel=2, stride=1, padding=0) == "im2col"
+    assert choice(N=8, C_in=64, C_out=16, H=32) == "winograd"
+    assert choice(N=8, C_in=64, C_out=8, H=32) == "im2col"
+    assert choice(True, N=8, C_in=64, C_out=8, H=32) == "winograd"
+    assert choice(True, N=8, C_in=64, C_out=4, H=32) == "im2col"
     dcgan = _geometry(16, 256, 128, 16)
-    assert _transposed._transposed_algorithm("auto", dcgan, backward=True) == "winograd"
-    assert _transposed._transposed_algorithm("auto", dcgan) == "im2col"
-    square = _geometry(8, 64, 64, 16)
-    assert _transposed._transposed_algorithm("auto", square) == "winograd"
-    assert _transposed._transposed_algorithm("auto", _geometry(8, 8, 8, 16)) == "im2col"
-    few_outputs = _geometry(8, 64, 3, 32)
-    assert _transposed._transposed_algorithm("auto", few_outputs, backward=True) == "im2col"
-    few_tiles = _geometry(8, 256, 128, 4)
-    assert _transposed._transposed_algorithm("auto", few_tiles, backward=True) == "im2col"
-    not_phases = _geometry(16, 256, 128, 16, kernel=3)
-    assert _transposed._transposed_algorithm("auto", not_phases, backward=True) == "im2col"
     for algorithm in ("im2col", "winograd"):
         assert _transposed._transposed_algorithm(algorithm, dcgan) == algorithm
 
@@ -268,9 +275,9 @@ def test_workspace_does_not_grow_with_the_batch():
     # blocks grow to their target size (reached at N=16), then their number grows
     assert found[1] == found[2], found
     TW = 8                                          # 16 columns in 2x2 tiles
-    per_tile = max(9 * (1 + 16 + 16) + 4 * 4 * 16,  # forward: D, V, M, every phase's tiles
-                   9 * (2 + 4 * 16 + 16))           # backward: D, V of 4 phases, M
-    bound = 2 * (max(_tiling.PHASE_BACKWARD_TILES, _tiling.PHASE_FORWARD_MAX_TILES) + TW) \
+    per_tile = max(9 * (1 + 16 + 4 * 16) + 4 * 4,  # forward: D, V, M of 4 phases, tiles
+                   9 * (2 + 4 * 16 + 16))          # backward: D, V of 4 phases, M
+    bound = 2 * (max(_tiling.PHASE_BACKWARD_TILES, _tiling.PHASE_FORWARD_TILES) + TW + 1) \
         * per_tile
     assert max(found) <= bound, (found, bound)
     whole_batch = 128 * 64 * per_tile              # every tile of N=128 at once
