@@ -21,9 +21,10 @@ import numpy as np
 from fastconv import _conv_phases, _tiling
 from fastconv._threads import single_threaded_blas
 from fastconv._validation import ConvGeometry
+from fastconv._winograd_matrices import PHASE_VARIANTS
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pays_off_backward", "forward", "backward"]
+__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "forward", "backward"]
 
 #: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
 #: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
@@ -41,20 +42,27 @@ AUTO_FORWARD_TILES_PER_WEIGHT = 1 / 512
 AUTO_MAX_INPUTS_PER_OUTPUT = 8
 AUTO_TILES_PER_WEIGHT = 1 / 2048
 
-#: Output tile size: F(2x2, 2x2) (fastconv._winograd_matrices.PHASE_VARIANTS says why).
-TILE = 2
+#: Output tile size m of F(m x m, 2 x 2): the one variant the header implements
+#: (fastconv._winograd_matrices.PHASE_VARIANTS says why it is 2).
+(TILE,) = PHASE_VARIANTS
 
 
 def applies(geometry: ConvGeometry) -> bool:
     """Whether a transposed convolution (its ``transposed_geometry``) splits into 2x2
-    phases: kernel = 2 * stride on both axes, dilation 1, groups 1, and the GEMMs'
-    leading dimensions (a tile row's tiles, the stacked phase channels, C_in) within
-    the 32-bit BLAS limit."""
+    phases: kernel = 2 * stride on both axes, dilation 1, groups 1."""
     g = geometry
     return (g.KH == 2 * g.stride_h and g.KW == 2 * g.stride_w
-            and (g.dilation_h, g.dilation_w) == (1, 1) and g.groups == 1
-            and max(g.stride_h * g.stride_w * g.C, g.F) <= _tiling.BLAS_INT_MAX
-            and -(-g.OW // TILE) <= _tiling.BLAS_INT_MAX)
+            and (g.dilation_h, g.dilation_w) == (1, 1) and g.groups == 1)
+
+
+def fits(geometry: ConvGeometry) -> bool:
+    """Whether the GEMMs' leading dimensions stay within the 32-bit BLAS limit
+    (``fastconv._tiling.BLAS_INT_MAX``): the stacked phase channels ``s*s*C_out``,
+    C_in, and a tile row's tiles (at most ``ceil((W + 3)/2)``: the forward's phase
+    planes hold up to W + 2 columns, plus the shifted phases' extra tile)."""
+    g = geometry
+    return max(g.stride_h * g.stride_w * g.C, g.F,
+               -(-(g.OW + 3) // TILE)) <= _tiling.BLAS_INT_MAX
 
 
 def _tiles(geometry: ConvGeometry) -> int:
@@ -165,8 +173,7 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-            geometry: ConvGeometry, n_threads: int, out: np.ndarray,
-            m: int | None = None) -> np.ndarray:
+            geometry: ConvGeometry, n_threads: int, out: np.ndarray) -> np.ndarray:
     """``conv_transpose2d(x, weight) + bias`` of a layer that :func:`applies`, into ``out``.
 
     ``x`` (N, C_in, H, W), ``weight`` (C_in, C_out, 2*sh, 2*sw) and ``bias``
@@ -178,7 +185,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     N, C_in, H, W = x.shape
     C_out, H_t, W_t = out.shape[1:]
     sh, sw = g.stride_h, g.stride_w
-    m = TILE if m is None else m
+    m = TILE
     positions = (m + 1) ** 2
     x_rows, x_cols, shifts_h, shifts_w, kh0, kw0, left, lo, hi = _forward_maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
@@ -199,7 +206,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 
 def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
              geometry: ConvGeometry, n_threads: int, grad_x: np.ndarray | None,
-             grad_weight: np.ndarray | None, m: int | None = None) -> None:
+             grad_weight: np.ndarray | None) -> None:
     """grad_x and/or grad_weight of a transposed convolution that :func:`applies`.
 
     ``grad_output`` (N, C_out, H_out, W_out), ``x`` (N, C_in, H, W) and
@@ -212,7 +219,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     C_out, H_t, W_t = grad_output.shape[1:]
     sh, sw = g.stride_h, g.stride_w
     K = sh * sw * C_out
-    m = TILE if m is None else m
+    m = TILE
     positions = (m + 1) ** 2
     dy_rows, dy_cols, dy_lefts, dy_los, dy_his, x_rows, x_cols, kh0, kw0 = _maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)

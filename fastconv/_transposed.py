@@ -63,9 +63,17 @@ def _transposed_algorithm(algorithm: str, geometry, backward: bool = False) -> s
             f"stride={(geometry.stride_h, geometry.stride_w)}, "
             f"dilation={(geometry.dilation_h, geometry.dilation_w)}, groups={geometry.groups}"
         )
+    fits = _phases.fits(geometry)
+    if algorithm == "winograd" and applies and not fits:
+        raise ValueError(
+            f"algorithm='winograd' needs stride_h*stride_w*C_out, C_in and ceil((W + 3)/2) "
+            f"within the BLAS limit {_tiling.BLAS_INT_MAX} (the GEMMs' leading dimensions), "
+            f"got stride={(geometry.stride_h, geometry.stride_w)}, C_in={geometry.F}, "
+            f"C_out={geometry.C}, W={geometry.OW}"
+        )
     if algorithm == "auto":
         pays_off = _phases.pays_off_backward if backward else _phases.pays_off
-        return "winograd" if applies and pays_off(geometry) else "im2col"
+        return "winograd" if applies and fits and pays_off(geometry) else "im2col"
     return algorithm
 
 

@@ -249,6 +249,44 @@ def test_transposed_forward_and_backward(blas_limit, case, n_threads):
                        magnitude=np.abs(dy).sum(axis=(0, 2, 3)))
 
 
+# (limit, N, C_in, H, W, C_out, stride, padding): kernels twice the stride whose filter
+# rows (C_out * KH * KW) stay within the limit; a batch's tiles do not
+PHASE_CASES = [
+    (50, 3, 20, 6, 30, 3, 2, 1),        # 12 stacked phase channels, 17-tile rows
+    (50, 2, 45, 5, 12, 1, 3, 2),        # 9 phases, C_in = 45
+    (1000, 2, 64, 20, 40, 60, 2, 1),    # 240 stacked channels
+]
+
+
+@pytest.mark.parametrize("case", PHASE_CASES, ids=str)
+@pytest.mark.parametrize("n_threads", THREADS)
+def test_transposed_phases_under_a_low_limit(blas_limit, case, n_threads):
+    limit, N, C_in, H, W, C_out, stride, padding = case
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((N, C_in, H, W))
+    weight = rng.standard_normal((C_in, C_out, 2 * stride, 2 * stride))
+    bias = rng.standard_normal(C_out)
+    args = dict(stride=stride, padding=padding, algorithm="winograd", n_threads=n_threads)
+    blas_limit.set(limit)
+    y = fastconv.conv_transpose2d(x, weight, bias, **args)
+    blas_limit.check()
+    assert_matches(y, reference.conv_transpose2d(x, weight, bias, stride, padding),
+                   np.float64, 4 * C_in)
+    dy = rng.standard_normal(y.shape)
+    got = fastconv.conv_transpose2d_backward(dy, x, weight, **args)
+    blas_limit.check()
+    for a, e in zip(got, reference.conv_transpose2d_backward(dy, x, weight, stride, padding)):
+        assert_matches(a, e, np.float64, N * H * W)
+    # one more input channel than the limit: C_in is the forward's U rows' length
+    wide_x = rng.standard_normal((1, limit + 1, H, W))
+    wide_w = rng.standard_normal((limit + 1, C_out, 2 * stride, 2 * stride))
+    with pytest.raises(ValueError, match=rf"within the BLAS limit {limit} .*C_in={limit + 1}"):
+        fastconv.conv_transpose2d(wide_x, wide_w, None, **args)
+    assert_matches(fastconv.conv_transpose2d(wide_x, wide_w, None, stride, padding),  # im2col
+                   reference.conv_transpose2d(wide_x, wide_w, None, stride, padding),
+                   np.float64, 4 * limit)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_other_engines_under_a_low_limit(blas_limit, n_threads):
     """The direct and depthwise kernels call no BLAS; auto picks them or im2col."""
