@@ -126,10 +126,10 @@ def conv_transpose2d(
     dilation : int or (int, int), default 1
     algorithm : {'auto', 'im2col', 'winograd'}, default 'auto'
         'im2col': GEMM, then col2im. 'winograd': for kernels twice the stride
-        (groups 1, dilation 1), one F(4x4, 2x2) convolution per output phase,
-        2.56x fewer multiplications at a float32 error 6-9x im2col's (README
-        "Transposed convolution"). 'auto' takes 'winograd' where it measured
-        faster (``fastconv._phases.pays_off``).
+        (groups 1, dilation 1), the output phases as F(2x2, 2x2) convolutions
+        from shared x tiles, 1.78x fewer multiplications at a float32 error
+        1-3x im2col's (README "Algorithms"). 'auto' takes 'winograd' where it
+        measured faster (``fastconv._phases.pays_off``).
     n_threads : int, optional
         As in :func:`conv2d`.
 
@@ -230,8 +230,9 @@ def conv_transpose2d_backward(
     bias : bool, None or ndarray, default True
         Whether the forward had a bias (False/None: ``grad_bias`` is None).
     algorithm : {'auto', 'im2col', 'winograd'}, default 'auto'
-        As in :func:`conv_transpose2d`: 'winograd' runs grad_x by F(4x4, 2x2)
-        and grad_weight by F(2x2, 4x4) from one transform of grad_output.
+        As in :func:`conv_transpose2d`: 'winograd' runs grad_x and grad_weight
+        by F(2x2, 2x2) from one transform of grad_output's phase planes
+        ('auto': where ``fastconv._phases.pays_off_backward``).
     n_threads : int, optional
         As in :func:`conv2d`.
 
