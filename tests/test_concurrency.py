@@ -4,8 +4,9 @@ The kernels release the GIL, so a server or a data-parallel training loop may
 run fastconv from many threads at once. ``test_threads.py`` covers the
 ``n_threads`` convention, the BLAS switch itself and six workers running the
 NCHW convolution; this module runs 12 workers at once over every engine (NCHW
-im2col, NHWC, direct depthwise, pointwise, transposed, pooling, activations,
-im2col/col2im) in both dtypes and with 1-3 OpenMP threads each, and requires:
+im2col, NHWC, direct depthwise, pointwise, transposed and its phase convolutions,
+pooling, activations, im2col/col2im) in both dtypes and with 1-3 OpenMP threads
+each, and requires:
 
 * every result bit-identical to the same call made serially with the same
   ``n_threads`` (the per-thread workspaces are never shared), and to the same
@@ -67,6 +68,18 @@ def _transposed_job(seed, dtype, n_threads):
     return [y, *fastconv.conv_transpose2d_backward(dy, x, weight, **args)]
 
 
+def _phases_job(seed, dtype, n_threads):
+    """The transposed phase convolutions (algorithm="winograd"): per-thread grad_weight sums."""
+    rng = _rng(seed)
+    x = rng.standard_normal((3, 5, 9, 7)).astype(dtype)
+    weight = rng.standard_normal((5, 4, 4, 4)).astype(dtype)
+    bias = rng.standard_normal(4).astype(dtype)
+    args = dict(stride=2, padding=1, output_padding=1, algorithm="winograd", n_threads=n_threads)
+    y = fastconv.conv_transpose2d(x, weight, bias, **args)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    return [y, *fastconv.conv_transpose2d_backward(dy, x, weight, **args)]
+
+
 def _pool_job(seed, dtype, n_threads):
     rng = _rng(seed)
     x = rng.standard_normal((4, 5, 13, 11)).astype(dtype)
@@ -116,6 +129,8 @@ JOBS = [
                                                   stride=(1, 2))),
     ("transposed-f32", lambda s: _transposed_job(s, np.float32, 2)),
     ("transposed-f64", lambda s: _transposed_job(s, np.float64, 1)),
+    ("transposed-phases-f32", lambda s: _phases_job(s, np.float32, 3)),
+    ("transposed-phases-f64", lambda s: _phases_job(s, np.float64, 2)),
     ("pooling-f32", lambda s: _pool_job(s, np.float32, 3)),
     ("pooling-f64", lambda s: _pool_job(s, np.float64, 2)),
     ("im2col-f32", lambda s: _im2col_job(s, np.float32, 1)),
