@@ -8,8 +8,8 @@ import numpy as np
 
 from fastconv._functional import _conv2d, _conv2d_backward
 from fastconv._transposed import (
+    _conv_transpose2d,
     _transposed_algorithm,
-    conv_transpose2d,
     conv_transpose2d_backward,
 )
 from fastconv._winograd import TransformedWeights
@@ -111,9 +111,9 @@ def _padding_repr(padding) -> str | None:
 class _ConvLayerBase:
     """What both convolution layers share: parameters, gradients and the forward's input.
 
-    Subclasses name their functional pair (``_forward_function``,
-    ``_backward_function``) and the keyword arguments both take (``_arguments``),
-    or override :meth:`_forward` / :meth:`_backward`.
+    Subclasses implement :meth:`_forward` (both keep a cache of transformed filters
+    for it) and name their functional backward (``_backward_function``) and the
+    keyword arguments it takes (``_arguments``), or override :meth:`_backward`.
     """
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -132,9 +132,6 @@ class _ConvLayerBase:
         self.dW = dW.astype(np.result_type(self.W.dtype, np.float32), copy=False)
         self.db = None if self.b is None else db.astype(self.dW.dtype, copy=False)
         return dx
-
-    def _forward(self, x):
-        return self._forward_function(x, self.W, self.b, **self._arguments())
 
     def _backward(self, dout):
         return self._backward_function(dout, self._x, self.W, bias=self.b is not None,
@@ -437,6 +434,7 @@ class ConvTranspose2D(_ConvLayerBase):
         self.W, self.b = W, b
         _transposed_algorithm(algorithm, geometry)   # raises for a layer it cannot run
         self.algorithm = algorithm
+        self._weight_cache = TransformedWeights()
         effective_n_threads(n_threads)
         self.n_threads = n_threads
         self.dW = None
@@ -455,8 +453,14 @@ class ConvTranspose2D(_ConvLayerBase):
     def kernel_size(self) -> tuple[int, int]:
         return (self.W.shape[2], self.W.shape[3])
 
-    _forward_function = staticmethod(conv_transpose2d)
     _backward_function = staticmethod(conv_transpose2d_backward)
+
+    def _forward(self, x):
+        # the phase forward's transformed filters are kept between calls (inference)
+        return _conv_transpose2d(x, self.W, self.b, self.stride, self.padding,
+                                 self.output_padding, self.groups, self.dilation,
+                                 self.algorithm, self.n_threads,
+                                 weight_cache=self._weight_cache)
 
     def _arguments(self) -> dict:
         return dict(stride=self.stride, padding=self.padding,

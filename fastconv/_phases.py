@@ -24,7 +24,8 @@ from fastconv._validation import ConvGeometry
 from fastconv._winograd_matrices import PHASE_VARIANTS
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "forward", "backward"]
+__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "filters_shape", "forward_filters",
+           "forward", "backward"]
 
 #: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
 #: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
@@ -147,8 +148,7 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
                   pw: int):
     """The read-only maps of :func:`fastconv._conv_phases.forward`: the x row / column under
     each shared tile position (phase 0 reads x rows ``q + ph//sh - 1 + t``), each phase's
-    tile shift, ``kh0`` / ``kw0``, and the columns' ``left`` offset and interior tiles
-    ``lo, hi``."""
+    tile shift, and the columns' ``left`` offset and interior tiles ``lo, hi``."""
 
     def axis(size: int, size_t: int, s: int, pad: int):
         top = pad // s
@@ -166,19 +166,48 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
     # interior tiles: all m + 1 columns m*tw + j - left inside x
     lo = min(TW, max(0, -(-left // m)))
     hi = max(lo, min(TW, (W - (m + 1) + left) // m + 1))
-    arrays = (x_rows, x_cols, shifts_h, shifts_w, *_first_taps(sh, sw, ph, pw))
-    for array in arrays:
+    for array in (x_rows, x_cols, shifts_h, shifts_w):
         array.flags.writeable = False
-    return (*arrays, left, lo, hi)
+    return x_rows, x_cols, shifts_h, shifts_w, left, lo, hi
+
+
+def filters_shape(geometry: ConvGeometry) -> tuple[int, int, int]:
+    """The shape of :func:`forward_filters`: ``((m+1)**2, sh*sw*C_out, C_in)``."""
+    g = geometry
+    return ((TILE + 1) ** 2, g.stride_h * g.stride_w * g.C, g.F)
+
+
+def forward_filters(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """The forward's stacked phase filters in the Winograd domain, ``((m+1)**2,
+    sh*sw*C_out, C_in)`` (``fastconv._conv_phases.transform_weight_forward``).
+
+    Without ``out`` the result lives in a reused workspace, valid until the next
+    call on this Python thread.
+    """
+    g = geometry
+    w = np.ascontiguousarray(weight, dtype=dtype)
+    C_in, C_out = w.shape[:2]
+    phases = g.stride_h * g.stride_w
+    K = phases * C_out
+    shape = filters_shape(g)
+    if out is None:
+        out = workspace("winograd-weight", w.dtype, int(np.prod(shape))).reshape(shape)
+    taps = workspace("phase-taps", w.dtype, K * C_in * 4).reshape(phases, C_out, C_in, 2, 2)
+    kh0, kw0 = _first_taps(g.stride_h, g.stride_w, g.pad_top, g.pad_left)
+    _conv_phases.transform_weight_forward(w, out, taps, kh0, kw0, TILE, n_threads)
+    return out
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-            geometry: ConvGeometry, n_threads: int, out: np.ndarray) -> np.ndarray:
+            geometry: ConvGeometry, n_threads: int, out: np.ndarray,
+            U: np.ndarray | None = None) -> np.ndarray:
     """``conv_transpose2d(x, weight) + bias`` of a layer that :func:`applies`, into ``out``.
 
     ``x`` (N, C_in, H, W), ``weight`` (C_in, C_out, 2*sh, 2*sw) and ``bias``
     (C_out,) or None must be C-contiguous of one float dtype; ``out``
-    (N, C_out, H_out, W_out) is written in full.
+    (N, C_out, H_out, W_out) is written in full. ``U``: the filters already
+    transformed by :func:`forward_filters` (a layer's cache), else they are here.
     """
     g = geometry
     dtype = x.dtype
@@ -187,15 +216,13 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     sh, sw = g.stride_h, g.stride_w
     m = TILE
     positions = (m + 1) ** 2
-    x_rows, x_cols, shifts_h, shifts_w, kh0, kw0, left, lo, hi = _forward_maps(
+    x_rows, x_cols, shifts_h, shifts_w, left, lo, hi = _forward_maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
+    if U is None:
+        U = forward_filters(weight, g, dtype, n_threads)
     phases = sh * sw
-    K = phases * C_out
-    U = workspace("winograd-weight", dtype, positions * K * C_in).reshape(positions, K, C_in)
-    taps = workspace("phase-taps", dtype, K * C_in * 4).reshape(phases, C_out, C_in, 2, 2)
-    _conv_phases.transform_weight_forward(weight, U, taps, kh0, kw0, m, n_threads)
     TH, TW = (len(x_rows) - 1) // m, (len(x_cols) - 1) // m
-    per_tile = positions * (1 + C_in + K) + m * m * phases
+    per_tile = positions * (1 + C_in + phases * C_out) + m * m * phases
     rows_per_block = _tiling.plan_phase_forward(N, TH, TW, n_threads)
     scratch = workspace("winograd", dtype, n_threads * rows_per_block * TW * per_tile)
     with single_threaded_blas:

@@ -161,6 +161,14 @@ def conv_transpose2d(
     ...                           padding=1).shape
     (16, 128, 32, 32)
     """
+    return _conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups,
+                             dilation, algorithm, n_threads)
+
+
+def _conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation,
+                      algorithm, n_threads, weight_cache=None) -> np.ndarray:
+    """:func:`conv_transpose2d`, with a layer's cache of transformed filters
+    (``weight_cache``, a ``fastconv._winograd.TransformedWeights``)."""
     x, weight, geometry = _transposed_inputs(x, weight, stride, padding, output_padding, groups,
                                              dilation)
     algorithm = _transposed_algorithm(algorithm, geometry)
@@ -179,9 +187,20 @@ def conv_transpose2d(
     N, C_in = geometry.N, geometry.F
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     if algorithm == "winograd":
+        U = None
+        if weight_cache is not None:
+            # the filters depend on the stride and, through each phase's first tap,
+            # on the padding modulo the stride
+            key = ("phases", geometry.stride_h, geometry.stride_w, geometry.pad_top,
+                   geometry.pad_left, np.dtype(dtype))
+            U = weight_cache.get_or_make(
+                weight, key,
+                lambda w: _phases.forward_filters(w, geometry, dtype, n_threads,
+                                                  out=np.empty(_phases.filters_shape(geometry),
+                                                               dtype)))
         return _phases.forward(np.ascontiguousarray(x, dtype=dtype),
                                np.ascontiguousarray(weight, dtype=dtype), b, geometry,
-                               n_threads, y)
+                               n_threads, y, U=U)
     xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)

@@ -247,8 +247,18 @@ class TransformedWeights:
         The snapshot is of ``weight`` as given; transforms for several compute
         dtypes (a float32 layer fed float64 input) live side by side.
         """
+        def make(w: np.ndarray) -> np.ndarray:
+            F, Cg = w.shape[:2]
+            rows, cols = (Cg * groups, F // groups) if for_input_grad else (F, Cg)
+            return transformed_weight(w, groups, m, dtype, n_threads, for_input_grad,
+                                      out=np.empty(((m + 2) ** 2, rows, cols), dtype))
+
+        return self.get_or_make(weight, (m, groups, for_input_grad, np.dtype(dtype)), make)
+
+    def get_or_make(self, weight: np.ndarray, key, make) -> np.ndarray:
+        """``make(weight)`` (a new array, never modified afterwards), cached under ``key``
+        until ``weight`` changes."""
         w = np.ascontiguousarray(weight)
-        key = (m, groups, for_input_grad, np.dtype(dtype))
         with self._lock:
             snapshot = self._snapshot
             if (snapshot is None or snapshot.shape != w.shape or snapshot.dtype != w.dtype
@@ -258,11 +268,7 @@ class TransformedWeights:
                 self._transforms = {}
             U = self._transforms.get(key)
             if U is None:
-                F, Cg = w.shape[:2]
-                rows, cols = (Cg * groups, F // groups) if for_input_grad else (F, Cg)
-                U = transformed_weight(w, groups, m, dtype, n_threads, for_input_grad,
-                                       out=np.empty(((m + 2) ** 2, rows, cols), dtype))
-                self._transforms[key] = U
+                U = self._transforms[key] = make(w)
             return U
 
     def clear(self) -> None:

@@ -256,6 +256,31 @@ def test_layer_training_step_matches_im2col(dtype):
     assert_matches(layers[0].db, layers[1].db, dtype, 300, "db")
 
 
+def test_layer_keeps_its_forward_filters_until_W_changes():
+    """The phase forward's transformed filters are cached by the layer: reused while W
+    is unchanged, rebuilt after an in-place update, a rebinding or another dtype."""
+    rng = np.random.default_rng(10)
+    layer = fastconv.ConvTranspose2D(6, 4, 4, stride=2, padding=1, algorithm="winograd", rng=3)
+    x = rng.standard_normal((2, 6, 5, 5)).astype(np.float32)
+
+    def expected():
+        return reference.conv_transpose2d(x, layer.W, layer.b, 2, 1)
+
+    assert_matches(layer(x), expected(), np.float32, 24)
+    cached = dict(layer._weight_cache._transforms)
+    assert len(cached) == 1
+    assert_matches(layer(x), expected(), np.float32, 24)
+    assert all(layer._weight_cache._transforms[k] is v for k, v in cached.items())
+    layer.W -= 0.5 * layer.W                                  # in place
+    assert_matches(layer(x), expected(), np.float32, 24)
+    layer.W = rng.standard_normal(layer.W.shape).astype(np.float32)   # rebound
+    assert_matches(layer(x), expected(), np.float32, 24)
+    x64 = x.astype(np.float64)                                # another compute dtype
+    assert_matches(layer(x64), reference.conv_transpose2d(x64, layer.W, layer.b, 2, 1),
+                   np.float64, 24)
+    assert len(layer._weight_cache._transforms) == 2
+
+
 # --- bounded memory -------------------------------------------------------------------------
 
 def test_workspace_does_not_grow_with_the_batch():
