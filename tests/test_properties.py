@@ -242,10 +242,16 @@ def test_conv2d_and_backward_match_the_reference(config, dtype, layout, algorith
 
 @st.composite
 def transposed_configs(draw):
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    # a third are kernels twice the stride (groups 1, dilation 1), which the phase
+    # convolutions (algorithm="winograd") also run
+    phases = draw(st.integers(0, 2)) == 0
+    groups = 1 if phases else draw(st.sampled_from([1, 1, 2, 3]))
     C_in, Cg_out = groups * draw(small), draw(small)
-    KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride, dilation = draw(pairs(1, 3)), draw(pairs(1, 2))
+    stride, dilation = draw(pairs(1, 3)), 1 if phases else draw(pairs(1, 2))
+    if phases:
+        KH, KW = (2 * s for s in _pair(stride))
+    else:
+        KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     padding = draw(pairs(0, 2))
     (sh, sw), (dh, dw), (ph, pw) = _pair(stride), _pair(dilation), _pair(padding)
     op = (draw(st.integers(0, max(sh, dh) - 1)), draw(st.integers(0, max(sw, dw) - 1)))
@@ -255,10 +261,11 @@ def transposed_configs(draw):
         # H_out = (H - 1)*s - 2p + d*(k - 1) + o + 1 >= 1
         low = 1 + max(0, -(-(2 * p - d * (k - 1) - o) // s))
         sizes.append(low + draw(st.integers(0, 3)))
+    algorithm = draw(st.sampled_from(["auto", "im2col"] + (["winograd"] if phases else [])))
     return dict(N=draw(small), C_in=C_in, Cg_out=Cg_out, H=sizes[0], W=sizes[1], KH=KH, KW=KW,
                 groups=groups, args=dict(stride=stride, padding=padding,
                                          output_padding=output_padding, groups=groups,
-                                         dilation=dilation))
+                                         dilation=dilation, algorithm=algorithm))
 
 
 @given(config=transposed_configs(), dtype=st.sampled_from(DTYPES), n_threads=threads,
@@ -269,6 +276,8 @@ def test_conv_transpose2d_and_backward_match_the_reference(config, dtype, n_thre
     x = data.draw(arrays((N, C_in, H, W), dtype), "x")
     weight = data.draw(arrays((C_in, Cg_out, KH, KW), dtype), "weight")
     bias = data.draw(st.one_of(st.none(), arrays((Cg_out * groups,), dtype)), "bias")
+    args = dict(args)
+    algorithm = args.pop("algorithm")
     y_ref = reference.conv_transpose2d(x, weight, bias, **args)
     dy = data.draw(arrays(y_ref.shape, dtype), "grad_output")
     gx_ref, gw_ref, gb_ref = reference.conv_transpose2d_backward(dy, x, weight, **args)
@@ -277,6 +286,7 @@ def test_conv_transpose2d_and_backward_match_the_reference(config, dtype, n_thre
                                                                  _abs(weight), **args)
     saved = snapshot(x, weight, bias, dy)
 
+    args["algorithm"] = algorithm
     y = fastconv.conv_transpose2d(x, weight, bias, n_threads=n_threads, **args)
     assert_matches(y, y_ref, dtype, C_in // groups * KH * KW, "y", y_mag)
     gx, gw, gb = fastconv.conv_transpose2d_backward(dy, x, weight, bias=bias is not None,
