@@ -1,6 +1,7 @@
 """Build the fastconv Cython extensions.
 
-Every extension is compiled with ``-O3 -fopenmp`` and linked with ``-fopenmp``.
+Every extension is compiled with ``-O3 -fopenmp`` and linked with ``-fopenmp``;
+``_depthwise_avx2`` (x86-64 only) is ``_depthwise`` again with ``-march=x86-64-v3``.
 The Cython directives live in one dictionary below; setting the environment
 variable ``FASTCONV_CYTHON_DEBUG=1`` turns bounds and initialisation checks
 back on (the test suite must pass under both builds). ``FASTCONV_SANITIZE=address``
@@ -10,6 +11,7 @@ imports with the sanitizer runtime preloaded, see ``tools/asan.sh``.
 """
 
 import os
+import platform
 
 import numpy as np
 import scipy  # noqa: F401  (build requirement: ships scipy/linalg/cython_blas.pxd)
@@ -33,6 +35,11 @@ COMPILER_DIRECTIVES = {
 
 EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc",
                    "_conv_winograd", "_conv_direct", "_conv_phases"]
+# The depthwise kernels are Cython loops (FC_TARGET clones only C functions): on x86-64
+# they are built a second time for x86-64-v3, picked at import where the CPU runs it
+# (fastconv/_depthwise_kernels.py).
+X86_64_V3_EXTENSIONS = ["_depthwise_avx2"] if platform.machine() in ("x86_64", "AMD64") else []
+EXTENSION_NAMES += X86_64_V3_EXTENSIONS
 # Development shortcut: FASTCONV_BUILD_ONLY=_conv,_im2col python setup.py build_ext --inplace
 # recompiles just those extensions (a full forced build takes ~2 minutes on 2 cores).
 ONLY = [name for name in os.environ.get("FASTCONV_BUILD_ONLY", "").split(",") if name]
@@ -61,7 +68,7 @@ def make_extension(name):
         include_dirs=[np.get_include(), "fastconv"],  # the C headers beside the .pyx
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-fopenmp"] + (["-g"] if DEBUG or SANITIZE else [])
-        + SANITIZE_FLAGS,
+        + (["-march=x86-64-v3"] if name in X86_64_V3_EXTENSIONS else []) + SANITIZE_FLAGS,
         extra_link_args=["-fopenmp"] + SANITIZE_FLAGS[:1],
     )
 

@@ -826,6 +826,28 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
 # Drivers.
 
 
+cdef extern from *:
+    """
+    /* Whether the CPU runs x86-64-v3 (AVX2, FMA, BMI1/2, ...): the test GCC's ifunc
+       resolver makes for FC_TARGET's clones. */
+    static int fc_cpu_runs_x86_64_v3(void)
+    {
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("x86-64-v3");
+    #else
+        return 0;
+    #endif
+    }
+    """
+    int fc_cpu_runs_x86_64_v3() nogil
+
+
+def cpu_runs_x86_64_v3():
+    """Whether this CPU can run the x86-64-v3 build of these kernels (fastconv._depthwise_avx2)."""
+    return bool(fc_cpu_runs_x86_64_v3())
+
+
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
             const floating[::1] bias, floating[:, :, :, ::1] y,
             object geometry, int n_threads):

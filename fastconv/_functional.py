@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _depthwise, _direct, _im2col, _nhwc, _pool, _tiling, _winograd
+from fastconv import _conv, _direct, _im2col, _nhwc, _pool, _tiling, _winograd
+from fastconv._depthwise_kernels import kernels as _depthwise
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
 from fastconv._validation import (

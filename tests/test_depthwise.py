@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from _helpers import assert_matches, relative_error
-from fastconv import _depthwise, reference
+from fastconv import _depthwise, _depthwise_kernels, reference
 from fastconv._validation import conv_geometry
 
 MODES = ("zeros", "reflect", "replicate", "circular")
@@ -28,6 +28,28 @@ NUMPY_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 # ---------------------------------------------------------------------------
 # The kernels behind a small wrapper (geometry, allocation).
+
+
+@pytest.fixture(autouse=True, params=_depthwise_kernels.available(),
+                ids=lambda module: module.__name__.rsplit(".", 1)[-1])
+def kernels(request, monkeypatch):
+    """Every test runs each build of the kernels this CPU runs (baseline, x86-64-v3)."""
+    monkeypatch.setitem(globals(), "_depthwise", request.param)
+    return request.param
+
+
+def test_the_x86_64_v3_build_runs_where_the_cpu_has_avx2_and_fma():
+    """fastconv uses the x86-64-v3 build exactly where the CPU runs it (Linux x86-64)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    v3 = {"avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"} <= set(flags)
+    assert _depthwise.cpu_runs_x86_64_v3() == v3
+    expected = "fastconv._depthwise_avx2" if v3 else "fastconv._depthwise"
+    assert _depthwise_kernels.kernels.__name__ == expected
 
 
 def geometry_of(x, weight, stride, padding, dilation, mode):
