@@ -29,7 +29,7 @@ __all__ = ["applies", "fits", "pays_off", "pays_off_backward", "filters_shape", 
 
 #: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
 #: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
-#: convolution"). The forward shares each x tile among the phases by shifting some
+#: convolution by phases"). The forward shares each x tile among the phases by shifting some
 #: phases' tiles a row (column) earlier, which costs one extra tile row and column:
 #: on 8x8 planes (5 tiles for 4) it lost (0.8-0.9x), on 16x16 and 32x32 it gained
 #: 1.05-1.5x where C_out >= C_in / 4, and lost with fewer outputs (64 -> 3: 0.64x),
