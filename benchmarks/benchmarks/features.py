@@ -80,24 +80,30 @@ class Depthwise(Benchmark):
         self.call()
 
 
+def _dcgan_up_call(pass_, required=(), **kwargs):
+    """A no-argument call of dcgan-up's forward or backward (16x256x16x16 -> 128 channels,
+    4x4, stride 2, padding 1; issue #3's row); ``required``: keywords a commit must take."""
+    forward, backward = require_functions("conv_transpose2d", "conv_transpose2d_backward")
+    require_params(forward, *required)
+    require_params(backward, *required)
+    x = _randn((16, 256, 16, 16))
+    w = _randn((256, 128, 4, 4), seed=1) / np.float32(np.sqrt(256 * 16))
+    b = _randn(128, seed=2)
+    kwargs.update(stride=2, padding=1)
+    if pass_ == "forward":
+        return lambda: forward(x, w, b, **kwargs)
+    g = _randn((16, 128, 32, 32), seed=3)
+    return lambda: backward(g, x, w, **kwargs)
+
+
 class Transposed(Benchmark):
-    """dcgan-up: 16x256x16x16 -> 128 channels, 4x4, stride 2, padding 1 (issue #3's row)."""
+    """dcgan-up by ``algorithm="auto"`` (issue #3's row)."""
 
     params = [PASSES, N_THREADS]
     param_names = ["pass", "n_threads"]
 
     def setup(self, pass_, n_threads):
-        forward, backward = require_functions("conv_transpose2d", "conv_transpose2d_backward")
-        x = _randn((16, 256, 16, 16))
-        w = _randn((256, 128, 4, 4), seed=1) / np.float32(np.sqrt(256 * 16))
-        b = _randn(128, seed=2)
-        kwargs = dict(stride=2, padding=1, n_threads=n_threads)
-        y = forward(x, w, b, **kwargs)
-        if pass_ == "forward":
-            self.call = lambda: forward(x, w, b, **kwargs)
-        else:
-            g = _randn(y.shape, seed=3)
-            self.call = lambda: backward(g, x, w, **kwargs)
+        self.call = _dcgan_up_call(pass_, n_threads=n_threads)
         self.call()
 
     def time_conv_transpose(self, pass_, n_threads):
@@ -112,18 +118,7 @@ class TransposedAlgorithms(Benchmark):
     param_names = ["algorithm", "pass"]
 
     def setup(self, algorithm, pass_):
-        forward, backward = require_functions("conv_transpose2d", "conv_transpose2d_backward")
-        require_params(forward, "algorithm")
-        require_params(backward, "algorithm")
-        x = _randn((16, 256, 16, 16))
-        w = _randn((256, 128, 4, 4), seed=1) / np.float32(np.sqrt(256 * 16))
-        b = _randn(128, seed=2)
-        kwargs = dict(stride=2, padding=1, algorithm=algorithm)
-        if pass_ == "forward":
-            self.call = lambda: forward(x, w, b, **kwargs)
-        else:
-            g = _randn((16, 128, 32, 32), seed=3)
-            self.call = lambda: backward(g, x, w, **kwargs)
+        self.call = _dcgan_up_call(pass_, required=("algorithm",), algorithm=algorithm)
         self.call()
 
     def time_conv_transpose(self, algorithm, pass_):
