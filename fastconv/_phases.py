@@ -19,6 +19,7 @@ import functools
 import numpy as np
 
 from fastconv import _conv_phases, _tiling
+from fastconv._padding import source_map
 from fastconv._threads import single_threaded_blas
 from fastconv._validation import ConvGeometry
 from fastconv._winograd_matrices import PHASE_VARIANTS
@@ -112,16 +113,15 @@ def _maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
     TH, TW = -(-H // m), -(-W // m)
 
     def phase_maps(tiles: int, size_t: int, s: int, pad: int) -> np.ndarray:
-        positions = np.arange(tiles * m + 1, dtype=np.intp)
         rows = []
         for a in range(s):
-            source = a + s * (positions - (a + pad) // s)
-            rows.append(np.where((source >= 0) & (source < size_t), source, -1))
+            # phase row q of the ceil((size_t - a)/s) in the phase plane, then its dY row
+            q = source_map(tiles * m + 1, -(-(size_t - a) // s), (a + pad) // s, 0, "zeros")
+            rows.append(np.where(q >= 0, a + s * q, -1))
         return np.ascontiguousarray(rows, dtype=np.intp)
 
     def x_map(tiles: int, size: int) -> np.ndarray:
-        positions = np.arange(tiles * m, dtype=np.intp)
-        return np.where(positions < size, positions, -1)
+        return source_map(tiles * m, size, 0, 0, "zeros")
 
     # interior tiles of phase column b: positions p = m*tw + j (j <= m) at phase columns
     # q = p - top inside [0, ceil((W_t - b)/sw)), dY column sw*p - left
@@ -157,8 +157,7 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
         # starting shifts[a] rows earlier
         tiles = max(-(-(max(0, -(-(size_t - a) // s)) + int(shift)) // m)
                     for a, shift in enumerate(shifts))
-        positions = np.arange(tiles * m + 1, dtype=np.intp) + top - 1
-        return np.where((positions >= 0) & (positions < size), positions, -1), shifts, tiles
+        return source_map(tiles * m + 1, size, 1 - top, 0, "zeros"), shifts, tiles
 
     x_rows, shifts_h, _ = axis(H, H_t, sh, ph)
     x_cols, shifts_w, TW = axis(W, W_t, sw, pw)
