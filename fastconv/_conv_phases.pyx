@@ -319,7 +319,7 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const Py_ssize_t[::1] dy_lefts, const Py_ssize_t[::1] dy_los,
              const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
              const Py_ssize_t[::1] x_cols, int m,
-             Py_ssize_t rows_per_block, bint want_input, bint want_weight, int n_threads):
+             Py_ssize_t rows_per_block, int n_threads):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
 
@@ -333,8 +333,8 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
     # IN  dy: (N, C_out, OH_t, OW_t); x: (N, C_in, H, W)
     # IN  U: ((m+1)**2, C_in, K) from transform_weight, K = sh*sw*C_out
     # IN  dy_rows: (sh, ceil(H/m)*m + 1); dy_cols: (sw, ceil(W/m)*m + 1); x_rows/x_cols: ceil*m
-    # OUT grad_x: (N, C_in, H, W), every element written when want_input
-    # OUT partial: (n_threads, (m+1)**2 * C_in * K), zeroed here, when want_weight
+    # OUT grad_x: (N, C_in, H, W), every element written
+    # OUT partial: (n_threads, (m+1)**2 * C_in * K), zeroed here
     # workspace: n_threads equal slices of at least tiles_per_block * (m+1)**2 * (2 + K + C_in)
     """
     cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -356,8 +356,7 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
     cdef floating *V
     cdef floating *M
     cdef floating *acc
-    if want_weight:
-        partial[:, :] = 0
+    partial[:, :] = 0
     if N == 0:
         return
     for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
@@ -381,30 +380,28 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
                                      D + (r - r0) * TW, tb, sw)
                     input_transform(m, D, V + c * tb, K * tb, tb)
         # 2. grad_weight: partial[s, ci, c] += X_s[ci, tiles] @ V_s[c, tiles].T
-        if want_weight:
-            acc = &partial[openmp.omp_get_thread_num(), 0]
-            for ci in range(C_in):
-                for r in range(r0, r1):
-                    n = r // TH
-                    th = r - n * TH
-                    gather_x(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], TW, x_hi,
-                             D + (r - r0) * TW, tb)
-                x_transform(m, D, M + ci * tb, C_in * tb, tb)
-            for s in range(AA):
-                gemm_rm(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb, V + s * K * tb, tb,
-                        1, acc + s * C_in * K, K, limit)
+        acc = &partial[openmp.omp_get_thread_num(), 0]
+        for ci in range(C_in):
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                gather_x(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], TW, x_hi,
+                         D + (r - r0) * TW, tb)
+            x_transform(m, D, M + ci * tb, C_in * tb, tb)
+        for s in range(AA):
+            gemm_rm(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb, V + s * K * tb, tb,
+                    1, acc + s * C_in * K, K, limit)
         # 3. grad_x: M_s = U_s @ V_s, then AT M A into the output tiles
-        if want_input:
-            for s in range(AA):
-                gemm_rm(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
-                        0, M + s * C_in * tb, tb, limit)
-            for ci in range(C_in):
-                output_transform(m, M + ci * tb, C_in * tb, D, tb)
-                for r in range(r0, r1):
-                    n = r // TH
-                    th = r - n * TH
-                    scatter_tiles(m, D + (r - r0) * TW, tb, &grad_x[n, ci, th * m, 0], W,
-                                  min(m, H - th * m), TW)
+        for s in range(AA):
+            gemm_rm(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
+                    0, M + s * C_in * tb, tb, limit)
+        for ci in range(C_in):
+            output_transform(m, M + ci * tb, C_in * tb, D, tb)
+            for r in range(r0, r1):
+                n = r // TH
+                th = r - n * TH
+                scatter_tiles(m, D + (r - r0) * TW, tb, &grad_x[n, ci, th * m, 0], W,
+                              min(m, H - th * m), TW)
 
 
 def weight_grad_output(floating[:, ::1] partial, floating[:, :, :, ::1] grad_weight,

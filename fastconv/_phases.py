@@ -231,13 +231,13 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 
 
 def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
-             geometry: ConvGeometry, n_threads: int, grad_x: np.ndarray | None,
-             grad_weight: np.ndarray | None) -> None:
-    """grad_x and/or grad_weight of a transposed convolution that :func:`applies`.
+             geometry: ConvGeometry, n_threads: int, grad_x: np.ndarray,
+             grad_weight: np.ndarray) -> None:
+    """grad_x and grad_weight of a transposed convolution that :func:`applies`.
 
     ``grad_output`` (N, C_out, H_out, W_out), ``x`` (N, C_in, H, W) and
     ``weight`` (C_in, C_out, 2*sh, 2*sw) must be C-contiguous of one float
-    dtype; ``grad_x`` / ``grad_weight`` (either may be None) are written in full.
+    dtype; ``grad_x`` and ``grad_weight`` are written in full.
     """
     g = geometry
     dtype = x.dtype
@@ -253,20 +253,15 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     rows_per_block = _tiling.plan_phase_backward(N, -(-H // m), TW, n_threads)
     per_thread = rows_per_block * TW * positions * (2 + K + C_in)
     scratch = workspace("winograd", dtype, n_threads * per_thread)
-    want_input, want_weight = grad_x is not None, grad_weight is not None
     U = workspace("winograd-weight-grad", dtype, positions * C_in * K).reshape(
         positions, C_in, K)
     taps = workspace("phase-taps", dtype, C_in * K * 4).reshape(C_in, K, 2, 2)
-    if want_input:
-        _conv_phases.transform_weight(weight, U, taps, kh0, kw0, m, n_threads)
-    sums_size = positions * C_in * K if want_weight else 1
-    partial = workspace("winograd-partial", dtype, n_threads * sums_size).reshape(n_threads, -1)
+    _conv_phases.transform_weight(weight, U, taps, kh0, kw0, m, n_threads)
+    partial = workspace("winograd-partial", dtype, n_threads * positions * C_in * K).reshape(
+        n_threads, -1)
     with single_threaded_blas:
-        _conv_phases.backward(grad_output, x, U,
-                              grad_x if want_input else np.empty((0, 0, 0, 0), dtype),
-                              partial, scratch, dy_rows, dy_cols, dy_lefts, dy_los, dy_his,
-                              x_rows, x_cols, m, rows_per_block, want_input, want_weight,
+        _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
+                              dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
                               n_threads)
-    if want_weight:
-        _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
-                                        n_threads)
+    _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
+                                    n_threads)
