@@ -28,7 +28,7 @@ by that row they all read the same x tiles: one input transform and one GEMM
 per position for every phase at once (filters stacked), the phases' output
 tiles interleaved into y's rows.
 
-m is 4 or 2 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
+m is 2 or 3 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
 gathers and scatters are the generated C of ``fastconv/_winograd_transforms.h``.
 """
 

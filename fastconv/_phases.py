@@ -4,9 +4,11 @@ A transposed convolution whose kernel is twice its stride on both axes
 (DCGAN's 4x4 stride-2 upsampling, or a plain 2x2 stride-1 one) splits into
 ``s * s`` output phases, each a 2x2 stride-1 correlation: of x in the
 forward, of one phase plane of grad_output for grad_x (``fastconv._conv_phases``
-derives both). They run by F(2x2, 2x2) Winograd, and grad_weight by
-F(2x2, 2x2) from the same transform of the grad_output tiles: 16/9 = 1.78x
-fewer multiplications than im2col + GEMM. :func:`applies` says which layers;
+derives both). They run by F(2x2, 2x2) Winograd (16/9 = 1.78x fewer
+multiplications than im2col + GEMM; the forward by F(3x3, 2x2), 2.25x fewer,
+where :func:`forward_tile` says its tiles fit the planes better), and
+grad_weight by F(2x2, 2x2) from the same transform of the grad_output tiles.
+:func:`applies` says which layers;
 ``conv_transpose2d`` / ``conv_transpose2d_backward`` take it with
 ``algorithm="winograd"``, or with "auto" where :func:`pays_off` /
 :func:`pays_off_backward` say it measured faster.
@@ -25,8 +27,8 @@ from fastconv._validation import ConvGeometry
 from fastconv._winograd_matrices import PHASE_VARIANTS
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "filters_shape", "forward_filters",
-           "forward", "backward"]
+__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "forward_tile", "filters_shape",
+           "forward_filters", "forward", "backward"]
 
 #: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
 #: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
@@ -44,9 +46,23 @@ AUTO_FORWARD_TILES_PER_WEIGHT = 1 / 512
 AUTO_MAX_INPUTS_PER_OUTPUT = 8
 AUTO_TILES_PER_WEIGHT = 1 / 2048
 
-#: Output tile size m of F(m x m, 2 x 2): the one variant the header implements
-#: (fastconv._winograd_matrices.PHASE_VARIANTS says why it is 2).
-(TILE,) = PHASE_VARIANTS
+#: Output tile sizes m of F(m x m, 2 x 2) that the header implements
+#: (fastconv._winograd_matrices.PHASE_VARIANTS): 2 everywhere, 3 for some forwards.
+TILE_SIZES = tuple(sorted(PHASE_VARIANTS))
+
+#: The backward's tile. F(3x3, 2x2) does 16 products per 9 outputs against F(2x2, 2x2)'s
+#: 9 per 4, but in the backward (grad_weight by F(2x2, 3x3) from the same tiles) it
+#: measured 0.83-1.17x of m = 2 where it does 16-21% fewer products (2 threads, median
+#: of 11, 4x4 stride-2 layers on 6x6..48x48 planes; README "Transposed convolution by
+#: phases"): its transforms cost more, so the backward keeps m = 2.
+BACKWARD_TILE = 2
+
+#: The forward takes F(3x3, 2x2) where its products (tiles x 16) are at most this
+#: fraction of F(2x2, 2x2)'s (tiles x 9). The forward's phases share tiles shifted by
+#: a row, so the tile counts round differently: at ratios 0.64-0.82 (8x8, 16x16, 32x32,
+#: 48x48 planes) m = 3 ran 1.04-1.31x faster at 1 and 2 threads, at 0.91 (12x12) on
+#: par (0.97-1.01x), at 1.0 (6x6) 0.76-0.79x.
+FORWARD_MAX_PRODUCTS_RATIO = 0.85
 
 
 def applies(geometry: ConvGeometry) -> bool:
@@ -64,12 +80,13 @@ def fits(geometry: ConvGeometry) -> bool:
     planes hold up to W + 2 columns, plus the shifted phases' extra tile)."""
     g = geometry
     return max(g.stride_h * g.stride_w * g.C, g.F,
-               -(-(g.OW + 3) // TILE)) <= _tiling.BLAS_INT_MAX
+               -(-(g.OW + 3) // min(TILE_SIZES))) <= _tiling.BLAS_INT_MAX
 
 
 def _tiles(geometry: ConvGeometry) -> int:
-    """x's m x m tiles over the batch: the columns of every phase's GEMMs."""
-    return geometry.N * -(-geometry.OH // TILE) * -(-geometry.OW // TILE)
+    """x's 2x2 tiles over the batch: the columns of every phase's GEMMs (the auto rule's
+    thresholds were measured with m = 2)."""
+    return geometry.N * -(-geometry.OH // 2) * -(-geometry.OW // 2)
 
 
 def _enough_tiles(geometry: ConvGeometry, per_weight: float) -> bool:
@@ -143,6 +160,26 @@ def _first_taps(sh: int, sw: int, ph: int, pw: int) -> tuple[np.ndarray, np.ndar
             np.array([(b + pw) % sw for b in range(sw)], dtype=np.intp))
 
 
+def _forward_axis_tiles(size_t: int, s: int, pad: int, m: int) -> int:
+    """The forward's tile rows (columns) of m: enough for every phase, phase ``a``'s
+    ``q < ceil((size_t - a)/s)`` output rows with its tiles starting ``shift`` rows
+    earlier (``shift = (a + pad)//s - pad//s``)."""
+    return max(-(-(max(0, -(-(size_t - a) // s)) + (a + pad) // s - pad // s) // m)
+               for a in range(s))
+
+
+def forward_tile(geometry: ConvGeometry) -> int:
+    """The forward's output tile size m: 3 where F(3x3, 2x2) does at most
+    FORWARD_MAX_PRODUCTS_RATIO of F(2x2, 2x2)'s products on this layer's planes, else 2."""
+    g = geometry
+
+    def products(m: int) -> int:
+        return (_forward_axis_tiles(g.H, g.stride_h, g.pad_top, m)
+                * _forward_axis_tiles(g.W, g.stride_w, g.pad_left, m) * (m + 1) ** 2)
+
+    return 3 if products(3) <= FORWARD_MAX_PRODUCTS_RATIO * products(2) else 2
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
                   pw: int):
@@ -153,10 +190,7 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
     def axis(size: int, size_t: int, s: int, pad: int):
         top = pad // s
         shifts = np.array([(a + pad) // s - top for a in range(s)], dtype=np.intp)
-        # enough tile rows for every phase: phase a's q < ceil((size_t - a)/s), its tiles
-        # starting shifts[a] rows earlier
-        tiles = max(-(-(max(0, -(-(size_t - a) // s)) + int(shift)) // m)
-                    for a, shift in enumerate(shifts))
+        tiles = _forward_axis_tiles(size_t, s, pad, m)
         return source_map(tiles * m + 1, size, 1 - top, 0, "zeros"), shifts, tiles
 
     x_rows, shifts_h, _ = axis(H, H_t, sh, ph)
@@ -173,7 +207,7 @@ def _forward_maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, 
 def filters_shape(geometry: ConvGeometry) -> tuple[int, int, int]:
     """The shape of :func:`forward_filters`: ``((m+1)**2, sh*sw*C_out, C_in)``."""
     g = geometry
-    return ((TILE + 1) ** 2, g.stride_h * g.stride_w * g.C, g.F)
+    return ((forward_tile(g) + 1) ** 2, g.stride_h * g.stride_w * g.C, g.F)
 
 
 def forward_filters(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: int,
@@ -194,7 +228,8 @@ def forward_filters(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads
         out = workspace("winograd-weight", w.dtype, int(np.prod(shape))).reshape(shape)
     taps = workspace("phase-taps", w.dtype, K * C_in * 4).reshape(phases, C_out, C_in, 2, 2)
     kh0, kw0 = _first_taps(g.stride_h, g.stride_w, g.pad_top, g.pad_left)
-    _conv_phases.transform_weight_forward(w, out, taps, kh0, kw0, TILE, n_threads)
+    m = forward_tile(g)
+    _conv_phases.transform_weight_forward(w, out, taps, kh0, kw0, m, n_threads)
     return out
 
 
@@ -213,7 +248,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     N, C_in, H, W = x.shape
     C_out, H_t, W_t = out.shape[1:]
     sh, sw = g.stride_h, g.stride_w
-    m = TILE
+    m = forward_tile(g)
     positions = (m + 1) ** 2
     x_rows, x_cols, shifts_h, shifts_w, left, lo, hi = _forward_maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
@@ -245,7 +280,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     C_out, H_t, W_t = grad_output.shape[1:]
     sh, sw = g.stride_h, g.stride_w
     K = sh * sw * C_out
-    m = TILE
+    m = BACKWARD_TILE
     positions = (m + 1) ** 2
     dy_rows, dy_cols, dy_lefts, dy_los, dy_his, x_rows, x_cols, kh0, kw0 = _maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)

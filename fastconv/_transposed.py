@@ -126,9 +126,10 @@ def conv_transpose2d(
     dilation : int or (int, int), default 1
     algorithm : {'auto', 'im2col', 'winograd'}, default 'auto'
         'im2col': GEMM, then col2im. 'winograd': for kernels twice the stride
-        (groups 1, dilation 1), the output phases as F(2x2, 2x2) convolutions
-        from shared x tiles, 1.78x fewer multiplications at a float32 error
-        1-3x im2col's (README "Algorithms"). 'auto' takes 'winograd' where it
+        (groups 1, dilation 1), the output phases as F(2x2, 2x2) or, where its
+        tiles fit the planes, F(3x3, 2x2) convolutions from shared x tiles,
+        1.78-2.25x fewer multiplications at a float32 error 1-3x im2col's
+        (README "Algorithms"). 'auto' takes 'winograd' where it
         measured faster (``fastconv._phases.pays_off``).
     n_threads : int, optional
         As in :func:`conv2d`.
@@ -189,10 +190,10 @@ def _conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, 
     if algorithm == "winograd":
         U = None
         if weight_cache is not None:
-            # the filters depend on the stride and, through each phase's first tap,
-            # on the padding modulo the stride
+            # the filters depend on the stride, through each phase's first tap on the
+            # padding modulo the stride, and on the tile size (chosen by the planes)
             key = ("phases", geometry.stride_h, geometry.stride_w, geometry.pad_top,
-                   geometry.pad_left, np.dtype(dtype))
+                   geometry.pad_left, _phases.forward_tile(geometry), np.dtype(dtype))
             U = weight_cache.get_or_make(
                 weight, key,
                 lambda w: _phases.forward_filters(w, geometry, dtype, n_threads,

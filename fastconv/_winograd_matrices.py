@@ -101,11 +101,14 @@ WEIGHT_GRAD = winograd_matrices(3, 2, (0, 1, -1))
 #: The 2x2 phase convolutions of a transposed convolution whose kernel is twice its
 #: stride (``fastconv._conv_phases``), by output tile size m: F(m x m, 2 x 2) for the
 #: forward and grad_x and, from the same transformed input tiles, F(2 x 2, m x m) for
-#: grad_weight (BT depends only on the points, so both read one V). Only m = 2: with
-#: F(4x4, 2x2) (points 0, ±1, 1/2, the most accurate of the sets we tried) the float32
-#: max error was 14-21x im2col's in the forward and 5-11x in the backward for 2-1024
-#: channels (im2col's own is low: col2im adds only 4 taps), against 1-3x with F(2x2,
-#: 2x2), which ran as fast on dcgan-up (its transforms are cheaper).
+#: grad_weight (BT depends only on the points, so both read one V). m = 2 everywhere;
+#: m = 3 (points 0, ±1) for forwards whose planes it tiles with fewer products
+#: (``fastconv._phases.forward_tile``): its float32 error measured 0.7-0.9x F(2x2,
+#: 2x2)'s on dcgan-up. Not m = 4: with F(4x4, 2x2) (points 0, ±1, 1/2, the most
+#: accurate of the sets we tried) the float32 max error was 14-21x im2col's in the
+#: forward and 5-11x in the backward for 2-1024 channels (im2col's own is low: col2im
+#: adds only 4 taps), against 1-3x with F(2x2, 2x2), which ran as fast on dcgan-up.
 PHASE_VARIANTS = {
     2: (winograd_matrices(2, 2, (0, 1)),) * 2,
+    3: (winograd_matrices(3, 2, (0, 1, -1)), winograd_matrices(2, 3, (0, 1, -1))),
 }

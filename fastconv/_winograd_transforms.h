@@ -1376,86 +1376,583 @@ FC_TARGET static void fc_phase2_dw_gather_x_d(
     }
 }
 
+/* ---- phase convolutions: F(3x3, 2x2) for the forward and grad_x, F(2x2, 3x3)
+   for grad_weight; alpha = 4, points 0, 1, -1, infinity ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3gd_d(
+    const double *restrict i0, const double *restrict i1,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        o0[t] = - x0;
+        o1[t] = (1.0 / 2.0) * x0 + (1.0 / 2.0) * x1;
+        o2[t] = (1.0 / 2.0) * x0 - (1.0 / 2.0) * x1;
+        o3[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3bt_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = - x0 + x2;
+        o1[t] = x1 + x2;
+        o2[t] = - x1 + x2;
+        o3[t] = - x1 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3at_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2;
+        o2[t] = x1 + x2 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3dwg_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        o0[t] = - x0;
+        o1[t] = (float)(1.0 / 2.0) * x0 + (float)(1.0 / 2.0) * x1 + (float)(1.0 / 2.0) * x2;
+        o2[t] = (float)(1.0 / 2.0) * x0 - (float)(1.0 / 2.0) * x1 + (float)(1.0 / 2.0) * x2;
+        o3[t] = x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3dwat_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2 + x3;
+    }
+}
+
+/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase3_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3bt_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase3bt_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 16 streams in, 9 out (the 3x3 output tiles). */
+FC_TARGET static void fc_phase3_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[12 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3at_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase3at_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*4+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase3_weight_s(
+    const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[8 * FC_CHUNK];
+    double out[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase3gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, tmp + (3 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 4; xi++)
+            fc_apply_phase3gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 4 + 0) * FC_CHUNK, out + (xi * 4 + 1) * FC_CHUNK, out + (xi * 4 + 2) * FC_CHUNK, out + (xi * 4 + 3) * FC_CHUNK, len);
+        for (int s = 0; s < 16; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (float)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = step*(tw*3 + j) - left there, a strided copy. */
+FC_TARGET static void fc_phase3_gather_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
+{
+    for (int i = 0; i < 4; i++) {
+        float *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[step * (3 * tw + 0)]; d1[tw] = base[step * (3 * tw + 1)]; d2[tw] = base[step * (3 * tw + 2)]; d3[tw] = base[step * (3 * tw + 3)];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 3x3 x tiles: 9 streams in, 16 out. */
+FC_TARGET static void fc_phase3_dw_x_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[12 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase3dwg_s(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, tmp + (3 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase3dwg_s(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase3_dw_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[8 * FC_CHUNK];
+    float row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3dwat_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase3dwat_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase3_dw_gather_x_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        float *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
+   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
+FC_TARGET static void fc_wino3_scatter_s(
+    const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows,
+    ptrdiff_t TW, float bias, int relu)
+{
+    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        float *restrict o = out + i * OW;
+        const float *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
+        if (relu) {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                { const float v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const float v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const float v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
+            }
+        } else {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
+            }
+        }
+        for (ptrdiff_t tw = full; tw < TW; tw++) {
+            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
+                const float v = Y[(i * 3 + j) * ldy + tw] + bias;
+                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
+            }
+        }
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3bt_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = - x0 + x2;
+        o1[t] = x1 + x2;
+        o2[t] = - x1 + x2;
+        o3[t] = - x1 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3at_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2;
+        o2[t] = x1 + x2 + x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3dwg_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = - x0;
+        o1[t] = (1.0 / 2.0) * x0 + (1.0 / 2.0) * x1 + (1.0 / 2.0) * x2;
+        o2[t] = (1.0 / 2.0) * x0 - (1.0 / 2.0) * x1 + (1.0 / 2.0) * x2;
+        o3[t] = x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase3dwat_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = x0 + x1 + x2;
+        o1[t] = x1 - x2 + x3;
+    }
+}
+
+/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase3_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3bt_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase3bt_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 16 streams in, 9 out (the 3x3 output tiles). */
+FC_TARGET static void fc_phase3_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[12 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3at_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_phase3at_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*4+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase3_weight_d(
+    const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[8 * FC_CHUNK];
+    double out[16 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase3gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, tmp + (3 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 4; xi++)
+            fc_apply_phase3gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 4 + 0) * FC_CHUNK, out + (xi * 4 + 1) * FC_CHUNK, out + (xi * 4 + 2) * FC_CHUNK, out + (xi * 4 + 3) * FC_CHUNK, len);
+        for (int s = 0; s < 16; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (double)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = step*(tw*3 + j) - left there, a strided copy. */
+FC_TARGET static void fc_phase3_gather_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
+{
+    for (int i = 0; i < 4; i++) {
+        double *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[step * (3 * tw + 0)]; d1[tw] = base[step * (3 * tw + 1)]; d2[tw] = base[step * (3 * tw + 2)]; d3[tw] = base[step * (3 * tw + 3)];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 3x3 x tiles: 9 streams in, 16 out. */
+FC_TARGET static void fc_phase3_dw_x_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[12 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_phase3dwg_d(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, tmp + (3 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase3dwg_d(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase3_dw_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[8 * FC_CHUNK];
+    double row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase3dwat_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase3dwat_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase3_dw_gather_x_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        double *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
+   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
+FC_TARGET static void fc_wino3_scatter_d(
+    const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows,
+    ptrdiff_t TW, double bias, int relu)
+{
+    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        double *restrict o = out + i * OW;
+        const double *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
+        if (relu) {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                { const double v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const double v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const double v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
+            }
+        } else {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
+            }
+        }
+        for (ptrdiff_t tw = full; tw < TW; tw++) {
+            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
+                const double v = Y[(i * 3 + j) * ldy + tw] + bias;
+                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
+            }
+        }
+    }
+}
+
 /* ---- the phase kernels for output tiles m x m ---- */
 
 static inline void fc_phase_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_input_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_input_s(src, lds, dst, ldd, n); else fc_phase3_input_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_output_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_output_s(src, lds, dst, ldd, n); else fc_phase3_output_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_weight_s(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_phase2_weight_s(g, ldg, inc, dst, ldd, n); else fc_phase3_weight_s(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_phase_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
+    if (m == 2) fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase3_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_dw_x_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_x_s(src, lds, dst, ldd, n); else fc_phase3_dw_x_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_dw_output_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_output_s(src, lds, dst, ldd, n); else fc_phase3_dw_output_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_gather_x_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
 {
-    fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase3_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_phase_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
 {
-    fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino3_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 static inline void fc_phase_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_input_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_input_d(src, lds, dst, ldd, n); else fc_phase3_input_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_output_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_output_d(src, lds, dst, ldd, n); else fc_phase3_output_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_weight_d(int m, const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_weight_d(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_phase2_weight_d(g, ldg, inc, dst, ldd, n); else fc_phase3_weight_d(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_phase_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
+    if (m == 2) fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase3_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_dw_x_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_x_d(src, lds, dst, ldd, n); else fc_phase3_dw_x_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    fc_phase2_dw_output_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_output_d(src, lds, dst, ldd, n); else fc_phase3_dw_output_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_gather_x_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
 {
-    fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase3_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_phase_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)
 {
-    fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino3_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 #endif

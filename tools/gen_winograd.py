@@ -402,6 +402,8 @@ def phase_kernels(matrices) -> list[str]:
                                    f"{a * a} streams in (row stride lds),\n   each pair's 2x2 "
                                    "kernel gradient at dst[t*4 .. t*4 + 3].", interleaved=True))
             parts.append(gather(m, m, ctype, suffix, function=f"{name}_dw_gather_x"))
+            if m not in _load_variants():
+                parts.append(scatter(m, ctype, suffix))
     parts.append("/* ---- the phase kernels for output tiles m x m ---- */\n")
     sizes = sorted(matrices.PHASE_VARIANTS)
     for suffix, ctype in TYPES:
