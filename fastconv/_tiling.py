@@ -291,8 +291,15 @@ def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
 # (r = n*TH + th) of the batch; a block's tiles share one set of GEMMs.
 # ---------------------------------------------------------------------------
 
-#: Target size of one thread's transform-domain workspace (V and M for a block).
-WINOGRAD_BLOCK_BYTES = 4 << 20
+#: Target size of one thread's transform-domain workspace (V and M for a block). The
+#: alpha**2 filter matrices are each read whole by every block's GEMM (1 MiB a position
+#: on deep-7x7), so a block needs enough tiles (its GEMMs' columns) to pay for reading
+#: them: 16 MiB gives deep-7x7's 512 + 512 channels 256 tiles where 4 MiB gave 64, and
+#: ran 1.11-1.26x faster forward, 1.11-1.13x backward (1 and 2 threads, median of 9,
+#: alternating; a 1-thread sgemm of 512 x 512 filters by 64 columns, cycling through 16
+#: filter matrices, ran at 60 GFLOP/s against 90 with 256 columns, AMD EPYC AVX-512).
+#: resnet-3x3 and vgg-mid, which had 113-256 tiles, were on par (0.97-1.05x).
+WINOGRAD_BLOCK_BYTES = 16 << 20
 #: Fewer tiles per block make the alpha**2 GEMMs too thin (the tiles are their
 #: columns); more leave the block's V and M in memory rather than cache.
 WINOGRAD_MIN_TILES = 64
