@@ -96,8 +96,8 @@ class Shape:
         """``(OH, OW)``: ``(H + 2*pad - KH) // stride + 1``, or for a transposed layer
         ``(H - 1)*stride - 2*pad + KH``."""
         if self.transposed:
-            return (transposed_output_size(self.H, self.KH, self.stride, self.pad, 1, 0),
-                    transposed_output_size(self.W, self.KW, self.stride, self.pad, 1, 0))
+            return (transposed_output_size(self.H, self.KH, self.stride, self.pad, self.pad),
+                    transposed_output_size(self.W, self.KW, self.stride, self.pad, self.pad))
         return (conv_output_size(self.H, self.KH, self.stride, self.pad, self.pad),
                 conv_output_size(self.W, self.KW, self.stride, self.pad, self.pad))
 

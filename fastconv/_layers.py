@@ -361,7 +361,7 @@ class ConvTranspose2D(_ConvLayerBase):
         C_in and C_out.
     kernel_size : int or (int, int)
     stride : int or (int, int), default 1
-    padding : int or (int, int), default 0
+    padding : int, (ph, pw) or (top, bottom, left, right), default 0
         Cropped from each side of the full output.
     output_padding : int or (int, int), default 0
         Extra bottom/right rows and columns; < max(stride, dilation).
@@ -419,14 +419,14 @@ class ConvTranspose2D(_ConvLayerBase):
         self.dilation = as_positive_pair(dilation, "dilation")
         # Validate everything now, on a stand-in input big enough for any padding
         # (transposed_geometry raises the string-padding error before parsing pads).
-        probe = 2 * max(as_pair(padding, "padding") if not isinstance(padding, str) else (0,)) + 1
+        pads = (0,) * 4 if isinstance(padding, str) else as_padding(padding, "padding")
+        probe = max(pads[0] + pads[1], pads[2] + pads[3]) + 1
         geometry = transposed_geometry((0, in_channels, probe, probe),
                                        (in_channels, out_channels // groups, kh, kw),
                                        self.stride, padding, output_padding, groups,
                                        self.dilation)
-        ph, pw = as_pair(padding, "padding")
         self.output_padding = as_pair(output_padding, "output_padding")
-        self.padding = (ph, pw)
+        self.padding = pads
         self.groups = groups
         W, b = _uniform_init(rng, out_channels // groups * kh * kw,
                              (in_channels, out_channels // groups, kh, kw), out_channels, bias,
@@ -472,8 +472,9 @@ class ConvTranspose2D(_ConvLayerBase):
         parts = [str(self.in_channels), str(self.out_channels), f"kernel_size={self.kernel_size}"]
         if self.stride != (1, 1):
             parts.append(f"stride={self.stride}")
-        if self.padding != (0, 0):
-            parts.append(f"padding={_short(self.padding)}")
+        padding = _padding_repr(self.padding)
+        if padding:
+            parts.append(padding)
         if self.output_padding != (0, 0):
             parts.append(f"output_padding={_short(self.output_padding)}")
         parts += self._common_repr_parts()

@@ -114,9 +114,11 @@ def conv_transpose2d(
         PyTorch's ``ConvTranspose2d.weight`` layout (input channels first).
     bias : ndarray, shape (C_out,), optional
     stride : int or (int, int), default 1
-    padding : int or (int, int), default 0
+    padding : int, (ph, pw) or (top, bottom, left, right), default 0
         Rows/columns cropped from each side of the full output (no strings:
-        padding here shrinks the output).
+        padding here shrinks the output). The 4-tuple crops each side by its
+        own amount, as ``conv2d``'s pads each side (seed 004), so the adjoint
+        identity holds for asymmetric padding too.
     output_padding : int or (int, int), default 0
         Extra rows/columns at the bottom/right, to pick one of the output
         sizes a strided conv2d maps to the same size; must be smaller than
@@ -137,8 +139,9 @@ def conv_transpose2d(
     Returns
     -------
     y : ndarray, shape (N, C_out, H_out, W_out)
-        ``H_out = (H - 1)*sh - 2*ph + dh*(KH - 1) + output_padding_h + 1``,
-        likewise ``W_out``; the dtype as in :func:`conv2d`.
+        ``H_out = (H - 1)*sh - top - bottom + dh*(KH - 1) + output_padding_h + 1``
+        (``- 2*ph`` for symmetric padding), likewise ``W_out``; the dtype as in
+        :func:`conv2d`.
 
     Raises
     ------

@@ -482,10 +482,12 @@ def _check_padding_mode_fits(mode: str, pads, H: int, W: int, padding_name: str,
             )
 
 
-def transposed_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int,
-                           output_padding: int) -> int:
-    """PyTorch's ``(size - 1)*stride - 2*pad + dilation*(kernel - 1) + output_padding + 1``."""
-    return (size - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_padding + 1
+def transposed_output_size(size: int, kernel: int, stride: int, pad_before: int,
+                           pad_after: int, dilation: int = 1, output_padding: int = 0) -> int:
+    """``(size - 1)*stride - pads + dilation*(kernel - 1) + output_padding + 1``: PyTorch's
+    ``- 2*pad`` with the pads of the two sides apart (seed 004's asymmetric padding)."""
+    return ((size - 1) * stride - pad_before - pad_after + dilation * (kernel - 1)
+            + output_padding + 1)
 
 
 def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, groups, dilation,
@@ -495,8 +497,9 @@ def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, group
 
     ``x_shape`` is (N, C_in, H, W) and ``w_shape`` (C_in, C_out/groups, KH, KW).
     The returned geometry describes ``conv2d`` from the transposed output
-    (N, C_out, H_out, W_out) back to x: F = C_in, OH = H, OW = W, top/left
-    padding = ``padding``, bottom/right = ``padding - output_padding``. That
+    (N, C_out, H_out, W_out) back to x: F = C_in, OH = H, OW = W, the top/left
+    padding of ``padding`` (an int, (ph, pw) or (top, bottom, left, right)), its
+    bottom/right less ``output_padding``. That
     bottom/right padding may be negative: the ``output_padding`` extra rows
     and columns then receive no input (only the bias), as in PyTorch; the
     kernels only read it through OH/OW, which match x.
@@ -504,18 +507,16 @@ def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, group
     if isinstance(padding, str):
         raise ValueError(
             f"conv_transpose2d takes no string padding (got padding={padding!r}): its "
-            "padding crops the output; use an int or (ph, pw)"
+            "padding crops the output; use an int, (ph, pw) or (top, bottom, left, right)"
         )
     sh, sw = as_positive_pair(stride, "stride")
     dh, dw = as_positive_pair(dilation, "dilation")
-    ph, pw = as_pair(padding, "padding")
+    pads = top, bottom, left, right = as_padding(padding, "padding")
     oph, opw = as_pair(output_padding, "output_padding")
     groups = as_int(groups, "groups")
     N, C_in, H, W = (int(s) for s in x_shape)
     CW, Cg_out, KH, KW = (int(s) for s in w_shape)
     desc = f"x.shape={tuple(x_shape)}, weight.shape={tuple(w_shape)}"
-    if min(ph, pw) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
     if min(oph, opw) < 0:
         raise ValueError(f"output_padding must be non-negative, got {output_padding!r}")
     if oph >= max(sh, dh) or opw >= max(sw, dw):
@@ -535,19 +536,19 @@ def transposed_geometry(x_shape, w_shape, stride, padding, output_padding, group
                          f"(weight is (C_in, C_out/groups, KH, KW); {desc})")
     if C_in % groups:
         raise ValueError(f"groups={groups} must divide the input channels C_in={C_in} ({desc})")
-    OH = transposed_output_size(H, KH, sh, ph, dh, oph)
-    OW = transposed_output_size(W, KW, sw, pw, dw, opw)
+    OH = transposed_output_size(H, KH, sh, top, bottom, dh, oph)
+    OW = transposed_output_size(W, KW, sw, left, right, dw, opw)
     if OH < 1 or OW < 1:
         raise ValueError(
-            f"output size would be {OH}x{OW} (< 1): padding={(ph, pw)} crops more than "
+            f"output size would be {OH}x{OW} (< 1): padding={pads} crops more than "
             f"(H-1)*stride + dilation*(k-1) + output_padding + 1 ({desc}, stride={(sh, sw)}, "
             f"dilation={(dh, dw)}, output_padding={(oph, opw)})"
         )
     check_array_size((N, Cg_out * groups, OH, OW), "the output",
-                     f"{desc}, stride={(sh, sw)}, padding={(ph, pw)}, dilation={(dh, dw)}, "
+                     f"{desc}, stride={(sh, sw)}, padding={pads}, dilation={(dh, dw)}, "
                      f"output_padding={(oph, opw)}")
-    return ConvGeometry(N, Cg_out * groups, OH, OW, C_in, KH, KW, sh, sw, ph, ph - oph,
-                        pw, pw - opw, dh, dw, H, W, groups, "zeros")
+    return ConvGeometry(N, Cg_out * groups, OH, OW, C_in, KH, KW, sh, sw, top, bottom - oph,
+                        left, right - opw, dh, dw, H, W, groups, "zeros")
 
 
 def resolve_n_threads(n_threads, max_threads: int, limit: int | None = None) -> int:

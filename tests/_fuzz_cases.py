@@ -374,7 +374,8 @@ def _argument_values(rng):
             _arr((3, 3, 3, 3)), _arr((4, 0, 3, 3)), _arr((4, 3, 3, 0))])
         add(f, "stride", ("stride",), _pair_values(rng))
         add(f, "dilation", ("dilation",), _pair_values(rng))
-        add(f, "padding", ("padding",), _padding_values(rng) + [(4, 0), 2**31 - 1])
+        add(f, "padding", ("padding",), _padding_values(rng, four_ok=True)
+            + [(4, 0), (4, 4, 0, 0), 2**31 - 1])
         add(f, "output_padding", ("output_padding",), _padding_values(rng) + [1, (0, 1), (3, 3)])
         add(f, "groups", ("groups",), _int_values(rng) + [3, 8])
         add(f, "n_threads", ("n_threads",), _n_threads_values(rng))
@@ -436,7 +437,7 @@ def _argument_values(rng):
                                         algorithm=_choice_values(
                                             fastconv._validation.ALGORITHMS))),
                          ("ConvTranspose2D", dict(groups=_int_values(rng) + [3],
-                                                  padding=_padding_values(rng),
+                                                  padding=_padding_values(rng, four_ok=True),
                                                   output_padding=_padding_values(rng) + [1]))):
         add(layer, "in_channels", ("in_channels",), _int_values(rng) + [2**70])
         add(layer, "out_channels", ("out_channels",), _int_values(rng))

@@ -226,6 +226,27 @@ def test_conv_transpose_is_the_adjoint_of_conv(groups, stride, padding, dilation
     assert abs(left - right) <= 1e-12 * abs(left)
 
 
+@pytest.mark.parametrize("padding", [(1, 0, 0, 2), (2, 1, 1, 0), (0, 2, 2, 1)])
+@pytest.mark.parametrize("algorithm", ["im2col", "winograd"])
+def test_conv_transpose_is_the_adjoint_of_conv_with_asymmetric_padding(padding, algorithm):
+    """The adjoint identity with (top, bottom, left, right) padding: conv2d pads each side
+    by its own amount, conv_transpose2d crops it (4x4 stride-2 kernels: the phase
+    convolutions too)."""
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((2, 3, 12, 11))
+    weight = rng.standard_normal((5, 3, 4, 4))
+    y = rng.standard_normal(fastconv.conv2d(x, weight, None, 2, padding).shape)
+    top, bottom, left, right = padding
+    # output_padding recovers the rows and columns the strided conv dropped
+    output_padding = (12 - ((y.shape[2] - 1) * 2 - top - bottom + 4),
+                      11 - ((y.shape[3] - 1) * 2 - left - right + 4))
+    forward = fastconv.conv_transpose2d(y, weight, None, 2, padding, output_padding,
+                                        algorithm=algorithm)
+    assert forward.shape == x.shape
+    left_side = np.vdot(fastconv.conv2d(x, weight, None, 2, padding), y)
+    assert abs(left_side - np.vdot(x, forward)) <= 1e-12 * abs(left_side)
+
+
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_padding_mode_gradients_by_finite_differences(mode):
     rng = np.random.default_rng(11)
@@ -263,6 +284,9 @@ TRANSPOSED_GRID = [
     (2, 0, 1, 3, (2, 2)),
     ((2, 1), (1, 0), (1, 0), 1, (3, 2)),
     (2, 3, 0, 1, (5, 5)),
+    # (top, bottom, left, right): each side cropped by its own amount
+    (2, (1, 0, 2, 1), 1, 1, (3, 3)),
+    ((1, 2), (0, 2, 1, 0), (0, 1), (2, 1), (3, 3)),
 ]
 
 
@@ -507,6 +531,10 @@ def test_conv_transpose_layer(dtype):
                                       bias=False, dilation=1, dtype=np.float64),
      "ConvTranspose2D(8, 4, kernel_size=(3, 3), stride=(2, 2), padding=1, output_padding=1, "
      "groups=2, bias=False, dtype=float64)"),
+    (lambda: fastconv.ConvTranspose2D(8, 4, 4, stride=2, padding=(1, 2)),
+     "ConvTranspose2D(8, 4, kernel_size=(4, 4), stride=(2, 2), padding=(1, 2))"),
+    (lambda: fastconv.ConvTranspose2D(8, 4, 4, stride=2, padding=(1, 0, 1, 0)),
+     "ConvTranspose2D(8, 4, kernel_size=(4, 4), stride=(2, 2), padding=(1, 0, 1, 0))"),
 ])
 def test_repr(layer, text):
     assert repr(layer()) == text

@@ -252,14 +252,18 @@ def transposed_configs(draw):
         KH, KW = (2 * s for s in _pair(stride))
     else:
         KH, KW = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    padding = draw(pairs(0, 2))
-    (sh, sw), (dh, dw), (ph, pw) = _pair(stride), _pair(dilation), _pair(padding)
+    # an int, (ph, pw) or (top, bottom, left, right)
+    padding = draw(st.one_of(pairs(0, 2), st.tuples(*[st.integers(0, 2)] * 4)))
+    (sh, sw), (dh, dw) = _pair(stride), _pair(dilation)
+    pads = tuple(padding) if len(_pair(padding)) == 4 else (
+        _pair(padding)[0], _pair(padding)[0], _pair(padding)[1], _pair(padding)[1])
     op = (draw(st.integers(0, max(sh, dh) - 1)), draw(st.integers(0, max(sw, dw) - 1)))
     output_padding = op if draw(st.booleans()) or op[0] != op[1] else op[0]
     sizes = []
-    for s, d, k, p, o in ((sh, dh, KH, ph, op[0]), (sw, dw, KW, pw, op[1])):
-        # H_out = (H - 1)*s - 2p + d*(k - 1) + o + 1 >= 1
-        low = 1 + max(0, -(-(2 * p - d * (k - 1) - o) // s))
+    for s, d, k, p, o in ((sh, dh, KH, pads[0] + pads[1], op[0]),
+                          (sw, dw, KW, pads[2] + pads[3], op[1])):
+        # H_out = (H - 1)*s - top - bottom + d*(k - 1) + o + 1 >= 1
+        low = 1 + max(0, -(-(p - d * (k - 1) - o) // s))
         sizes.append(low + draw(st.integers(0, 3)))
     algorithm = draw(st.sampled_from(["auto", "im2col"] + (["winograd"] if phases else [])))
     return dict(N=draw(small), C_in=C_in, Cg_out=Cg_out, H=sizes[0], W=sizes[1], KH=KH, KW=KW,
