@@ -214,7 +214,8 @@ def conv2d(
         input channels (its backward: grad_weight by a direct kernel too,
         grad_x by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
-        (F(2x2, 3x3) where accuracy or a tiny output needs it); 'im2col' is
+        (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it);
+        'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
         layers and plain layers of at most 4 input channels, and 'winograd'
         where it measured faster (see the README).

@@ -32,14 +32,14 @@ __all__ = ["applies", "fits", "fits_input_grad", "pays_off", "pays_off_input_gra
            "pays_off_weight_grad", "choose_m", "choose_m_input_grad", "transformed_weight",
            "TransformedWeights", "forward", "backward_input", "backward_weight"]
 
-#: The output tile sizes the kernels implement (F(2x2, 3x3) and F(4x4, 3x3)).
-TILE_SIZES = (2, 4)
+#: The output tile sizes the kernels implement (F(2x2, 3x3), F(3x3, 3x3), F(4x4, 3x3)).
+TILE_SIZES = (2, 3, 4)
 
 #: F(4x4, 3x3) rounds its transform-domain GEMM's error up by the output
 #: transform: float32 error relative to im2col's was 2.7-5.6x for reductions of
 #: 3-64 channels, 7.7x at 128, 9.8-10.1x at 256-512 (random data, README
-#: "Winograd accuracy"). Beyond this many channels per group F(2x2, 3x3) (0.4-1.8x)
-#: keeps the error within 10x of im2col's.
+#: "Winograd accuracy"). Beyond this many channels per group F(3x3, 3x3) (1.4-3.9x
+#: with the points 0, 1, -2, -1/2) keeps the error within 10x of im2col's.
 F4_MAX_REDUCTION = 128
 
 #: ``algorithm="auto"`` takes Winograd for an NCHW 3x3 stride-1 layer where it
@@ -101,8 +101,8 @@ def pays_off_input_grad(geometry: ConvGeometry) -> bool:
 
 #: grad_x amplifies F(4x4)'s rounding more (its im2col path's own error is lower:
 #: col2im adds 9 short sums): 10.7x im2col's error summing 32 filters (cifar-3x3),
-#: 11.6-11.7x with 64-128 (resnet-3x3, vgg-mid), against 2.2x at most for F(2x2),
-#: which still ran 1.4-1.5x faster than im2col there (F(4x4): 2.1-2.3x).
+#: 11.6-11.7x with 64-128 (resnet-3x3, vgg-mid), against 4.4-5.9x for F(3x3) and
+#: 2.2x at most for F(2x2).
 INPUT_GRAD_F4_MAX_REDUCTION = 16
 
 
@@ -114,12 +114,22 @@ def pays_off_weight_grad(geometry: ConvGeometry) -> bool:
     return not geometry.is_depthwise and min(Cg, Fg) >= AUTO_MIN_CHANNELS
 
 
+def _tile_products(m: int, out_h: int, out_w: int) -> int:
+    """The transform-domain products of F(m x m, 3 x 3) over one output plane."""
+    return -(-out_h // m) * -(-out_w // m) * (m + 2) ** 2
+
+
 def _tile_size(reduction: int, out_h: int, out_w: int, max_reduction: int) -> int:
-    """4, unless the sum per output is longer than ``max_reduction`` (F(4x4)'s float
-    error) or the output too small for 4x4 tiles to pay (<= 2 along an axis)."""
-    if reduction > max_reduction or min(out_h, out_w) <= 2:
+    """4, unless the output is too small for 4x4 tiles to pay (<= 2 along an axis: 2)
+    or the sum per output is longer than ``max_reduction`` (F(4x4)'s float error).
+    Those long sums take F(3x3) where its tiles need fewer products than F(2x2)'s:
+    it ran 1.09-1.44x faster than F(2x2) on 7x7 to 56x56 planes of 16-512 channels
+    (forward and grad_x, 2 threads, median of 9, alternating; AMD EPYC AVX-512)."""
+    if min(out_h, out_w) <= 2:
         return 2
-    return 4
+    if reduction <= max_reduction:
+        return 4
+    return 3 if _tile_products(3, out_h, out_w) < _tile_products(2, out_h, out_w) else 2
 
 
 def choose_m(geometry: ConvGeometry) -> int:

@@ -318,6 +318,322 @@ FC_TARGET static void fc_wino2_scatter_d(
     }
 }
 
+/* ---- F(3x3, 3x3): alpha = 5, points 0, 1, -2, -1/2, infinity ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_bt3_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = - x0 - (float)(3.0 / 2.0) * x1 + (float)(3.0 / 2.0) * x2 + x3;
+        o1[t] = x1 + (float)(5.0 / 2.0) * x2 + x3;
+        o2[t] = - (float)(1.0 / 2.0) * x1 - (float)(1.0 / 2.0) * x2 + x3;
+        o3[t] = - (float)2.0 * x1 + x2 + x3;
+        o4[t] = - x1 - (float)(3.0 / 2.0) * x2 + (float)(3.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_at3_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - (float)2.0 * x2 - (float)(1.0 / 2.0) * x3;
+        o2[t] = x1 + (float)4.0 * x2 + (float)(1.0 / 4.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_bt3_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = - x0 - (3.0 / 2.0) * x1 + (3.0 / 2.0) * x2 + x3;
+        o1[t] = x1 + (5.0 / 2.0) * x2 + x3;
+        o2[t] = - (1.0 / 2.0) * x1 - (1.0 / 2.0) * x2 + x3;
+        o3[t] = - 2.0 * x1 + x2 + x3;
+        o4[t] = - x1 - (3.0 / 2.0) * x2 + (3.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_at3_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - 2.0 * x2 - (1.0 / 2.0) * x3;
+        o2[t] = x1 + 4.0 * x2 + (1.0 / 4.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_g3d_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = - x0;
+        o1[t] = (2.0 / 9.0) * x0 + (2.0 / 9.0) * x1 + (2.0 / 9.0) * x2;
+        o2[t] = - (1.0 / 9.0) * x0 + (2.0 / 9.0) * x1 - (4.0 / 9.0) * x2;
+        o3[t] = (8.0 / 9.0) * x0 - (4.0 / 9.0) * x1 + (2.0 / 9.0) * x2;
+        o4[t] = x2;
+    }
+}
+
+/* V = BT D B for n tiles: src stream i*5+j holds D[i][j] (row stride lds),
+   dst stream xi*5+nu gets V[xi][nu] (row stride ldd). */
+FC_TARGET static void fc_wino3_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_bt3_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_bt3_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A for n tiles: src stream xi*5+nu holds M[xi][nu] (row stride lds),
+   dst stream i*3+j gets Y[i][j] (row stride ldd). */
+FC_TARGET static void fc_wino3_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[15 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_at3_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_at3_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*5+nu gets U[xi][nu]. */
+FC_TARGET static void fc_wino3_weight_s(
+    const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[9 * FC_CHUNK];
+    double tmp[15 * FC_CHUNK];
+    double out[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 9; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 3; kw++)
+            fc_apply_g3d_d(taps + (0 * 3 + kw) * FC_CHUNK, taps + (1 * 3 + kw) * FC_CHUNK, taps + (2 * 3 + kw) * FC_CHUNK, tmp + (0 * 3 + kw) * FC_CHUNK, tmp + (1 * 3 + kw) * FC_CHUNK, tmp + (2 * 3 + kw) * FC_CHUNK, tmp + (3 * 3 + kw) * FC_CHUNK, tmp + (4 * 3 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 5; xi++)
+            fc_apply_g3d_d(tmp + (xi * 3 + 0) * FC_CHUNK, tmp + (xi * 3 + 1) * FC_CHUNK, tmp + (xi * 3 + 2) * FC_CHUNK, out + (xi * 5 + 0) * FC_CHUNK, out + (xi * 5 + 1) * FC_CHUNK, out + (xi * 5 + 2) * FC_CHUNK, out + (xi * 5 + 3) * FC_CHUNK, out + (xi * 5 + 4) * FC_CHUNK, len);
+        for (int s = 0; s < 25; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (float)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 5x5 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*5 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_wino3_gather_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 5; i++) {
+        float *restrict d0 = D + (i * 5 + 0) * ldd, *restrict d1 = D + (i * 5 + 1) * ldd, *restrict d2 = D + (i * 5 + 2) * ldd, *restrict d3 = D + (i * 5 + 3) * ldd, *restrict d4 = D + (i * 5 + 4) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0; d4[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2]; d3[tw] = base[3 * tw + 3]; d4[tw] = base[3 * tw + 4];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+    }
+}
+
+/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
+   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
+FC_TARGET static void fc_wino3_scatter_s(
+    const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows,
+    ptrdiff_t TW, float bias, int relu)
+{
+    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        float *restrict o = out + i * OW;
+        const float *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
+        if (relu) {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                { const float v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const float v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const float v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
+            }
+        } else {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
+            }
+        }
+        for (ptrdiff_t tw = full; tw < TW; tw++) {
+            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
+                const float v = Y[(i * 3 + j) * ldy + tw] + bias;
+                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
+            }
+        }
+    }
+}
+
+/* V = BT D B for n tiles: src stream i*5+j holds D[i][j] (row stride lds),
+   dst stream xi*5+nu gets V[xi][nu] (row stride ldd). */
+FC_TARGET static void fc_wino3_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_bt3_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_bt3_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A for n tiles: src stream xi*5+nu holds M[xi][nu] (row stride lds),
+   dst stream i*3+j gets Y[i][j] (row stride ldd). */
+FC_TARGET static void fc_wino3_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[15 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_at3_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++)
+            fc_apply_at3_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 3 + 0) * ldd + t0, dst + (r * 3 + 1) * ldd + t0, dst + (r * 3 + 2) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 3x3 filters, in double: element t of tap k (= kh*3 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*5+nu gets U[xi][nu]. */
+FC_TARGET static void fc_wino3_weight_d(
+    const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[9 * FC_CHUNK];
+    double tmp[15 * FC_CHUNK];
+    double out[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 9; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 3; kw++)
+            fc_apply_g3d_d(taps + (0 * 3 + kw) * FC_CHUNK, taps + (1 * 3 + kw) * FC_CHUNK, taps + (2 * 3 + kw) * FC_CHUNK, tmp + (0 * 3 + kw) * FC_CHUNK, tmp + (1 * 3 + kw) * FC_CHUNK, tmp + (2 * 3 + kw) * FC_CHUNK, tmp + (3 * 3 + kw) * FC_CHUNK, tmp + (4 * 3 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 5; xi++)
+            fc_apply_g3d_d(tmp + (xi * 3 + 0) * FC_CHUNK, tmp + (xi * 3 + 1) * FC_CHUNK, tmp + (xi * 3 + 2) * FC_CHUNK, out + (xi * 5 + 0) * FC_CHUNK, out + (xi * 5 + 1) * FC_CHUNK, out + (xi * 5 + 2) * FC_CHUNK, out + (xi * 5 + 3) * FC_CHUNK, out + (xi * 5 + 4) * FC_CHUNK, len);
+        for (int s = 0; s < 25; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (double)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 5x5 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*5 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_wino3_gather_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 5; i++) {
+        double *restrict d0 = D + (i * 5 + 0) * ldd, *restrict d1 = D + (i * 5 + 1) * ldd, *restrict d2 = D + (i * 5 + 2) * ldd, *restrict d3 = D + (i * 5 + 3) * ldd, *restrict d4 = D + (i * 5 + 4) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0; d4[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2]; d3[tw] = base[3 * tw + 3]; d4[tw] = base[3 * tw + 4];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+    }
+}
+
+/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
+   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
+FC_TARGET static void fc_wino3_scatter_d(
+    const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows,
+    ptrdiff_t TW, double bias, int relu)
+{
+    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
+    for (ptrdiff_t i = 0; i < rows; i++) {
+        double *restrict o = out + i * OW;
+        const double *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
+        if (relu) {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                { const double v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const double v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const double v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
+            }
+        } else {
+            for (ptrdiff_t tw = 0; tw < full; tw++) {
+                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
+            }
+        }
+        for (ptrdiff_t tw = full; tw < TW; tw++) {
+            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
+                const double v = Y[(i * 3 + j) * ldy + tw] + bias;
+                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
+            }
+        }
+    }
+}
+
 /* ---- F(4x4, 3x3): alpha = 6, points 0, 1, -1, 2, -1/2, infinity ---- */
 
 static inline FC_ALWAYS_INLINE void fc_apply_bt4_s(
@@ -647,52 +963,52 @@ FC_TARGET static void fc_wino4_scatter_d(
 
 static inline void fc_wino_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_input_s(src, lds, dst, ldd, n); else fc_wino4_input_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_wino2_input_s(src, lds, dst, ldd, n); else if (m == 3) fc_wino3_input_s(src, lds, dst, ldd, n); else fc_wino4_input_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_wino_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_output_s(src, lds, dst, ldd, n); else fc_wino4_output_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_wino2_output_s(src, lds, dst, ldd, n); else if (m == 3) fc_wino3_output_s(src, lds, dst, ldd, n); else fc_wino4_output_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_wino_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_weight_s(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_s(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_wino2_weight_s(g, ldg, inc, dst, ldd, n); else if (m == 3) fc_wino3_weight_s(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_s(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_wino_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
 {
-    if (m == 2) fc_wino2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_wino2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_wino3_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_wino_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
 {
-    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else if (m == 3) fc_wino3_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 static inline void fc_wino_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_input_d(src, lds, dst, ldd, n); else fc_wino4_input_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_wino2_input_d(src, lds, dst, ldd, n); else if (m == 3) fc_wino3_input_d(src, lds, dst, ldd, n); else fc_wino4_input_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_wino_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_output_d(src, lds, dst, ldd, n); else fc_wino4_output_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_wino2_output_d(src, lds, dst, ldd, n); else if (m == 3) fc_wino3_output_d(src, lds, dst, ldd, n); else fc_wino4_output_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_wino_weight_d(int m, const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_wino2_weight_d(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_d(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_wino2_weight_d(g, ldg, inc, dst, ldd, n); else if (m == 3) fc_wino3_weight_d(g, ldg, inc, dst, ldd, n); else fc_wino4_weight_d(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_wino_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
 {
-    if (m == 2) fc_wino2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_wino2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_wino3_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_wino4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_wino_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)
 {
-    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else if (m == 3) fc_wino3_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 /* ---- grad_weight by F(3x3, 2x2): alpha = 4, points 0, 1, -1, infinity: the
@@ -1605,34 +1921,6 @@ FC_TARGET static void fc_phase3_dw_gather_x_s(
     }
 }
 
-/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
-   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
-FC_TARGET static void fc_wino3_scatter_s(
-    const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows,
-    ptrdiff_t TW, float bias, int relu)
-{
-    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
-    for (ptrdiff_t i = 0; i < rows; i++) {
-        float *restrict o = out + i * OW;
-        const float *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
-        if (relu) {
-            for (ptrdiff_t tw = 0; tw < full; tw++) {
-                { const float v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const float v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const float v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
-            }
-        } else {
-            for (ptrdiff_t tw = 0; tw < full; tw++) {
-                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
-            }
-        }
-        for (ptrdiff_t tw = full; tw < TW; tw++) {
-            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
-                const float v = Y[(i * 3 + j) * ldy + tw] + bias;
-                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
-            }
-        }
-    }
-}
-
 static inline FC_ALWAYS_INLINE void fc_apply_phase3bt_d(
     const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
     double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
@@ -1841,34 +2129,6 @@ FC_TARGET static void fc_phase3_dw_gather_x_d(
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 3;
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
-        }
-    }
-}
-
-/* Output rows of one tile row: out[i*OW + tw*3 + j] = act(Y[(i*3 + j)*ldy + tw] + bias)
-   for i < rows and tw*m + j < OW; act is ReLU (NaN kept) when relu != 0. */
-FC_TARGET static void fc_wino3_scatter_d(
-    const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows,
-    ptrdiff_t TW, double bias, int relu)
-{
-    const ptrdiff_t full = OW / 3 < TW ? OW / 3 : TW;
-    for (ptrdiff_t i = 0; i < rows; i++) {
-        double *restrict o = out + i * OW;
-        const double *restrict y0 = Y + (i * 3 + 0) * ldy, *restrict y1 = Y + (i * 3 + 1) * ldy, *restrict y2 = Y + (i * 3 + 2) * ldy;
-        if (relu) {
-            for (ptrdiff_t tw = 0; tw < full; tw++) {
-                { const double v = y0[tw] + bias; o[3 * tw + 0] = v <= 0 ? 0 : v; } { const double v = y1[tw] + bias; o[3 * tw + 1] = v <= 0 ? 0 : v; } { const double v = y2[tw] + bias; o[3 * tw + 2] = v <= 0 ? 0 : v; }
-            }
-        } else {
-            for (ptrdiff_t tw = 0; tw < full; tw++) {
-                o[3 * tw + 0] = y0[tw] + bias; o[3 * tw + 1] = y1[tw] + bias; o[3 * tw + 2] = y2[tw] + bias;
-            }
-        }
-        for (ptrdiff_t tw = full; tw < TW; tw++) {
-            for (int j = 0; j < 3 && tw * 3 + j < OW; j++) {
-                const double v = Y[(i * 3 + j) * ldy + tw] + bias;
-                o[3 * tw + j] = (relu && v <= 0) ? 0 : v;
-            }
         }
     }
 }

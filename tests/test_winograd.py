@@ -53,7 +53,7 @@ def test_matrices_reject_repeated_or_missing_points():
 
 
 def test_the_kernels_variants():
-    assert sorted(VARIANTS) == list(_winograd.TILE_SIZES) == [2, 4]
+    assert sorted(VARIANTS) == list(_winograd.TILE_SIZES) == [2, 3, 4]
     assert all(VARIANTS[m].alpha == m + 2 for m in VARIANTS)
 
 
@@ -102,9 +102,9 @@ SIZE_PADDING_GRID = [(H, W, p) for (H, W), p in itertools.product(SIZES, PADDING
                      if _valid(H, W, p)]
 
 
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
 @pytest.mark.parametrize("H,W,padding", SIZE_PADDING_GRID)
-def test_both_tile_sizes_every_padding_and_size(m, H, W, padding, dtype):
+def test_every_tile_size_every_padding_and_size(m, H, W, padding, dtype):
     """Outputs of 1 .. 13 pixels: partial last tiles, tiles wholly in the padding, pad > 2."""
     rng = np.random.default_rng(1)
     x, w, b = _problem(rng, 2, 3, H, W, 5, 1, dtype)
@@ -116,7 +116,7 @@ def test_both_tile_sizes_every_padding_and_size(m, H, W, padding, dtype):
                    reference.conv2d_backward(dy, x, w, 1, padding)[0], dtype, 45, "grad_x")
 
 
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("C,F,groups", [(4, 6, 1), (4, 6, 2), (6, 6, 6), (4, 8, 4)])
 @pytest.mark.parametrize("padding", [1, (2, 1, 0, 2), "same"])
@@ -175,7 +175,7 @@ def test_auto_weight_grad_rule():
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5])
-@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
 def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, m, n_threads, dtype):
     """The smallest blocks: every block boundary between tile rows and images is crossed."""
     monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)
@@ -194,14 +194,16 @@ def test_float64_is_exact_to_rounding():
     rng = np.random.default_rng(4)
     x, w, b = _problem(rng, 2, 32, 20, 20, 16, 1, np.float64)
     ref = reference.conv2d(x, w, b, 1, 1)
-    for m in (2, 4):
+    for m in _winograd.TILE_SIZES:
         g = conv_geometry(x.shape, w.shape, 1, 1, 1)
         assert relative_error(_forced(m, x, w, b, g, np.float64, 2), ref) < 1e-12
 
 
-@pytest.mark.parametrize("C", [16, 64, 128, 256])
+@pytest.mark.parametrize("C", [16, 64, 128, 256, 512])
 def test_float32_error_is_within_10x_of_im2col(C):
-    """The tile size rule keeps Winograd's float32 error within 10x of im2col's."""
+    """The tile size rule keeps Winograd's float32 error within 10x of im2col's (the
+    forward by F(4x4) up to 128 channels and F(3x3) beyond, grad_x's sums over 32
+    filters by F(3x3))."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
     w = (rng.standard_normal((32, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
@@ -226,11 +228,15 @@ def test_tile_size_rule():
         return conv_geometry((1, C, H, W), (F, C // groups, 3, 3), 1, 1, 1, groups)
 
     assert _winograd.choose_m(geometry(64, 512, 8, 8)) == 4
-    assert _winograd.choose_m(geometry(512, 64, 8, 8)) == 2       # long sums: accuracy
+    # long sums: F(3x3) for accuracy (3x3 tiles of 25 products against 4x4 of 16)...
+    assert _winograd.choose_m(geometry(512, 64, 8, 8)) == 3
+    assert _winograd.choose_m(geometry(512, 64, 7, 7)) == 3       # deep-7x7: 225 < 256
+    # ... unless F(2x2) tiles the plane with fewer products (4x4: 4 tiles of 25 > 4 of 16)
+    assert _winograd.choose_m(geometry(512, 64, 4, 4)) == 2
     assert _winograd.choose_m(geometry(512, 64, 8, 8, groups=8)) == 4
     assert _winograd.choose_m(geometry(64, 64, 2, 30)) == 2       # a 2-pixel output
-    assert _winograd.choose_m_input_grad(geometry(64, 512, 8, 8)) == 2
-    assert _winograd.choose_m_input_grad(geometry(512, 64, 8, 8)) == 2   # grad_x: accuracy
+    assert _winograd.choose_m_input_grad(geometry(64, 512, 8, 8)) == 3
+    assert _winograd.choose_m_input_grad(geometry(512, 64, 56, 56)) == 3   # grad_x: accuracy
     assert _winograd.choose_m_input_grad(geometry(512, 16, 8, 8)) == 4
 
 
