@@ -62,25 +62,27 @@ cdef extern from "_winograd_transforms.h" nogil:
                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
     void fc_wino_scatter_d(int m, const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
-    # grad_weight's F(3x3, 2x2) kernels
-    void fc_winodw_input_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_winodw_input_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                           Py_ssize_t n)
-    void fc_winodw_grad_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                          Py_ssize_t n)
-    void fc_winodw_grad_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                          Py_ssize_t n)
-    void fc_winodw_output_s(const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                            Py_ssize_t n)
-    void fc_winodw_output_d(const double *src, Py_ssize_t lds, double *dst, Py_ssize_t ldd,
-                            Py_ssize_t n)
-    void fc_winodw_gather_grad_s(const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                                 const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
-                                 Py_ssize_t lo, Py_ssize_t hi, float *D, Py_ssize_t ldd)
-    void fc_winodw_gather_grad_d(const double *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                                 const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
-                                 Py_ssize_t lo, Py_ssize_t hi, double *D, Py_ssize_t ldd)
+    # grad_weight's F(3x3, n x n) kernels, n the dY tile size
+    void fc_winodw_input_s(int n, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                           Py_ssize_t count)
+    void fc_winodw_input_d(int n, const double *src, Py_ssize_t lds, double *dst,
+                           Py_ssize_t ldd, Py_ssize_t count)
+    void fc_winodw_grad_s(int n, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                          Py_ssize_t count)
+    void fc_winodw_grad_d(int n, const double *src, Py_ssize_t lds, double *dst,
+                          Py_ssize_t ldd, Py_ssize_t count)
+    void fc_winodw_output_s(int n, const float *src, Py_ssize_t lds, float *dst,
+                            Py_ssize_t ldd, Py_ssize_t count)
+    void fc_winodw_output_d(int n, const double *src, Py_ssize_t lds, double *dst,
+                            Py_ssize_t ldd, Py_ssize_t count)
+    void fc_winodw_gather_grad_s(int n, const float *plane, Py_ssize_t W,
+                                 const Py_ssize_t *rows, const Py_ssize_t *cols,
+                                 Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi,
+                                 float *D, Py_ssize_t ldd)
+    void fc_winodw_gather_grad_d(int n, const double *plane, Py_ssize_t W,
+                                 const Py_ssize_t *rows, const Py_ssize_t *cols,
+                                 Py_ssize_t left, Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi,
+                                 double *D, Py_ssize_t ldd)
 
 
 # --- dispatch on the dtype (the header dispatches on m) -----------------------------------
@@ -128,31 +130,32 @@ cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floatin
         fc_wino_scatter_d(m, Y, ldy, out, OW, rows, TW, bias, relu)
 
 
-cdef inline void weight_grad_input_tiles(const floating *D, floating *V, Py_ssize_t ldv,
-                                         Py_ssize_t n) noexcept nogil:
-    """V = BT D B of n 4x4 input tiles (D's streams n apart) for grad_weight."""
+cdef inline void weight_grad_input_tiles(int n, const floating *D, floating *V, Py_ssize_t ldv,
+                                         Py_ssize_t count) noexcept nogil:
+    """V = BT D B of ``count`` (n+2)x(n+2) input tiles (D's streams count apart) for
+    grad_weight by F(3x3, n x n)."""
     if floating is float:
-        fc_winodw_input_s(D, n, V, ldv, n)
+        fc_winodw_input_s(n, D, count, V, ldv, count)
     else:
-        fc_winodw_input_d(D, n, V, ldv, n)
+        fc_winodw_input_d(n, D, count, V, ldv, count)
 
 
-cdef inline void weight_grad_dy_tiles(const floating *D, floating *V, Py_ssize_t ldv,
-                                      Py_ssize_t n) noexcept nogil:
-    """W = G dY G^T of n 2x2 dY tiles (D's streams n apart) for grad_weight."""
+cdef inline void weight_grad_dy_tiles(int n, const floating *D, floating *V, Py_ssize_t ldv,
+                                      Py_ssize_t count) noexcept nogil:
+    """W = G dY G^T of ``count`` n x n dY tiles (D's streams count apart) for grad_weight."""
     if floating is float:
-        fc_winodw_grad_s(D, n, V, ldv, n)
+        fc_winodw_grad_s(n, D, count, V, ldv, count)
     else:
-        fc_winodw_grad_d(D, n, V, ldv, n)
+        fc_winodw_grad_d(n, D, count, V, ldv, count)
 
 
-cdef inline void gather_grad_tiles(const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
-                                   const Py_ssize_t *cols, Py_ssize_t TW, Py_ssize_t hi,
-                                   floating *D, Py_ssize_t ldd) noexcept nogil:
+cdef inline void gather_grad_tiles(int n, const floating *plane, Py_ssize_t W,
+                                   const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t TW,
+                                   Py_ssize_t hi, floating *D, Py_ssize_t ldd) noexcept nogil:
     if floating is float:
-        fc_winodw_gather_grad_s(plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+        fc_winodw_gather_grad_s(n, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
     else:
-        fc_winodw_gather_grad_d(plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+        fc_winodw_gather_grad_d(n, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
 
 
 cdef inline void gather_block(int m, const floating *x, Py_ssize_t C, Py_ssize_t H,
@@ -289,35 +292,38 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
                     floating[:, ::1] partial, floating[::1] workspace, Py_ssize_t groups,
                     const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap, Py_ssize_t left,
                     Py_ssize_t lo, Py_ssize_t hi, const Py_ssize_t[::1] grad_rows,
-                    const Py_ssize_t[::1] grad_cols, Py_ssize_t rows_per_block, int n_threads):
-    """Per-thread transform-domain sums of grad_weight by F(3x3, 2x2), for :func:`weight_grad_output`.
+                    const Py_ssize_t[::1] grad_cols, Py_ssize_t rows_per_block, int n,
+                    int n_threads):
+    """Per-thread transform-domain sums of grad_weight by F(3x3, n x n), for
+    :func:`weight_grad_output`.
 
-    Each 2x2 tile of dY and its 4x4 input tile give the tile's 3x3 kernel
-    gradient as ``AT [(G dY G^T) * (BT d B)] A``; the output transform is linear,
-    so the products are summed over all tiles first: at each of the 16
-    positions s, ``partial[t, s, f, c] += W_s[f, tiles] @ V_s[c, tiles].T``, a
-    GEMM per block (per group) whose inner dimension is the block's tiles.
+    Each n x n tile of dY and its (n+2) x (n+2) input tile give the tile's 3x3
+    kernel gradient as ``AT [(G dY G^T) * (BT d B)] A``; the output transform is
+    linear, so the products are summed over all tiles first: at each of the
+    ``(n+2)**2`` positions s, ``partial[t, s, f, c] += W_s[f, tiles] @ V_s[c, tiles].T``,
+    a GEMM per block (per group) whose inner dimension is the block's tiles.
 
     ``rowmap``/``colmap``/``left``/``lo``/``hi`` map the input tiles as in
-    :func:`forward` (m = 2); ``grad_rows``/``grad_cols`` map dY's tiles (-1 past
+    :func:`forward` (m = n); ``grad_rows``/``grad_cols`` map dY's tiles (-1 past
     OH/OW), whose tiles ``[0, hi_grad)`` of a row lie inside dY.
 
     # IN  x: (N, C, H, W); dy: (N, F, OH, OW)
-    # OUT partial: (n_threads, 16 * F * C/groups), zeroed here
+    # OUT partial: (n_threads, (n+2)**2 * F * C/groups), zeroed here
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dy.shape[1], OH = dy.shape[2], OW = dy.shape[3]
-    cdef Py_ssize_t TH = ceil_div(OH, 2), TW = ceil_div(OW, 2)
+    cdef Py_ssize_t AA = (n + 2) * (n + 2)
+    cdef Py_ssize_t TH = ceil_div(OH, n), TW = ceil_div(OW, n)
     cdef Py_ssize_t Cg = C // groups, Fg = F // groups
     cdef Py_ssize_t total_rows = N * TH
     cdef Py_ssize_t n_blocks = ceil_div(total_rows, rows_per_block)
     cdef Py_ssize_t tb_max = rows_per_block * TW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
-    cdef Py_ssize_t grad_hi = OW // 2
+    cdef Py_ssize_t grad_hi = OW // n
     # gemm_rm cuts Fg, Cg and the tiles into pieces within the BLAS limit; the leading
     # dimensions (tiles of a block, Cg) stay within it (plan_winograd, filter-row check)
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
-    cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, f, s, gi
+    cdef Py_ssize_t block, r0, r1, r, image, th, tb, c, f, s, gi
     cdef int tid
     cdef floating *Dx
     cdef floating *Vx
@@ -330,39 +336,40 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
     for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
         tid = openmp.omp_get_thread_num()
         Dx = &workspace[tid * per_thread]
-        Vx = Dx + 16 * tb_max
-        Vg = Vx + 16 * C * tb_max
-        Dg = Vg + 16 * F * tb_max
+        Vx = Dx + AA * tb_max
+        Vg = Vx + AA * C * tb_max
+        Dg = Vg + AA * F * tb_max
         acc = &partial[tid, 0]
         r0 = block * rows_per_block
         r1 = min(r0 + rows_per_block, total_rows)
         tb = (r1 - r0) * TW
         for c in range(C):
-            gather_block(2, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
+            gather_block(n, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
                          &colmap[0], left, lo, hi, Dx, tb)
-            weight_grad_input_tiles(Dx, Vx + c * tb, C * tb, tb)
+            weight_grad_input_tiles(n, Dx, Vx + c * tb, C * tb, tb)
         for f in range(F):
             for r in range(r0, r1):
-                n = r // TH
-                th = r - n * TH
-                gather_grad_tiles(&dy[n, f, 0, 0], OW, &grad_rows[th * 2], &grad_cols[0], TW,
-                                  grad_hi, Dg + (r - r0) * TW, tb)
-            weight_grad_dy_tiles(Dg, Vg + f * tb, F * tb, tb)
-        for s in range(16):
+                image = r // TH
+                th = r - image * TH
+                gather_grad_tiles(n, &dy[image, f, 0, 0], OW, &grad_rows[th * n], &grad_cols[0],
+                                  TW, grad_hi, Dg + (r - r0) * TW, tb)
+            weight_grad_dy_tiles(n, Dg, Vg + f * tb, F * tb, tb)
+        for s in range(AA):
             for gi in range(groups):
                 gemm_rm(False, True, Fg, Cg, tb, 1, Vg + (s * F + gi * Fg) * tb, tb,
                         Vx + (s * C + gi * Cg) * tb, tb, 1, acc + (s * F + gi * Fg) * Cg, Cg,
                         limit)
 
 
-def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight):
-    """grad_weight[f, c] = AT M[:, f, c] A from the reduced sums M (16, F*C/groups).
+def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight, int n):
+    """grad_weight[f, c] = AT M[:, f, c] A from the reduced sums M ((n+2)**2, F*C/groups)
+    of :func:`backward_weight` with dY tiles n x n.
 
-    # IN  sums: (16 * F * C/groups,); OUT grad_weight: (F * C/groups * 9,)
+    # IN  sums: ((n+2)**2 * F * C/groups,); OUT grad_weight: (F * C/groups * 9,)
     """
-    cdef Py_ssize_t pairs = sums.shape[0] // 16
+    cdef Py_ssize_t pairs = sums.shape[0] // ((n + 2) * (n + 2))
     with nogil:
         if floating is float:
-            fc_winodw_output_s(&sums[0], pairs, &grad_weight[0], 0, pairs)
+            fc_winodw_output_s(n, &sums[0], pairs, &grad_weight[0], 0, pairs)
         else:
-            fc_winodw_output_d(&sums[0], pairs, &grad_weight[0], 0, pairs)
+            fc_winodw_output_d(n, &sums[0], pairs, &grad_weight[0], 0, pairs)

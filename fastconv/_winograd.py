@@ -9,9 +9,9 @@ grad_x of such a convolution is itself a 3x3 stride-1 convolution, of dY with
 the kernel rotated by 180 degrees and its channel axes swapped (seed 001's
 derivation), padded by ``2 - pad`` on each side: :func:`backward_input` runs
 the same kernel on it. A negative padding there (pad > 2) just starts the
-tiles inside dY. grad_weight (:func:`backward_weight`) correlates each 2x2
-tile of dY with its 4x4 input tile, F(3x3, 2x2), summed over tiles by GEMMs
-in the transform domain.
+tiles inside dY. grad_weight (:func:`backward_weight`) correlates each n x n
+tile of dY with its (n+2) x (n+2) input tile, F(3x3, 2x2) or F(3x3, 3x3),
+summed over tiles by GEMMs in the transform domain.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
 __all__ = ["applies", "fits", "fits_input_grad", "pays_off", "pays_off_input_grad",
-           "pays_off_weight_grad", "choose_m", "choose_m_input_grad", "transformed_weight",
+           "pays_off_weight_grad", "choose_m", "choose_m_input_grad", "choose_n_weight_grad",
+           "transformed_weight",
            "TransformedWeights", "forward", "backward_input", "backward_weight"]
 
 #: The output tile sizes the kernels implement (F(2x2, 3x3), F(3x3, 3x3), F(4x4, 3x3)).
@@ -107,15 +108,17 @@ INPUT_GRAD_F4_MAX_REDUCTION = 16
 
 
 def pays_off_weight_grad(geometry: ConvGeometry) -> bool:
-    """Whether ``algorithm="auto"`` takes F(3x3, 2x2) for this (applicable) layer's
-    grad_weight: 1.4-2.3x im2col's speed from 16 channels and filters up (c16, resnet-3x3,
-    vgg-mid), 1.25x on deep-7x7's 7x7 planes, 0.73x with cifar-3x3's 3 channels."""
+    """Whether ``algorithm="auto"`` takes Winograd for this (applicable) layer's
+    grad_weight: F(3x3, 2x2) ran 1.4-2.3x im2col's speed from 16 channels and filters up
+    (c16, resnet-3x3, vgg-mid), 1.25x on deep-7x7's 7x7 planes, 0.73x with cifar-3x3's 3
+    channels (before F(3x3, 3x3), which is faster still where it applies)."""
     Cg, Fg = geometry.C // geometry.groups, geometry.F // geometry.groups
     return not geometry.is_depthwise and min(Cg, Fg) >= AUTO_MIN_CHANNELS
 
 
 def _tile_products(m: int, out_h: int, out_w: int) -> int:
-    """The transform-domain products of F(m x m, 3 x 3) over one output plane."""
+    """The transform-domain products of F(m x m, 3 x 3) over one output plane (or of
+    grad_weight's F(3 x 3, m x m) over one dY plane)."""
     return -(-out_h // m) * -(-out_w // m) * (m + 2) ** 2
 
 
@@ -289,38 +292,63 @@ class TransformedWeights:
 
 
 @functools.lru_cache(maxsize=256)
-def _grad_tile_maps(OH: int, OW: int):
-    """Row and column maps of dY's 2x2 tiles: the position itself, -1 past the output."""
-    rows = np.arange(-(-OH // 2) * 2, dtype=np.intp)
-    cols = np.arange(-(-OW // 2) * 2, dtype=np.intp)
+def _grad_tile_maps(n: int, OH: int, OW: int):
+    """Row and column maps of dY's n x n tiles: the position itself, -1 past the output."""
+    rows = np.arange(-(-OH // n) * n, dtype=np.intp)
+    cols = np.arange(-(-OW // n) * n, dtype=np.intp)
     rows = np.where(rows < OH, rows, -1)
     cols = np.where(cols < OW, cols, -1)
     rows.flags.writeable = cols.flags.writeable = False
     return rows, cols
 
 
-def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeometry,
-                    n_threads: int, out: np.ndarray) -> np.ndarray:
-    """grad_weight of a Winograd-able convolution by F(3x3, 2x2), into ``out`` (F, C/g, 3, 3).
+#: The dY tile sizes of grad_weight's F(3x3, n x n) kernels.
+WEIGHT_GRAD_TILE_SIZES = (2, 3)
 
-    ``x`` and ``grad_output`` must be C-contiguous of one float dtype. Every
+#: grad_weight takes F(3x3, 3x3) (25 products per 9 dY pixels against F(3x3, 2x2)'s 16
+#: per 4) where its tiles need at most this fraction of F(3x3, 2x2)'s products on the
+#: plane. Alternating in one process (2 threads, median of 9, AMD EPYC AVX-512): ratios
+#: 0.72-0.80 (56x56, 32x32 and 14x14 planes) ran 1.11-1.46x faster, 0.88 (7x7, 8x8)
+#: 0.96-1.04x, the bigger transform-domain sums costing what the products saved. Its
+#: float32 error was 1.4-4.7x im2col's (F(3x3, 2x2): 0.6-2.3x).
+WEIGHT_GRAD_N3_MAX_PRODUCTS_RATIO = 0.8
+
+
+def choose_n_weight_grad(geometry: ConvGeometry) -> int:
+    """dY tile size n of grad_weight's F(3x3, n x n): 3 where its tiles cover dY with at
+    most WEIGHT_GRAD_N3_MAX_PRODUCTS_RATIO of F(3x3, 2x2)'s products, else 2."""
+    g = geometry
+    if (_tile_products(3, g.OH, g.OW)
+            <= WEIGHT_GRAD_N3_MAX_PRODUCTS_RATIO * _tile_products(2, g.OH, g.OW)):
+        return 3
+    return 2
+
+
+def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeometry,
+                    n_threads: int, out: np.ndarray, n: int | None = None) -> np.ndarray:
+    """grad_weight of a Winograd-able convolution by F(3x3, n x n), into ``out`` (F, C/g, 3, 3).
+
+    ``x`` and ``grad_output`` must be C-contiguous of one float dtype; ``n``, the
+    dY tile size (2 or 3), defaults to :func:`choose_n_weight_grad`'s. Every
     padding mode works: grad_weight only reads the padded input.
     """
     g = geometry
+    n = choose_n_weight_grad(g) if n is None else n
     Cg = g.C // g.groups
-    tiles: WinogradPlan = plan_winograd(g.N, g.C, g.F, g.OH, g.OW, 2, x.itemsize, n_threads)
+    positions = (n + 2) ** 2
+    tiles: WinogradPlan = plan_winograd(g.N, g.C, g.F, g.OH, g.OW, n, x.itemsize, n_threads)
     pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right)
-    rowmap, colmap, lo, hi = _tile_maps(2, g.H, g.W, g.OH, g.OW, pads, g.padding_mode)
-    grad_rows, grad_cols = _grad_tile_maps(g.OH, g.OW)
+    rowmap, colmap, lo, hi = _tile_maps(n, g.H, g.W, g.OH, g.OW, pads, g.padding_mode)
+    grad_rows, grad_cols = _grad_tile_maps(n, g.OH, g.OW)
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(g.C, g.F))
-    partial = workspace("winograd-partial", x.dtype, n_threads * 16 * g.F * Cg)
+    partial = workspace("winograd-partial", x.dtype, n_threads * positions * g.F * Cg)
     partial = partial.reshape(n_threads, -1)
     # reused: deep-7x7's 16 MiB of fresh pages would cost milliseconds per call
-    sums = workspace("winograd-sums", x.dtype, 16 * g.F * Cg)
+    sums = workspace("winograd-sums", x.dtype, positions * g.F * Cg)
     with single_threaded_blas:
         _conv_winograd.backward_weight(x, grad_output, partial, scratch, g.groups, rowmap,
                                        colmap, g.pad_left, lo, hi, grad_rows, grad_cols,
-                                       tiles.rows_per_block, n_threads)
+                                       tiles.rows_per_block, n, n_threads)
     _conv.reduce_rows(partial, sums, n_threads)
-    _conv_winograd.weight_grad_output(sums, out.reshape(-1))
+    _conv_winograd.weight_grad_output(sums, out.reshape(-1), n)
     return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import NamedTuple, Sequence
 
-__all__ = ["WinogradMatrices", "winograd_matrices", "VARIANTS", "WEIGHT_GRAD",
+__all__ = ["WinogradMatrices", "winograd_matrices", "VARIANTS", "WEIGHT_GRAD_VARIANTS",
            "PHASE_VARIANTS"]
 
 
@@ -98,9 +98,14 @@ VARIANTS = {
     4: winograd_matrices(4, 3, (0, 1, -1, 2, Fraction(-1, 2))),
 }
 
-#: grad_weight of a 3x3 convolution: each 2x2 tile of dY correlates with its 4x4 input
-#: tile into the 3x3 kernel, F(3x3, 2x2) (alpha = 4; the sums over tiles are GEMMs).
-WEIGHT_GRAD = winograd_matrices(3, 2, (0, 1, -1))
+#: grad_weight of a 3x3 convolution, by dY tile size n: each n x n tile of dY correlates
+#: with its (n+2) x (n+2) input tile into the 3x3 kernel, F(3x3, n x n) (the sums over
+#: tiles are GEMMs). F(3x3, 3x3) shares the forward's points, so its input transform is
+#: the forward's F(3x3, 3x3) one.
+WEIGHT_GRAD_VARIANTS = {
+    2: winograd_matrices(3, 2, (0, 1, -1)),
+    3: winograd_matrices(3, 3, (0, 1, -2, Fraction(-1, 2))),
+}
 
 #: The 2x2 phase convolutions of a transposed convolution whose kernel is twice its
 #: stride (``fastconv._conv_phases``), by output tile size m: F(m x m, 2 x 2) for the

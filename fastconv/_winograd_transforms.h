@@ -1014,7 +1014,7 @@ static inline void fc_wino_scatter_d(int m, const double *Y, ptrdiff_t ldy, doub
 /* ---- grad_weight by F(3x3, 2x2): alpha = 4, points 0, 1, -1, infinity: the
    3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwbt_s(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2bt_s(
     const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
     float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
 {
@@ -1030,7 +1030,7 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwbt_s(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwg_s(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2g_s(
     const float *restrict i0, const float *restrict i1,
     float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
 {
@@ -1044,7 +1044,7 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwg_s(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwat_s(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2at_s(
     const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
     float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
 {
@@ -1060,36 +1060,36 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwat_s(
 }
 
 /* V = BT D B of the 4x4 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw_input_s(
+FC_TARGET static void fc_winodw2_input_s(
     const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     float tmp[16 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
-            fc_apply_dwbt_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+            fc_apply_dw2bt_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
         for (int r = 0; r < 4; r++)
-            fc_apply_dwbt_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+            fc_apply_dw2bt_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
 /* W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out. */
-FC_TARGET static void fc_winodw_grad_s(
+FC_TARGET static void fc_winodw2_grad_s(
     const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     float tmp[8 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 2; j++)
-            fc_apply_dwg_s(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
+            fc_apply_dw2g_s(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
         for (int r = 0; r < 4; r++)
-            fc_apply_dwg_s(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+            fc_apply_dw2g_s(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
 /* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
    each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
-FC_TARGET static void fc_winodw_output_s(
+FC_TARGET static void fc_winodw2_output_s(
     const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     float tmp[12 * FC_CHUNK];
@@ -1098,9 +1098,9 @@ FC_TARGET static void fc_winodw_output_s(
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
-            fc_apply_dwat_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+            fc_apply_dw2at_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
         for (int r = 0; r < 3; r++) {
-            fc_apply_dwat_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            fc_apply_dw2at_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
             for (ptrdiff_t t = 0; t < len; t++)
                 for (int c = 0; c < 3; c++)
                     dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
@@ -1112,7 +1112,7 @@ FC_TARGET static void fc_winodw_output_s(
    streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
    cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
-FC_TARGET static void fc_winodw_gather_grad_s(
+FC_TARGET static void fc_winodw2_gather_grad_s(
     const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
     ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
 {
@@ -1140,7 +1140,7 @@ FC_TARGET static void fc_winodw_gather_grad_s(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwbt_d(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2bt_d(
     const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
     double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
 {
@@ -1156,7 +1156,7 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwbt_d(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwg_d(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2g_d(
     const double *restrict i0, const double *restrict i1,
     double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
 {
@@ -1170,7 +1170,7 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwg_d(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dwat_d(
+static inline FC_ALWAYS_INLINE void fc_apply_dw2at_d(
     const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
     double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
 {
@@ -1186,36 +1186,36 @@ static inline FC_ALWAYS_INLINE void fc_apply_dwat_d(
 }
 
 /* V = BT D B of the 4x4 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw_input_d(
+FC_TARGET static void fc_winodw2_input_d(
     const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     double tmp[16 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
-            fc_apply_dwbt_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
+            fc_apply_dw2bt_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
         for (int r = 0; r < 4; r++)
-            fc_apply_dwbt_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+            fc_apply_dw2bt_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
 /* W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out. */
-FC_TARGET static void fc_winodw_grad_d(
+FC_TARGET static void fc_winodw2_grad_d(
     const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     double tmp[8 * FC_CHUNK];
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 2; j++)
-            fc_apply_dwg_d(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
+            fc_apply_dw2g_d(src + (0 * 2 + j) * lds + t0, src + (1 * 2 + j) * lds + t0, tmp + (0 * 2 + j) * FC_CHUNK, tmp + (1 * 2 + j) * FC_CHUNK, tmp + (2 * 2 + j) * FC_CHUNK, tmp + (3 * 2 + j) * FC_CHUNK, len);
         for (int r = 0; r < 4; r++)
-            fc_apply_dwg_d(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+            fc_apply_dw2g_d(tmp + (r * 2 + 0) * FC_CHUNK, tmp + (r * 2 + 1) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
 /* dK = AT M A for n (filter, channel) pairs: 16 streams in (row stride lds),
    each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
-FC_TARGET static void fc_winodw_output_d(
+FC_TARGET static void fc_winodw2_output_d(
     const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     double tmp[12 * FC_CHUNK];
@@ -1224,9 +1224,9 @@ FC_TARGET static void fc_winodw_output_d(
     for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
         const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
         for (int j = 0; j < 4; j++)
-            fc_apply_dwat_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
+            fc_apply_dw2at_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, len);
         for (int r = 0; r < 3; r++) {
-            fc_apply_dwat_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            fc_apply_dw2at_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
             for (ptrdiff_t t = 0; t < len; t++)
                 for (int c = 0; c < 3; c++)
                     dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
@@ -1238,7 +1238,7 @@ FC_TARGET static void fc_winodw_output_d(
    streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
    cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
-FC_TARGET static void fc_winodw_gather_grad_d(
+FC_TARGET static void fc_winodw2_gather_grad_d(
     const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
     ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
 {
@@ -1264,6 +1264,313 @@ FC_TARGET static void fc_winodw_gather_grad_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
         }
     }
+}
+
+/* ---- grad_weight by F(3x3, 3x3): alpha = 5, points 0, 1, -2, -1/2, infinity: the
+   3x3 kernel gradient of a 3x3 dY tile and its 5x5 input tile ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3bt_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = - x0 - (float)(3.0 / 2.0) * x1 + (float)(3.0 / 2.0) * x2 + x3;
+        o1[t] = x1 + (float)(5.0 / 2.0) * x2 + x3;
+        o2[t] = - (float)(1.0 / 2.0) * x1 - (float)(1.0 / 2.0) * x2 + x3;
+        o3[t] = - (float)2.0 * x1 + x2 + x3;
+        o4[t] = - x1 - (float)(3.0 / 2.0) * x2 + (float)(3.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3g_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        o0[t] = - x0;
+        o1[t] = (float)(2.0 / 9.0) * x0 + (float)(2.0 / 9.0) * x1 + (float)(2.0 / 9.0) * x2;
+        o2[t] = - (float)(1.0 / 9.0) * x0 + (float)(2.0 / 9.0) * x1 - (float)(4.0 / 9.0) * x2;
+        o3[t] = (float)(8.0 / 9.0) * x0 - (float)(4.0 / 9.0) * x1 + (float)(2.0 / 9.0) * x2;
+        o4[t] = x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3at_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - (float)2.0 * x2 - (float)(1.0 / 2.0) * x3;
+        o2[t] = x1 + (float)4.0 * x2 + (float)(1.0 / 4.0) * x3 + x4;
+    }
+}
+
+/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
+FC_TARGET static void fc_winodw3_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_dw3bt_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_dw3bt_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* W = G dY G^T of the 3x3 dY tiles: 9 streams in, 25 out. */
+FC_TARGET static void fc_winodw3_grad_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[15 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_dw3g_s(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, tmp + (3 * 3 + j) * FC_CHUNK, tmp + (4 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_dw3g_s(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 25 streams in (row stride lds),
+   each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
+FC_TARGET static void fc_winodw3_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[15 * FC_CHUNK];
+    float row[3 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_dw3at_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++) {
+            fc_apply_dw3at_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 3; c++)
+                    dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_winodw3_gather_grad_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        float *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3bt_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = - x0 - (3.0 / 2.0) * x1 + (3.0 / 2.0) * x2 + x3;
+        o1[t] = x1 + (5.0 / 2.0) * x2 + x3;
+        o2[t] = - (1.0 / 2.0) * x1 - (1.0 / 2.0) * x2 + x3;
+        o3[t] = - 2.0 * x1 + x2 + x3;
+        o4[t] = - x1 - (3.0 / 2.0) * x2 + (3.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3g_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        o0[t] = - x0;
+        o1[t] = (2.0 / 9.0) * x0 + (2.0 / 9.0) * x1 + (2.0 / 9.0) * x2;
+        o2[t] = - (1.0 / 9.0) * x0 + (2.0 / 9.0) * x1 - (4.0 / 9.0) * x2;
+        o3[t] = (8.0 / 9.0) * x0 - (4.0 / 9.0) * x1 + (2.0 / 9.0) * x2;
+        o4[t] = x2;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_dw3at_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - 2.0 * x2 - (1.0 / 2.0) * x3;
+        o2[t] = x1 + 4.0 * x2 + (1.0 / 4.0) * x3 + x4;
+    }
+}
+
+/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
+FC_TARGET static void fc_winodw3_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_dw3bt_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_dw3bt_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* W = G dY G^T of the 3x3 dY tiles: 9 streams in, 25 out. */
+FC_TARGET static void fc_winodw3_grad_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[15 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 3; j++)
+            fc_apply_dw3g_d(src + (0 * 3 + j) * lds + t0, src + (1 * 3 + j) * lds + t0, src + (2 * 3 + j) * lds + t0, tmp + (0 * 3 + j) * FC_CHUNK, tmp + (1 * 3 + j) * FC_CHUNK, tmp + (2 * 3 + j) * FC_CHUNK, tmp + (3 * 3 + j) * FC_CHUNK, tmp + (4 * 3 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_dw3g_d(tmp + (r * 3 + 0) * FC_CHUNK, tmp + (r * 3 + 1) * FC_CHUNK, tmp + (r * 3 + 2) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 25 streams in (row stride lds),
+   each pair's 3x3 kernel gradient at dst[t*9 .. t*9 + 8]. */
+FC_TARGET static void fc_winodw3_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[15 * FC_CHUNK];
+    double row[3 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_dw3at_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 3; r++) {
+            fc_apply_dw3at_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, row + 2 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 3; c++)
+                    dst[(t0 + t) * 9 + r * 3 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+FC_TARGET static void fc_winodw3_gather_grad_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 3; i++) {
+        double *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 3;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
+        }
+    }
+}
+
+/* ---- grad_weight's kernels for dY tiles n x n ---- */
+
+static inline void fc_winodw_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_input_s(src, lds, dst, ldd, n); else fc_winodw3_input_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_grad_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_grad_s(src, lds, dst, ldd, n); else fc_winodw3_grad_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_output_s(src, lds, dst, ldd, n); else fc_winodw3_output_s(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_gather_grad_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    if (m == 2) fc_winodw2_gather_grad_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_winodw3_gather_grad_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+}
+
+static inline void fc_winodw_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_input_d(src, lds, dst, ldd, n); else fc_winodw3_input_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_grad_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_grad_d(src, lds, dst, ldd, n); else fc_winodw3_grad_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    if (m == 2) fc_winodw2_output_d(src, lds, dst, ldd, n); else fc_winodw3_output_d(src, lds, dst, ldd, n);
+}
+
+static inline void fc_winodw_gather_grad_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    if (m == 2) fc_winodw2_gather_grad_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_winodw3_gather_grad_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 /* ---- phase convolutions: F(2x2, 2x2) for the forward and grad_x, F(2x2, 2x2)

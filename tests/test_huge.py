@@ -156,8 +156,11 @@ WINOGRAD_CASES = [
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=str)
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_winograd_forward_and_backward(blas_limit, monkeypatch, case, n_threads):
+@pytest.mark.parametrize("weight_grad_tile", _winograd.WEIGHT_GRAD_TILE_SIZES)
+def test_winograd_forward_and_backward(blas_limit, monkeypatch, case, n_threads,
+                                       weight_grad_tile):
     limit, N, C, H, W, F, groups, padding = case
+    monkeypatch.setattr(_winograd, "choose_n_weight_grad", lambda geometry: weight_grad_tile)
     rng = np.random.default_rng(3)
     runs, weight_runs = [], []
     original = _winograd.backward_input
@@ -182,7 +185,7 @@ def test_winograd_forward_and_backward(blas_limit, monkeypatch, case, n_threads)
         dx, dw, db = fastconv.conv2d_backward(dy, x, weight, 1, padding, groups=groups,
                                               algorithm="winograd", n_threads=n_threads)
         blas_limit.check()
-        assert weight_runs == [1]          # grad_weight by F(3x3, 2x2), within the limit
+        assert weight_runs == [1]          # grad_weight by F(3x3, n x n), within the limit
         # grad_x by Winograd where its GEMMs fit (U's rows hold F/groups values), else im2col
         assert len(runs) == (F // groups <= limit), runs
         rdx, rdw, rdb = reference.conv2d_backward(dy, x, weight, 1, padding, groups=groups)

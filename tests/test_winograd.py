@@ -14,7 +14,7 @@ from _helpers import assert_matches, relative_error, run_in_thread
 import fastconv
 from fastconv import _tiling, _winograd, _workspace, reference
 from fastconv._validation import conv_geometry
-from fastconv._winograd_matrices import VARIANTS, winograd_matrices
+from fastconv._winograd_matrices import VARIANTS, WEIGHT_GRAD_VARIANTS, winograd_matrices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,7 @@ def _exact_correlation(m, r, d, g):
     (2, 3, (0, 1, -1)),
     (4, 3, (0, 1, -1, 2, Fraction(-1, 2))),
     (4, 3, (0, 1, -1, 2, -2)),
+    (3, 3, (0, 1, -2, Fraction(-1, 2))),
     (3, 2, (0, 1, -1)),
     (6, 3, (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))),
 ])
@@ -54,6 +55,7 @@ def test_matrices_reject_repeated_or_missing_points():
 
 def test_the_kernels_variants():
     assert sorted(VARIANTS) == list(_winograd.TILE_SIZES) == [2, 3, 4]
+    assert sorted(WEIGHT_GRAD_VARIANTS) == list(_winograd.WEIGHT_GRAD_TILE_SIZES) == [2, 3]
     assert all(VARIANTS[m].alpha == m + 2 for m in VARIANTS)
 
 
@@ -134,9 +136,16 @@ def test_padding_modes_and_groups(m, mode, C, F, groups, padding, dtype):
                        dtype, 9 * F // groups, "grad_x")
 
 
+@pytest.fixture(params=_winograd.WEIGHT_GRAD_TILE_SIZES, ids=lambda n: f"dy_tile{n}")
+def weight_grad_tile(request, monkeypatch):
+    """Every grad_weight dY tile size, whatever choose_n_weight_grad would pick."""
+    monkeypatch.setattr(_winograd, "choose_n_weight_grad", lambda geometry: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("H,W,padding", SIZE_PADDING_GRID)
-def test_weight_grad_every_padding_and_size(H, W, padding, dtype):
-    """F(3x3, 2x2) grad_weight: odd outputs (a partial last dY tile), tiles in the padding."""
+def test_weight_grad_every_padding_and_size(H, W, padding, dtype, weight_grad_tile):
+    """F(3x3, n x n) grad_weight: partial last dY tiles, tiles in the padding."""
     rng = np.random.default_rng(12)
     x, w, _ = _problem(rng, 2, 3, H, W, 5, 1, dtype)
     g = conv_geometry(x.shape, w.shape, 1, padding, 1, string_padding=True)
@@ -150,7 +159,7 @@ def test_weight_grad_every_padding_and_size(H, W, padding, dtype):
 @pytest.mark.parametrize("C,F,groups", [(4, 6, 1), (4, 6, 2), (6, 6, 6), (4, 8, 4)])
 @pytest.mark.parametrize("n_threads", [1, 3])
 def test_weight_grad_padding_modes_groups_and_threads(monkeypatch, mode, C, F, groups,
-                                                       n_threads, dtype):
+                                                       n_threads, dtype, weight_grad_tile):
     monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)     # one tile row per block
     monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
     rng = np.random.default_rng(13)
@@ -194,16 +203,21 @@ def test_float64_is_exact_to_rounding():
     rng = np.random.default_rng(4)
     x, w, b = _problem(rng, 2, 32, 20, 20, 16, 1, np.float64)
     ref = reference.conv2d(x, w, b, 1, 1)
+    g = conv_geometry(x.shape, w.shape, 1, 1, 1)
     for m in _winograd.TILE_SIZES:
-        g = conv_geometry(x.shape, w.shape, 1, 1, 1)
         assert relative_error(_forced(m, x, w, b, g, np.float64, 2), ref) < 1e-12
+    dy = rng.standard_normal(ref.shape)
+    ref_weight = reference.conv2d_backward(dy, x, w, 1, 1)[1]
+    for n in _winograd.WEIGHT_GRAD_TILE_SIZES:
+        got = _winograd.backward_weight(x, dy, g, 2, np.empty(w.shape), n=n)
+        assert relative_error(got, ref_weight) < 1e-12
 
 
 @pytest.mark.parametrize("C", [16, 64, 128, 256, 512])
 def test_float32_error_is_within_10x_of_im2col(C):
-    """The tile size rule keeps Winograd's float32 error within 10x of im2col's (the
+    """The tile size rules keep Winograd's float32 error within 10x of im2col's (the
     forward by F(4x4) up to 128 channels and F(3x3) beyond, grad_x's sums over 32
-    filters by F(3x3))."""
+    filters by F(3x3), grad_weight on 12x12 planes by F(3x3, 3x3))."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
     w = (rng.standard_normal((32, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
@@ -213,12 +227,12 @@ def test_float32_error_is_within_10x_of_im2col(C):
     assert winograd <= 10 * im2col, (winograd, im2col)
     dy = rng.standard_normal((2, 32, 12, 12)).astype(np.float32)
     exact = reference.conv2d_backward(dy.astype(np.float64), x.astype(np.float64),
-                                      w.astype(np.float64), padding=1)[0]
-    im2col = relative_error(fastconv.conv2d_backward(dy, x, w, padding=1,
-                                                     algorithm="im2col")[0], exact)
-    winograd = relative_error(fastconv.conv2d_backward(dy, x, w, padding=1,
-                                                       algorithm="winograd")[0], exact)
-    assert winograd <= 10 * im2col, ("grad_x", winograd, im2col)
+                                      w.astype(np.float64), padding=1)
+    im2col = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="im2col")
+    winograd = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="winograd")
+    for i, what in enumerate(("grad_x", "grad_weight")):
+        assert (relative_error(winograd[i], exact[i])
+                <= 10 * relative_error(im2col[i], exact[i])), what
 
 
 # --- dispatch --------------------------------------------------------------------------
@@ -238,6 +252,11 @@ def test_tile_size_rule():
     assert _winograd.choose_m_input_grad(geometry(64, 512, 8, 8)) == 3
     assert _winograd.choose_m_input_grad(geometry(512, 64, 56, 56)) == 3   # grad_x: accuracy
     assert _winograd.choose_m_input_grad(geometry(512, 16, 8, 8)) == 4
+    # grad_weight: 3x3 dY tiles where they need <= 0.8 of the 2x2 tiles' products
+    assert _winograd.choose_n_weight_grad(geometry(64, 64, 56, 56)) == 3     # 0.72
+    assert _winograd.choose_n_weight_grad(geometry(64, 64, 14, 14)) == 3     # 0.80
+    assert _winograd.choose_n_weight_grad(geometry(512, 512, 7, 7)) == 2     # 0.88
+    assert _winograd.choose_n_weight_grad(geometry(64, 64, 4, 4)) == 2
 
 
 @pytest.mark.parametrize("call, match", [

@@ -299,6 +299,12 @@ PHASE_KERNEL_SIGNATURES = {
     "dw_gather_x": KERNEL_SIGNATURES["gather"], "scatter": KERNEL_SIGNATURES["scatter"],
 }
 
+#: grad_weight's kernels (fc_winodw<n>_<kind>, n the dY tile size).
+WEIGHT_GRAD_KERNEL_SIGNATURES = {
+    "input": _STREAMS, "grad": _STREAMS, "output": _STREAMS,
+    "gather_grad": KERNEL_SIGNATURES["gather"],
+}
+
 
 def dispatchers(sizes, ctype: str, suffix: str, signatures=None, family: str = "wino") -> str:
     """``fc_<family>_<kind>_<suffix>(int m, ...)``: the variant's kernel for output tiles
@@ -344,26 +350,44 @@ def render() -> str:
     parts.append("/* ---- the variant for output tiles m x m ---- */\n")
     for suffix, ctype in TYPES:
         parts.append(dispatchers(sizes, ctype, suffix))
-    dw = _load_matrices_module().WEIGHT_GRAD
-    points = ", ".join(str(p) for p in dw.points)
-    parts.append(f"/* ---- grad_weight by F(3x3, 2x2): alpha = 4, points {points}, infinity: the"
-                 "\n   3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */\n")
-    for suffix, ctype in TYPES:
-        parts.append(apply_function("dwbt", dw.BT, ctype, suffix))
-        parts.append(apply_function("dwg", dw.G, ctype, suffix))
-        parts.append(apply_function("dwat", dw.AT, ctype, suffix))
-        parts.append(separable("winodw_input", "dwbt", 4, 4, 4, 4, ctype, suffix,
-                               "V = BT D B of the 4x4 input tiles (streams as the forward's)."))
-        parts.append(separable("winodw_grad", "dwg", 2, 2, 4, 4, ctype, suffix,
-                               "W = G dY G^T of the 2x2 dY tiles: 4 streams in, 16 out."))
-        parts.append(separable("winodw_output", "dwat", 4, 4, 3, 3, ctype, suffix,
-                               "dK = AT M A for n (filter, channel) pairs: 16 streams in (row "
-                               "stride lds),\n   each pair's 3x3 kernel gradient at "
-                               "dst[t*9 .. t*9 + 8].", interleaved=True))
-        parts.append(gather(2, 2, ctype, suffix, function="winodw_gather_grad"))
+    parts += weight_grad_kernels(_load_matrices_module())
     parts += phase_kernels(_load_matrices_module())
     parts += ["#endif", ""]
     return "\n".join(parts)
+
+
+def weight_grad_kernels(matrices) -> list[str]:
+    """grad_weight of a 3x3 convolution by F(3x3, n x n) for each dY tile size n
+    (``fc_winodw<n>_*``, and ``fc_winodw_<kind>_<s|d>(int n, ...)`` dispatching on n)."""
+    parts = []
+    for n, dw in sorted(matrices.WEIGHT_GRAD_VARIANTS.items()):
+        a = dw.alpha
+        assert (dw.m, dw.r, a) == (3, n, n + 2)
+        points = ", ".join(str(p) for p in dw.points)
+        name = f"winodw{n}"
+        parts.append(f"/* ---- grad_weight by F(3x3, {n}x{n}): alpha = {a}, points {points}, "
+                     f"infinity: the\n   3x3 kernel gradient of a {n}x{n} dY tile and its "
+                     f"{a}x{a} input tile ---- */\n")
+        for suffix, ctype in TYPES:
+            parts.append(apply_function(f"dw{n}bt", dw.BT, ctype, suffix))
+            parts.append(apply_function(f"dw{n}g", dw.G, ctype, suffix))
+            parts.append(apply_function(f"dw{n}at", dw.AT, ctype, suffix))
+            parts.append(separable(f"{name}_input", f"dw{n}bt", a, a, a, a, ctype, suffix,
+                                   f"V = BT D B of the {a}x{a} input tiles (streams as the "
+                                   "forward's)."))
+            parts.append(separable(f"{name}_grad", f"dw{n}g", n, n, a, a, ctype, suffix,
+                                   f"W = G dY G^T of the {n}x{n} dY tiles: {n * n} streams in, "
+                                   f"{a * a} out."))
+            parts.append(separable(f"{name}_output", f"dw{n}at", a, a, 3, 3, ctype, suffix,
+                                   f"dK = AT M A for n (filter, channel) pairs: {a * a} streams "
+                                   "in (row stride lds),\n   each pair's 3x3 kernel gradient at "
+                                   "dst[t*9 .. t*9 + 8].", interleaved=True))
+            parts.append(gather(n, n, ctype, suffix, function=f"{name}_gather_grad"))
+    parts.append("/* ---- grad_weight's kernels for dY tiles n x n ---- */\n")
+    sizes = sorted(matrices.WEIGHT_GRAD_VARIANTS)
+    for suffix, ctype in TYPES:
+        parts.append(dispatchers(sizes, ctype, suffix, WEIGHT_GRAD_KERNEL_SIGNATURES, "winodw"))
+    return parts
 
 
 def phase_kernels(matrices) -> list[str]:
