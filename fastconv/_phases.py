@@ -168,9 +168,11 @@ def _forward_axis_tiles(size_t: int, s: int, pad: int, m: int) -> int:
                for a in range(s))
 
 
+@functools.lru_cache(maxsize=256)
 def forward_tile(geometry: ConvGeometry) -> int:
     """The forward's output tile size m: 3 where F(3x3, 2x2) does at most
-    FORWARD_MAX_PRODUCTS_RATIO of F(2x2, 2x2)'s products on this layer's planes, else 2."""
+    FORWARD_MAX_PRODUCTS_RATIO of F(2x2, 2x2)'s products on this layer's planes, else 2
+    (memoised: a forward asks it up to four times)."""
     g = geometry
 
     def products(m: int) -> int:

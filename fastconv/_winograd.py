@@ -30,8 +30,8 @@ from fastconv._workspace import workspace
 
 __all__ = ["applies", "fits", "fits_input_grad", "pays_off", "pays_off_input_grad",
            "pays_off_weight_grad", "choose_m", "choose_m_input_grad", "choose_n_weight_grad",
-           "transformed_weight",
-           "TransformedWeights", "forward", "backward_input", "backward_weight"]
+           "transformed_weight", "TransformedWeights", "forward", "backward_input",
+           "backward_weight"]
 
 #: The output tile sizes the kernels implement (F(2x2, 3x3), F(3x3, 3x3), F(4x4, 3x3)).
 TILE_SIZES = (2, 3, 4)
