@@ -62,11 +62,8 @@ cdef extern from "_winograd_transforms.h" nogil:
                            Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
     void fc_wino_scatter_d(int m, const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
                            Py_ssize_t rows, Py_ssize_t TW, double bias, int relu)
-    # grad_weight's F(3x3, n x n) kernels, n the dY tile size
-    void fc_winodw_input_s(int n, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
-                           Py_ssize_t count)
-    void fc_winodw_input_d(int n, const double *src, Py_ssize_t lds, double *dst,
-                           Py_ssize_t ldd, Py_ssize_t count)
+    # grad_weight's F(3x3, n x n) kernels, n the dY tile size (its input transform is
+    # the forward's fc_wino_input for m = n: the two share their points)
     void fc_winodw_grad_s(int n, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
                           Py_ssize_t count)
     void fc_winodw_grad_d(int n, const double *src, Py_ssize_t lds, double *dst,
@@ -128,16 +125,6 @@ cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floatin
         fc_wino_scatter_s(m, Y, ldy, out, OW, rows, TW, bias, relu)
     else:
         fc_wino_scatter_d(m, Y, ldy, out, OW, rows, TW, bias, relu)
-
-
-cdef inline void weight_grad_input_tiles(int n, const floating *D, floating *V, Py_ssize_t ldv,
-                                         Py_ssize_t count) noexcept nogil:
-    """V = BT D B of ``count`` (n+2)x(n+2) input tiles (D's streams count apart) for
-    grad_weight by F(3x3, n x n)."""
-    if floating is float:
-        fc_winodw_input_s(n, D, count, V, ldv, count)
-    else:
-        fc_winodw_input_d(n, D, count, V, ldv, count)
 
 
 cdef inline void weight_grad_dy_tiles(int n, const floating *D, floating *V, Py_ssize_t ldv,
@@ -346,7 +333,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
         for c in range(C):
             gather_block(n, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
                          &colmap[0], left, lo, hi, Dx, tb)
-            weight_grad_input_tiles(n, Dx, Vx + c * tb, C * tb, tb)
+            input_transform(n, Dx, tb, Vx + c * tb, C * tb, tb)   # the forward's F(n x n)
         for f in range(F):
             for r in range(r0, r1):
                 image = r // TH

@@ -100,8 +100,8 @@ VARIANTS = {
 
 #: grad_weight of a 3x3 convolution, by dY tile size n: each n x n tile of dY correlates
 #: with its (n+2) x (n+2) input tile into the 3x3 kernel, F(3x3, n x n) (the sums over
-#: tiles are GEMMs). F(3x3, 3x3) shares the forward's points, so its input transform is
-#: the forward's F(3x3, 3x3) one.
+#: tiles are GEMMs). Each shares the points of the forward's F(n x n, 3 x 3), so its
+#: input transform is the forward's (tools/gen_winograd.py asserts it).
 WEIGHT_GRAD_VARIANTS = {
     2: winograd_matrices(3, 2, (0, 1, -1)),
     3: winograd_matrices(3, 3, (0, 1, -2, Fraction(-1, 2))),

@@ -1014,22 +1014,6 @@ static inline void fc_wino_scatter_d(int m, const double *Y, ptrdiff_t ldy, doub
 /* ---- grad_weight by F(3x3, 2x2): alpha = 4, points 0, 1, -1, infinity: the
    3x3 kernel gradient of a 2x2 dY tile and its 4x4 input tile ---- */
 
-static inline FC_ALWAYS_INLINE void fc_apply_dw2bt_s(
-    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
-    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
-{
-    for (ptrdiff_t t = 0; t < n; t++) {
-        const float x0 = i0[t];
-        const float x1 = i1[t];
-        const float x2 = i2[t];
-        const float x3 = i3[t];
-        o0[t] = - x0 + x2;
-        o1[t] = x1 + x2;
-        o2[t] = - x1 + x2;
-        o3[t] = - x1 + x3;
-    }
-}
-
 static inline FC_ALWAYS_INLINE void fc_apply_dw2g_s(
     const float *restrict i0, const float *restrict i1,
     float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
@@ -1056,20 +1040,6 @@ static inline FC_ALWAYS_INLINE void fc_apply_dw2at_s(
         o0[t] = x0 + x1 + x2;
         o1[t] = x1 - x2;
         o2[t] = x1 + x2 + x3;
-    }
-}
-
-/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw2_input_s(
-    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    float tmp[16 * FC_CHUNK];
-    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
-        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int j = 0; j < 4; j++)
-            fc_apply_dw2bt_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
-        for (int r = 0; r < 4; r++)
-            fc_apply_dw2bt_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -1140,22 +1110,6 @@ FC_TARGET static void fc_winodw2_gather_grad_s(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dw2bt_d(
-    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
-    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
-{
-    for (ptrdiff_t t = 0; t < n; t++) {
-        const double x0 = i0[t];
-        const double x1 = i1[t];
-        const double x2 = i2[t];
-        const double x3 = i3[t];
-        o0[t] = - x0 + x2;
-        o1[t] = x1 + x2;
-        o2[t] = - x1 + x2;
-        o3[t] = - x1 + x3;
-    }
-}
-
 static inline FC_ALWAYS_INLINE void fc_apply_dw2g_d(
     const double *restrict i0, const double *restrict i1,
     double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
@@ -1182,20 +1136,6 @@ static inline FC_ALWAYS_INLINE void fc_apply_dw2at_d(
         o0[t] = x0 + x1 + x2;
         o1[t] = x1 - x2;
         o2[t] = x1 + x2 + x3;
-    }
-}
-
-/* V = BT D B of the 4x4 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw2_input_d(
-    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    double tmp[16 * FC_CHUNK];
-    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
-        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int j = 0; j < 4; j++)
-            fc_apply_dw2bt_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, len);
-        for (int r = 0; r < 4; r++)
-            fc_apply_dw2bt_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
     }
 }
 
@@ -1269,24 +1209,6 @@ FC_TARGET static void fc_winodw2_gather_grad_d(
 /* ---- grad_weight by F(3x3, 3x3): alpha = 5, points 0, 1, -2, -1/2, infinity: the
    3x3 kernel gradient of a 3x3 dY tile and its 5x5 input tile ---- */
 
-static inline FC_ALWAYS_INLINE void fc_apply_dw3bt_s(
-    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
-    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
-{
-    for (ptrdiff_t t = 0; t < n; t++) {
-        const float x0 = i0[t];
-        const float x1 = i1[t];
-        const float x2 = i2[t];
-        const float x3 = i3[t];
-        const float x4 = i4[t];
-        o0[t] = - x0 - (float)(3.0 / 2.0) * x1 + (float)(3.0 / 2.0) * x2 + x3;
-        o1[t] = x1 + (float)(5.0 / 2.0) * x2 + x3;
-        o2[t] = - (float)(1.0 / 2.0) * x1 - (float)(1.0 / 2.0) * x2 + x3;
-        o3[t] = - (float)2.0 * x1 + x2 + x3;
-        o4[t] = - x1 - (float)(3.0 / 2.0) * x2 + (float)(3.0 / 2.0) * x3 + x4;
-    }
-}
-
 static inline FC_ALWAYS_INLINE void fc_apply_dw3g_s(
     const float *restrict i0, const float *restrict i1, const float *restrict i2,
     float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
@@ -1316,20 +1238,6 @@ static inline FC_ALWAYS_INLINE void fc_apply_dw3at_s(
         o0[t] = x0 + x1 + x2 + x3;
         o1[t] = x1 - (float)2.0 * x2 - (float)(1.0 / 2.0) * x3;
         o2[t] = x1 + (float)4.0 * x2 + (float)(1.0 / 4.0) * x3 + x4;
-    }
-}
-
-/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw3_input_s(
-    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    float tmp[25 * FC_CHUNK];
-    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
-        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int j = 0; j < 5; j++)
-            fc_apply_dw3bt_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
-        for (int r = 0; r < 5; r++)
-            fc_apply_dw3bt_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
     }
 }
 
@@ -1400,24 +1308,6 @@ FC_TARGET static void fc_winodw3_gather_grad_s(
     }
 }
 
-static inline FC_ALWAYS_INLINE void fc_apply_dw3bt_d(
-    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
-    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
-{
-    for (ptrdiff_t t = 0; t < n; t++) {
-        const double x0 = i0[t];
-        const double x1 = i1[t];
-        const double x2 = i2[t];
-        const double x3 = i3[t];
-        const double x4 = i4[t];
-        o0[t] = - x0 - (3.0 / 2.0) * x1 + (3.0 / 2.0) * x2 + x3;
-        o1[t] = x1 + (5.0 / 2.0) * x2 + x3;
-        o2[t] = - (1.0 / 2.0) * x1 - (1.0 / 2.0) * x2 + x3;
-        o3[t] = - 2.0 * x1 + x2 + x3;
-        o4[t] = - x1 - (3.0 / 2.0) * x2 + (3.0 / 2.0) * x3 + x4;
-    }
-}
-
 static inline FC_ALWAYS_INLINE void fc_apply_dw3g_d(
     const double *restrict i0, const double *restrict i1, const double *restrict i2,
     double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
@@ -1447,20 +1337,6 @@ static inline FC_ALWAYS_INLINE void fc_apply_dw3at_d(
         o0[t] = x0 + x1 + x2 + x3;
         o1[t] = x1 - 2.0 * x2 - (1.0 / 2.0) * x3;
         o2[t] = x1 + 4.0 * x2 + (1.0 / 4.0) * x3 + x4;
-    }
-}
-
-/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
-FC_TARGET static void fc_winodw3_input_d(
-    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    double tmp[25 * FC_CHUNK];
-    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
-        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
-        for (int j = 0; j < 5; j++)
-            fc_apply_dw3bt_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
-        for (int r = 0; r < 5; r++)
-            fc_apply_dw3bt_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
     }
 }
 
@@ -1533,11 +1409,6 @@ FC_TARGET static void fc_winodw3_gather_grad_d(
 
 /* ---- grad_weight's kernels for dY tiles n x n ---- */
 
-static inline void fc_winodw_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    if (m == 2) fc_winodw2_input_s(src, lds, dst, ldd, n); else fc_winodw3_input_s(src, lds, dst, ldd, n);
-}
-
 static inline void fc_winodw_grad_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
     if (m == 2) fc_winodw2_grad_s(src, lds, dst, ldd, n); else fc_winodw3_grad_s(src, lds, dst, ldd, n);
@@ -1551,11 +1422,6 @@ static inline void fc_winodw_output_s(int m, const float *src, ptrdiff_t lds, fl
 static inline void fc_winodw_gather_grad_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
 {
     if (m == 2) fc_winodw2_gather_grad_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_winodw3_gather_grad_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
-}
-
-static inline void fc_winodw_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
-{
-    if (m == 2) fc_winodw2_input_d(src, lds, dst, ldd, n); else fc_winodw3_input_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_winodw_grad_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)

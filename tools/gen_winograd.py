@@ -301,7 +301,7 @@ PHASE_KERNEL_SIGNATURES = {
 
 #: grad_weight's kernels (fc_winodw<n>_<kind>, n the dY tile size).
 WEIGHT_GRAD_KERNEL_SIGNATURES = {
-    "input": _STREAMS, "grad": _STREAMS, "output": _STREAMS,
+    "grad": _STREAMS, "output": _STREAMS,
     "gather_grad": KERNEL_SIGNATURES["gather"],
 }
 
@@ -358,23 +358,21 @@ def render() -> str:
 
 def weight_grad_kernels(matrices) -> list[str]:
     """grad_weight of a 3x3 convolution by F(3x3, n x n) for each dY tile size n
-    (``fc_winodw<n>_*``, and ``fc_winodw_<kind>_<s|d>(int n, ...)`` dispatching on n)."""
+    (``fc_winodw<n>_*``, and ``fc_winodw_<kind>_<s|d>(int n, ...)`` dispatching on n).
+    Its input transform is the forward's ``fc_wino<n>_input``: BT depends only on the
+    points, which the two variants share."""
     parts = []
     for n, dw in sorted(matrices.WEIGHT_GRAD_VARIANTS.items()):
         a = dw.alpha
-        assert (dw.m, dw.r, a) == (3, n, n + 2)
+        assert (dw.m, dw.r, a) == (3, n, n + 2) and dw.BT == matrices.VARIANTS[n].BT
         points = ", ".join(str(p) for p in dw.points)
         name = f"winodw{n}"
         parts.append(f"/* ---- grad_weight by F(3x3, {n}x{n}): alpha = {a}, points {points}, "
                      f"infinity: the\n   3x3 kernel gradient of a {n}x{n} dY tile and its "
                      f"{a}x{a} input tile ---- */\n")
         for suffix, ctype in TYPES:
-            parts.append(apply_function(f"dw{n}bt", dw.BT, ctype, suffix))
             parts.append(apply_function(f"dw{n}g", dw.G, ctype, suffix))
             parts.append(apply_function(f"dw{n}at", dw.AT, ctype, suffix))
-            parts.append(separable(f"{name}_input", f"dw{n}bt", a, a, a, a, ctype, suffix,
-                                   f"V = BT D B of the {a}x{a} input tiles (streams as the "
-                                   "forward's)."))
             parts.append(separable(f"{name}_grad", f"dw{n}g", n, n, a, a, ctype, suffix,
                                    f"W = G dY G^T of the {n}x{n} dY tiles: {n * n} streams in, "
                                    f"{a * a} out."))
