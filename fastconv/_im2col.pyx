@@ -107,6 +107,8 @@ cdef void im2col_tile(const floating *img, const ConvGeom *g,
                             border_gather(plane + ih * g.W, g, kw, ow0, a, dst)
                         if g.stride_w == 1:
                             memcpy(dst + (a - ow0), plane + base + a, (b - a) * sizeof(floating))
+                        elif g.stride_w == 2:
+                            copy_every_other(plane + base + 2 * a, dst + (a - ow0), b - a)
                         else:
                             for ow in range(a, b):
                                 dst[ow - ow0] = plane[base + ow * g.stride_w]
@@ -114,6 +116,25 @@ cdef void im2col_tile(const floating *img, const ConvGeom *g,
                             border_gather(plane + ih * g.W, g, kw, b, ow1, dst + (b - ow0))
                     dst += ow1 - ow0
                     p += ow1 - ow0
+
+
+# Stride 2 (downsampling layers) gets loops of their own: with the stride a constant
+# the compiler vectorises them with shuffles, where the general strided loop stays
+# scalar (the gather was 18% of resnet-3x3-s2's forward at 1 thread).
+cdef inline void copy_every_other(const floating *src, floating *dst,
+                                  Py_ssize_t n) noexcept nogil:
+    """dst[i] = src[2*i] for i < n."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[2 * i]
+
+
+cdef inline void add_every_other(const floating *src, floating *dst,
+                                 Py_ssize_t n) noexcept nogil:
+    """dst[2*i] += src[i] for i < n (the adjoint of :func:`copy_every_other`)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[2 * i] += src[i]
 
 
 cdef inline void border_gather(const floating *row, const ConvGeom *g, Py_ssize_t kw,
@@ -171,6 +192,8 @@ cdef void col2im_rows_add(const floating *col, const ConvGeom *g,
                             dst = plane + base
                             for ow in range(lo, hi):
                                 dst[ow] += src[ow]
+                        elif sw == 2:
+                            add_every_other(src + lo, plane + base + 2 * lo, hi - lo)
                         else:
                             for ow in range(lo, hi):
                                 plane[base + ow * sw] += src[ow]
@@ -218,8 +241,11 @@ cdef void col2im_tile_add(const floating *col, const ConvGeom *g,
                         base = ih * g.W + kw * g.dilation_w - g.pad_left
                         if a > ow0:
                             border_scatter(src, g, kw, ow0, a, plane + ih * g.W)
-                        for ow in range(a, b):
-                            plane[base + ow * g.stride_w] += src[ow - ow0]
+                        if g.stride_w == 2:
+                            add_every_other(src + (a - ow0), plane + base + 2 * a, b - a)
+                        else:
+                            for ow in range(a, b):
+                                plane[base + ow * g.stride_w] += src[ow - ow0]
                         if ow1 > b:
                             border_scatter(src + (b - ow0), g, kw, b, ow1, plane + ih * g.W)
                     src += ow1 - ow0
