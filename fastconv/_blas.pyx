@@ -112,6 +112,35 @@ cdef void gemm_rm(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssi
         i0 += mc
 
 
+cdef void gemm_rm_chunked(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n, Py_ssize_t k,
+                          floating alpha, const floating *a, Py_ssize_t lda,
+                          const floating *b, Py_ssize_t ldb,
+                          floating beta, floating *c, Py_ssize_t ldc, Py_ssize_t chunk,
+                          Py_ssize_t limit) noexcept nogil:
+    """:func:`gemm_rm` with the reduction cut into calls of at most ``chunk`` terms, each
+    after the first adding to C.
+
+    The BLAS kernel sums all k terms of an element in one register, so its float
+    rounding grows with k; summed ``chunk`` at a time, then chunk by chunk, it
+    grows with about ``chunk + k/chunk``. Winograd's output transform amplifies
+    that rounding (``fastconv._winograd.SUM_CHUNK``). Each call after the first
+    reads and writes C once more, so chunks must stay long enough for the
+    products to dominate.
+    """
+    cdef Py_ssize_t l0 = 0, kc
+    cdef floating beta_l = beta
+    while True:
+        kc = min(k - l0, chunk)
+        gemm_rm(trans_a, trans_b, m, n, kc, alpha,
+                a + (l0 * lda if trans_a else l0), lda,
+                b + (l0 if trans_b else l0 * ldb), ldb,
+                beta_l, c, ldc, limit)
+        beta_l = 1
+        l0 += kc
+        if l0 >= k:
+            break
+
+
 def record_calls(bint on):
     """Start (resetting the counters) or stop recording BLAS calls; see :func:`recorded`.
 

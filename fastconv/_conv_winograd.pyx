@@ -35,7 +35,7 @@ from cython.parallel cimport prange
 from libc.string cimport memcmp
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_rm
+from fastconv._blas cimport gemm_rm, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -198,13 +198,14 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
             const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
             int m, Py_ssize_t groups, const Py_ssize_t[::1] rowmap,
             const Py_ssize_t[::1] colmap, Py_ssize_t left, Py_ssize_t lo, Py_ssize_t hi,
-            Py_ssize_t rows_per_block, bint relu, int n_threads):
+            Py_ssize_t rows_per_block, bint relu, Py_ssize_t sum_chunk, int n_threads):
     """y = act(conv3x3(x) + bias) by F(m x m, 3 x 3), one block of tile rows per work item.
 
     ``rowmap[p]`` / ``colmap[p]`` give the input row / column under padded
     position ``p`` (``p = th*m + i`` for tap row ``i`` of tile row ``th``), or
     -1 for a zero; tiles ``[lo, hi)`` of every tile row read only columns
-    ``p - left`` inside the input (no map lookup).
+    ``p - left`` inside the input (no map lookup). The transform-domain GEMMs sum
+    ``sum_chunk`` channels per BLAS call (``fastconv._blas.gemm_rm_chunked``; 0: all).
 
     # IN  x: (N, C, H, W); U: (alpha**2, F, C/groups) from transform_weight; bias: (F,) or None
     # IN  rowmap: (ceil(OH/m)*m + 2,); colmap: (ceil(OW/m)*m + 2,)
@@ -225,6 +226,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     # and plan_winograd keep them within it
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint has_bias = bias is not None
+    cdef Py_ssize_t chunk = sum_chunk if 0 < sum_chunk < Cg else max(Cg, 1)
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
     cdef floating *D
     cdef floating *V
@@ -246,12 +248,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
             gather_block(m, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
                          &colmap[0], left, lo, hi, D, tb)
             input_transform(m, D, tb, V + c * tb, C * tb, tb)
-        # 2. M[s] = U[s] @ V[s], group by group
+        # 2. M[s] = U[s] @ V[s], group by group, sum_chunk channels at a time
         for s in range(AA):
             for gi in range(groups):
-                gemm_rm(False, False, Fg, tb, Cg,
-                        1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
-                        0, M + (s * F + gi * Fg) * tb, tb, limit)
+                gemm_rm_chunked(False, False, Fg, tb, Cg,
+                                1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
+                                0, M + (s * F + gi * Fg) * tb, tb, chunk, limit)
         # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
         for f in range(F):
             output_transform(m, M + f * tb, F * tb, tiles, tb, tb)

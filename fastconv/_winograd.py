@@ -36,12 +36,22 @@ __all__ = ["applies", "fits", "fits_input_grad", "pays_off", "pays_off_input_gra
 #: The output tile sizes the kernels implement (F(2x2, 3x3), F(3x3, 3x3), F(4x4, 3x3)).
 TILE_SIZES = (2, 3, 4)
 
-#: F(4x4, 3x3) rounds its transform-domain GEMM's error up by the output
-#: transform: float32 error relative to im2col's was 2.7-5.6x for reductions of
-#: 3-64 channels, 7.7x at 128, 9.8-10.1x at 256-512 (random data, README
-#: "Winograd accuracy"). Beyond this many channels per group F(3x3, 3x3) (1.4-3.9x
-#: with the points 0, 1, -2, -1/2) keeps the error within 10x of im2col's.
-F4_MAX_REDUCTION = 128
+#: F(4x4, 3x3) rounds its transform-domain GEMM's error up by the output transform,
+#: and the sgemm kernel sums a whole reduction in one register, so that rounding
+#: grows with the sum's length. Its GEMMs therefore sum SUM_CHUNK[4] = 64 channels
+#: (grad_x: filters) per BLAS call, each call adding to the last
+#: (``fastconv._blas.gemm_rm_chunked``); other tile sizes sum all in one call.
+#: Float32 error relative to im2col's (random data, README "Winograd accuracy"),
+#: whole sums -> chunks of 64: forward 5.4 -> 3.8x at 128 channels, 8.6 -> 3.8x at 256,
+#: 10.2 -> 4.3x at 512 (deep-7x7), 11.2 -> 4.5x at 1024; grad_x 15.4 -> 8.3x at 128,
+#: 13.9 -> 4.9x at 256, 11.4 -> 5.7x at 512, 10.7 -> 4.4x at 1024. Chunks of 16 or 32
+#: would help shorter sums too, but cost 15-43% of the forward (deep-7x7, vgg-mid,
+#: resnet-3x3 at 2 threads) where 64 cost 1-4%.
+SUM_CHUNK = {4: 64}
+
+#: The forward takes F(4x4) up to this many channels per group (measured to 1024,
+#: above); longer sums F(3x3, 3x3) (1.4-3.9x im2col's error, points 0, 1, -2, -1/2).
+F4_MAX_REDUCTION = 1024
 
 #: ``algorithm="auto"`` takes Winograd for an NCHW 3x3 stride-1 layer where it
 #: measured faster than im2col (1 thread, min of 5, planes 8x8 .. 56x56, C and
@@ -101,10 +111,13 @@ def pays_off_input_grad(geometry: ConvGeometry) -> bool:
 
 
 #: grad_x amplifies F(4x4)'s rounding more (its im2col path's own error is lower:
-#: col2im adds 9 short sums): 10.7x im2col's error summing 32 filters (cifar-3x3),
-#: 11.6-11.7x with 64-128 (resnet-3x3, vgg-mid), against 4.4-5.9x for F(3x3) and
-#: 2.2x at most for F(2x2).
-INPUT_GRAD_F4_MAX_REDUCTION = 16
+#: col2im adds 9 short sums): 8-12x im2col's error summing 4-16 filters, 10.7x with
+#: 32 (cifar-3x3) and 10.0-13.7x with 64 (one chunk of SUM_CHUNK[4]; resnet-3x3),
+#: against 3.6-8.7x for F(3x3) and 2.2x at most for F(2x2). From two chunks on it
+#: stays within 10x: 7.6x at 96 filters, 7.9-8.3x at 128 (vgg-mid), 4.4-5.7x at
+#: 256-1024 (deep-7x7), where F(3x3) reached 10.5x at 1024. So grad_x takes F(4x4) from
+#: this many filters per group up to F4_MAX_REDUCTION.
+INPUT_GRAD_F4_MIN_REDUCTION = 65
 
 
 def pays_off_weight_grad(geometry: ConvGeometry) -> bool:
@@ -122,28 +135,30 @@ def _tile_products(m: int, out_h: int, out_w: int) -> int:
     return -(-out_h // m) * -(-out_w // m) * (m + 2) ** 2
 
 
-def _tile_size(reduction: int, out_h: int, out_w: int, max_reduction: int) -> int:
+def _tile_size(out_h: int, out_w: int, f4_accurate: bool) -> int:
     """4, unless the output is too small for 4x4 tiles to pay (<= 2 along an axis: 2)
-    or the sum per output is longer than ``max_reduction`` (F(4x4)'s float error).
-    Those long sums take F(3x3) where its tiles need fewer products than F(2x2)'s:
-    it ran 1.09-1.44x faster than F(2x2) on 7x7 to 56x56 planes of 16-512 channels
-    (forward and grad_x, 2 threads, median of 9, alternating; AMD EPYC AVX-512)."""
+    or F(4x4)'s float error over the layer's sums is too large (``f4_accurate`` False). Those sums take F(3x3) where its tiles need fewer products
+    than F(2x2)'s: it ran 1.09-1.44x faster than F(2x2) on 7x7 to 56x56 planes of
+    16-512 channels (forward and grad_x, 2 threads, median of 9, alternating; AMD EPYC
+    AVX-512)."""
     if min(out_h, out_w) <= 2:
         return 2
-    if reduction <= max_reduction:
+    if f4_accurate:
         return 4
     return 3 if _tile_products(3, out_h, out_w) < _tile_products(2, out_h, out_w) else 2
 
 
 def choose_m(geometry: ConvGeometry) -> int:
     """Output tile size of the forward: its sums run over the C/groups input channels."""
-    return _tile_size(geometry.C // geometry.groups, geometry.OH, geometry.OW, F4_MAX_REDUCTION)
+    reduction = geometry.C // geometry.groups
+    return _tile_size(geometry.OH, geometry.OW, reduction <= F4_MAX_REDUCTION)
 
 
 def choose_m_input_grad(geometry: ConvGeometry) -> int:
     """Output tile size of grad_x: its sums run over the F/groups filters."""
-    return _tile_size(geometry.F // geometry.groups, geometry.H, geometry.W,
-                      INPUT_GRAD_F4_MAX_REDUCTION)
+    reduction = geometry.F // geometry.groups
+    return _tile_size(geometry.H, geometry.W,
+                      INPUT_GRAD_F4_MIN_REDUCTION <= reduction <= F4_MAX_REDUCTION)
 
 
 @functools.lru_cache(maxsize=256)
@@ -195,7 +210,8 @@ def _run(x: np.ndarray, U: np.ndarray, bias, y: np.ndarray, geometry: ConvGeomet
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(C, F))
     with single_threaded_blas:
         _conv_winograd.forward(x, U, bias, y, scratch, m, geometry.groups, rowmap, colmap,
-                               left, lo, hi, tiles.rows_per_block, relu, n_threads)
+                               left, lo, hi, tiles.rows_per_block, relu,
+                               SUM_CHUNK.get(m, 0), n_threads)
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,

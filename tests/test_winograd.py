@@ -213,19 +213,36 @@ def test_float64_is_exact_to_rounding():
         assert relative_error(got, ref_weight) < 1e-12
 
 
-@pytest.mark.parametrize("C", [16, 64, 128, 256, 512])
-def test_float32_error_is_within_10x_of_im2col(C):
-    """The tile size rules keep Winograd's float32 error within 10x of im2col's (the
-    forward by F(4x4) up to 128 channels and F(3x3) beyond, grad_x's sums over 32
-    filters by F(3x3), grad_weight on 12x12 planes by F(3x3, 3x3))."""
+def test_float64_chunked_sums_are_exact_to_rounding():
+    """F(4x4)'s sums in chunks of SUM_CHUNK[4] (150 channels and 70 filters: chunks
+    with a remainder) in float64, forward and grad_x, within 1e-12 of the reference."""
+    assert 150 % _winograd.SUM_CHUNK[4] and 70 % _winograd.SUM_CHUNK[4]
+    rng = np.random.default_rng(6)
+    x, w, b = _problem(rng, 2, 150, 10, 10, 70, 1, np.float64)
+    g = conv_geometry(x.shape, w.shape, 1, 1, 1)
+    assert _winograd.choose_m(g) == 4 and _winograd.choose_m_input_grad(g) == 4
+    y = fastconv.conv2d(x, w, b, padding=1, algorithm="winograd")
+    assert relative_error(y, reference.conv2d(x, w, b, 1, 1)) < 1e-12
+    dy = rng.standard_normal(y.shape)
+    got = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="winograd")[0]
+    assert relative_error(got, reference.conv2d_backward(dy, x, w, 1, 1)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("C, F", [(16, 32), (64, 32), (128, 32), (256, 32), (512, 32),
+                                  (1024, 16), (16, 96), (16, 256), (16, 1024)])
+def test_float32_error_is_within_10x_of_im2col(C, F):
+    """The tile size rules keep Winograd's float32 error within 10x of im2col's: the
+    forward's sums over C channels by F(4x4) in chunks of 64 (to 1024), grad_x's over
+    F filters by F(3x3) (16, 32) or chunked F(4x4) (96 and more), grad_weight on 12x12
+    planes by F(3x3, 3x3)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, C, 12, 12)).astype(np.float32)
-    w = (rng.standard_normal((32, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    w = (rng.standard_normal((F, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
     exact = reference.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
     im2col = relative_error(fastconv.conv2d(x, w, padding=1, algorithm="im2col"), exact)
     winograd = relative_error(fastconv.conv2d(x, w, padding=1, algorithm="winograd"), exact)
     assert winograd <= 10 * im2col, (winograd, im2col)
-    dy = rng.standard_normal((2, 32, 12, 12)).astype(np.float32)
+    dy = rng.standard_normal((2, F, 12, 12)).astype(np.float32)
     exact = reference.conv2d_backward(dy.astype(np.float64), x.astype(np.float64),
                                       w.astype(np.float64), padding=1)
     im2col = fastconv.conv2d_backward(dy, x, w, padding=1, algorithm="im2col")
@@ -242,16 +259,22 @@ def test_tile_size_rule():
         return conv_geometry((1, C, H, W), (F, C // groups, 3, 3), 1, 1, 1, groups)
 
     assert _winograd.choose_m(geometry(64, 512, 8, 8)) == 4
-    # long sums: F(3x3) for accuracy (3x3 tiles of 25 products against 4x4 of 16)...
-    assert _winograd.choose_m(geometry(512, 64, 8, 8)) == 3
-    assert _winograd.choose_m(geometry(512, 64, 7, 7)) == 3       # deep-7x7: 225 < 256
+    assert _winograd.choose_m(geometry(512, 64, 7, 7)) == 4       # deep-7x7: chunked sums
+    assert _winograd.choose_m(geometry(1024, 64, 8, 8)) == 4
+    # longer sums: F(3x3) for accuracy (3x3 tiles of 25 products against 4x4 of 16)...
+    assert _winograd.choose_m(geometry(1040, 64, 8, 8)) == 3
+    assert _winograd.choose_m(geometry(2048, 64, 7, 7)) == 3      # 225 < 256
     # ... unless F(2x2) tiles the plane with fewer products (4x4: 4 tiles of 25 > 4 of 16)
-    assert _winograd.choose_m(geometry(512, 64, 4, 4)) == 2
-    assert _winograd.choose_m(geometry(512, 64, 8, 8, groups=8)) == 4
+    assert _winograd.choose_m(geometry(2048, 64, 4, 4)) == 2
+    assert _winograd.choose_m(geometry(2048, 64, 8, 8, groups=8)) == 4
     assert _winograd.choose_m(geometry(64, 64, 2, 30)) == 2       # a 2-pixel output
-    assert _winograd.choose_m_input_grad(geometry(64, 512, 8, 8)) == 3
-    assert _winograd.choose_m_input_grad(geometry(512, 64, 56, 56)) == 3   # grad_x: accuracy
-    assert _winograd.choose_m_input_grad(geometry(512, 16, 8, 8)) == 4
+    # grad_x sums over the filters: F(4x4) from two chunks of 64 on
+    assert _winograd.choose_m_input_grad(geometry(512, 16, 8, 8)) == 3
+    assert _winograd.choose_m_input_grad(geometry(512, 64, 56, 56)) == 3   # one chunk
+    assert _winograd.choose_m_input_grad(geometry(64, 65, 8, 8)) == 4
+    assert _winograd.choose_m_input_grad(geometry(64, 512, 8, 8)) == 4
+    assert _winograd.choose_m_input_grad(geometry(64, 1024, 8, 8)) == 4
+    assert _winograd.choose_m_input_grad(geometry(64, 1040, 8, 8)) == 3
     # grad_weight: 3x3 dY tiles where they need <= 0.8 of the 2x2 tiles' products
     assert _winograd.choose_n_weight_grad(geometry(64, 64, 56, 56)) == 3     # 0.72
     assert _winograd.choose_n_weight_grad(geometry(64, 64, 14, 14)) == 3     # 0.80
