@@ -28,7 +28,7 @@ by that row they all read the same x tiles: one input transform and one GEMM
 per position for every phase at once (filters stacked), the phases' output
 tiles interleaved into y's rows.
 
-m is 2 or 3 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
+m is 2, 3 or 4 (``fastconv._winograd_matrices.PHASE_VARIANTS``); the transforms,
 gathers and scatters are the generated C of ``fastconv/_winograd_transforms.h``.
 """
 
@@ -37,7 +37,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_rm
+from fastconv._blas cimport gemm_rm, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -319,9 +319,12 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const Py_ssize_t[::1] dy_lefts, const Py_ssize_t[::1] dy_los,
              const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
              const Py_ssize_t[::1] x_cols, int m,
-             Py_ssize_t rows_per_block, int n_threads):
+             Py_ssize_t rows_per_block, Py_ssize_t sum_chunk, int n_threads):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
+
+    grad_x's GEMMs sum ``sum_chunk`` stacked channels per BLAS call, grad_weight's
+    that many tiles (``fastconv._blas.gemm_rm_chunked``; 0: all in one call).
 
     ``dy_rows[a, p]`` is the dY row under position ``p = th*m + i`` of phase
     row ``a``'s tiles (-1 for padding), ``dy_cols[b, p]`` likewise; tiles
@@ -389,12 +392,13 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
                          D + (r - r0) * TW, tb)
             x_transform(m, D, M + ci * tb, C_in * tb, tb)
         for s in range(AA):
-            gemm_rm(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb, V + s * K * tb, tb,
-                    1, acc + s * C_in * K, K, limit)
+            gemm_rm_chunked(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb,
+                            V + s * K * tb, tb, 1, acc + s * C_in * K, K,
+                            sum_chunk if sum_chunk > 0 else tb, limit)
         # 3. grad_x: M_s = U_s @ V_s, then AT M A into the output tiles
         for s in range(AA):
-            gemm_rm(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
-                    0, M + s * C_in * tb, tb, limit)
+            gemm_rm_chunked(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
+                            0, M + s * C_in * tb, tb, sum_chunk if sum_chunk > 0 else K, limit)
         for ci in range(C_in):
             output_transform(m, M + ci * tb, C_in * tb, D, tb)
             for r in range(r0, r1):

@@ -6,8 +6,9 @@ A transposed convolution whose kernel is twice its stride on both axes
 forward, of one phase plane of grad_output for grad_x (``fastconv._conv_phases``
 derives both). They run by F(2x2, 2x2) Winograd (16/9 = 1.78x fewer
 multiplications than im2col + GEMM; the forward by F(3x3, 2x2), 2.25x fewer,
-where :func:`forward_tile` says its tiles fit the planes better), and
-grad_weight by F(2x2, 2x2) from the same transform of the grad_output tiles.
+where :func:`forward_tile` says its tiles fit the planes better; the backward by
+F(4x4, 2x2), 2.56x fewer, where :func:`backward_tile` says it measured faster), and
+grad_weight by F(2x2, m x m) from the same transform of the grad_output tiles.
 :func:`applies` says which layers;
 ``conv_transpose2d`` / ``conv_transpose2d_backward`` take it with
 ``algorithm="winograd"``, or with "auto" where :func:`pays_off` /
@@ -27,8 +28,8 @@ from fastconv._validation import ConvGeometry
 from fastconv._winograd_matrices import PHASE_VARIANTS
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "forward_tile", "filters_shape",
-           "forward_filters", "forward", "backward"]
+__all__ = ["applies", "fits", "pays_off", "pays_off_backward", "forward_tile", "backward_tile",
+           "filters_shape", "forward_filters", "forward", "backward"]
 
 #: ``algorithm="auto"`` thresholds, measured at 1 thread (min of 5; 4x4 stride-2 layers
 #: and a few 2x2, 6x6 and 8x8 ones; C 3..512, planes 4x4..32x32: README "Transposed
@@ -47,15 +48,29 @@ AUTO_MAX_INPUTS_PER_OUTPUT = 8
 AUTO_TILES_PER_WEIGHT = 1 / 2048
 
 #: Output tile sizes m of F(m x m, 2 x 2) that the header implements
-#: (fastconv._winograd_matrices.PHASE_VARIANTS): 2 everywhere, 3 for some forwards.
+#: (fastconv._winograd_matrices.PHASE_VARIANTS), and those each pass may take.
 TILE_SIZES = tuple(sorted(PHASE_VARIANTS))
+FORWARD_TILE_SIZES = (2, 3)
+BACKWARD_TILE_SIZES = (2, 4)
 
 #: The backward's tile. F(3x3, 2x2) does 16 products per 9 outputs against F(2x2, 2x2)'s
 #: 9 per 4, but in the backward (grad_weight by F(2x2, 3x3) from the same tiles) it
 #: measured 0.83-1.17x of m = 2 where it does 16-21% fewer products (2 threads, median
 #: of 11, 4x4 stride-2 layers on 6x6..48x48 planes; README "Transposed convolution by
-#: phases"): its transforms cost more, so the backward keeps m = 2.
-BACKWARD_TILE = 2
+#: phases"): its transforms cost more. F(4x4, 2x2) does 25 per 16 (0.69x F(2x2)'s
+#: products) and, with its GEMMs summed BACKWARD_SUM_CHUNK terms per BLAS call,
+#: stays within 4.4-4.7x im2col's float32 error on dcgan-up (10.9x and 8.5x summed
+#: whole). Against m = 2 (2 threads, median of 27 calls, alternating; 4x4 stride-2
+#: layers C_in -> C_out on N x H x W inputs) it ran 1.16-1.17x faster on dcgan-up (1 and
+#: 2 threads), 1.24x on 256 -> 256 (4 x 32x32), 1.10-1.12x on 512 -> 256 (8 x 16x16),
+#: 256 -> 128 (64 x 8x8) and 128 -> 64 (16 x 16x16), 1.01-1.05x on 128 -> 64 and
+#: 64 -> 32 (8 x 32x32), and lost with fewer channel pairs (64 -> 64, 32 x 16x16: 0.90x)
+#: or few tiles for the weight (512 -> 256, 16 x 8x8: 0.86x). So the backward takes
+#: m = 4 from BACKWARD_F4_MIN_PAIRS channel pairs C_in * C_out, with at least
+#: BACKWARD_F4_TILES_PER_WEIGHT of x's 2x2 tiles per (phase, C_in, C_out) triple.
+BACKWARD_F4_MIN_PAIRS = 8192
+BACKWARD_F4_TILES_PER_WEIGHT = 1 / 1024
+BACKWARD_SUM_CHUNK = {4: 64}
 
 #: The forward takes F(3x3, 2x2) where its products (tiles x 16) are at most this
 #: fraction of F(2x2, 2x2)'s (tiles x 9). The forward's phases share tiles shifted by
@@ -158,6 +173,15 @@ def _first_taps(sh: int, sw: int, ph: int, pw: int) -> tuple[np.ndarray, np.ndar
     """``kh0[a] = (a + ph) % sh``, ``kw0[b] = (b + pw) % sw``: each phase's first kernel tap."""
     return (np.array([(a + ph) % sh for a in range(sh)], dtype=np.intp),
             np.array([(b + pw) % sw for b in range(sw)], dtype=np.intp))
+
+
+@functools.lru_cache(maxsize=256)
+def backward_tile(geometry: ConvGeometry) -> int:
+    """The backward's output tile size m: 4 where F(4x4, 2x2) measured faster (enough
+    channel pairs and tiles, see BACKWARD_F4_MIN_PAIRS), else 2."""
+    g = geometry
+    return 4 if (g.C * g.F >= BACKWARD_F4_MIN_PAIRS
+                 and _enough_tiles(g, BACKWARD_F4_TILES_PER_WEIGHT)) else 2
 
 
 def _forward_axis_tiles(size_t: int, s: int, pad: int, m: int) -> int:
@@ -282,7 +306,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     C_out, H_t, W_t = grad_output.shape[1:]
     sh, sw = g.stride_h, g.stride_w
     K = sh * sw * C_out
-    m = BACKWARD_TILE
+    m = backward_tile(g)
     positions = (m + 1) ** 2
     dy_rows, dy_cols, dy_lefts, dy_los, dy_his, x_rows, x_cols, kh0, kw0 = _maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
@@ -299,6 +323,6 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
                               dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
-                              n_threads)
+                              BACKWARD_SUM_CHUNK.get(m, 0), n_threads)
     _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
                                     n_threads)

@@ -113,11 +113,14 @@ WEIGHT_GRAD_VARIANTS = {
 #: grad_weight (BT depends only on the points, so both read one V). m = 2 everywhere;
 #: m = 3 (points 0, ±1) for forwards whose planes it tiles with fewer products
 #: (``fastconv._phases.forward_tile``): its float32 error measured 0.7-0.9x F(2x2,
-#: 2x2)'s on dcgan-up. Not m = 4: with F(4x4, 2x2) (points 0, ±1, 1/2, the most
-#: accurate of the sets we tried) the float32 max error was 14-21x im2col's in the
-#: forward and 5-11x in the backward for 2-1024 channels (im2col's own is low: col2im
-#: adds only 4 taps), against 1-3x with F(2x2, 2x2), which ran as fast on dcgan-up.
+#: 2x2)'s on dcgan-up. m = 4 (points 0, ±1, 1/2, the most accurate of the sets we
+#: tried) only for backwards with long sums (``fastconv._phases.backward_tile``),
+#: whose GEMMs then sum 64 terms per BLAS call: 4.4-4.7x im2col's float32 error on
+#: dcgan-up. Not for the forward: there its max error was 14-21x im2col's for 2-1024
+#: channels (im2col's own is low: col2im adds only 4 taps).
 PHASE_VARIANTS = {
     2: (winograd_matrices(2, 2, (0, 1)),) * 2,
     3: (winograd_matrices(3, 2, (0, 1, -1)), winograd_matrices(2, 3, (0, 1, -1))),
+    4: (winograd_matrices(4, 2, (0, 1, -1, Fraction(1, 2))),
+        winograd_matrices(2, 4, (0, 1, -1, Fraction(1, 2)))),
 }

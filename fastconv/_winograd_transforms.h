@@ -2306,86 +2306,542 @@ FC_TARGET static void fc_phase3_dw_gather_x_d(
     }
 }
 
+/* ---- phase convolutions: F(4x4, 2x2) for the forward and grad_x, F(2x2, 4x4)
+   for grad_weight; alpha = 5, points 0, 1, -1, 1/2, infinity ---- */
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4gd_d(
+    const double *restrict i0, const double *restrict i1,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        o0[t] = 2.0 * x0;
+        o1[t] = x0 + x1;
+        o2[t] = - (1.0 / 3.0) * x0 + (1.0 / 3.0) * x1;
+        o3[t] = - (8.0 / 3.0) * x0 - (4.0 / 3.0) * x1;
+        o4[t] = x1;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4bt_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = (float)(1.0 / 2.0) * x0 - x1 - (float)(1.0 / 2.0) * x2 + x3;
+        o1[t] = - (float)(1.0 / 2.0) * x1 + (float)(1.0 / 2.0) * x2 + x3;
+        o2[t] = (float)(1.0 / 2.0) * x1 - (float)(3.0 / 2.0) * x2 + x3;
+        o3[t] = - x1 + x3;
+        o4[t] = (float)(1.0 / 2.0) * x1 - x2 - (float)(1.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4at_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - x2 + (float)(1.0 / 2.0) * x3;
+        o2[t] = x1 + x2 + (float)(1.0 / 4.0) * x3;
+        o3[t] = x1 - x2 + (float)(1.0 / 8.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4dwg_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3,
+    float *restrict o0, float *restrict o1, float *restrict o2, float *restrict o3, float *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        o0[t] = (float)2.0 * x0;
+        o1[t] = x0 + x1 + x2 + x3;
+        o2[t] = - (float)(1.0 / 3.0) * x0 + (float)(1.0 / 3.0) * x1 - (float)(1.0 / 3.0) * x2 + (float)(1.0 / 3.0) * x3;
+        o3[t] = - (float)(8.0 / 3.0) * x0 - (float)(4.0 / 3.0) * x1 - (float)(2.0 / 3.0) * x2 - (float)(1.0 / 3.0) * x3;
+        o4[t] = x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4dwat_s(
+    const float *restrict i0, const float *restrict i1, const float *restrict i2, const float *restrict i3, const float *restrict i4,
+    float *restrict o0, float *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const float x0 = i0[t];
+        const float x1 = i1[t];
+        const float x2 = i2[t];
+        const float x3 = i3[t];
+        const float x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - x2 + (float)(1.0 / 2.0) * x3 + x4;
+    }
+}
+
+/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase4_input_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4bt_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_phase4bt_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 25 streams in, 16 out (the 4x4 output tiles). */
+FC_TARGET static void fc_phase4_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[20 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4at_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase4at_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*5+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase4_weight_s(
+    const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[10 * FC_CHUNK];
+    double out[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase4gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, tmp + (3 * 2 + kw) * FC_CHUNK, tmp + (4 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 5; xi++)
+            fc_apply_phase4gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 5 + 0) * FC_CHUNK, out + (xi * 5 + 1) * FC_CHUNK, out + (xi * 5 + 2) * FC_CHUNK, out + (xi * 5 + 3) * FC_CHUNK, out + (xi * 5 + 4) * FC_CHUNK, len);
+        for (int s = 0; s < 25; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (float)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 5x5 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*5 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*4 + j] = step*(tw*4 + j) - left there, a strided copy. */
+FC_TARGET static void fc_phase4_gather_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
+{
+    for (int i = 0; i < 5; i++) {
+        float *restrict d0 = D + (i * 5 + 0) * ldd, *restrict d1 = D + (i * 5 + 1) * ldd, *restrict d2 = D + (i * 5 + 2) * ldd, *restrict d3 = D + (i * 5 + 3) * ldd, *restrict d4 = D + (i * 5 + 4) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0; d4[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[step * (4 * tw + 0)]; d1[tw] = base[step * (4 * tw + 1)]; d2[tw] = base[step * (4 * tw + 2)]; d3[tw] = base[step * (4 * tw + 3)]; d4[tw] = base[step * (4 * tw + 4)];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 4x4 x tiles: 16 streams in, 25 out. */
+FC_TARGET static void fc_phase4_dw_x_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[20 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase4dwg_s(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, tmp + (4 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_phase4dwg_s(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 25 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase4_dw_output_s(
+    const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    float tmp[10 * FC_CHUNK];
+    float row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4dwat_s(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase4dwat_s(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*4 + j] = tw*4 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase4_dw_gather_x_s(
+    const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 4; i++) {
+        float *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0;
+            }
+            continue;
+        }
+        const float *src = plane + rows[i] * W;
+        const float *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[4 * tw + 0]; d1[tw] = base[4 * tw + 1]; d2[tw] = base[4 * tw + 2]; d3[tw] = base[4 * tw + 3];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4bt_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = (1.0 / 2.0) * x0 - x1 - (1.0 / 2.0) * x2 + x3;
+        o1[t] = - (1.0 / 2.0) * x1 + (1.0 / 2.0) * x2 + x3;
+        o2[t] = (1.0 / 2.0) * x1 - (3.0 / 2.0) * x2 + x3;
+        o3[t] = - x1 + x3;
+        o4[t] = (1.0 / 2.0) * x1 - x2 - (1.0 / 2.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4at_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - x2 + (1.0 / 2.0) * x3;
+        o2[t] = x1 + x2 + (1.0 / 4.0) * x3;
+        o3[t] = x1 - x2 + (1.0 / 8.0) * x3 + x4;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4dwg_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3,
+    double *restrict o0, double *restrict o1, double *restrict o2, double *restrict o3, double *restrict o4, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        o0[t] = 2.0 * x0;
+        o1[t] = x0 + x1 + x2 + x3;
+        o2[t] = - (1.0 / 3.0) * x0 + (1.0 / 3.0) * x1 - (1.0 / 3.0) * x2 + (1.0 / 3.0) * x3;
+        o3[t] = - (8.0 / 3.0) * x0 - (4.0 / 3.0) * x1 - (2.0 / 3.0) * x2 - (1.0 / 3.0) * x3;
+        o4[t] = x3;
+    }
+}
+
+static inline FC_ALWAYS_INLINE void fc_apply_phase4dwat_d(
+    const double *restrict i0, const double *restrict i1, const double *restrict i2, const double *restrict i3, const double *restrict i4,
+    double *restrict o0, double *restrict o1, ptrdiff_t n)
+{
+    for (ptrdiff_t t = 0; t < n; t++) {
+        const double x0 = i0[t];
+        const double x1 = i1[t];
+        const double x2 = i2[t];
+        const double x3 = i3[t];
+        const double x4 = i4[t];
+        o0[t] = x0 + x1 + x2 + x3;
+        o1[t] = x1 - x2 + (1.0 / 2.0) * x3 + x4;
+    }
+}
+
+/* V = BT D B of the 5x5 input tiles (streams as the forward's). */
+FC_TARGET static void fc_phase4_input_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4bt_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, tmp + (4 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_phase4bt_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* Y = AT M A: 25 streams in, 16 out (the 4x4 output tiles). */
+FC_TARGET static void fc_phase4_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[20 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4at_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, tmp + (2 * 5 + j) * FC_CHUNK, tmp + (3 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 4; r++)
+            fc_apply_phase4at_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, dst + (r * 4 + 0) * ldd + t0, dst + (r * 4 + 1) * ldd + t0, dst + (r * 4 + 2) * ldd + t0, dst + (r * 4 + 3) * ldd + t0, len);
+    }
+}
+
+/* U = G g G^T for n 2x2 filters, in double: element t of tap k (= kh*2 + kw) is
+   g[k*ldg + t*inc] (negative strides allowed: ldg = -1 from the last tap
+   reads the kernel rotated by 180 degrees); dst stream xi*5+nu gets U[xi][nu]. */
+FC_TARGET static void fc_phase4_weight_d(
+    const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd,
+    ptrdiff_t n)
+{
+    double taps[4 * FC_CHUNK];
+    double tmp[10 * FC_CHUNK];
+    double out[25 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int k = 0; k < 4; k++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                taps[k * FC_CHUNK + t] = g[k * ldg + (t0 + t) * inc];
+        for (int kw = 0; kw < 2; kw++)
+            fc_apply_phase4gd_d(taps + (0 * 2 + kw) * FC_CHUNK, taps + (1 * 2 + kw) * FC_CHUNK, tmp + (0 * 2 + kw) * FC_CHUNK, tmp + (1 * 2 + kw) * FC_CHUNK, tmp + (2 * 2 + kw) * FC_CHUNK, tmp + (3 * 2 + kw) * FC_CHUNK, tmp + (4 * 2 + kw) * FC_CHUNK, len);
+        for (int xi = 0; xi < 5; xi++)
+            fc_apply_phase4gd_d(tmp + (xi * 2 + 0) * FC_CHUNK, tmp + (xi * 2 + 1) * FC_CHUNK, out + (xi * 5 + 0) * FC_CHUNK, out + (xi * 5 + 1) * FC_CHUNK, out + (xi * 5 + 2) * FC_CHUNK, out + (xi * 5 + 3) * FC_CHUNK, out + (xi * 5 + 4) * FC_CHUNK, len);
+        for (int s = 0; s < 25; s++)
+            for (ptrdiff_t t = 0; t < len; t++)
+                dst[s * ldd + t0 + t] = (double)out[s * FC_CHUNK + t];
+    }
+}
+
+/* The 5x5 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*5 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*4 + j] = step*(tw*4 + j) - left there, a strided copy. */
+FC_TARGET static void fc_phase4_gather_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
+{
+    for (int i = 0; i < 5; i++) {
+        double *restrict d0 = D + (i * 5 + 0) * ldd, *restrict d1 = D + (i * 5 + 1) * ldd, *restrict d2 = D + (i * 5 + 2) * ldd, *restrict d3 = D + (i * 5 + 3) * ldd, *restrict d4 = D + (i * 5 + 4) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0; d4[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[step * (4 * tw + 0)]; d1[tw] = base[step * (4 * tw + 1)]; d2[tw] = base[step * (4 * tw + 2)]; d3[tw] = base[step * (4 * tw + 3)]; d4[tw] = base[step * (4 * tw + 4)];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]]; d4[tw] = c[4] < 0 ? 0 : src[c[4]];
+        }
+    }
+}
+
+/* X = G x G^T of grad_weight's 4x4 x tiles: 16 streams in, 25 out. */
+FC_TARGET static void fc_phase4_dw_x_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[20 * FC_CHUNK];
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 4; j++)
+            fc_apply_phase4dwg_d(src + (0 * 4 + j) * lds + t0, src + (1 * 4 + j) * lds + t0, src + (2 * 4 + j) * lds + t0, src + (3 * 4 + j) * lds + t0, tmp + (0 * 4 + j) * FC_CHUNK, tmp + (1 * 4 + j) * FC_CHUNK, tmp + (2 * 4 + j) * FC_CHUNK, tmp + (3 * 4 + j) * FC_CHUNK, tmp + (4 * 4 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 5; r++)
+            fc_apply_phase4dwg_d(tmp + (r * 4 + 0) * FC_CHUNK, tmp + (r * 4 + 1) * FC_CHUNK, tmp + (r * 4 + 2) * FC_CHUNK, tmp + (r * 4 + 3) * FC_CHUNK, dst + (r * 5 + 0) * ldd + t0, dst + (r * 5 + 1) * ldd + t0, dst + (r * 5 + 2) * ldd + t0, dst + (r * 5 + 3) * ldd + t0, dst + (r * 5 + 4) * ldd + t0, len);
+    }
+}
+
+/* dK = AT M A for n (filter, channel) pairs: 25 streams in (row stride lds),
+   each pair's 2x2 kernel gradient at dst[t*4 .. t*4 + 3]. */
+FC_TARGET static void fc_phase4_dw_output_d(
+    const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
+{
+    double tmp[10 * FC_CHUNK];
+    double row[2 * FC_CHUNK];
+    (void)ldd;
+    for (ptrdiff_t t0 = 0; t0 < n; t0 += FC_CHUNK) {
+        const ptrdiff_t len = n - t0 < FC_CHUNK ? n - t0 : FC_CHUNK;
+        for (int j = 0; j < 5; j++)
+            fc_apply_phase4dwat_d(src + (0 * 5 + j) * lds + t0, src + (1 * 5 + j) * lds + t0, src + (2 * 5 + j) * lds + t0, src + (3 * 5 + j) * lds + t0, src + (4 * 5 + j) * lds + t0, tmp + (0 * 5 + j) * FC_CHUNK, tmp + (1 * 5 + j) * FC_CHUNK, len);
+        for (int r = 0; r < 2; r++) {
+            fc_apply_phase4dwat_d(tmp + (r * 5 + 0) * FC_CHUNK, tmp + (r * 5 + 1) * FC_CHUNK, tmp + (r * 5 + 2) * FC_CHUNK, tmp + (r * 5 + 3) * FC_CHUNK, tmp + (r * 5 + 4) * FC_CHUNK, row + 0 * FC_CHUNK, row + 1 * FC_CHUNK, len);
+            for (ptrdiff_t t = 0; t < len; t++)
+                for (int c = 0; c < 2; c++)
+                    dst[(t0 + t) * 4 + r * 2 + c] = row[c * FC_CHUNK + t];
+        }
+    }
+}
+
+/* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
+   streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
+   row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
+   cols[tw*4 + j] = tw*4 + j - left there, a strided copy. */
+FC_TARGET static void fc_phase4_dw_gather_x_d(
+    const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+{
+    for (int i = 0; i < 4; i++) {
+        double *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
+        if (rows[i] < 0) {
+            for (ptrdiff_t tw = 0; tw < TW; tw++) {
+                d0[tw] = 0; d1[tw] = 0; d2[tw] = 0; d3[tw] = 0;
+            }
+            continue;
+        }
+        const double *src = plane + rows[i] * W;
+        const double *restrict base = src - left;
+        for (ptrdiff_t tw = 0; tw < lo; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+        for (ptrdiff_t tw = lo; tw < hi; tw++) {
+            d0[tw] = base[4 * tw + 0]; d1[tw] = base[4 * tw + 1]; d2[tw] = base[4 * tw + 2]; d3[tw] = base[4 * tw + 3];
+        }
+        for (ptrdiff_t tw = hi; tw < TW; tw++) {
+            const ptrdiff_t *c = cols + tw * 4;
+            d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
+        }
+    }
+}
+
 /* ---- the phase kernels for output tiles m x m ---- */
 
 static inline void fc_phase_input_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_input_s(src, lds, dst, ldd, n); else fc_phase3_input_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_input_s(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_input_s(src, lds, dst, ldd, n); else fc_phase4_input_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_output_s(src, lds, dst, ldd, n); else fc_phase3_output_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_output_s(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_output_s(src, lds, dst, ldd, n); else fc_phase4_output_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_weight_s(int m, const float *g, ptrdiff_t ldg, ptrdiff_t inc, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_weight_s(g, ldg, inc, dst, ldd, n); else fc_phase3_weight_s(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_phase2_weight_s(g, ldg, inc, dst, ldd, n); else if (m == 3) fc_phase3_weight_s(g, ldg, inc, dst, ldd, n); else fc_phase4_weight_s(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_phase_gather_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    if (m == 2) fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase3_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
+    if (m == 2) fc_phase2_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else if (m == 3) fc_phase3_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase4_gather_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_dw_x_s(src, lds, dst, ldd, n); else fc_phase3_dw_x_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_x_s(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_x_s(src, lds, dst, ldd, n); else fc_phase4_dw_x_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_output_s(int m, const float *src, ptrdiff_t lds, float *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_dw_output_s(src, lds, dst, ldd, n); else fc_phase3_dw_output_s(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_output_s(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_output_s(src, lds, dst, ldd, n); else fc_phase4_dw_output_s(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_gather_x_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
 {
-    if (m == 2) fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase3_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_phase3_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase4_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_phase_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
 {
-    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino3_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else if (m == 3) fc_wino3_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_s(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 static inline void fc_phase_input_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_input_d(src, lds, dst, ldd, n); else fc_phase3_input_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_input_d(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_input_d(src, lds, dst, ldd, n); else fc_phase4_input_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_output_d(src, lds, dst, ldd, n); else fc_phase3_output_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_output_d(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_output_d(src, lds, dst, ldd, n); else fc_phase4_output_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_weight_d(int m, const double *g, ptrdiff_t ldg, ptrdiff_t inc, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_weight_d(g, ldg, inc, dst, ldd, n); else fc_phase3_weight_d(g, ldg, inc, dst, ldd, n);
+    if (m == 2) fc_phase2_weight_d(g, ldg, inc, dst, ldd, n); else if (m == 3) fc_phase3_weight_d(g, ldg, inc, dst, ldd, n); else fc_phase4_weight_d(g, ldg, inc, dst, ldd, n);
 }
 
 static inline void fc_phase_gather_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    if (m == 2) fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase3_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
+    if (m == 2) fc_phase2_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else if (m == 3) fc_phase3_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase4_gather_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_dw_x_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_dw_x_d(src, lds, dst, ldd, n); else fc_phase3_dw_x_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_x_d(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_x_d(src, lds, dst, ldd, n); else fc_phase4_dw_x_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_output_d(int m, const double *src, ptrdiff_t lds, double *dst, ptrdiff_t ldd, ptrdiff_t n)
 {
-    if (m == 2) fc_phase2_dw_output_d(src, lds, dst, ldd, n); else fc_phase3_dw_output_d(src, lds, dst, ldd, n);
+    if (m == 2) fc_phase2_dw_output_d(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_output_d(src, lds, dst, ldd, n); else fc_phase4_dw_output_d(src, lds, dst, ldd, n);
 }
 
 static inline void fc_phase_dw_gather_x_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
 {
-    if (m == 2) fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase3_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_phase3_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase4_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
 }
 
 static inline void fc_phase_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)
 {
-    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino3_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
+    if (m == 2) fc_wino2_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else if (m == 3) fc_wino3_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu); else fc_wino4_scatter_d(Y, ldy, out, OW, rows, TW, bias, relu);
 }
 
 #endif

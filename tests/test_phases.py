@@ -59,10 +59,17 @@ def _layer_problem(rng, N, C_in, C_out, H, W, kernel, dtype):
     return x, weight, bias
 
 
-@pytest.fixture(params=_phases.TILE_SIZES, ids=lambda m: f"forward_m{m}")
+@pytest.fixture(params=_phases.FORWARD_TILE_SIZES, ids=lambda m: f"forward_m{m}")
 def forward_tile(request, monkeypatch):
     """Every forward tile size on every layer, whatever forward_tile would pick."""
     monkeypatch.setattr(_phases, "forward_tile", lambda geometry: request.param)
+    return request.param
+
+
+@pytest.fixture(params=_phases.BACKWARD_TILE_SIZES, ids=lambda m: f"backward_m{m}")
+def backward_tile(request, monkeypatch):
+    """Every backward tile size on every layer, whatever backward_tile would pick."""
+    monkeypatch.setattr(_phases, "backward_tile", lambda geometry: request.param)
     return request.param
 
 
@@ -73,7 +80,7 @@ def forward_tile(request, monkeypatch):
 @pytest.mark.parametrize("stride,kernel,padding,output_padding", PHASE_GRID)
 @pytest.mark.parametrize("bias", [True, False])
 def test_phase_grid(N, C_in, C_out, H, W, stride, kernel, padding, output_padding, bias,
-                    n_threads, dtype, forward_tile):
+                    n_threads, dtype, forward_tile, backward_tile):
     rng = np.random.default_rng(1)
     x, weight, b = _layer_problem(rng, N, C_in, C_out, H, W, kernel, dtype)
     b = b if bias else None
@@ -98,7 +105,7 @@ def test_phase_grid(N, C_in, C_out, H, W, stride, kernel, padding, output_paddin
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5])
 def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, n_threads, dtype,
-                                                 forward_tile):
+                                                 forward_tile, backward_tile):
     """The smallest blocks in both passes: every block boundary between tile rows and
     images is crossed, and every thread's grad_weight sums are reduced."""
     monkeypatch.setattr(_tiling, "PHASE_BACKWARD_TILES", 1)
@@ -148,7 +155,7 @@ def test_inputs_are_not_modified_and_views_work():
 
 # --- accuracy -------------------------------------------------------------------------------
 
-def test_float64_is_exact_to_rounding(forward_tile):
+def test_float64_is_exact_to_rounding(forward_tile, backward_tile):
     """float64 stays within 1e-12 of the reference (the issue asks <= 1e-9)."""
     rng = np.random.default_rng(4)
     x, w, b = _layer_problem(rng, 2, 32, 16, 12, 12, 4, np.float64)
@@ -161,9 +168,10 @@ def test_float64_is_exact_to_rounding(forward_tile):
 
 
 @pytest.mark.parametrize("C_in,C_out", [(3, 16), (32, 32), (128, 64), (256, 128), (64, 512)])
-def test_float32_error_is_within_10x_of_im2col(C_in, C_out, forward_tile):
-    """F(2x2, 2x2) keeps the float32 error of every pass within 10x of im2col's (max
-    error against float64; it measured 1-3x)."""
+def test_float32_error_is_within_10x_of_im2col(C_in, C_out, forward_tile, backward_tile):
+    """Every tile size keeps the float32 error of its pass within 10x of im2col's (max
+    error against float64; F(2x2, 2x2) measured 1-3x, F(4x4, 2x2) in sums of 64
+    up to 7x)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, C_in, 8, 8)).astype(np.float32)
     w = (rng.standard_normal((C_in, C_out, 4, 4)) / np.sqrt(4 * C_in)).astype(np.float32)
@@ -230,13 +238,37 @@ def test_forward_tile_follows_the_products():
     """F(3x3, 2x2) where it tiles the planes with at most FORWARD_MAX_PRODUCTS_RATIO of
     F(2x2, 2x2)'s products: dcgan-up's 16x16 x planes (6x6 tiles of 16 against 9x9 of
     9: 0.79), 8x8 (0.64) and 32x32 (0.74); not 6x6 (4x4 tiles of 9 against 3x3 of 16:
-    1.0) nor 12x12 (0.91); the backward keeps 2."""
+    1.0) nor 12x12 (0.91)."""
     for H, m in ((16, 3), (8, 3), (32, 3), (6, 2), (12, 2)):
         assert _phases.forward_tile(_geometry(2, 8, 8, H)) == m, H
     assert _phases.forward_tile(_geometry(2, 8, 8, 16, kernel=2, stride=1, padding=0)) == 3
     assert _phases.filters_shape(_geometry(2, 8, 4, 16)) == (16, 16, 8)
     assert _phases.filters_shape(_geometry(2, 8, 4, 6)) == (9, 16, 8)
-    assert _phases.BACKWARD_TILE in _phases.TILE_SIZES
+    assert set(_phases.FORWARD_TILE_SIZES + _phases.BACKWARD_TILE_SIZES) == set(
+        _phases.TILE_SIZES)
+
+
+def test_backward_tile_rule():
+    """F(4x4, 2x2) from BACKWARD_F4_MIN_PAIRS channel pairs with enough tiles per weight."""
+    assert _phases.backward_tile(_geometry(16, 256, 128, 16)) == 4    # dcgan-up
+    assert _phases.backward_tile(_geometry(16, 128, 64, 16)) == 4     # 8192 pairs
+    assert _phases.backward_tile(_geometry(32, 64, 64, 16)) == 2      # 4096 pairs
+    assert _phases.backward_tile(_geometry(8, 512, 256, 16)) == 4     # 1/1024 tile per weight
+    assert _phases.backward_tile(_geometry(16, 512, 256, 8)) == 2     # 1/2048
+    assert _phases.backward_tile(_geometry(16, 256, 128, 16)) in _phases.BACKWARD_TILE_SIZES
+
+
+def test_float64_chunked_sums_are_exact_to_rounding(backward_tile):
+    """The backward's GEMMs summed BACKWARD_SUM_CHUNK terms per call with remainders:
+    132 stacked channels (4 x 33) for grad_x, blocks of up to 128 tiles for grad_weight."""
+    assert 132 % _phases.BACKWARD_SUM_CHUNK[4] and 128 > _phases.BACKWARD_SUM_CHUNK[4]
+    rng = np.random.default_rng(12)
+    x, w, _ = _layer_problem(rng, 8, 20, 33, 16, 16, 4, np.float64)
+    y = fastconv.conv_transpose2d(x, w, None, 2, 1)
+    dy = rng.standard_normal(y.shape)
+    got = fastconv.conv_transpose2d_backward(dy, x, w, 2, 1, algorithm="winograd", n_threads=1)
+    for a, e in zip(got, reference.conv_transpose2d_backward(dy, x, w, 2, 1)):
+        assert relative_error(a, e) < 1e-12
 
 
 def test_layer_caches_filters_per_tile_size():
