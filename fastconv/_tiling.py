@@ -298,8 +298,12 @@ def plan_nhwc(N: int, P: int, C: int, KK: int, groups: int, itemsize: int,
 #: ran 1.11-1.26x faster forward, 1.11-1.13x backward (1 and 2 threads, median of 9,
 #: alternating; a 1-thread sgemm of 512 x 512 filters by 64 columns, cycling through 16
 #: filter matrices, ran at 60 GFLOP/s against 90 with 256 columns, AMD EPYC AVX-512).
-#: resnet-3x3 and vgg-mid, which had 113-256 tiles, were on par (0.97-1.05x).
-WINOGRAD_BLOCK_BYTES = 16 << 20
+#: resnet-3x3 and vgg-mid, which had 113-256 tiles, were on par (0.97-1.05x). With
+#: F(4x4) on deep-7x7 (36 positions: 147 KiB a tile) 16 MiB gave 113 tiles, two blocks
+#: at 1 thread; 32 MiB gives one of 128, which ran the forward 1.08-1.12x and the
+#: backward 1.05x faster at 1 thread (alternating, median of 18-15; at 2 threads
+#: both have a block per thread, on par). Layers with C + F < 456 stay at 256 tiles.
+WINOGRAD_BLOCK_BYTES = 32 << 20
 #: Fewer tiles per block make the alpha**2 GEMMs too thin (the tiles are their
 #: columns); more leave the block's V and M in memory rather than cache.
 WINOGRAD_MIN_TILES = 64
