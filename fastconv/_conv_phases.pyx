@@ -119,6 +119,15 @@ cdef inline void filter_transform(int m, const floating *g, floating *U, Py_ssiz
         fc_phase_weight_d(m, g, 1, 4, U, ldu, n)
 
 
+cdef inline void phase_dw_output(int m, const floating *M, Py_ssize_t ldm, floating *out,
+                                 Py_ssize_t n) noexcept nogil:
+    """AT M A of n pairs' sums (streams ldm apart) into 4 values per pair, interleaved."""
+    if floating is float:
+        fc_phase_dw_output_s(m, M, ldm, out, 0, n)
+    else:
+        fc_phase_dw_output_d(m, M, ldm, out, 0, n)
+
+
 cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W,
                               const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t left,
                               Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi, floating *D,
@@ -319,7 +328,8 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const Py_ssize_t[::1] dy_lefts, const Py_ssize_t[::1] dy_los,
              const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
              const Py_ssize_t[::1] x_cols, int m,
-             Py_ssize_t rows_per_block, Py_ssize_t sum_chunk, int n_threads):
+             Py_ssize_t rows_per_block, Py_ssize_t sum_chunk, unsigned char[::1] used,
+             int n_threads):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
 
@@ -337,7 +347,9 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
     # IN  U: ((m+1)**2, C_in, K) from transform_weight, K = sh*sw*C_out
     # IN  dy_rows: (sh, ceil(H/m)*m + 1); dy_cols: (sw, ceil(W/m)*m + 1); x_rows/x_cols: ceil*m
     # OUT grad_x: (N, C_in, H, W), every element written
-    # OUT partial: (n_threads, (m+1)**2 * C_in * K), zeroed here
+    # OUT partial: (n_threads, (m+1)**2 * C_in * K): row t holds thread t's sums where
+    #     used[t] is set (its first block's GEMMs overwrite the row), else garbage
+    # OUT used: (n_threads,), written
     # workspace: n_threads equal slices of at least tiles_per_block * (m+1)**2 * (2 + K + C_in)
     """
     cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -359,11 +371,14 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
     cdef floating *V
     cdef floating *M
     cdef floating *acc
-    partial[:, :] = 0
+    cdef floating beta
+    cdef int tid
+    used[:] = 0
     if N == 0:
         return
     for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
-        D = &workspace[openmp.omp_get_thread_num() * per_thread]
+        tid = openmp.omp_get_thread_num()
+        D = &workspace[tid * per_thread]
         V = D + AA * tb_max
         M = V + AA * K * tb_max
         r0 = block * rows_per_block
@@ -383,7 +398,10 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
                                      D + (r - r0) * TW, tb, sw)
                     input_transform(m, D, V + c * tb, K * tb, tb)
         # 2. grad_weight: partial[s, ci, c] += X_s[ci, tiles] @ V_s[c, tiles].T
-        acc = &partial[openmp.omp_get_thread_num(), 0]
+        acc = &partial[tid, 0]
+        # a thread's first block overwrites its sums (no memset of every thread's row)
+        beta = 1 if used[tid] else 0
+        used[tid] = 1
         for ci in range(C_in):
             for r in range(r0, r1):
                 n = r // TH
@@ -393,7 +411,7 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
             x_transform(m, D, M + ci * tb, C_in * tb, tb)
         for s in range(AA):
             gemm_rm_chunked(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb,
-                            V + s * K * tb, tb, 1, acc + s * C_in * K, K,
+                            V + s * K * tb, tb, beta, acc + s * C_in * K, K,
                             sum_chunk if sum_chunk > 0 else tb, limit)
         # 3. grad_x: M_s = U_s @ V_s, then AT M A into the output tiles
         for s in range(AA):
@@ -408,36 +426,43 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
                               min(m, H - th * m), TW)
 
 
-def weight_grad_output(floating[:, ::1] partial, floating[:, :, :, ::1] grad_weight,
-                       floating[::1] scratch, const Py_ssize_t[::1] kh0,
-                       const Py_ssize_t[::1] kw0, int m, int n_threads):
-    """grad_weight's taps from :func:`backward`'s per-thread sums: the sums are reduced
-    into ``partial[0]`` (in place), then ``AT M A`` per pair and each phase's 2x2
-    gradient written back to its taps ``kh0[a] + sh*t, kw0[b] + sw*t'``.
+def weight_grad_output(const floating[:, ::1] partial, const unsigned char[::1] used,
+                       floating[:, :, :, ::1] grad_weight, floating[::1] scratch,
+                       const Py_ssize_t[::1] kh0, const Py_ssize_t[::1] kw0, int m,
+                       int n_threads):
+    """grad_weight's taps from :func:`backward`'s per-thread sums: ``AT M A`` of each
+    used thread's sums per pair, added (the transform is linear, so the 4 values of a
+    pair add up, not the (m+1)**2 sums), then each phase's 2x2 gradient written back to
+    its taps ``kh0[a] + sh*t, kw0[b] + sw*t'``.
 
-    # IN  partial: (T, (m+1)**2 * C_in * K), K = sh*sw*C_out; scratch: (C_in * K * 4,)
+    # IN  partial: (T, (m+1)**2 * C_in * K), K = sh*sw*C_out; used: (T,)
+    # scratch: (C_in * K * 4 + n_threads * K * 4,)
     # OUT grad_weight: (C_in, C_out, 2*sh, 2*sw), every element written
     """
     cdef Py_ssize_t T = partial.shape[0]
     cdef Py_ssize_t C_in = grad_weight.shape[0], C_out = grad_weight.shape[1]
     cdef Py_ssize_t sh = kh0.shape[0], sw = kw0.shape[0]
     cdef Py_ssize_t K = sh * sw * C_out
-    cdef Py_ssize_t AA = (m + 1) * (m + 1)
     cdef Py_ssize_t pairs = C_in * K
-    cdef Py_ssize_t ci, a, b, co, c, t, u, s, i, first
+    cdef Py_ssize_t ci, a, b, co, c, t, u, i
+    cdef bint first
     cdef floating *total
+    cdef floating *more
     for ci in prange(C_in, nogil=True, num_threads=n_threads, schedule="static"):
-        # filter ci's K pairs: streams s*pairs + ci*K .. + K of every thread's sums
-        total = &partial[0, 0]
-        for t in range(1, T):
-            for s in range(AA):
-                first = s * pairs + ci * K
-                for i in range(first, first + K):
-                    total[i] = total[i] + partial[t, i]
-        if floating is float:
-            fc_phase_dw_output_s(m, total + ci * K, pairs, &scratch[ci * K * 4], 0, K)
-        else:
-            fc_phase_dw_output_d(m, total + ci * K, pairs, &scratch[ci * K * 4], 0, K)
+        total = &scratch[ci * K * 4]
+        more = &scratch[pairs * 4 + openmp.omp_get_thread_num() * K * 4]
+        first = True
+        for t in range(T):
+            if not used[t]:
+                continue
+            phase_dw_output(m, &partial[t, ci * K], pairs, more if not first else total, K)
+            if not first:
+                for i in range(K * 4):
+                    total[i] = total[i] + more[i]
+            first = False
+        if first:           # no thread ran a block (an empty batch)
+            for i in range(K * 4):
+                total[i] = 0
         for a in range(sh):
             for b in range(sw):
                 for co in range(C_out):

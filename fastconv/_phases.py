@@ -320,9 +320,12 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     _conv_phases.transform_weight(weight, U, taps, kh0, kw0, m, n_threads)
     partial = workspace("winograd-partial", dtype, n_threads * positions * C_in * K).reshape(
         n_threads, -1)
+    used = np.empty(n_threads, np.uint8)
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
                               dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
-                              BACKWARD_SUM_CHUNK.get(m, 0), n_threads)
-    _conv_phases.weight_grad_output(partial, grad_weight, taps.reshape(-1), kh0, kw0, m,
+                              BACKWARD_SUM_CHUNK.get(m, 0), used, n_threads)
+    # the taps' copy is done with: its space holds the transformed sums, 4 per pair
+    outputs = workspace("phase-taps", dtype, (C_in + n_threads) * K * 4)
+    _conv_phases.weight_grad_output(partial, used, grad_weight, outputs, kh0, kw0, m,
                                     n_threads)
