@@ -385,10 +385,11 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
         r1 = min(r0 + rows_per_block, total_rows)
         tb = (r1 - r0) * TW
         # 1. V[s, c, t]: the block's tiles of every phase plane of every dY channel,
-        #    read in place (a phase plane's columns are sw apart in dY)
-        for a in range(sh):
-            for b in range(sw):
-                for co in range(C_out):
+        #    read in place (a phase plane's columns are sw apart in dY); a channel's
+        #    phases one after the other, while its planes are in cache
+        for co in range(C_out):
+            for a in range(sh):
+                for b in range(sw):
                     c = (a * sw + b) * C_out + co
                     for r in range(r0, r1):
                         n = r // TH
