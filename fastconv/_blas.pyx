@@ -118,7 +118,7 @@ cdef void gemm_rm_chunked(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n
                           floating beta, floating *c, Py_ssize_t ldc, Py_ssize_t chunk,
                           Py_ssize_t limit) noexcept nogil:
     """:func:`gemm_rm` with the reduction cut into calls of at most ``chunk`` terms, each
-    after the first adding to C.
+    after the first adding to C (``chunk`` <= 0: one call).
 
     The BLAS kernel sums all k terms of an element in one register, so its float
     rounding grows with k; summed ``chunk`` at a time, then chunk by chunk, it
@@ -129,6 +129,8 @@ cdef void gemm_rm_chunked(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n
     """
     cdef Py_ssize_t l0 = 0, kc
     cdef floating beta_l = beta
+    if chunk <= 0:
+        chunk = max(k, 1)       # one call, as gemm_rm
     while True:
         kc = min(k - l0, chunk)
         gemm_rm(trans_a, trans_b, m, n, kc, alpha,
