@@ -412,12 +412,12 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
             x_transform(m, D, M + ci * tb, C_in * tb, tb)
         for s in range(AA):
             gemm_rm_chunked(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb,
-                            V + s * K * tb, tb, beta, acc + s * C_in * K, K,
-                            sum_chunk if sum_chunk > 0 else tb, limit)
+                            V + s * K * tb, tb, beta, acc + s * C_in * K, K, sum_chunk,
+                            limit)
         # 3. grad_x: M_s = U_s @ V_s, then AT M A into the output tiles
         for s in range(AA):
             gemm_rm_chunked(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
-                            0, M + s * C_in * tb, tb, sum_chunk if sum_chunk > 0 else K, limit)
+                            0, M + s * C_in * tb, tb, sum_chunk, limit)
         for ci in range(C_in):
             output_transform(m, M + ci * tb, C_in * tb, D, tb)
             for r in range(r0, r1):

@@ -226,7 +226,6 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     # and plan_winograd keep them within it
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef bint has_bias = bias is not None
-    cdef Py_ssize_t chunk = sum_chunk if 0 < sum_chunk < Cg else max(Cg, 1)
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
     cdef floating *D
     cdef floating *V
@@ -253,7 +252,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
             for gi in range(groups):
                 gemm_rm_chunked(False, False, Fg, tb, Cg,
                                 1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
-                                0, M + (s * F + gi * Fg) * tb, tb, chunk, limit)
+                                0, M + (s * F + gi * Fg) * tb, tb, sum_chunk, limit)
         # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
         for f in range(F):
             output_transform(m, M + f * tb, F * tb, tiles, tb, tb)

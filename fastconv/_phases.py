@@ -320,7 +320,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     _conv_phases.transform_weight(weight, U, taps, kh0, kw0, m, n_threads)
     partial = workspace("winograd-partial", dtype, n_threads * positions * C_in * K).reshape(
         n_threads, -1)
-    used = np.empty(n_threads, np.uint8)
+    used = workspace("phase-used", np.uint8, n_threads)
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
                               dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
