@@ -34,7 +34,7 @@ COMPILER_DIRECTIVES = {
 }
 
 EXTENSION_NAMES = ["_blas", "_openmp", "_im2col", "_conv", "_pool", "_depthwise", "_conv_nhwc",
-                   "_conv_winograd", "_conv_direct", "_conv_phases"]
+                   "_conv_winograd", "_conv_direct", "_conv_phases", "_conv_implicit"]
 # The depthwise kernels are Cython loops (FC_TARGET clones only C functions): on x86-64
 # they are built a second time for x86-64-v3, picked at import where the CPU runs it
 # (fastconv/_depthwise_kernels.py).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _direct, _im2col, _nhwc, _pool, _tiling, _winograd
+from fastconv import _conv, _direct, _im2col, _implicit, _nhwc, _pool, _tiling, _winograd
 from fastconv._depthwise_kernels import kernels as _depthwise
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
@@ -47,22 +47,25 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
     geometry = conv_geometry(x_shape, weight.shape, stride, padding, dilation, groups,
                              padding_mode, string_padding=True)
     check_blas_limits(geometry.weight_shape, geometry.groups, layout)
-    return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout, backward)
+    itemsize = np.dtype(compute_dtype(x.dtype, weight.dtype)).itemsize
+    return x, weight, geometry, layout, _choose_algorithm(algorithm, geometry, layout, backward,
+                                                          itemsize)
 
 
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
-                      backward: bool = False) -> str:
+                      backward: bool = False, itemsize: int = 4) -> str:
     """The kernel family to run: ``'direct'`` (depthwise, or plain layers with few
     channels; NCHW), ``'winograd'`` (3x3, stride 1, dilation 1, NCHW) or ``'im2col'``;
     ``backward`` asks for the backward pass, whose Winograd part (grad_x) pays off on
-    other shapes than the forward.
+    other shapes than the forward; ``itemsize`` is the compute dtype's (4: float32).
 
     "auto" takes the depthwise kernel for grouped depthwise layers: they are
     memory-bound, and im2col + GEMM would run one tiny GEMM per channel. Plain
     layers with few input channels (``fastconv._direct.pays_off``) take the
     dense direct kernel in the forward, whose im2col GEMM would be too shallow.
     Winograd is taken where ``fastconv._winograd.pays_off``
-    (``pays_off_input_grad``) says it measured faster.
+    (``pays_off_input_grad``) says it measured faster; then the forward of other
+    plain layers takes the direct kernel where ``fastconv._implicit.pays_off``.
     """
     depthwise = geometry.is_depthwise and geometry.groups > 1
     direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
@@ -97,6 +100,8 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
         fits = _winograd.fits_input_grad if backward else _winograd.fits
         if winograd_applies and pays_off(geometry) and fits(geometry):
             return "winograd"
+        if direct_applies and not backward and _implicit.pays_off(geometry, itemsize):
+            return "direct"
         return "im2col"
     return algorithm
 
@@ -314,6 +319,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y
     if algorithm == "direct" and geometry.groups == 1:
+        if _implicit.preferred(geometry):
+            return _implicit.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
         return _direct.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
     if algorithm == "direct":
         w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)

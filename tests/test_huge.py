@@ -195,16 +195,18 @@ def test_winograd_forward_and_backward(blas_limit, monkeypatch, case, n_threads,
 
 def test_winograd_wider_than_the_limit(blas_limit):
     """A tile row is one leading dimension: ceil(OW/2) past the limit refuses an explicit
-    algorithm='winograd' (auto runs im2col)."""
+    algorithm='winograd' (im2col runs; auto takes the direct kernel, which calls no BLAS)."""
     rng = np.random.default_rng(4)
     x, weight, bias = problem(rng, 1, 5, 4, 103, 3, 3, 3, 1, np.float64)
     blas_limit.set(50)
     with pytest.raises(ValueError, match=r"algorithm='winograd' needs ceil\(OW/2\) <= the "
                        r"BLAS limit 50 .*got OW=101 \(x.shape=\(1, 5, 4, 103\)\)"):
         fastconv.conv2d(x, weight, algorithm="winograd")
-    y = fastconv.conv2d(x, weight, bias)
+    y = fastconv.conv2d(x, weight, bias, algorithm="im2col")
     blas_limit.check()
     assert_matches(y, reference.conv2d(x, weight, bias), np.float64, 45)
+    assert_matches(fastconv.conv2d(x, weight, bias), reference.conv2d(x, weight, bias),
+                   np.float64, 45)
     dy = rng.standard_normal(y.shape)
     dx, dw, _ = fastconv.conv2d_backward(dy, x, weight, algorithm="winograd")
     blas_limit.check()

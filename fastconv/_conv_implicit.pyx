@@ -1,0 +1,219 @@
+"""Implicit GEMM forward of plain NCHW layers: phase planes and register-blocked strips.
+
+A work item is a band of output rows of one image. Its thread lays out the
+padded input under the band as phase planes (``planes[phase][c][rows][Wq]``, see
+``fastconv/_implicit_kernels.h``), one block of channels at a time, in its
+workspace; the band's strips of NR "virtual positions" ``v = oh*Wq + ow`` sum
+that block's taps for every filter into the band's accumulator tiles; the
+columns ``ow < OW`` are then stored with bias and activation. A block's planes,
+its packed filters and the tiles stay in L2, and laying out and summing in the
+same item lets one thread's copying overlap the other's FMAs. A 1x1, stride-1,
+unpadded layer reads its input in place (its planes are the input; an item is
+then one strip). Workspace: one band's planes and tiles per thread, whatever the
+batch.
+"""
+
+cimport openmp
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
+
+
+cdef extern from "_implicit_kernels.h" nogil:
+    const int FC_IM_FB
+    const int FC_IM_NV
+    void fc_implicit_strips_s(const float *src, Py_ssize_t strips, const Py_ssize_t *off,
+                              Py_ssize_t K, Py_ssize_t kc, const float *wpack, Py_ssize_t ldk,
+                              Py_ssize_t F, float *acc, bint accumulate, const float *pf,
+                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_strips_d(const double *src, Py_ssize_t strips, const Py_ssize_t *off,
+                              Py_ssize_t K, Py_ssize_t kc, const double *wpack, Py_ssize_t ldk,
+                              Py_ssize_t F, double *acc, bint accumulate, const double *pf,
+                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_store_s(const float *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
+                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const float *bias,
+                             int relu, float *out, Py_ssize_t ldo)
+    void fc_implicit_store_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
+                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
+                             int relu, double *out, Py_ssize_t ldo)
+
+
+cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
+                     Py_ssize_t rows, Py_ssize_t Wq, Py_ssize_t phase_size,
+                     const Py_ssize_t *rowmap, const Py_ssize_t *colmap, const Py_ssize_t *lo,
+                     const Py_ssize_t *hi, Py_ssize_t left, Py_ssize_t sw,
+                     const Py_ssize_t *col_slot) noexcept nogil:
+    """``rows`` rows of row phase ph of one channel's planes: the plane of phase (ph, pw)
+    is ``col_slot[pw]*phase_size`` past ``dst``; its row i shows input row ``rowmap[i]``
+    (or zeros), its column q input column ``colmap[pw*Wq + q]`` (or zero), the columns
+    ``[lo[pw], hi[pw])`` being ``q*sw + pw - left`` (no lookup).
+    Phases no tap reads (``col_slot[pw]`` -1: a 1x1 stride-2 layer reads one of four)
+    are neither stored nor given room."""
+    cdef Py_ssize_t i, pw, q, src_row, src_col
+    cdef const floating *row
+    cdef floating *out
+    for i in range(rows):
+        src_row = rowmap[i]
+        for pw in range(sw):
+            if col_slot[pw] < 0:
+                continue
+            out = dst + col_slot[pw] * phase_size + i * Wq
+            if src_row < 0:
+                memset(out, 0, Wq * sizeof(floating))
+                continue
+            row = plane + src_row * W
+            for q in range(lo[pw]):
+                src_col = colmap[pw * Wq + q]
+                out[q] = row[src_col] if src_col >= 0 else 0
+            if sw == 1:
+                memcpy(out + lo[0], row + lo[0] - left, (hi[0] - lo[0]) * sizeof(floating))
+            elif sw == 2:
+                # constant-stride loop: the compiler vectorises it
+                for q in range(lo[pw], hi[pw]):
+                    out[q] = row[2 * q + pw - left]
+            else:
+                for q in range(lo[pw], hi[pw]):
+                    out[q] = row[q * sw + pw - left]
+            for q in range(hi[pw], Wq):
+                src_col = colmap[pw * Wq + q]
+                out[q] = row[src_col] if src_col >= 0 else 0
+
+
+def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const floating[::1] bias,
+            floating[:, :, :, ::1] y, floating[::1] planes, floating[::1] acc,
+            const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
+            const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi,
+            const Py_ssize_t[::1] row_slot, const Py_ssize_t[::1] col_slot, Py_ssize_t phases,
+            Py_ssize_t top,
+            Py_ssize_t left, const Py_ssize_t[::1] offsets, Py_ssize_t Hq, Py_ssize_t Wq,
+            Py_ssize_t band_rows, Py_ssize_t channel_block, int KH, int KW,
+            Py_ssize_t reach, int stride_h, int stride_w, Py_ssize_t strip, Py_ssize_t kc,
+            bint in_place, bint relu, int n_threads):
+    """y[n, f, oh, ow] = act(sum_k wpack[f, k] * planes[(oh - oh0)*Wq + ow + offsets[k]] + bias[f]).
+
+    A work item is a band of ``band_rows`` output rows (from oh0) of one image: per
+    block of ``channel_block`` channels, its thread lays out the block's planes
+    (``band_rows + reach`` rows of each phase and channel; ``reach`` = the taps' extent
+    in plane rows; only the phases some tap reads: ``row_slot[ph]`` is the first plane
+    of row phase ph, ``col_slot[pw]`` the plane of column phase pw within it, -1 for
+    none) in its workspace, then sums the block's taps over its strips. ``rowmap[ph*Hq + i]`` is the input row under padded row ``i*stride_h + ph``
+    (-1: zeros), ``colmap[pw*Wq + q]`` the input column under padded column
+    ``q*stride_w + pw``; in phase pw the columns ``[lo[pw], hi[pw])`` are inside the input.
+    ``offsets[k]`` is where tap k = (c*KH + kh)*KW + kw of a block (c < channel_block)
+    reads in its planes.
+    With ``in_place`` (a 1x1, stride-1, unpadded layer with OH*OW >= strip) the planes
+    are x itself, an item is a strip, and the last strip of an image ends at its last
+    position.
+
+    # IN  x: (N, C, H, W); wpack: _direct.pack_weight (F rounded up to 4); bias: (F,)/None
+    # OUT y: (N, F, OH, OW), every element written
+    # planes: n_threads * (phases*channel_block*(band_rows + reach)*Wq + strip + Wq),
+    #   unused with in_place (a block hanging past a band's last position reads the tail)
+    # acc: n_threads * (F rounded up to 4) * strip * the strips of a band (1 with in_place)
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
+    cdef Py_ssize_t K = C * KH * KW
+    cdef Py_ssize_t blocks = (C + channel_block - 1) // channel_block
+    cdef Py_ssize_t sh = stride_h, sw = stride_w
+    cdef Py_ssize_t band_plane = (band_rows + reach) * Wq
+    cdef Py_ssize_t phase_size = channel_block * band_plane
+    cdef Py_ssize_t per_thread = phases * phase_size + strip + Wq
+    cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
+    cdef Py_ssize_t image_strips = (OH * OW + strip - 1) // strip
+    cdef Py_ssize_t acc_size = (F + FC_IM_FB - 1) // FC_IM_FB * FC_IM_FB * strip
+    cdef Py_ssize_t band_strips = (band_rows * Wq + strip - 1) // strip
+    cdef Py_ssize_t lanes = 8 if sizeof(floating) == 4 else 4
+    cdef const floating *bias_ptr = NULL
+    cdef Py_ssize_t item, n, band, oh0, rows, c, ph, s, v0, j0, positions, strips
+    cdef Py_ssize_t next_n = 0, next_c = 0, next_first = 0, next_rows, first_row, last_row
+    cdef Py_ssize_t block, c0, cn
+    cdef floating *band_planes
+    cdef floating *a
+    cdef int tid
+    if strip != FC_IM_NV * lanes:
+        raise ValueError(f"strip={strip} is not the kernel's {FC_IM_NV} vectors")
+    if N == 0 or F == 0:
+        return
+    if bias is not None:
+        bias_ptr = &bias[0]
+    if in_place:
+        positions = OH * OW
+        for item in prange(N * image_strips, nogil=True, num_threads=n_threads,
+                           schedule="static"):
+            n = item // image_strips
+            v0 = (item - n * image_strips) * strip
+            j0 = 0
+            if v0 + strip > positions:
+                # the block reads strip positions: end it at the image's last one
+                j0 = v0 - (positions - strip)
+                v0 = positions - strip
+            a = &acc[openmp.omp_get_thread_num() * acc_size]
+            # the next strip of the image, fetched while the FMAs run
+            next_rows = 1 if v0 + 2 * strip <= positions else 0
+            if floating is float:
+                fc_implicit_strips_s(&x[n, 0, 0, 0] + v0, 1, &offsets[0], K, kc, &wpack[0], K, F,
+                                     a, False, &x[n, 0, 0, 0] + v0 + strip if next_rows else NULL,
+                                     C, H * W, strip)
+                fc_implicit_store_s(a, F, v0, j0, strip, OW, OW, bias_ptr, relu,
+                                    &y[n, 0, 0, 0], OH * OW)
+            else:
+                fc_implicit_strips_d(&x[n, 0, 0, 0] + v0, 1, &offsets[0], K, kc, &wpack[0], K, F,
+                                     a, False, &x[n, 0, 0, 0] + v0 + strip if next_rows else NULL,
+                                     C, H * W, strip)
+                fc_implicit_store_d(a, F, v0, j0, strip, OW, OW, bias_ptr, relu,
+                                    &y[n, 0, 0, 0], OH * OW)
+        return
+    for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
+        n = item // bands
+        band = item - n * bands
+        oh0 = band * band_rows
+        rows = min(band_rows, OH - oh0)
+        tid = openmp.omp_get_thread_num()
+        band_planes = &planes[tid * per_thread]
+        a = &acc[tid * band_strips * acc_size]
+        positions = rows * Wq
+        strips = (positions + strip - 1) // strip
+        first_row = max(0, oh0 * sh - top)
+        last_row = min(H, (oh0 + band_rows + reach) * sh - top)
+        for block in range(blocks):
+            c0 = block * channel_block
+            cn = min(channel_block, C - c0)
+            for c in range(cn):
+                for ph in range(sh):
+                    if row_slot[ph] < 0:
+                        continue
+                    split_rows(&x[n, c0 + c, 0, 0], H, W,
+                               band_planes + (row_slot[ph] * channel_block + c) * band_plane,
+                               rows + reach, Wq, phase_size, &rowmap[ph * Hq + oh0], &colmap[0],
+                               &lo[0], &hi[0], left, sw, &col_slot[0])
+            # the next block's input rows (or the next item's), fetched while the FMAs run
+            next_rows = 0
+            if block + 1 < blocks:
+                next_n = n
+                next_c = c0 + channel_block
+                next_first = first_row
+                next_rows = last_row - first_row
+            elif item + 1 < N * bands:
+                next_n = (item + 1) // bands
+                next_c = 0
+                next_first = max(0, (item + 1 - next_n * bands) * band_rows * sh - top)
+                next_rows = min(H, next_first + (band_rows + reach) * sh) - next_first
+            if floating is float:
+                fc_implicit_strips_s(band_planes, strips, &offsets[0], cn * KH * KW, kc,
+                                     &wpack[c0 * KH * KW * FC_IM_FB], K, F, a, block > 0,
+                                     &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
+                                     min(channel_block, C - next_c), H * W, next_rows * W)
+            else:
+                fc_implicit_strips_d(band_planes, strips, &offsets[0], cn * KH * KW, kc,
+                                     &wpack[c0 * KH * KW * FC_IM_FB], K, F, a, block > 0,
+                                     &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
+                                     min(channel_block, C - next_c), H * W, next_rows * W)
+        for s in range(strips):
+            v0 = s * strip
+            if floating is float:
+                fc_implicit_store_s(a + s * acc_size, F, v0, 0, min(strip, positions - v0), Wq,
+                                    OW, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW)
+            else:
+                fc_implicit_store_d(a + s * acc_size, F, v0, 0, min(strip, positions - v0), Wq,
+                                    OW, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW)

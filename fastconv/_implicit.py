@@ -1,0 +1,177 @@
+"""Implicit GEMM forward of plain NCHW layers: phase-plane maps, workspace -> kernel.
+
+The direct forward of a plain layer with many input channels
+(``conv2d(..., algorithm="direct")``, and ``"auto"`` where :func:`pays_off`)
+runs ``fastconv._conv_implicit``: the padded input under a band of output rows is
+split into stride phase planes, in which every tap of NR consecutive output
+positions is one contiguous run; a register-blocked kernel sums those runs for 4
+filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM, no column matrix is
+written (KH*KW copies of the input on a 3x3 layer) and BLAS does not copy it again
+into packed panels: on resnet-3x3-s2 those two copies were 15% and 13% of the
+forward's samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from fastconv import _conv_implicit, _direct
+from fastconv._direct import pack_weight
+from fastconv._padding import source_indices
+from fastconv._validation import ConvGeometry
+from fastconv._workspace import workspace
+
+__all__ = ["applies", "preferred", "pays_off", "forward"]
+
+#: Filters per register block (FC_IM_FB in _implicit_kernels.h, _direct.FILTER_BLOCK).
+FILTER_BLOCK = 4
+#: Vectors of positions per register block (FC_IM_NV).
+VECTORS = 3
+#: Taps summed per pass over a strip: its kc runs of NR positions (96 bytes each)
+#: stay in L1 (32 KiB) while every filter block reads them.
+K_BLOCK = 192
+#: A band's planes (a thread's workspace) stay in L2 (1 MiB per core here) beside
+#: the packed filters that every strip streams.
+BAND_BYTES = 128 << 10
+#: Taps per channel block: its packed filters (F x TAP_BLOCK) stay in L2 with the band's
+#: planes and sums, so every position of the band reuses them from there.
+TAP_BLOCK = 256
+#: ``algorithm="auto"`` takes this kernel for filters up to this size, measured against
+#: im2col + GEMM (README "Choosing the algorithm"): 128 -> 128 3x3 stride 2 ran 1.09x
+#: (2 threads) / 1.18x (1 thread) faster with its 0.56 MiB of float32 filters, 0.75x /
+#: 0.86x with 1.1 MiB of float64; 256 -> 256 with 2.25 MiB, 0.90x / 1.03x.
+AUTO_MAX_WEIGHT_BYTES = 1 << 20
+#: The planes may exceed the input by padding and the dropped columns; beyond this
+#: factor (a padding or dilation far larger than the image) the row kernel runs instead.
+MAX_PLANE_GROWTH = 4
+
+
+class _PlanePlan(NamedTuple):
+    """How an image's phase planes are laid out and read (see the module docstring)."""
+
+    Hq: int               # rows of one phase plane of the whole image
+    band_rows: int        # output rows per work item
+    channel_block: int    # input channels laid out and summed at a time
+    reach: int            # plane rows the taps reach below a band's last output row
+    Wq: int               # columns of one phase plane (OW plus the taps' reach)
+    rowmap: np.ndarray    # (sh*Hq,): input row under padded row i*sh + ph, -1 for zeros
+    colmap: np.ndarray    # (sw*Wq,): input column under padded column q*sw + pw
+    lo: np.ndarray        # (sw,): phase pw's columns [lo, hi) lie inside the input
+    hi: np.ndarray
+    row_slot: np.ndarray  # (sh,): first phase plane of row phase ph, -1 if no tap reads it
+    col_slot: np.ndarray  # (sw,): plane of column phase pw within it, -1 likewise
+    offsets: np.ndarray   # (C*KH*KW,): where tap (c, kh, kw) reads in a band's planes
+    phases: int           # phase planes per channel (those some tap reads)
+    band_elements: int    # phases*channel_block*(band_rows + reach)*Wq
+
+
+@functools.lru_cache(maxsize=256)
+def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
+    """The plane layout of a geometry, built once (NumPy setup costs tens of microseconds)."""
+    sh, sw, dh, dw = g.stride_h, g.stride_w, g.dilation_h, g.dilation_w
+    kh = np.arange(g.KH, dtype=np.intp) * dh
+    kw = np.arange(g.KW, dtype=np.intp) * dw
+    reach = (g.KH - 1) * dh // sh
+    Hq = g.OH + reach
+    Wq = g.OW + (g.KW - 1) * dw // sw
+    # only the phases some tap reads get planes (one of four on a 1x1 stride-2 layer)
+    used_rows, used_cols = np.unique(kh % sh), np.unique(kw % sw)
+    col_slot = np.full(sw, -1, np.intp)
+    col_slot[used_cols] = np.arange(len(used_cols))
+    row_slot = np.full(sh, -1, np.intp)
+    row_slot[used_rows] = np.arange(len(used_rows)) * len(used_cols)
+    phases = len(used_rows) * len(used_cols)
+    # channels in blocks of about TAP_BLOCK taps, as even as possible
+    blocks = -(-g.C * g.KH * g.KW // TAP_BLOCK)
+    channel_block = -(-g.C // blocks)
+    # rows filling BAND_BYTES, but at least 4 items per thread over the batch
+    row_bytes = phases * channel_block * Wq * itemsize
+    band_rows = max(1, min(g.OH, BAND_BYTES // row_bytes - reach,
+                           -(-g.N * g.OH // (4 * n_threads))))
+    if in_place(g, itemsize):
+        # the planes are the input: the offsets are the image's
+        band_rows, channel_block = g.OH, g.C
+    Hb = band_rows + reach
+    rows = (np.arange(Hq, dtype=np.intp)[None, :] * sh
+            + np.arange(sh, dtype=np.intp)[:, None]).reshape(-1)
+    rowmap = source_indices(rows, g.H, g.pad_top, g.pad_bottom, g.padding_mode)
+    cols = (np.arange(Wq, dtype=np.intp)[None, :] * sw
+            + np.arange(sw, dtype=np.intp)[:, None]).reshape(-1)
+    colmap = source_indices(cols, g.W, g.pad_left, g.pad_right, g.padding_mode)
+    # phase pw, column q shows input column q*sw + pw - left: inside for q in [lo, hi)
+    lo = np.array([min(Wq, max(0, -(-(g.pad_left - pw) // sw))) for pw in range(sw)], np.intp)
+    hi = np.array([max(lo[pw], min(Wq, (g.W - 1 + g.pad_left - pw) // sw + 1))
+                   for pw in range(sw)], np.intp)
+    # tap (c, kh, kw) reads plane (phase, c) from row kh // sh, column kw // sw
+    phase = row_slot[kh % sh][:, None] + col_slot[kw % sw][None, :]         # (KH, KW)
+    c = np.arange(channel_block, dtype=np.intp)
+    offsets = (((phase[None] * channel_block + c[:, None, None]) * Hb
+                + (kh // sh)[None, :, None]) * Wq + (kw // sw)[None, None, :]).reshape(-1)
+    for array in (rowmap, colmap, lo, hi, row_slot, col_slot, offsets):
+        array.flags.writeable = False      # shared by every call with this geometry
+    return _PlanePlan(Hq, band_rows, channel_block, reach, Wq, rowmap, colmap, lo, hi,
+                      row_slot, col_slot, offsets, phases, phases * channel_block * Hb * Wq)
+
+
+def applies(geometry: ConvGeometry) -> bool:
+    """A plain (ungrouped) layer whose phase planes stay within MAX_PLANE_GROWTH times
+    the input (plus a small image's border)."""
+    g = geometry
+    if g.groups != 1:
+        return False
+    plan_size = (g.stride_h * (g.OH + (g.KH - 1) * g.dilation_h // g.stride_h)
+                 * g.stride_w * (g.OW + (g.KW - 1) * g.dilation_w // g.stride_w))
+    return plan_size <= MAX_PLANE_GROWTH * g.H * g.W + 4096
+
+
+def preferred(geometry: ConvGeometry) -> bool:
+    """Whether the direct forward of this plain layer runs here rather than by the row
+    kernel of ``fastconv._direct``, which is built for a few input channels."""
+    return applies(geometry) and geometry.C > _direct.AUTO_MAX_CHANNELS
+
+
+def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+    """Whether ``algorithm="auto"`` takes this kernel for a plain NCHW layer's forward
+    (after Winograd, which wins where it applies): a kernel wider than 1x1 (a 1x1 layer is
+    a plain GEMM that BLAS runs as fast) and filters of at most AUTO_MAX_WEIGHT_BYTES,
+    since every band of output rows streams all of them."""
+    g = geometry
+    return (preferred(g) and g.KH * g.KW > 1
+            and g.F * g.C * g.KH * g.KW * itemsize <= AUTO_MAX_WEIGHT_BYTES)
+
+
+def in_place(geometry: ConvGeometry, itemsize: int) -> bool:
+    """A 1x1, stride-1, unpadded layer (whose image holds a strip): its planes are the
+    input itself."""
+    g = geometry
+    return (g.KH == g.KW == 1 and g.stride_h == g.stride_w == 1
+            and g.pad_top == g.pad_bottom == g.pad_left == g.pad_right == 0
+            and g.OH * g.OW >= VECTORS * 32 // itemsize)
+
+
+def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
+            n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
+    """``act(conv2d(x, weight) + bias)`` by the implicit GEMM kernel, into ``out``
+    (N, F, OH, OW). ``x`` must be C-contiguous of ``dtype``."""
+    g = geometry
+    itemsize = np.dtype(dtype).itemsize
+    plan = _plane_plan(g, itemsize, n_threads)
+    strip = VECTORS * 32 // itemsize       # positions per register block
+    wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    direct_read = in_place(g, itemsize)
+    # a block hanging past a band's last position reads up to strip + Wq more
+    per_thread = 0 if direct_read else plan.band_elements + strip + plan.Wq
+    planes = workspace("implicit-planes", dtype, n_threads * per_thread)
+    band_strips = 1 if direct_read else -(-plan.band_rows * plan.Wq // strip)
+    acc = workspace("implicit-acc", dtype,
+                    n_threads * band_strips * -(-g.F // FILTER_BLOCK) * FILTER_BLOCK * strip)
+    _conv_implicit.forward(x, wpack, b, out, planes, acc, plan.rowmap, plan.colmap, plan.lo,
+                           plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top, g.pad_left, plan.offsets, plan.Hq, plan.Wq,
+                           plan.band_rows, plan.channel_block, g.KH, g.KW,
+                           plan.reach, g.stride_h, g.stride_w, strip, K_BLOCK, direct_read, relu,
+                           n_threads)
+    return out

@@ -1,0 +1,126 @@
+/* Implicit GEMM over phase planes: a plain convolution's forward without a column matrix.
+
+   The driver (fastconv/_conv_implicit.pyx) lays the input under a band of output
+   rows out as phase planes: the padded input split by row and column residue
+   modulo the stride, plane (ph, pw) of channel c holding padded pixels
+   (i*sh + ph, j*sw + pw), Wq columns per row. Output pixel (oh, ow) then reads tap (c, kh, kw) at
+   v + off[k], where v = oh*Wq + ow is its "virtual position" and off[k] is a
+   constant per tap: the position's row and column advance together, so the
+   positions v .. v + NR - 1 of one register block read ONE contiguous run of
+   every tap, across output rows. Columns ow >= OW of a plane row are computed
+   and dropped (Wq - OW of every Wq: 1 of 29 on a 3x3 stride-2 layer).
+
+   A register block is FC_IM_FB filters x FC_IM_NV vectors of positions: per tap
+   FC_IM_NV loads and FC_IM_FB broadcasts feed FC_IM_FB * FC_IM_NV FMAs (12 sums:
+   the 16 AVX2 registers hold them with the loads). The band's strips of NR
+   positions sum their taps kc at a time (fc_implicit_strips_*), reading the runs
+   where they lie; im2col + GEMM would write those runs out as a column matrix and
+   BLAS would copy them once more into its packed panels.
+   Vectors use GCC's vector extensions (AVX2 + FMA in the x86-64-v3 clone). */
+#ifndef FASTCONV_IMPLICIT_KERNELS_H
+#define FASTCONV_IMPLICIT_KERNELS_H
+
+#include <stddef.h>
+#include "_simd_target.h"
+
+#define FC_IM_FB 4
+#define FC_IM_NV 3
+
+typedef float fc_im_v8sf __attribute__((vector_size(32)));
+typedef float fc_im_v8sf_u __attribute__((vector_size(32), aligned(4)));
+typedef double fc_im_v4df __attribute__((vector_size(32)));
+typedef double fc_im_v4df_u __attribute__((vector_size(32), aligned(8)));
+
+/* FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES):
+
+   fc_implicit_strips_*: acc[(s*Fp + f)*NR + j] (+)= sum_{k < K} wpack[f/FB][k][f%FB] *
+   src[s*NR + off[k] + j] for strips s < strips of NR = FC_IM_NV*LANES positions j, every
+   filter f < Fp = ceil(F/FB)*FB (wpack: [F/FB][ldk][FB] as fastconv._direct.pack_weight,
+   zero past F, from the block's first tap); "+=" with accumulate. Taps are summed kc at
+   a time: a filter block's kc x FB weights stay in L1 while every strip uses them, the
+   strips' kc runs while every filter block does. pf: input to prefetch meanwhile.
+
+   fc_implicit_store_*: out[f*ldo + oh*OW + ow] = act(acc[f*NR + j] + bias[f]) for the
+   strip's positions j in [j0, j1) whose v = v0 + j falls in a column ow < OW. */
+#define FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES)                                             \
+static inline FC_ALWAYS_INLINE void fc_implicit_block_##suffix(                               \
+    const T *src, const ptrdiff_t *off, ptrdiff_t kc, const T *w, T *acc, int first)          \
+{                                                                                             \
+    enum { NR = FC_IM_NV * LANES };                                                           \
+    VEC sum[FC_IM_FB][FC_IM_NV];                                                              \
+    for (int i = 0; i < FC_IM_FB; i++)                                                        \
+        for (int j = 0; j < FC_IM_NV; j++)                                                    \
+            sum[i][j] = first ? (VEC){0} : *(const VEC_U *)(acc + i * NR + j * LANES);        \
+    for (ptrdiff_t k = 0; k < kc; k++, w += FC_IM_FB) {                                       \
+        const T *b = src + off[k];                                                            \
+        VEC x[FC_IM_NV];                                                                      \
+        for (int j = 0; j < FC_IM_NV; j++)                                                    \
+            x[j] = *(const VEC_U *)(b + j * LANES);                                           \
+        for (int i = 0; i < FC_IM_FB; i++) {                                                  \
+            /* w - 0 is w exactly (-0 and NaN too): a plain broadcast */                     \
+            const VEC wi = w[i] - (VEC){0};                                                   \
+            for (int j = 0; j < FC_IM_NV; j++)                                                \
+                sum[i][j] += wi * x[j];                                                       \
+        }                                                                                     \
+    }                                                                                         \
+    for (int i = 0; i < FC_IM_FB; i++)                                                        \
+        for (int j = 0; j < FC_IM_NV; j++)                                                    \
+            *(VEC_U *)(acc + i * NR + j * LANES) = sum[i][j];                                 \
+}                                                                                             \
+                                                                                              \
+FC_TARGET static void fc_implicit_strips_##suffix(                                            \
+    const T *src, ptrdiff_t strips, const ptrdiff_t *off, ptrdiff_t K, ptrdiff_t kc,          \
+    const T *wpack, ptrdiff_t ldk, ptrdiff_t F, T *acc, int accumulate, const T *pf,          \
+    ptrdiff_t pf_chunks, ptrdiff_t pf_stride, ptrdiff_t pf_chunk)                             \
+{                                                                                             \
+    enum { NR = FC_IM_NV * LANES, LINE = 64 / sizeof(T) };                                    \
+    const ptrdiff_t Fp = (F + FC_IM_FB - 1) / FC_IM_FB * FC_IM_FB;                            \
+    /* the next item's input (pf_chunks runs of pf_chunk values, pf_stride apart) is        \
+       fetched into L2 a few lines per filter block, while the FMAs run: laying out its    \
+       planes would otherwise wait on DRAM */                                               \
+    const ptrdiff_t chunk_lines = (pf_chunk + LINE - 1) / LINE;                               \
+    const ptrdiff_t passes = ((K + kc - 1) / kc) * (Fp / FC_IM_FB);                           \
+    const ptrdiff_t per_pass = (pf_chunks * chunk_lines + passes - 1) / passes;               \
+    ptrdiff_t line = 0;                                                                       \
+    for (ptrdiff_t k0 = 0; k0 < K; k0 += kc) {                                                \
+        const ptrdiff_t kn = K - k0 < kc ? K - k0 : kc;                                       \
+        for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_IM_FB) {                                      \
+            const T *w = wpack + (f0 * ldk + k0 * FC_IM_FB);                                  \
+            for (ptrdiff_t s = 0; s < strips; s++)                                            \
+                fc_implicit_block_##suffix(src + s * NR, off + k0, kn, w,                     \
+                                           acc + (s * Fp + f0) * NR, k0 == 0 && !accumulate); \
+            for (ptrdiff_t i = 0; pf && i < per_pass && line < pf_chunks * chunk_lines;       \
+                 i++, line++)                                                                 \
+                __builtin_prefetch(pf + (line / chunk_lines) * pf_stride                      \
+                                   + (line % chunk_lines) * LINE, 0, 2);                      \
+        }                                                                                     \
+    }                                                                                         \
+}                                                                                             \
+                                                                                              \
+FC_TARGET static void fc_implicit_store_##suffix(                                             \
+    const T *acc, ptrdiff_t F, ptrdiff_t v0, ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t Wq,        \
+    ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo)                             \
+{                                                                                             \
+    enum { NR = FC_IM_NV * LANES };                                                           \
+    ptrdiff_t oh = (v0 + j0) / Wq, ow = (v0 + j0) % Wq;                                       \
+    /* one run of columns ow < OW per plane row the strip crosses */                         \
+    for (ptrdiff_t j = j0; j < j1; j += Wq - ow, ow = 0, oh++) {                              \
+        const ptrdiff_t len = ow >= OW ? 0 : (OW - ow < j1 - j ? OW - ow : j1 - j);           \
+        for (ptrdiff_t f = 0; f < F; f++) {                                                   \
+            const T b = bias ? bias[f] : 0;                                                   \
+            const T *a = acc + f * NR + j;                                                    \
+            T *o = out + f * ldo + oh * OW + ow;                                              \
+            for (ptrdiff_t i = 0; i < len; i++) {                                             \
+                T v = a[i] + b;                                                               \
+                if (relu && v <= 0) /* NaN stays, -0 becomes 0 */                             \
+                    v = 0;                                                                    \
+                o[i] = v;                                                                     \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+}
+
+FC_IMPLICIT(s, float, fc_im_v8sf, fc_im_v8sf_u, 8)
+FC_IMPLICIT(d, double, fc_im_v4df, fc_im_v4df_u, 4)
+
+#endif

@@ -1,0 +1,179 @@
+"""The implicit-GEMM direct kernel (algorithm="direct" on plain layers of > 4 channels):
+strips, bands, channel blocks, phases, in-place 1x1 layers and the auto rule."""
+
+import numpy as np
+import pytest
+from _helpers import assert_matches
+
+import fastconv
+from fastconv import _implicit, reference
+from fastconv._functional import _choose_algorithm
+from fastconv._validation import conv_geometry
+
+
+def _problem(rng, N, C, H, W, F, kernel, dtype):
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, *kernel)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    return x, w, b
+
+
+def _geometry(x, w, **args):
+    return conv_geometry(x.shape, w.shape, args.get("stride", 1), args.get("padding", 0),
+                         args.get("dilation", 1), 1, args.get("padding_mode", "zeros"),
+                         string_padding=True)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Bands of one or two rows, channel blocks of 2-3 channels, 5 taps per pass: every
+    loop of the kernel and driver runs several times and ends on a partial block."""
+    monkeypatch.setattr(_implicit, "BAND_BYTES", 1)
+    monkeypatch.setattr(_implicit, "TAP_BLOCK", 20)
+    monkeypatch.setattr(_implicit, "K_BLOCK", 5)
+    _implicit._plane_plan.cache_clear()
+    yield
+    _implicit._plane_plan.cache_clear()
+
+
+def test_layers_of_more_than_four_channels_run_here():
+    rng = np.random.default_rng(0)
+    x, w, _ = _problem(rng, 1, 5, 8, 8, 4, (3, 3), np.float32)
+    assert _implicit.preferred(_geometry(x, w))
+    x, w, _ = _problem(rng, 1, 4, 8, 8, 4, (3, 3), np.float32)
+    assert not _implicit.preferred(_geometry(x, w))    # the row kernel's
+
+
+# filter counts around the 4-filter blocks; positions (OH x OW) around the 24- and
+# 12-position strips of float32 / float64, with output widths that split a strip's rows
+@pytest.mark.parametrize("F", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("OH,OW", [(1, 1), (1, 11), (2, 12), (3, 8), (1, 25), (5, 23), (7, 7)])
+def test_filter_blocks_and_strip_tails(F, OH, OW, dtype):
+    rng = np.random.default_rng(1)
+    x, w, b = _problem(rng, 2, 6, OH + 2, OW + 2, F, (3, 3), dtype)
+    y = fastconv.conv2d(x, w, b, algorithm="direct")
+    assert y.shape == (2, F, OH, OW)
+    assert_matches(y, reference.conv2d(x, w, b), dtype, 6 * 9, "forward")
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
+    ((3, 2), (2, 3), 2, 1), ((1, 1), 2, 1, 0), ((1, 1), (1, 3), 1, (1, 0, 2, 0)),
+    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"), ((3, 3), 1, 2, "same"),
+])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_strides_dilations_padding_modes_and_blocks(kernel, stride, dilation, padding, mode,
+                                                     blocks, dtype, request):
+    if blocks == "small":
+        request.getfixturevalue("small_blocks")
+    rng = np.random.default_rng(2)
+    x, w, b = _problem(rng, 2, 7, 19, 23, 6, kernel, dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    try:
+        want = reference.conv2d(x, w, b, **args)
+    except ValueError as error:           # reflect padding >= the input is refused by both
+        with pytest.raises(ValueError, match=str(error).split(":")[0][:20]):
+            fastconv.conv2d(x, w, b, algorithm="direct", **args)
+        return
+    got = fastconv.conv2d(x, w, b, algorithm="direct", **args)
+    assert_matches(got, want, dtype, 7 * kernel[0] * kernel[1], "forward")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bias_and_relu_in_the_store(relu, with_bias, dtype, small_blocks):
+    rng = np.random.default_rng(3)
+    x, w, b = _problem(rng, 3, 9, 11, 13, 5, (3, 3), dtype)
+    b = b if with_bias else None
+    got = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct",
+                          activation="relu" if relu else None)
+    want = reference.conv2d(x, w, b, stride=2, padding=1)
+    assert_matches(got, np.maximum(want, 0) if relu else want, dtype, 81, "forward")
+
+
+# 1x1, stride 1, unpadded: the input is read in place; the last strip of an image ends
+# at its last position (OH*OW not a multiple of the strip), or the image is smaller than
+# one strip and takes the planes after all
+@pytest.mark.parametrize("H,W", [(1, 1), (2, 5), (3, 4), (5, 5), (4, 6), (7, 9), (8, 16)])
+@pytest.mark.parametrize("C,F", [(5, 3), (40, 9)])
+def test_pointwise_layers_read_the_input_in_place(H, W, C, F, dtype):
+    rng = np.random.default_rng(4)
+    x, w, b = _problem(rng, 3, C, H, W, F, (1, 1), dtype)
+    x_before = x.copy()
+    got = fastconv.conv2d(x, w, b, algorithm="direct", n_threads=2)
+    assert_matches(got, reference.conv2d(x, w, b), dtype, C, "forward")
+    np.testing.assert_array_equal(x, x_before)
+    strip = 24 if dtype == np.float32 else 12
+    assert _implicit.in_place(_geometry(x, w), np.dtype(dtype).itemsize) == (H * W >= strip)
+
+
+def test_unread_phases_get_no_planes():
+    """A 1x1 stride-2 layer reads one phase of four; 3x3 stride 2 all four; 2x2
+    dilation-2 stride 2 only the even rows and columns."""
+    def phases(kernel, stride, dilation=1):
+        g = conv_geometry((1, 8, 16, 16), (4, 8, *kernel), stride, 0, dilation, 1)
+        return _implicit._plane_plan(g, 4, 1).phases
+
+    assert phases((1, 1), 2) == 1
+    assert phases((3, 3), 2) == 4
+    assert phases((2, 2), 2, dilation=2) == 1
+    assert phases((3, 3), (2, 1)) == 2
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_thread_counts_are_bit_identical(n_threads):
+    """Each band of rows is one work item with its own sums, in the same order whatever
+    thread runs it."""
+    rng = np.random.default_rng(5)
+    x, w, b = _problem(rng, 3, 24, 20, 30, 10, (3, 3), np.float32)
+    serial = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct", n_threads=1)
+    got = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct", n_threads=n_threads)
+    np.testing.assert_array_equal(got, serial)
+
+
+def test_batch_of_one_splits_into_bands():
+    rng = np.random.default_rng(6)
+    x, w, b = _problem(rng, 1, 32, 40, 40, 8, (5, 5), np.float32)
+    g = _geometry(x, w, padding=2)
+    assert _implicit._plane_plan(g, 4, 2).band_rows < g.OH
+    got = fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=2)
+    assert_matches(got, reference.conv2d(x, w, b, padding=2), np.float32, 800, "forward")
+
+
+def test_out_and_inputs_untouched():
+    rng = np.random.default_rng(7)
+    x, w, b = _problem(rng, 2, 8, 9, 9, 5, (3, 3), np.float64)
+    copies = [a.copy() for a in (x, w, b)]
+    out = np.full((2, 5, 5, 5), np.nan)
+    got = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct", out=out)
+    assert got is out
+    assert_matches(out, reference.conv2d(x, w, b, stride=2, padding=1), np.float64, 72)
+    for a, c in zip((x, w, b), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_conv2d_layer_runs_it():
+    rng = np.random.default_rng(8)
+    layer = fastconv.Conv2D(16, 8, 3, stride=2, padding=1, rng=rng, activation="relu")
+    x = rng.standard_normal((2, 16, 12, 12)).astype(np.float32)
+    want = np.maximum(reference.conv2d(x, layer.W, layer.b, stride=2, padding=1), 0)
+    assert_matches(layer.forward(x), want, np.float32, 144, "forward")
+
+
+def test_auto_rule():
+    def auto(C, F, kernel, stride=1, itemsize=4, layout="NCHW", backward=False):
+        g = conv_geometry((2, C, 28, 28), (F, C, kernel, kernel), stride, kernel // 2, 1, 1)
+        return _choose_algorithm("auto", g, layout, backward, itemsize)
+
+    assert auto(128, 128, 3, stride=2) == "direct"                  # resnet-3x3-s2
+    assert auto(128, 128, 3, stride=2, itemsize=8) == "im2col"      # 1.1 MiB of float64
+    assert auto(256, 256, 3, stride=2) == "im2col"                  # 2.25 MiB
+    assert auto(32, 32, 7) == "direct"
+    assert auto(32, 32, 7, itemsize=8) == "direct"
+    assert auto(256, 64, 1) == "im2col"                             # 1x1: a plain GEMM
+    assert auto(64, 64, 3) == "winograd"
+    assert auto(3, 64, 7, stride=2) == "direct"                     # the row kernel's
+    assert not _implicit.preferred(conv_geometry((2, 3, 28, 28), (64, 3, 7, 7), 2, 3, 1, 1))
+    assert auto(128, 128, 3, stride=2, layout="NHWC") == "im2col"
+    assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
