@@ -47,10 +47,13 @@ static inline FC_ALWAYS_INLINE void fc_implicit_block_##suffix(                 
     const T *src, const ptrdiff_t *off, ptrdiff_t kc, const T *w, T *acc, int first)          \
 {                                                                                             \
     enum { NR = FC_IM_NV * LANES };                                                           \
+    /* each pass sums its kc taps from zero and adds them to acc: float32 error then grows \
+       with kc and K/kc rather than with K (one running sum over 4608 taps had 5x          \
+       im2col's error, whose BLAS adds its own k-blocks into C) */                         \
     VEC sum[FC_IM_FB][FC_IM_NV];                                                              \
     for (int i = 0; i < FC_IM_FB; i++)                                                        \
         for (int j = 0; j < FC_IM_NV; j++)                                                    \
-            sum[i][j] = first ? (VEC){0} : *(const VEC_U *)(acc + i * NR + j * LANES);        \
+            sum[i][j] = (VEC){0};                                                             \
     for (ptrdiff_t k = 0; k < kc; k++, w += FC_IM_FB) {                                       \
         const T *b = src + off[k];                                                            \
         VEC x[FC_IM_NV];                                                                      \
@@ -64,8 +67,10 @@ static inline FC_ALWAYS_INLINE void fc_implicit_block_##suffix(                 
         }                                                                                     \
     }                                                                                         \
     for (int i = 0; i < FC_IM_FB; i++)                                                        \
-        for (int j = 0; j < FC_IM_NV; j++)                                                    \
-            *(VEC_U *)(acc + i * NR + j * LANES) = sum[i][j];                                 \
+        for (int j = 0; j < FC_IM_NV; j++) {                                                  \
+            VEC_U *to = (VEC_U *)(acc + i * NR + j * LANES);                                  \
+            *to = first ? sum[i][j] : *to + sum[i][j];                                        \
+        }                                                                                     \
 }                                                                                             \
                                                                                               \
 FC_TARGET static void fc_implicit_strips_##suffix(                                            \
