@@ -31,7 +31,8 @@ FILTER_BLOCK = 4
 #: Vectors of positions per register block (FC_IM_NV).
 VECTORS = 3
 #: Taps summed per pass over a strip: its kc runs of NR positions (96 bytes each)
-#: stay in L1 (32 KiB) while every filter block reads them.
+#: stay in L1 (32 KiB) while every filter block reads them. Each pass is summed from
+#: zero and added to the stored sums, which keeps float32 error at im2col's or below.
 K_BLOCK = 192
 #: A band's planes (a thread's workspace) stay in L2 (1 MiB per core here) beside
 #: the packed filters that every strip streams.

@@ -37,8 +37,8 @@ typedef double fc_im_v4df_u __attribute__((vector_size(32), aligned(8)));
    src[s*NR + off[k] + j] for strips s < strips of NR = FC_IM_NV*LANES positions j, every
    filter f < Fp = ceil(F/FB)*FB (wpack: [F/FB][ldk][FB] as fastconv._direct.pack_weight,
    zero past F, from the block's first tap); "+=" with accumulate. Taps are summed kc at
-   a time: a filter block's kc x FB weights stay in L1 while every strip uses them, the
-   strips' kc runs while every filter block does. pf: input to prefetch meanwhile.
+   a time: a strip's kc runs stay in L1 while every filter block reads them (the filters
+   stream from L2). pf: input to prefetch meanwhile.
 
    fc_implicit_store_*: out[f*ldo + oh*OW + ow] = act(acc[f*NR + j] + bias[f]) for the
    strip's positions j in [j0, j1) whose v = v0 + j falls in a column ow < OW. */
@@ -84,15 +84,15 @@ FC_TARGET static void fc_implicit_strips_##suffix(                              
        fetched into L2 a few lines per filter block, while the FMAs run: laying out its    \
        planes would otherwise wait on DRAM */                                               \
     const ptrdiff_t chunk_lines = (pf_chunk + LINE - 1) / LINE;                               \
-    const ptrdiff_t passes = ((K + kc - 1) / kc) * (Fp / FC_IM_FB);                           \
+    const ptrdiff_t passes = ((K + kc - 1) / kc) * strips;                                    \
     const ptrdiff_t per_pass = (pf_chunks * chunk_lines + passes - 1) / passes;               \
     ptrdiff_t line = 0;                                                                       \
     for (ptrdiff_t k0 = 0; k0 < K; k0 += kc) {                                                \
         const ptrdiff_t kn = K - k0 < kc ? K - k0 : kc;                                       \
-        for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_IM_FB) {                                      \
-            const T *w = wpack + (f0 * ldk + k0 * FC_IM_FB);                                  \
-            for (ptrdiff_t s = 0; s < strips; s++)                                            \
-                fc_implicit_block_##suffix(src + s * NR, off + k0, kn, w,                     \
+        for (ptrdiff_t s = 0; s < strips; s++) {                                              \
+            for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_IM_FB)                                    \
+                fc_implicit_block_##suffix(src + s * NR, off + k0, kn,                        \
+                                           wpack + (f0 * ldk + k0 * FC_IM_FB),                \
                                            acc + (s * Fp + f0) * NR, k0 == 0 && !accumulate); \
             for (ptrdiff_t i = 0; pf && i < per_pass && line < pf_chunks * chunk_lines;       \
                  i++, line++)                                                                 \
