@@ -215,15 +215,17 @@ def conv2d(
         engine on the array as given (no transposed copy).
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
-        C) or, for plain layers (groups == 1), a register-blocked one for few
-        input channels (its backward: grad_weight by a direct kernel too,
-        grad_x by im2col); NCHW only. 'winograd'
+        C) or, for plain layers (groups == 1), register-blocked ones: a row
+        kernel for up to 4 input channels, an implicit GEMM over stride phase
+        planes beyond (the backward: grad_weight by the row kernel's direct
+        weight gradient, grad_x by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it);
         'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
-        layers and plain layers of at most 4 input channels, and 'winograd'
-        where it measured faster (see the README).
+        layers and plain layers of at most 4 input channels, 'winograd'
+        where it measured faster, and 'direct' for the forward of other plain
+        layers wider than 1x1 with at most 1.25 MiB of filters (see the README).
     activation : {None, 'relu'}, default None
         A ReLU applied to each output tile right after the bias, while it is
         in cache (NaN stays NaN). :func:`conv2d_backward` takes the same

@@ -40,11 +40,13 @@ BAND_BYTES = 128 << 10
 #: Taps per channel block: its packed filters (F x TAP_BLOCK) stay in L2 with the band's
 #: planes and sums, so every position of the band reuses them from there.
 TAP_BLOCK = 256
-#: ``algorithm="auto"`` takes this kernel for filters up to this size, measured against
-#: im2col + GEMM (README "Choosing the algorithm"): 128 -> 128 3x3 stride 2 ran 1.09x
-#: (2 threads) / 1.18x (1 thread) faster with its 0.56 MiB of float32 filters, 0.75x /
-#: 0.86x with 1.1 MiB of float64; 256 -> 256 with 2.25 MiB, 0.90x / 1.03x.
-AUTO_MAX_WEIGHT_BYTES = 1 << 20
+#: ``algorithm="auto"`` takes this kernel for filters up to this size: every band of
+#: output rows streams all of them. Against im2col + GEMM (interleaved, median per-call
+#: ratio, 2 / 1 threads), 3x3 stride 2: 128 -> 128 on 56x56 (0.56 MiB) 1.13x / 1.22x, in
+#: float64 (1.13 MiB) 1.06x / 1.10x; 256 -> 128 and 128 -> 256 on 56x56 (1.13 MiB) 1.25x /
+#: 1.27x and 1.02x / 1.10x; 192 -> 192 on 28x28 (1.27 MiB) 0.81x / 1.00x; 256 -> 256 on
+#: 28x28 (2.25 MiB) 0.82x / 0.86x; 512 -> 512 on 14x14 (9 MiB) 0.58x / 0.64x.
+AUTO_MAX_WEIGHT_BYTES = 5 << 18
 #: The planes may exceed the input by padding and the dropped columns; beyond this
 #: factor (a padding or dilation far larger than the image) the row kernel runs instead.
 MAX_PLANE_GROWTH = 4
