@@ -322,7 +322,10 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
         return _relu_in_place(y, n_threads) if relu else y
     if algorithm == "direct" and geometry.groups == 1:
         if _implicit.preferred(geometry):
-            return _implicit.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
+            wpack = None if weight_cache is None else weight_cache.get_or_make(
+                weight, ("implicit", np.dtype(dtype)), lambda w: _direct.pack_weight(w, dtype))
+            return _implicit.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu,
+                                     wpack=wpack)
         return _direct.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
     if algorithm == "direct":
         w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)

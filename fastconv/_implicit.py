@@ -156,14 +156,18 @@ def in_place(geometry: ConvGeometry, itemsize: int) -> bool:
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
-            n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
+            n_threads: int, out: np.ndarray, relu: bool = False,
+            wpack: np.ndarray | None = None) -> np.ndarray:
     """``act(conv2d(x, weight) + bias)`` by the implicit GEMM kernel, into ``out``
-    (N, F, OH, OW). ``x`` must be C-contiguous of ``dtype``."""
+    (N, F, OH, OW). ``x`` must be C-contiguous of ``dtype``; ``wpack`` is ``weight``
+    already packed by :func:`fastconv._direct.pack_weight` (a layer's cache), else it is
+    packed here (0.24 ms for resnet-3x3-s2's 128 x 1152 filters)."""
     g = geometry
     itemsize = np.dtype(dtype).itemsize
     plan = _plane_plan(g, itemsize, n_threads)
     strip = VECTORS * 32 // itemsize       # positions per register block
-    wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
+    if wpack is None:
+        wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     direct_read = in_place(g, itemsize)
     # a block hanging past a band's last position reads up to strip + Wq more

@@ -178,3 +178,20 @@ def test_auto_rule():
     assert not _implicit.preferred(conv_geometry((2, 3, 28, 28), (64, 3, 7, 7), 2, 3, 1, 1))
     assert auto(128, 128, 3, stride=2, layout="NHWC") == "im2col"
     assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
+
+
+def test_layer_caches_the_packed_filters_and_notices_updates(monkeypatch):
+    rng = np.random.default_rng(9)
+    layer = fastconv.Conv2D(8, 8, 3, stride=2, padding=1, rng=rng, dtype=np.float64)
+    x = rng.standard_normal((2, 8, 10, 10))
+    packs = []
+    real_pack = fastconv._direct.pack_weight
+    monkeypatch.setattr(fastconv._direct, "pack_weight",
+                        lambda w, dtype: packs.append(1) or real_pack(w, dtype))
+    first = layer.forward(x)
+    assert_matches(layer.forward(x), reference.conv2d(x, layer.W, layer.b, 2, 1), np.float64, 72)
+    assert len(packs) == 1
+    layer.W *= 0.5                      # an in-place update: packed again
+    assert_matches(layer.forward(x), reference.conv2d(x, layer.W, layer.b, 2, 1), np.float64, 72)
+    assert len(packs) == 2
+    assert not np.allclose(first, layer.forward(x))
