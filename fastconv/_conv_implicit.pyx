@@ -84,12 +84,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
             const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi,
             const Py_ssize_t[::1] row_slot, const Py_ssize_t[::1] col_slot, Py_ssize_t phases,
-            Py_ssize_t top,
-            Py_ssize_t left, const Py_ssize_t[::1] offsets, Py_ssize_t Hq, Py_ssize_t Wq,
+            Py_ssize_t top, Py_ssize_t left, const Py_ssize_t[::1] offsets, Py_ssize_t Hq,
+            Py_ssize_t Wq,
             Py_ssize_t band_rows, Py_ssize_t channel_block, int KH, int KW,
             Py_ssize_t reach, int stride_h, int stride_w, Py_ssize_t strip, Py_ssize_t kc,
             bint in_place, bint relu, int n_threads):
-    """y[n, f, oh, ow] = act(sum_k wpack[f, k] * planes[(oh - oh0)*Wq + ow + offsets[k]] + bias[f]).
+    """y[n, f, oh, ow] = act(sum_k wpack[f, k] * planes[(oh - oh0)*Wq + ow + offsets[k]]
+    + bias[f]), with the planes of the band from oh0 and of tap k's channel block.
 
     A work item is a band of ``band_rows`` output rows (from oh0) of one image: per
     block of ``channel_block`` channels, its thread lays out the block's planes

@@ -5,10 +5,10 @@ The direct forward of a plain layer with many input channels
 runs ``fastconv._conv_implicit``: the padded input under a band of output rows is
 split into stride phase planes, in which every tap of NR consecutive output
 positions is one contiguous run; a register-blocked kernel sums those runs for 4
-filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM, no column matrix is
-written (KH*KW copies of the input on a 3x3 layer) and BLAS does not copy it again
-into packed panels: on resnet-3x3-s2 those two copies were 15% and 13% of the
-forward's samples.
+filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM,
+no column matrix is written (KH*KW copies of the input on a 3x3 layer) and BLAS
+does not copy it again into packed panels: on resnet-3x3-s2 those two copies were
+15% and 13% of the forward's samples.
 """
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     acc = workspace("implicit-acc", dtype,
                     n_threads * band_strips * -(-g.F // FILTER_BLOCK) * FILTER_BLOCK * strip)
     _conv_implicit.forward(x, wpack, b, out, planes, acc, plan.rowmap, plan.colmap, plan.lo,
-                           plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top, g.pad_left, plan.offsets, plan.Hq, plan.Wq,
-                           plan.band_rows, plan.channel_block, g.KH, g.KW,
-                           plan.reach, g.stride_h, g.stride_w, strip, K_BLOCK, direct_read, relu,
-                           n_threads)
+                           plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top,
+                           g.pad_left, plan.offsets, plan.Hq, plan.Wq, plan.band_rows,
+                           plan.channel_block, g.KH, g.KW, plan.reach, g.stride_h, g.stride_w,
+                           strip, K_BLOCK, direct_read, relu, n_threads)
     return out
