@@ -18,7 +18,9 @@ tap's columns into per-thread partial sums of grad_weight.
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
+
+from fastconv._phase_rows cimport copy_phase_row
 
 
 cdef extern from "_direct_kernels.h" nogil:
@@ -51,8 +53,7 @@ cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize
     row_size apart; live[r*KH + kh] = 0 where tap row kh of output row r is all padding.
     That row's phases are left unwritten (the forward skips it) or, with
     ``zero_padding_rows``, zeroed."""
-    cdef Py_ssize_t r, oh, kh, c, ph, q, src_row, src_col
-    cdef floating *dst
+    cdef Py_ssize_t r, oh, kh, c, ph, src_row
     cdef const floating *plane_row
     cdef floating *out_row
     for r in range(R):
@@ -69,20 +70,9 @@ cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize
             for c in range(C):
                 plane_row = image + (c * H + src_row) * W
                 for ph in range(S):
-                    dst = out_row + ((c * KH + kh) * S + ph) * ldr
                     # phase ph's columns [lo[ph], hi[ph]) map to plane columns q*S + ph - left
-                    for q in range(lo[ph]):
-                        src_col = colmap[q * S + ph]
-                        dst[q] = plane_row[src_col] if src_col >= 0 else 0
-                    if S == 1:
-                        memcpy(dst + lo[0], plane_row + lo[0] - left,
-                               (hi[0] - lo[0]) * sizeof(floating))
-                    else:
-                        for q in range(lo[ph], hi[ph]):
-                            dst[q] = plane_row[q * S + ph - left]
-                    for q in range(hi[ph], ldr):
-                        src_col = colmap[q * S + ph]
-                        dst[q] = plane_row[src_col] if src_col >= 0 else 0
+                    copy_phase_row(plane_row, out_row + ((c * KH + kh) * S + ph) * ldr, ldr,
+                                   colmap + ph, S, lo[ph], hi[ph], ph - left, S)
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const floating[::1] bias,

@@ -16,7 +16,9 @@ batch.
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
+
+from fastconv._phase_rows cimport copy_phase_row
 
 
 cdef extern from "_implicit_kernels.h" nogil:
@@ -49,8 +51,7 @@ cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating
     ``[lo[pw], hi[pw])`` being ``q*sw + pw - left`` (no lookup).
     Phases no tap reads (``col_slot[pw]`` -1: a 1x1 stride-2 layer reads one of four)
     are neither stored nor given room."""
-    cdef Py_ssize_t i, pw, q, src_row, src_col
-    cdef const floating *row
+    cdef Py_ssize_t i, pw, src_row
     cdef floating *out
     for i in range(rows):
         src_row = rowmap[i]
@@ -61,22 +62,8 @@ cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating
             if src_row < 0:
                 memset(out, 0, Wq * sizeof(floating))
                 continue
-            row = plane + src_row * W
-            for q in range(lo[pw]):
-                src_col = colmap[pw * Wq + q]
-                out[q] = row[src_col] if src_col >= 0 else 0
-            if sw == 1:
-                memcpy(out + lo[0], row + lo[0] - left, (hi[0] - lo[0]) * sizeof(floating))
-            elif sw == 2:
-                # constant-stride loop: the compiler vectorises it
-                for q in range(lo[pw], hi[pw]):
-                    out[q] = row[2 * q + pw - left]
-            else:
-                for q in range(lo[pw], hi[pw]):
-                    out[q] = row[q * sw + pw - left]
-            for q in range(hi[pw], Wq):
-                src_col = colmap[pw * Wq + q]
-                out[q] = row[src_col] if src_col >= 0 else 0
+            copy_phase_row(plane + src_row * W, out, Wq, colmap + pw * Wq, 1, lo[pw], hi[pw],
+                           pw - left, sw)
 
 
 def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const floating[::1] bias,

@@ -25,13 +25,6 @@
 #define FC_FB 4
 #define FC_V 3
 
-typedef float fc_v8sf __attribute__((vector_size(32)));
-typedef float fc_v8sf_u __attribute__((vector_size(32), aligned(4)));
-typedef int fc_v8si __attribute__((vector_size(32)));
-typedef double fc_v4df __attribute__((vector_size(32)));
-typedef double fc_v4df_u __attribute__((vector_size(32), aligned(8)));
-typedef long long fc_v4di __attribute__((vector_size(32)));
-
 /* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): R consecutive output rows of all
    filters (fc_direct_band_*).
 

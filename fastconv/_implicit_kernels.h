@@ -26,10 +26,6 @@
 #define FC_IM_FB 4
 #define FC_IM_NV 3
 
-typedef float fc_im_v8sf __attribute__((vector_size(32)));
-typedef float fc_im_v8sf_u __attribute__((vector_size(32), aligned(4)));
-typedef double fc_im_v4df __attribute__((vector_size(32)));
-typedef double fc_im_v4df_u __attribute__((vector_size(32), aligned(8)));
 
 /* FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES):
 
@@ -125,7 +121,7 @@ FC_TARGET static void fc_implicit_store_##suffix(                               
     }                                                                                         \
 }
 
-FC_IMPLICIT(s, float, fc_im_v8sf, fc_im_v8sf_u, 8)
-FC_IMPLICIT(d, double, fc_im_v4df, fc_im_v4df_u, 4)
+FC_IMPLICIT(s, float, fc_v8sf, fc_v8sf_u, 8)
+FC_IMPLICIT(d, double, fc_v4df, fc_v4df_u, 4)
 
 #endif

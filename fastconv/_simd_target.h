@@ -15,6 +15,15 @@
 #define FC_TARGET
 #endif
 
+/* 32-byte vectors of GCC's vector extensions (one AVX2 register in the x86-64-v3
+   clone, two SSE2 registers in the baseline one); _u: for unaligned loads and stores. */
+typedef float fc_v8sf __attribute__((vector_size(32)));
+typedef float fc_v8sf_u __attribute__((vector_size(32), aligned(4)));
+typedef int fc_v8si __attribute__((vector_size(32)));
+typedef double fc_v4df __attribute__((vector_size(32)));
+typedef double fc_v4df_u __attribute__((vector_size(32), aligned(8)));
+typedef long long fc_v4di __attribute__((vector_size(32)));
+
 #if defined(__GNUC__)
 #define FC_ALWAYS_INLINE __attribute__((always_inline))
 #else

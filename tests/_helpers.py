@@ -40,6 +40,27 @@ def assert_matches(actual, expected, dtype, reduction_length: int, what: str = "
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
 
 
+def assert_forward_matches_reference(x, weight, bias, dtype, reduction_length: int,
+                                     **args) -> None:
+    """``fastconv.conv2d(x, weight, bias, **args)`` against the reference; where the
+    reference refuses the arguments (reflect padding >= the input), fastconv must refuse
+    them too, with the same message."""
+    import pytest
+
+    import fastconv
+    from fastconv import reference
+
+    conv_args = {k: v for k, v in args.items() if k != "algorithm"}
+    try:
+        want = reference.conv2d(x, weight, bias, **conv_args)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=str(error).split(":")[0][:20]):
+            fastconv.conv2d(x, weight, bias, **args)
+        return
+    assert_matches(fastconv.conv2d(x, weight, bias, **args), want, dtype, reduction_length,
+                   "forward")
+
+
 def algorithms_for(kernel, stride=1, dilation=1, layout="NCHW", depthwise=False, groups=1):
     """Every explicit ``algorithm`` that applies to a layer of this shape (mirrors
     ``fastconv._functional._choose_algorithm``): each is tested on the same grid."""
