@@ -26,9 +26,8 @@ from fastconv._workspace import workspace
 
 __all__ = ["applies", "preferred", "pays_off", "forward"]
 
-#: Filters per register block (FC_IM_FB in _implicit_kernels.h, _direct.FILTER_BLOCK).
-FILTER_BLOCK = 4
-#: Vectors of positions per register block (FC_IM_NV).
+#: Vectors of 32 bytes per register block (FC_IM_NV in _implicit_kernels.h); its
+#: filters come packed by _direct.pack_weight, _direct.FILTER_BLOCK (FC_IM_FB) at a time.
 VECTORS = 3
 #: Taps summed per pass over a strip: its kc runs of NR positions (96 bytes each)
 #: stay in L1 (32 KiB) while every filter block reads them. Each pass is summed from
@@ -71,15 +70,20 @@ class _PlanePlan(NamedTuple):
     band_elements: int    # phases*channel_block*(band_rows + reach)*Wq
 
 
+def _plane_shape(g: ConvGeometry) -> tuple[int, int, int]:
+    """``(reach, Hq, Wq)``: plane rows the taps reach below an output row, and the rows
+    and columns of an image's phase plane (the output's plus the taps' reach)."""
+    reach = (g.KH - 1) * g.dilation_h // g.stride_h
+    return reach, g.OH + reach, g.OW + (g.KW - 1) * g.dilation_w // g.stride_w
+
+
 @functools.lru_cache(maxsize=256)
 def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
     """The plane layout of a geometry, built once (NumPy setup costs tens of microseconds)."""
     sh, sw, dh, dw = g.stride_h, g.stride_w, g.dilation_h, g.dilation_w
     kh = np.arange(g.KH, dtype=np.intp) * dh
     kw = np.arange(g.KW, dtype=np.intp) * dw
-    reach = (g.KH - 1) * dh // sh
-    Hq = g.OH + reach
-    Wq = g.OW + (g.KW - 1) * dw // sw
+    reach, Hq, Wq = _plane_shape(g)
     # only the phases some tap reads get planes (one of four on a 1x1 stride-2 layer)
     used_rows, used_cols = np.unique(kh % sh), np.unique(kw % sw)
     col_slot = np.full(sw, -1, np.intp)
@@ -123,11 +127,9 @@ def applies(geometry: ConvGeometry) -> bool:
     """A plain (ungrouped) layer whose phase planes stay within MAX_PLANE_GROWTH times
     the input (plus a small image's border)."""
     g = geometry
-    if g.groups != 1:
-        return False
-    plan_size = (g.stride_h * (g.OH + (g.KH - 1) * g.dilation_h // g.stride_h)
-                 * g.stride_w * (g.OW + (g.KW - 1) * g.dilation_w // g.stride_w))
-    return plan_size <= MAX_PLANE_GROWTH * g.H * g.W + 4096
+    _, Hq, Wq = _plane_shape(g)
+    planes = g.stride_h * Hq * g.stride_w * Wq
+    return g.groups == 1 and planes <= MAX_PLANE_GROWTH * g.H * g.W + 4096
 
 
 def preferred(geometry: ConvGeometry) -> bool:
@@ -175,7 +177,8 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     planes = workspace("implicit-planes", dtype, n_threads * per_thread)
     band_strips = 1 if direct_read else -(-plan.band_rows * plan.Wq // strip)
     acc = workspace("implicit-acc", dtype,
-                    n_threads * band_strips * -(-g.F // FILTER_BLOCK) * FILTER_BLOCK * strip)
+                    n_threads * band_strips * -(-g.F // _direct.FILTER_BLOCK)
+                    * _direct.FILTER_BLOCK * strip)
     _conv_implicit.forward(x, wpack, b, out, planes, acc, plan.rowmap, plan.colmap, plan.lo,
                            plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top,
                            g.pad_left, plan.offsets, plan.Hq, plan.Wq, plan.band_rows,
