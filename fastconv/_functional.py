@@ -54,8 +54,9 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
 
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
                       backward: bool = False, itemsize: int = 4) -> str:
-    """The kernel family to run: ``'direct'`` (depthwise, or plain layers with few
-    channels; NCHW), ``'winograd'`` (3x3, stride 1, dilation 1, NCHW) or ``'im2col'``;
+    """The kernel family to run: ``'direct'`` (depthwise; plain layers by the row
+    kernel or the implicit GEMM; NCHW), ``'winograd'`` (3x3, stride 1, dilation 1,
+    NCHW) or ``'im2col'``;
     ``backward`` asks for the backward pass, whose Winograd part (grad_x) pays off on
     other shapes than the forward; ``itemsize`` is the compute dtype's (4: float32).
 

@@ -3,11 +3,11 @@
    The driver (fastconv/_conv_implicit.pyx) lays the input under a band of output
    rows out as phase planes: the padded input split by row and column residue
    modulo the stride, plane (ph, pw) of channel c holding padded pixels
-   (i*sh + ph, j*sw + pw), Wq columns per row. Output pixel (oh, ow) then reads tap (c, kh, kw) at
-   v + off[k], where v = oh*Wq + ow is its "virtual position" and off[k] is a
-   constant per tap: the position's row and column advance together, so the
-   positions v .. v + NR - 1 of one register block read ONE contiguous run of
-   every tap, across output rows. Columns ow >= OW of a plane row are computed
+   (i*sh + ph, j*sw + pw), Wq columns per row. Output pixel (oh, ow) then reads
+   tap (c, kh, kw) at v + off[k], where v = oh*Wq + ow is its "virtual position"
+   and off[k] is a constant per tap: the position's row and column advance
+   together, so the positions v .. v + NR - 1 of one register block read ONE
+   contiguous run of every tap, across output rows. Columns ow >= OW of a plane row are computed
    and dropped (Wq - OW of every Wq: 1 of 29 on a 3x3 stride-2 layer).
 
    A register block is FC_IM_FB filters x FC_IM_NV vectors of positions: per tap
@@ -25,7 +25,6 @@
 
 #define FC_IM_FB 4
 #define FC_IM_NV 3
-
 
 /* FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES):
 
@@ -77,7 +76,7 @@ FC_TARGET static void fc_implicit_strips_##suffix(                              
     enum { NR = FC_IM_NV * LANES, LINE = 64 / sizeof(T) };                                    \
     const ptrdiff_t Fp = (F + FC_IM_FB - 1) / FC_IM_FB * FC_IM_FB;                            \
     /* the next item's input (pf_chunks runs of pf_chunk values, pf_stride apart) is        \
-       fetched into L2 a few lines per filter block, while the FMAs run: laying out its    \
+       fetched into L2 a few lines per strip and pass, while the FMAs run: laying out its \
        planes would otherwise wait on DRAM */                                               \
     const ptrdiff_t chunk_lines = (pf_chunk + LINE - 1) / LINE;                               \
     const ptrdiff_t passes = ((K + kc - 1) / kc) * strips;                                    \
