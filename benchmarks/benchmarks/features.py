@@ -159,8 +159,10 @@ class Algorithms(Benchmark):
     """
 
     ALGORITHMS = ("im2col", "winograd", "direct")
-    #: the shapes where more than one algorithm applies
-    SHAPES = ("lenet-mnist", "cifar-3x3", "resnet-stem", "resnet-3x3", "vgg-mid", "deep-7x7")
+    #: the shapes where more than one algorithm applies (resnet-1x1 and resnet-3x3-s2:
+    #: im2col and the implicit-GEMM direct forward)
+    SHAPES = ("lenet-mnist", "cifar-3x3", "resnet-stem", "resnet-1x1", "resnet-3x3",
+              "resnet-3x3-s2", "vgg-mid", "deep-7x7")
     params = [SHAPES, ALGORITHMS, PASSES]
     param_names = ["shape", "algorithm", "pass"]
 
