@@ -111,7 +111,9 @@ def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometr
     """The kernel family of a plain or grouped NCHW layer's grad_weight, which pays off on
     its own shapes: with ``algorithm="auto"`` it is chosen apart from grad_x's
     (``algorithm``, from :func:`_choose_algorithm`); explicit algorithms apply to both
-    where they can, and Winograd's F(3x3, 2x2) only within the BLAS limit."""
+    where they can, Winograd's F(3x3, 2x2) only within the BLAS limit, and the direct
+    weight gradient only where it is built for, up to ``_direct.AUTO_MAX_CHANNELS``
+    input channels (on resnet-3x3-s2's 128 it took 2x im2col's time)."""
     if requested == "auto":
         if _direct.pays_off(geometry):
             return "direct"
@@ -120,6 +122,8 @@ def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometr
             return "winograd"
         return "im2col"
     if algorithm == "winograd" and not _winograd.fits(geometry):
+        return "im2col"
+    if algorithm == "direct" and geometry.C > _direct.AUTO_MAX_CHANNELS:
         return "im2col"
     return algorithm
 
@@ -218,8 +222,8 @@ def conv2d(
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row
         kernel for up to 4 input channels, an implicit GEMM over stride phase
-        planes beyond (the backward: grad_weight by the row kernel's direct
-        weight gradient, grad_x by im2col); NCHW only. 'winograd'
+        planes beyond (the backward: grad_weight by a direct kernel up to 4
+        channels, the rest by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it);
         'im2col' is

@@ -189,3 +189,15 @@ def test_layer_caches_the_packed_filters_and_notices_updates(monkeypatch):
     assert_matches(layer.forward(x), reference.conv2d(x, layer.W, layer.b, 2, 1), np.float64, 72)
     assert len(packs) == 2
     assert not np.allclose(first, layer.forward(x))
+
+
+def test_backward_of_direct_runs_the_im2col_engine_beyond_four_channels(dtype):
+    """The implicit kernel is a forward; the row kernel's weight gradient is built for a
+    few channels (2x im2col's time at 128): with 5 or more, 'direct' backs up by im2col."""
+    rng = np.random.default_rng(10)
+    x, w, b = _problem(rng, 2, 5, 9, 9, 6, (3, 3), dtype)
+    dy = rng.standard_normal((2, 6, 5, 5)).astype(dtype)
+    got = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="direct")
+    want = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="im2col")
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g, e)
