@@ -123,7 +123,7 @@ def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometr
         return "im2col"
     if algorithm == "winograd" and not _winograd.fits(geometry):
         return "im2col"
-    if algorithm == "direct" and geometry.C > _direct.AUTO_MAX_CHANNELS:
+    if algorithm == "direct" and not _direct.pays_off(geometry):
         return "im2col"
     return algorithm
 

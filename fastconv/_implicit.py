@@ -67,6 +67,7 @@ class _PlanePlan(NamedTuple):
     col_slot: np.ndarray  # (sw,): plane of column phase pw within it, -1 likewise
     offsets: np.ndarray   # (C*KH*KW,): where tap (c, kh, kw) reads in a band's planes
     phases: int           # phase planes per channel (those some tap reads)
+    in_place: bool        # the planes are the input itself (see in_place())
     band_elements: int    # phases*channel_block*(band_rows + reach)*Wq
 
 
@@ -98,7 +99,8 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
     row_bytes = phases * channel_block * Wq * itemsize
     band_rows = max(1, min(g.OH, BAND_BYTES // row_bytes - reach,
                            -(-g.N * g.OH // (4 * n_threads))))
-    if in_place(g, itemsize):
+    direct_read = in_place(g, itemsize)
+    if direct_read:
         # the planes are the input: the offsets are the image's
         band_rows, channel_block = g.OH, g.C
     Hb = band_rows + reach
@@ -120,7 +122,8 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
     for array in (rowmap, colmap, lo, hi, row_slot, col_slot, offsets):
         array.flags.writeable = False      # shared by every call with this geometry
     return _PlanePlan(Hq, band_rows, channel_block, reach, Wq, rowmap, colmap, lo, hi,
-                      row_slot, col_slot, offsets, phases, phases * channel_block * Hb * Wq)
+                      row_slot, col_slot, offsets, phases, direct_read,
+                      phases * channel_block * Hb * Wq)
 
 
 def applies(geometry: ConvGeometry) -> bool:
@@ -171,7 +174,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     if wpack is None:
         wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    direct_read = in_place(g, itemsize)
+    direct_read = plan.in_place
     # a block hanging past a band's last position reads up to strip + Wq more
     per_thread = 0 if direct_read else plan.band_elements + strip + plan.Wq
     planes = workspace("implicit-planes", dtype, n_threads * per_thread)
