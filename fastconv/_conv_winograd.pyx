@@ -361,3 +361,96 @@ def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight, int 
             fc_winodw_output_s(n, &sums[0], pairs, &grad_weight[0], 0, pairs)
         else:
             fc_winodw_output_d(n, &sums[0], pairs, &grad_weight[0], 0, pairs)
+
+
+def forward_filter_blocks(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
+                          const floating[:, :, :, ::1] weight, const floating[::1] bias, floating[:, :, :, ::1] y,
+                          floating[::1] V, floating[::1] workspace, int m,
+                          const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
+                          Py_ssize_t left, Py_ssize_t lo, Py_ssize_t hi,
+                          Py_ssize_t rows_per_chunk, Py_ssize_t filter_block,
+                          bint for_input_grad, bint relu, Py_ssize_t sum_chunk, int n_threads):
+    """y = act(conv3x3(x) + bias) by F(m x m, 3 x 3) for filters too many to stream per block.
+
+    :func:`forward` gives each thread whole blocks of tiles, so every thread reads
+    all of ``U`` once per block, and BLAS packs it again for each block's few
+    tiles: on deep layers (512 x 512 filters: U is 36 MiB at m = 4, a block's
+    tiles a quarter of that) streaming U dominates. Here the threads share a chunk
+    of ``rows_per_chunk`` tile rows: first they transform its input together (into
+    ``V``, shared, one channel per work item), then each takes blocks of
+    ``filter_block`` filters, transforms the block's filters (unless ``U`` is
+    given: a layer's cache), runs the block's alpha**2 GEMMs over the chunk's
+    tiles and its output transform. The block's filters and products stay in
+    the thread's workspace (L2). Groups 1.
+
+    ``for_input_grad``: ``weight`` is the convolution's (C_out, C_in, 3, 3) and this
+    is its grad_x (x: dY, y: dX): filter c is the channel-c slice, rotated by 180
+    degrees (as :func:`transform_weight`).
+
+    # IN  x: (N, C, H, W); U: (alpha**2, F, C) from transform_weight, or None with
+    #     weight: (F, C, 3, 3) ((C, F, 3, 3) for_input_grad); bias: (F,) or None
+    # OUT y: (N, F, OH, OW), every element written
+    # V: alpha**2 * C * rows_per_chunk * TW (shared)
+    # workspace: n_threads * alpha**2 * ((filter_block + 1) * rows_per_chunk * TW
+    #            + filter_block * C)
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
+    cdef Py_ssize_t AA = (m + 2) * (m + 2)
+    cdef Py_ssize_t TH = ceil_div(OH, m), TW = ceil_div(OW, m)
+    cdef Py_ssize_t total_rows = N * TH
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t f_blocks = ceil_div(F, filter_block)
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
+    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t r0, r1, tb, c, fb, f0, fn, s, f, r, n, th
+    cdef floating *D
+    cdef floating *M
+    cdef floating *Ub
+    cdef const floating *Us
+    cdef Py_ssize_t ldu
+    cdef bint transform = U is None
+    cdef floating b
+    if N == 0:
+        return
+    for r0 in range(0, total_rows, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, total_rows)
+        tb = (r1 - r0) * TW
+        # 1. V[s, c, t] for the chunk's tiles t, one channel per work item
+        for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
+            D = &workspace[openmp.omp_get_thread_num() * per_thread]
+            gather_block(m, &x[0, 0, 0, 0], C, H, W, c, r0, r1, TH, TW, &rowmap[0],
+                         &colmap[0], left, lo, hi, D, tb)
+            input_transform(m, D, tb, &V[c * tb], C * tb, tb)
+        # 2. per filter block: M[s] = U[s, block] @ V[s], then y's tiles of the block
+        for fb in prange(f_blocks, nogil=True, num_threads=n_threads, schedule="dynamic"):
+            D = &workspace[openmp.omp_get_thread_num() * per_thread]
+            M = D + AA * tb
+            f0 = fb * filter_block
+            fn = min(filter_block, F - f0)
+            if transform:
+                Ub = M + AA * filter_block * tb
+                for f in range(fn):
+                    if for_input_grad:
+                        # from the last tap backwards: the kernel rotated by 180 degrees
+                        filter_transform(m, &weight[0, f0 + f, 2, 2], -1, F * 9, Ub + f * C,
+                                         fn * C, C)
+                    else:
+                        filter_transform(m, &weight[f0 + f, 0, 0, 0], 1, 9, Ub + f * C, fn * C,
+                                         C)
+                Us = Ub
+                ldu = fn * C
+            else:
+                Us = &U[0, f0, 0]
+                ldu = F * C
+            for s in range(AA):
+                gemm_rm_chunked(False, False, fn, tb, C, 1, Us + s * ldu, C, &V[s * C * tb], tb,
+                                0, M + s * fn * tb, tb, sum_chunk, limit)
+            for f in range(fn):
+                output_transform(m, M + f * tb, fn * tb, D, tb, tb)
+                b = bias[f0 + f] if has_bias else 0
+                for r in range(r0, r1):
+                    n = r // TH
+                    th = r - n * TH
+                    scatter_tiles(m, D + (r - r0) * TW, tb, &y[n, f0 + f, th * m, 0], OW,
+                                  min(m, OH - th * m), TW, b, relu)

@@ -200,13 +200,47 @@ def transformed_weight(weight: np.ndarray, groups: int, m: int, dtype, n_threads
     return out
 
 
-def _run(x: np.ndarray, U: np.ndarray, bias, y: np.ndarray, geometry: ConvGeometry, m: int,
-         C: int, F: int, H: int, W: int, OH: int, OW: int, pads, mode: str, relu: bool,
-         n_threads: int) -> None:
-    """One Winograd convolution of x (N, C, H, W) into y (N, F, OH, OW)."""
+#: The filter-block forward (``fastconv._conv_winograd.forward_filter_blocks``) runs
+#: where the filters in the Winograd domain outweigh a block's tiles (V and M), so
+#: that every thread streaming all of them per block would dominate: deep-7x7
+#: (512 -> 512 on 7x7, 36 MiB of filters against 9 MiB of tiles) ran 1.18-1.27x
+#: faster at 2 threads and 1.11-1.13x at 1 (interleaved, median per-call ratio,
+#: filters transformed per block in the thread). vgg-mid (2.3 MiB against 9 MiB)
+#: swung between 0.6x and 1.13x at 2 threads; resnet-3x3 ran 0.6x: they keep blocks.
+#: Blocks of 16 filters ran 1.27x / 1.11x, of 32 1.23x / 1.13x, of 8 1.21x.
+FILTER_BLOCK = 16
+#: Tiles per chunk that the threads transform together (their V is shared).
+FILTER_BLOCK_CHUNK_TILES = 256
+
+
+def _filter_blocks_pay(plan: WinogradPlan, C: int, F: int, groups: int) -> bool:
+    """Whether the filters (F x C per transform position) outweigh a block's tiles."""
+    return groups == 1 and F * C > (C + F) * plan.rows_per_block * plan.tile_cols
+
+
+def _run(x: np.ndarray, weight: np.ndarray, U: np.ndarray | None, bias, y: np.ndarray,
+         geometry: ConvGeometry, m: int, C: int, F: int, H: int, W: int, OH: int, OW: int,
+         pads, mode: str, relu: bool, for_input_grad: bool, n_threads: int) -> None:
+    """One Winograd convolution of x (N, C, H, W) into y (N, F, OH, OW) by ``U``, the
+    filters in the Winograd domain, or by ``weight`` transformed here when U is None."""
     top, bottom, left, right = pads
     tiles: WinogradPlan = plan_winograd(x.shape[0], C, F, OH, OW, m, x.itemsize, n_threads)
     rowmap, colmap, lo, hi = _tile_maps(m, H, W, OH, OW, pads, mode)
+    if _filter_blocks_pay(tiles, C, F, geometry.groups):
+        rows = max(1, min(x.shape[0] * -(-OH // m), FILTER_BLOCK_CHUNK_TILES // tiles.tile_cols))
+        aa, tb = (m + 2) ** 2, rows * tiles.tile_cols
+        V = workspace("winograd-shared", x.dtype, aa * C * tb)
+        scratch = workspace("winograd", x.dtype,
+                            n_threads * aa * ((FILTER_BLOCK + 1) * tb + FILTER_BLOCK * C))
+        w = None if U is not None else np.ascontiguousarray(weight, dtype=x.dtype)
+        with single_threaded_blas:
+            _conv_winograd.forward_filter_blocks(x, U, w, bias, y, V, scratch, m, rowmap,
+                                                 colmap, left, lo, hi, rows, FILTER_BLOCK,
+                                                 for_input_grad, relu, SUM_CHUNK.get(m, 0),
+                                                 n_threads)
+        return
+    if U is None:
+        U = transformed_weight(weight, geometry.groups, m, x.dtype, n_threads, for_input_grad)
     scratch = workspace("winograd", x.dtype, n_threads * tiles.workspace_per_thread(C, F))
     with single_threaded_blas:
         _conv_winograd.forward(x, U, bias, y, scratch, m, geometry.groups, rowmap, colmap,
@@ -224,11 +258,10 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     """
     g = geometry
     m = choose_m(g) if m is None else m
-    if U is None:
-        U = transformed_weight(weight, g.groups, m, dtype, n_threads)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
-    _run(x, U, b, out, g, m, g.C, g.F, g.H, g.W, g.OH, g.OW,
-         (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right), g.padding_mode, relu, n_threads)
+    _run(x, weight, U, b, out, g, m, g.C, g.F, g.H, g.W, g.OH, g.OW,
+         (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right), g.padding_mode, relu, False,
+         n_threads)
     return out
 
 
@@ -245,11 +278,9 @@ def backward_input(grad_output: np.ndarray, weight: np.ndarray, geometry: ConvGe
     if g.padding_mode != "zeros":
         raise ValueError("Winograd grad_x needs padding_mode='zeros'")
     m = choose_m_input_grad(g) if m is None else m
-    if U is None:
-        U = transformed_weight(weight, g.groups, m, dtype, n_threads, for_input_grad=True)
     pads = (2 - g.pad_top, 2 - g.pad_bottom, 2 - g.pad_left, 2 - g.pad_right)
-    _run(grad_output, U, None, out, g, m, g.F, g.C, g.OH, g.OW, g.H, g.W, pads, "zeros", False,
-         n_threads)
+    _run(grad_output, weight, U, None, out, g, m, g.F, g.C, g.OH, g.OW, g.H, g.W, pads, "zeros",
+         False, True, n_threads)
     return out
 
 

@@ -198,6 +198,84 @@ def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, m, n_threads, d
                    dtype, 45, "forward")
 
 
+@pytest.fixture(params=["blocks", "filter-blocks"])
+def winograd_path(request, monkeypatch):
+    """Runs a test by each Winograd driver: per-thread blocks of tiles, or the threads
+    sharing chunks of tiles and splitting the filters (forced here whatever the shape)."""
+    monkeypatch.setattr(_winograd, "_filter_blocks_pay",
+                        lambda plan, C, F, groups: request.param == "filter-blocks"
+                        and groups == 1)
+    return request.param
+
+
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
+@pytest.mark.parametrize("N,C,F,H,W", [(1, 5, 3, 4, 4), (3, 7, 19, 9, 11), (2, 20, 33, 6, 13)])
+@pytest.mark.parametrize("padding", [1, (2, 0, 0, 1), "valid"])
+@pytest.mark.parametrize("chunk_tiles", [1, 7, 256])
+def test_filter_blocks_tails_chunks_and_threads(monkeypatch, winograd_path, m, N, C, F, H, W,
+                                                padding, chunk_tiles, dtype):
+    """Filter blocks with a tail (F not a multiple of FILTER_BLOCK), chunks of one tile
+    row to the whole batch, filters transformed in the blocks or given (a layer's
+    cache), forward with bias or ReLU, and grad_x: the same values on 1, 2 and 3 threads."""
+    monkeypatch.setattr(_winograd, "FILTER_BLOCK_CHUNK_TILES", chunk_tiles)
+    rng = np.random.default_rng(12)
+    x, w, b = _problem(rng, N, C, H, W, F, 1, dtype)
+    g = conv_geometry(x.shape, w.shape, 1, padding, 1, string_padding=True)
+    want = reference.conv2d(x, w, b, 1, padding)
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    want_dx = reference.conv2d_backward(dy, x, w, 1, padding)[0]
+    # the filter blocks' GEMMs have the same shapes on any thread count: the same bits
+    same = (np.testing.assert_array_equal if winograd_path == "filter-blocks"
+            else lambda got, first: assert_matches(got, first, dtype, 9 * C, "forward"))
+    first = _forced(m, x, w, b, g, dtype, 1)
+    assert_matches(first, want, dtype, 9 * C, "forward")
+    for n_threads in (2, 3):
+        same(_forced(m, x, w, b, g, dtype, n_threads), first)
+    U = _winograd.transformed_weight(w, 1, m, dtype, 2, out=np.empty(((m + 2) ** 2, F, C),
+                                                                      dtype))
+    same(_winograd.forward(x, w, b, g, dtype, 2, np.empty_like(first), m=m, U=U), first)
+    relu = _forced(m, x, w, None, g, dtype, 2, relu=True)
+    assert_matches(relu, np.maximum(want - b[:, None, None], 0), dtype, 9 * C, "forward")
+    dx = _forced_input_grad(m, dy, w, g, dtype, 1)
+    assert_matches(dx, want_dx, dtype, 9 * F, "grad_x")
+    same(_forced_input_grad(m, dy, w, g, dtype, 3), dx)
+    Ug = _winograd.transformed_weight(w, 1, m, dtype, 2, for_input_grad=True,
+                                      out=np.empty(((m + 2) ** 2, C, F), dtype))
+    same(_winograd.backward_input(dy, w, g, dtype, 2, np.empty_like(dx), m=m, U=Ug), dx)
+
+
+def test_filter_blocks_rule():
+    """The filter-block driver runs where the filters outweigh a block's tiles (deep-7x7),
+    not on vgg-mid or resnet-3x3 (whose blocks measured faster)."""
+    def pays(N, C, F, size, n_threads):
+        plan = _tiling.plan_winograd(N, C, F, size, size, 4, 4, n_threads)
+        return _winograd._filter_blocks_pay(plan, C, F, 1)
+
+    assert pays(32, 512, 512, 7, 2) and pays(32, 512, 512, 7, 1)
+    assert not pays(8, 128, 128, 56, 2) and not pays(8, 64, 64, 56, 2)
+    plan = _tiling.plan_winograd(32, 512, 512, 7, 7, 4, 4, 2)
+    assert not _winograd._filter_blocks_pay(plan, 512, 512, 2)       # groups: blocks
+
+
+def test_filter_blocks_from_a_layer_and_conv2d(winograd_path):
+    """The public calls on a deep layer, by either driver, against the reference;
+    the layer caches its transformed filters as before."""
+    rng = np.random.default_rng(13)
+    x, w, b = _problem(rng, 3, 40, 5, 6, 36, 1, np.float64)
+    want = reference.conv2d(x, w, b, 1, 1)
+    assert relative_error(fastconv.conv2d(x, w, b, padding=1, algorithm="winograd"),
+                          want) < 1e-12
+    layer = fastconv.Conv2D(40, 36, 3, padding=1, algorithm="winograd", dtype=np.float64,
+                            rng=0)
+    layer.W[...] = w
+    layer.b[...] = b
+    assert relative_error(layer(x), want) < 1e-12
+    assert len(layer._weight_cache._transforms) == 1
+    dy = rng.standard_normal(want.shape)
+    got = layer.backward(dy)
+    assert relative_error(got, reference.conv2d_backward(dy, x, w, 1, 1)[0]) < 1e-12
+
+
 def test_float64_is_exact_to_rounding():
     """float64 Winograd stays within 1e-12 of the reference (the issue asks <= 1e-9)."""
     rng = np.random.default_rng(4)
