@@ -1,4 +1,5 @@
-"""Implicit GEMM forward of plain NCHW layers: phase planes and register-blocked strips.
+"""Implicit GEMM of plain NCHW layers: the forward (phase planes and register-blocked
+strips) and the weight gradient (column-tap planes, :func:`backward_weight`).
 
 A work item is a band of output rows of one image. Its thread lays out the
 padded input under the band as phase planes (``planes[phase][c][rows][Wq]``, see
@@ -38,6 +39,12 @@ cdef extern from "_implicit_kernels.h" nogil:
     void fc_implicit_store_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
                              Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
                              int relu, double *out, Py_ssize_t ldo)
+    void fc_implicit_dw_s(const float *dy, Py_ssize_t ldy, Py_ssize_t F, const float *src,
+                          const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t V, float *dw,
+                          Py_ssize_t ldw)
+    void fc_implicit_dw_d(const double *dy, Py_ssize_t ldy, Py_ssize_t F, const double *src,
+                          const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t V, double *dw,
+                          Py_ssize_t ldw)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
@@ -205,3 +212,86 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             else:
                 fc_implicit_store_d(a + s * acc_size, F, v0, 0, min(strip, positions - v0), Wq,
                                     OW, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW)
+
+
+def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,
+                    floating[:, ::1] partial, floating[::1] planes,
+                    const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
+                    const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi,
+                    const Py_ssize_t[::1] row_index, Py_ssize_t row_phases,
+                    const Py_ssize_t[::1] offsets, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t OH,
+                    Py_ssize_t OW, Py_ssize_t band_rows, Py_ssize_t channel_block, int KH, int KW,
+                    Py_ssize_t reach, int stride_h, int stride_w, int dilation_w, Py_ssize_t left,
+                    int n_threads):
+    """partial[t, f*K + k] = thread t's share of sum_{n, oh, ow} dy[n, f, oh*OW + ow] *
+    (tap k = (c*KH + kh)*KW + kw of output pixel (oh, ow)), K = C*KH*KW.
+
+    A work item is a band of ``band_rows`` output rows of one image and a block of
+    ``channel_block`` channels (consecutive items share the band's dY rows). Its thread
+    lays the block's input out as column-tap planes, one per channel, row phase ph
+    (``row_index[ph]``, -1 where no tap reads it) and kw: ``band_rows + reach`` rows of
+    OW columns, row i, column j holding padded pixel ((oh0 + i)*sh + ph,
+    j*sw + kw*dilation_w); ``offsets[k]`` is where tap k of a block reads in them.
+    ``rowmap``, ``colmap``, ``lo`` and ``hi`` are the forward's phase-plane maps
+    (:func:`forward`): plane (ph, kw) column j is phase pw = kw*dw % sw's column
+    j + kw*dw // sw.
+
+    # IN  x: (N, C, H, W); dy: (N, F, OH*OW)
+    # OUT partial: (n_threads, F*K), every element written (per-thread sums, reduced after)
+    # planes: n_threads * channel_block * row_phases * KW * (band_rows + reach) * OW
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t F = dy.shape[1], P = dy.shape[2]
+    cdef Py_ssize_t K = C * KH * KW
+    cdef Py_ssize_t sh = stride_h, sw = stride_w
+    cdef Py_ssize_t plane_size = (band_rows + reach) * OW
+    cdef Py_ssize_t per_thread = planes.shape[0] // n_threads
+    cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
+    cdef Py_ssize_t blocks = (C + channel_block - 1) // channel_block
+    cdef Py_ssize_t item, n, band, block, oh0, rows, c0, cn, c, ph, kw, i, pw, shift
+    cdef Py_ssize_t lo_q, hi_q, src_row, t
+    cdef floating *band_planes
+    cdef floating *dst
+    cdef const floating *plane
+    cdef floating *sums
+    for t in prange(n_threads, nogil=True, num_threads=n_threads, schedule="static"):
+        memset(&partial[t, 0], 0, K * F * sizeof(floating))
+    if N == 0 or F == 0:
+        return
+    for item in prange(N * bands * blocks, nogil=True, num_threads=n_threads,
+                       schedule="static"):
+        n = item // (bands * blocks)
+        band = (item // blocks) % bands
+        block = item % blocks
+        oh0 = band * band_rows
+        rows = min(band_rows, OH - oh0)
+        c0 = block * channel_block
+        cn = min(channel_block, C - c0)
+        t = openmp.omp_get_thread_num()
+        band_planes = &planes[t * per_thread]
+        for c in range(cn):
+            plane = &x[n, c0 + c, 0, 0]
+            for ph in range(sh):
+                if row_index[ph] < 0:
+                    continue
+                for kw in range(KW):
+                    pw = (kw * dilation_w) % sw
+                    shift = (kw * dilation_w) // sw
+                    lo_q = min(OW, max(0, lo[pw] - shift))
+                    hi_q = max(lo_q, min(OW, hi[pw] - shift))
+                    dst = band_planes + ((c * row_phases + row_index[ph]) * KW + kw) * plane_size
+                    for i in range(rows + reach):
+                        src_row = rowmap[ph * Hq + oh0 + i]
+                        if src_row < 0:
+                            memset(dst + i * OW, 0, OW * sizeof(floating))
+                        else:
+                            copy_phase_row(plane + src_row * W, dst + i * OW, OW,
+                                           &colmap[pw * Wq + shift], 1, lo_q, hi_q,
+                                           pw - left + shift * sw, sw)
+        sums = &partial[t, c0 * KH * KW]
+        if floating is float:
+            fc_implicit_dw_s(&dy[n, 0, oh0 * OW], P, F, band_planes, &offsets[0],
+                             cn * KH * KW, rows * OW, sums, K)
+        else:
+            fc_implicit_dw_d(&dy[n, 0, oh0 * OW], P, F, band_planes, &offsets[0],
+                             cn * KH * KW, rows * OW, sums, K)

@@ -364,7 +364,8 @@ def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight, int 
 
 
 def forward_filter_blocks(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
-                          const floating[:, :, :, ::1] weight, const floating[::1] bias, floating[:, :, :, ::1] y,
+                          const floating[:, :, :, ::1] weight, const floating[::1] bias,
+                          floating[:, :, :, ::1] y,
                           floating[::1] V, floating[::1] workspace, int m,
                           const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
                           Py_ssize_t left, Py_ssize_t lo, Py_ssize_t hi,

@@ -107,23 +107,29 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     return algorithm
 
 
-def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometry) -> str:
+def _weight_grad_algorithm(requested: str, algorithm: str, geometry: ConvGeometry,
+                           itemsize: int = 4) -> str:
     """The kernel family of a plain or grouped NCHW layer's grad_weight, which pays off on
     its own shapes: with ``algorithm="auto"`` it is chosen apart from grad_x's
     (``algorithm``, from :func:`_choose_algorithm`); explicit algorithms apply to both
-    where they can, Winograd's F(3x3, 2x2) only within the BLAS limit, and the direct
-    weight gradient only where it is built for, up to ``_direct.AUTO_MAX_CHANNELS``
-    input channels (on resnet-3x3-s2's 128 it took 2x im2col's time)."""
+    where they can, Winograd's F(3x3, 2x2) only within the BLAS limit; 'direct' runs the
+    row kernel's weight gradient up to ``_direct.AUTO_MAX_CHANNELS`` input channels (on
+    resnet-3x3-s2's 128 it took 2x im2col's time) and the implicit one
+    (``fastconv._implicit.backward_weight``) on other plain layers, which 'auto' takes
+    where :func:`fastconv._implicit.pays_off_weight_grad`."""
     if requested == "auto":
         if _direct.pays_off(geometry):
             return "direct"
         if (_winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
                 and _winograd.fits(geometry)):
             return "winograd"
+        if _implicit.pays_off_weight_grad(geometry, itemsize):
+            return "direct"
         return "im2col"
     if algorithm == "winograd" and not _winograd.fits(geometry):
         return "im2col"
-    if algorithm == "direct" and not _direct.pays_off(geometry):
+    if algorithm == "direct" and not (_direct.pays_off(geometry)
+                                      or _implicit.applies(geometry)):
         return "im2col"
     return algorithm
 
@@ -503,11 +509,14 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         return grad_x, grad_weight, grad_bias
     winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
                       and _winograd.fits_input_grad(geometry))
-    weight_algorithm = _weight_grad_algorithm(requested, algorithm, geometry)
+    weight_algorithm = _weight_grad_algorithm(requested, algorithm, geometry,
+                                              np.dtype(dtype).itemsize)
     direct_weight = weight_algorithm == "direct"
     winograd_weight = weight_algorithm == "winograd"
-    if direct_weight:
+    if direct_weight and _direct.pays_off(geometry):
         _direct.backward_weight(xc, dy, geometry, dtype, n_threads, grad_weight.reshape(-1))
+    elif direct_weight:
+        _implicit.backward_weight(xc, dy, geometry, dtype, n_threads, grad_weight.reshape(-1))
     elif winograd_weight:
         _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
     if with_bias and (direct_weight or winograd_weight):

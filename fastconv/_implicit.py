@@ -1,4 +1,5 @@
-"""Implicit GEMM forward of plain NCHW layers: phase-plane maps, workspace -> kernel.
+"""Implicit GEMM of plain NCHW layers: the forward and the weight gradient without a
+column matrix (phase-plane maps, workspace -> kernel).
 
 The direct forward of a plain layer with many input channels
 (``conv2d(..., algorithm="direct")``, and ``"auto"`` where :func:`pays_off`)
@@ -9,6 +10,11 @@ filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEM
 no column matrix is written (KH*KW copies of the input on a 3x3 layer) and BLAS
 does not copy it again into packed panels: on resnet-3x3-s2 those two copies were
 15% and 13% of the forward's samples.
+
+The weight gradient (:func:`backward_weight`; ``"direct"``'s beyond 4 channels, and
+``"auto"``'s where :func:`pays_off_weight_grad`) lays the input out as column-tap planes
+instead, one per kw, so that each tap of every output pixel lies at a constant offset
+from the pixel's index in dY: its sums run along dY's rows as they are.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastconv import _conv_implicit, _direct
+from fastconv import _conv, _conv_implicit, _direct
 from fastconv._direct import pack_weight
 from fastconv._padding import source_indices
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "preferred", "pays_off", "forward"]
+__all__ = ["applies", "preferred", "pays_off", "pays_off_weight_grad", "forward",
+           "backward_weight"]
 
 #: Vectors of 32 bytes per register block (FC_IM_NV in _implicit_kernels.h); its
 #: filters come packed by _direct.pack_weight, _direct.FILTER_BLOCK (FC_IM_FB) at a time.
@@ -187,4 +194,92 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
                            g.pad_left, plan.offsets, plan.Hq, plan.Wq, plan.band_rows,
                            plan.channel_block, g.KH, g.KW, plan.reach, g.stride_h, g.stride_w,
                            strip, K_BLOCK, direct_read, relu, n_threads)
+    return out
+
+
+#: A weight-gradient item's column-tap planes (a thread's workspace) stay in L2 beside
+#: the band's dY rows, which every block of taps streams. On resnet-3x3-s2, 256 KiB ran
+#: 1.13x / 1.15x im2col's grad_weight (2 / 1 threads), 512 KiB 1.08x / 1.18x, 2 MiB
+#: 1.11x / 1.07x, 64 KiB 0.68x (interleaved, median per-call ratio).
+WEIGHT_GRAD_PLANE_BYTES = 256 << 10
+#: ``algorithm="auto"`` takes the implicit weight gradient for layers wider than 1x1
+#: with at least this many output pixels per image: each sum is FC_DW_FB x FC_DW_KB
+#: vectors along one band's pixels, then their lanes are added, so short bands pay that
+#: more often. Against im2col's grad_weight (interleaved, median per-call ratio, 2 / 1
+#: threads, 3x3 stride 2 unless said): 128 -> 128 to 16x16 0.93x / 1.08x, 20x20 0.93x /
+#: 0.94x, 24x24 1.05x / 1.16x, 28x28 (resnet-3x3-s2) 1.08-1.13x / 1.15-1.18x; 256 -> 256
+#: to 14x14 0.74x / 0.74x, 512 -> 512 to 7x7 0.35x; 64 -> 64 7x7 s2 to 28x28 1.05x /
+#: 1.14x; 32 -> 64 5x5 s1 on 28x28 1.28x / 1.30x; 16 -> 32 5x5 on 32x32 2.4x / 2.1x;
+#: 1x1 256 -> 64 on 56x56 0.75x (BLAS reads the input in place there). Its filters must
+#: also stay within AUTO_MAX_WEIGHT_BYTES: each thread's partial sums are their size
+#: (256 -> 256 to 28x28, 2.25 MiB: 0.91x / 0.98x).
+AUTO_MIN_WEIGHT_GRAD_POSITIONS = 576
+
+
+class _WeightGradPlan(NamedTuple):
+    """How :func:`backward_weight` lays out an item's column-tap planes."""
+
+    band_rows: int        # output rows per work item
+    channel_block: int    # input channels per work item
+    row_phases: int       # row phases some tap reads
+    row_index: np.ndarray  # (sh,): the row phase's planes, -1 if no tap reads it
+    offsets: np.ndarray   # (channel_block*KH*KW,): where tap (c, kh, kw) reads in the planes
+    plane_elements: int   # channel_block*row_phases*KW*(band_rows + reach)*OW
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_grad_plan(g: ConvGeometry, itemsize: int) -> _WeightGradPlan:
+    """Bands and channel blocks whose planes fill about WEIGHT_GRAD_PLANE_BYTES."""
+    sh, dh = g.stride_h, g.dilation_h
+    reach = (g.KH - 1) * dh // sh
+    kh = np.arange(g.KH, dtype=np.intp) * dh
+    used = np.unique(kh % sh)
+    row_index = np.full(sh, -1, np.intp)
+    row_index[used] = np.arange(len(used))
+    row_bytes = len(used) * g.KW * g.OW * itemsize       # one plane row of one channel
+    # whole images where 8 channels fit, else bands of rows
+    band_rows = max(1, min(g.OH, WEIGHT_GRAD_PLANE_BYTES // (8 * row_bytes) - reach))
+    channel_block = max(1, min(g.C, WEIGHT_GRAD_PLANE_BYTES // ((band_rows + reach) * row_bytes)))
+    plane = (band_rows + reach) * g.OW
+    c = np.arange(channel_block, dtype=np.intp)[:, None, None]
+    kw = np.arange(g.KW, dtype=np.intp)[None, None, :]
+    offsets = ((((c * len(used) + row_index[kh % sh][None, :, None]) * g.KW + kw) * plane
+                + (kh // sh)[None, :, None] * g.OW)).reshape(-1)
+    for array in (row_index, offsets):
+        array.flags.writeable = False      # shared by every call with this geometry
+    return _WeightGradPlan(band_rows, channel_block, len(used), row_index, offsets,
+                           channel_block * len(used) * g.KW * plane)
+
+
+def pays_off_weight_grad(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+    """Whether ``algorithm="auto"`` takes :func:`backward_weight` for a plain NCHW layer's
+    grad_weight (after the direct and Winograd weight gradients): a kernel wider than 1x1,
+    at least AUTO_MIN_WEIGHT_GRAD_POSITIONS output pixels per image and filters of at most
+    AUTO_MAX_WEIGHT_BYTES."""
+    g = geometry
+    return (applies(g) and g.KH * g.KW > 1 and g.OH * g.OW >= AUTO_MIN_WEIGHT_GRAD_POSITIONS
+            and g.F * g.C * g.KH * g.KW * itemsize <= AUTO_MAX_WEIGHT_BYTES)
+
+
+def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeometry, dtype,
+                    n_threads: int, out: np.ndarray) -> np.ndarray:
+    """grad_weight of a plain NCHW layer, ``(F, C*KH*KW)`` into ``out`` (flat), without a
+    column matrix: the sums run along dY's rows as they lie and along runs of
+    column-tap planes of the input (see ``fastconv._conv_implicit.backward_weight``),
+    into per-thread partial sums over the batch that are reduced at the end.
+    ``x`` and ``grad_output`` must be C-contiguous of ``dtype``."""
+    g = geometry
+    itemsize = np.dtype(dtype).itemsize
+    plan = _plane_plan(g, itemsize, n_threads)
+    wplan = _weight_grad_plan(g, itemsize)
+    K = g.C * g.KH * g.KW
+    planes = workspace("implicit-planes", dtype, n_threads * wplan.plane_elements)
+    partial = workspace("partial", dtype, n_threads * g.F * K).reshape(n_threads, -1)
+    _conv_implicit.backward_weight(x, grad_output.reshape(g.N, g.F, -1), partial, planes,
+                                   plan.rowmap, plan.colmap, plan.lo, plan.hi, wplan.row_index,
+                                   wplan.row_phases, wplan.offsets, plan.Hq, plan.Wq, g.OH,
+                                   g.OW, wplan.band_rows, wplan.channel_block, g.KH, g.KW,
+                                   plan.reach, g.stride_h, g.stride_w, g.dilation_w,
+                                   g.pad_left, n_threads)
+    _conv.reduce_rows(partial, out, n_threads)
     return out

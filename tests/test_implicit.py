@@ -174,6 +174,46 @@ def test_auto_rule():
     assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
 
 
+def test_auto_weight_grad_rule():
+    """'auto' runs the implicit weight gradient on layers wider than 1x1 with at least
+    AUTO_MIN_WEIGHT_GRAD_POSITIONS output pixels per image and at most
+    AUTO_MAX_WEIGHT_BYTES of filters, after the row kernel's and Winograd's."""
+    from fastconv._functional import _weight_grad_algorithm
+
+    def weight_grad(C, F, kernel, size, stride=1, itemsize=4):
+        g = conv_geometry((2, C, size, size), (F, C, kernel, kernel), stride, kernel // 2, 1, 1)
+        grad_x = _choose_algorithm("auto", g, "NCHW", True, itemsize)
+        return _weight_grad_algorithm("auto", grad_x, g, itemsize)
+
+    assert _implicit.AUTO_MIN_WEIGHT_GRAD_POSITIONS == 576
+    assert weight_grad(128, 128, 3, 56, stride=2) == "direct"          # resnet-3x3-s2
+    assert weight_grad(128, 128, 3, 48, stride=2) == "direct"          # 24x24 outputs
+    assert weight_grad(128, 128, 3, 40, stride=2) == "im2col"          # 20x20
+    assert weight_grad(256, 256, 3, 56, stride=2) == "im2col"          # 2.25 MiB of filters
+    assert weight_grad(128, 128, 3, 56, stride=2, itemsize=8) == "direct"   # 1.13 MiB
+    assert weight_grad(32, 64, 5, 28) == "direct"
+    assert weight_grad(256, 64, 1, 56) == "im2col"                     # 1x1: a plain GEMM
+    assert weight_grad(64, 64, 3, 56) == "winograd"
+    assert weight_grad(3, 64, 7, 224, stride=2) == "direct"            # the row kernel's
+
+
+def test_auto_backward_runs_the_implicit_weight_gradient(monkeypatch):
+    """conv2d_backward(algorithm='auto') on a layer the rule takes: grad_weight by the
+    implicit kernel (the reference's values), grad_x and grad_bias as by im2col."""
+    calls = []
+    original = _implicit.backward_weight
+    monkeypatch.setattr(_implicit, "backward_weight",
+                        lambda *args: calls.append(1) or original(*args))
+    rng = np.random.default_rng(14)
+    x, w, _ = _problem(rng, 2, 6, 50, 50, 5, (3, 3), np.float64)
+    dy = rng.standard_normal((2, 5, 25, 25))
+    got = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1)
+    assert calls
+    want = reference.conv2d_backward(dy, x, w, 2, 1)
+    for g, e in zip(got, want):
+        assert_matches(g, e, np.float64, 2 * 625, "backward")
+
+
 def test_layer_caches_the_packed_filters_and_notices_updates(monkeypatch):
     rng = np.random.default_rng(9)
     layer = fastconv.Conv2D(8, 8, 3, stride=2, padding=1, rng=rng, dtype=np.float64)
@@ -191,13 +231,99 @@ def test_layer_caches_the_packed_filters_and_notices_updates(monkeypatch):
     assert not np.allclose(first, layer.forward(x))
 
 
-def test_backward_of_direct_runs_the_im2col_engine_beyond_four_channels(dtype):
-    """The implicit kernel is a forward; the row kernel's weight gradient is built for a
-    few channels (2x im2col's time at 128): with 5 or more, 'direct' backs up by im2col."""
+def test_backward_of_direct_beyond_four_channels(dtype):
+    """Beyond 4 channels 'direct' runs the implicit weight gradient and grad_x by im2col
+    (the row kernel's weight gradient, built for a few channels, took 2x im2col's time
+    at 128)."""
     rng = np.random.default_rng(10)
     x, w, b = _problem(rng, 2, 5, 9, 9, 6, (3, 3), dtype)
     dy = rng.standard_normal((2, 6, 5, 5)).astype(dtype)
     got = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="direct")
     want = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="im2col")
-    for g, e in zip(got, want):
-        np.testing.assert_array_equal(g, e)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])
+    assert_matches(got[1], reference.conv2d_backward(dy, x, w, 2, 1)[1], dtype, 2 * 25,
+                   "grad_weight")
+
+
+@pytest.fixture
+def small_weight_grad_items(monkeypatch):
+    """Weight-gradient items of one output row and one channel: every band and block
+    boundary is crossed."""
+    monkeypatch.setattr(_implicit, "WEIGHT_GRAD_PLANE_BYTES", 1)
+    _implicit._weight_grad_plan.cache_clear()
+    yield
+    _implicit._weight_grad_plan.cache_clear()
+
+
+def _weight_grad(x, w, dy, dtype, n_threads=2, **args):
+    g = _geometry(x, w, **args)
+    out = np.full(w.size, np.nan, dtype)
+    return _implicit.backward_weight(np.ascontiguousarray(x, dtype), np.ascontiguousarray(dy),
+                                     g, dtype, n_threads, out).reshape(w.shape)
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
+    ((3, 2), (2, 3), 2, 1), ((1, 1), 2, 1, 0), ((1, 1), (1, 3), 1, (1, 0, 2, 0)),
+    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"), ((3, 3), 1, 2, "same"),
+])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("items", ["default", "small"])
+def test_weight_grad_strides_dilations_padding_modes_and_items(kernel, stride, dilation,
+                                                               padding, mode, items, dtype,
+                                                               request):
+    if items == "small":
+        request.getfixturevalue("small_weight_grad_items")
+    rng = np.random.default_rng(11)
+    x, w, _ = _problem(rng, 2, 7, 19, 23, 6, kernel, dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
+    try:
+        g = _geometry(x, w, **args)
+    except ValueError:
+        return          # reflect padding >= the input: refused before any kernel
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    want = reference.conv2d_backward(dy, x, w, stride, padding, dilation,
+                                     padding_mode=mode)[1]
+    assert_matches(_weight_grad(x, w, dy, dtype, **args), want, dtype,
+                   2 * g.OH * g.OW, "grad_weight")
+
+
+# filter counts around the filter pairs, taps around the blocks of 6 (1x1: 1 per channel,
+# 3x3: 9), positions around the 8 (4) lanes of float32 (float64)
+@pytest.mark.parametrize("F", [1, 2, 3, 5])
+@pytest.mark.parametrize("C,kernel", [(1, (1, 1)), (5, (1, 1)), (6, (1, 1)), (1, (3, 3)),
+                                      (3, (3, 3)), (2, (2, 3))])
+@pytest.mark.parametrize("OH,OW", [(1, 1), (1, 7), (2, 4), (3, 5), (4, 9)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_weight_grad_filter_tap_and_lane_tails(F, C, kernel, OH, OW, n_threads, dtype):
+    rng = np.random.default_rng(12)
+    x, w, _ = _problem(rng, 3, C, OH + kernel[0] - 1, OW + kernel[1] - 1, F, kernel, dtype)
+    dy = rng.standard_normal((3, F, OH, OW)).astype(dtype)
+    want = reference.conv2d_backward(dy, x, w)[1]
+    assert_matches(_weight_grad(x, w, dy, dtype, n_threads), want, dtype, 3 * OH * OW,
+                   "grad_weight")
+
+
+def test_weight_grad_inputs_untouched_and_workspace_bounded():
+    """x and dY are only read; the workspace (planes and per-thread sums) is the same
+    for a batch of 2 and of 16."""
+    from _helpers import run_in_thread
+
+    from fastconv import _workspace
+
+    def sizes():
+        rng = np.random.default_rng(13)
+        found = []
+        for N in (2, 16):
+            x, w, _ = _problem(rng, N, 9, 12, 12, 8, (3, 3), np.float32)
+            dy = rng.standard_normal((N, 8, 6, 6)).astype(np.float32)
+            x0, dy0 = x.copy(), dy.copy()
+            _weight_grad(x, w, dy, np.float32, stride=2, padding=1)
+            np.testing.assert_array_equal(x, x0)
+            np.testing.assert_array_equal(dy, dy0)
+            found.append({k: b.size for k, b in _workspace._local.buffers.items()})
+        return found
+
+    small, large = run_in_thread(sizes)
+    assert small == large
