@@ -426,7 +426,10 @@ def conv2d_backward(
     rotated kernel) runs by Winograd too when ``padding_mode='zeros'``, and by
     im2col otherwise (or where its GEMMs would pass the 32-bit BLAS limit:
     ``W > 2**32`` or ``F/groups > 2**31 - 1``); grad_weight runs by F(3x3, 2x2)
-    (every padding mode). ``'auto'`` decides grad_x and grad_weight separately.
+    (every padding mode). With ``algorithm='direct'`` grad_weight runs by the
+    row kernel up to 4 input channels and by the implicit GEMM over column-tap
+    planes beyond (grad_x by im2col). ``'auto'`` decides grad_x and grad_weight
+    separately.
 
     Examples
     --------
