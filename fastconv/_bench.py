@@ -19,6 +19,7 @@ module so that the tests and asv benchmarks reuse them.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -290,6 +291,29 @@ MEMORY_COLUMNS = (
 #: Pause before each measurement so the previous one's spinning threads go idle.
 SETTLE_SECONDS = 0.25
 
+#: glibc's malloc serves blocks above its mmap threshold (128 KiB at start) with fresh
+#: mmap'd pages, a page fault per 4 KiB on first touch, and raises the threshold (to at
+#: most 32 MiB) the first time such a block is freed. A peer that allocates its buffers
+#: per call therefore ran several times faster once anything in the process had freed a
+#: large block (torch's cifar-3x3 forward 10.4 ms -> 1.19 ms, resnet-stem 34.6 -> 11.3 ms,
+#: after one malloc/free of 32 MiB; an ONNX Runtime session does that), so its timings
+#: depended on what ran before them. The suites fix the threshold up front at that
+#: raised value (fixing it also stops glibc moving it), with the trim threshold at twice
+#: it, as glibc's own raise sets it.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+
+
+def pin_malloc_thresholds() -> bool:
+    """Fix glibc's mmap and trim thresholds (see MALLOC_MMAP_THRESHOLD); False where the
+    C library is not glibc (nothing changed)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3       # glibc's <malloc.h>
+    return (mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) == 1
+            and mallopt(m_trim_threshold, 2 * MALLOC_MMAP_THRESHOLD) == 1)
+
 
 def usable_cpus() -> int:
     """Cores this process may run on (the affinity mask, not the machine's count)."""
@@ -443,7 +467,8 @@ def _torch_call(torch, pass_: str, shape: Shape, arrays: dict) -> Callable[[], o
 
 def _suite_setup(threads, dtype, repeat, reference_repeat, reference, torch):
     """The arguments shared by :func:`run_suite` and :func:`run_pool_suite`, resolved:
-    thread count, dtype, reference repeats, and the reference and torch modules (or None)."""
+    thread count, dtype, reference repeats, and the reference and torch modules (or None);
+    glibc's malloc thresholds are fixed here (:func:`pin_malloc_thresholds`)."""
     threads = usable_cpus() if threads is None else int(threads)
     reference_repeat = repeat if reference_repeat is None else reference_repeat
     ref_module = None
@@ -452,6 +477,7 @@ def _suite_setup(threads, dtype, repeat, reference_repeat, reference, torch):
     torch_module = _import_torch() if torch is None or torch else None
     if torch and torch_module is None:
         raise RuntimeError("torch=True but `import torch` failed")
+    pin_malloc_thresholds()         # before anything is timed, peers included
     return threads, np.dtype(dtype), reference_repeat, ref_module, torch_module
 
 

@@ -110,6 +110,22 @@ def test_run_suite_on_tiny_shape():
     assert len(format_table(rows).splitlines()) == 4
 
 
+def test_suites_fix_the_malloc_thresholds_first(monkeypatch):
+    """Both suites pin glibc's mmap threshold before timing anything: a peer's per-call
+    buffers would otherwise cost page faults or not depending on what ran earlier."""
+    import platform
+
+    calls = []
+    monkeypatch.setattr(_bench, "pin_malloc_thresholds", lambda: calls.append(1) or True)
+    run_suite([TINY], threads=1, repeat=1, torch=False, reference=False, gemm=False)
+    _bench.run_pool_suite([_bench.POOL_SUITE[0].with_batch(1)], threads=1, repeat=1,
+                          torch=False, reference=False)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert _bench.pin_malloc_thresholds()
+
+
 TINY_DEPTHWISE = Shape("tiny-dw", N=2, C=4, H=7, W=6, F=8, KH=3, KW=3, stride=1, pad=1,
                        groups=4)
 TINY_TRANSPOSED = Shape("tiny-up", N=2, C=4, H=5, W=6, F=6, KH=4, KW=4, stride=2, pad=1,
