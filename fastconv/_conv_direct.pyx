@@ -32,14 +32,16 @@ cdef extern from "_direct_kernels.h" nogil:
                           const unsigned char *live, const double *wpack, const Py_ssize_t *tap,
                           int C, int KH, int KW, int S, Py_ssize_t F, const double *bias,
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_weight_grad_band_s(const float *rows, Py_ssize_t band_stride,
-                                      const Py_ssize_t *off, Py_ssize_t K, const float *dy,
-                                      Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
-                                      float *g)
-    void fc_direct_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
-                                      const Py_ssize_t *off, Py_ssize_t K, const double *dy,
-                                      Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
-                                      double *g)
+
+
+cdef extern from "_weight_grad_kernels.h" nogil:
+    void fc_weight_grad_band_s(const float *rows, Py_ssize_t band_stride, const Py_ssize_t *off,
+                               Py_ssize_t K, const float *dy, Py_ssize_t ldo, Py_ssize_t F,
+                               Py_ssize_t OW, Py_ssize_t R, float *g, Py_ssize_t ldg)
+    void fc_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
+                               const Py_ssize_t *off, Py_ssize_t K, const double *dy,
+                               Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
+                               double *g, Py_ssize_t ldg)
 
 
 cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
@@ -172,8 +174,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
         phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_size, live, &rowmap[0], &colmap[0],
                    &lo[0], &hi[0], left, KH, S, ldr, True)
         if floating is float:
-            fc_direct_weight_grad_band_s(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0],
-                                         OH * OW, F, OW, R, &partial[tid, 0])
+            fc_weight_grad_band_s(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0], OH * OW, F,
+                                  OW, R, &partial[tid, 0], K)
         else:
-            fc_direct_weight_grad_band_d(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0],
-                                         OH * OW, F, OW, R, &partial[tid, 0])
+            fc_weight_grad_band_d(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0], OH * OW, F,
+                                  OW, R, &partial[tid, 0], K)

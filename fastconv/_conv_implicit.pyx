@@ -39,12 +39,16 @@ cdef extern from "_implicit_kernels.h" nogil:
     void fc_implicit_store_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
                              Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
                              int relu, double *out, Py_ssize_t ldo)
-    void fc_implicit_dw_s(const float *dy, Py_ssize_t ldy, Py_ssize_t F, const float *src,
-                          const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t V, float *dw,
-                          Py_ssize_t ldw)
-    void fc_implicit_dw_d(const double *dy, Py_ssize_t ldy, Py_ssize_t F, const double *src,
-                          const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t V, double *dw,
-                          Py_ssize_t ldw)
+
+
+cdef extern from "_weight_grad_kernels.h" nogil:
+    void fc_weight_grad_band_s(const float *rows, Py_ssize_t band_stride, const Py_ssize_t *off,
+                               Py_ssize_t K, const float *dy, Py_ssize_t ldo, Py_ssize_t F,
+                               Py_ssize_t OW, Py_ssize_t R, float *g, Py_ssize_t ldg)
+    void fc_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
+                               const Py_ssize_t *off, Py_ssize_t K, const double *dy,
+                               Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
+                               double *g, Py_ssize_t ldg)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
@@ -238,7 +242,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
 
     # IN  x: (N, C, H, W); dy: (N, F, OH*OW)
     # OUT partial: (n_threads, F*K), every element written (per-thread sums, reduced after)
-    # planes: n_threads * channel_block * row_phases * KW * (band_rows + reach) * OW
+    # planes: n_threads * (channel_block * row_phases * KW * (band_rows + reach) * OW + 8)
+    #   (the last tap's last vector may read 7 values past its plane, never summed)
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dy.shape[1], P = dy.shape[2]
@@ -289,9 +294,10 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                                            &colmap[pw * Wq + shift], 1, lo_q, hi_q,
                                            pw - left + shift * sw, sw)
         sums = &partial[t, c0 * KH * KW]
+        # the band as one row of rows*OW pixels (the planes are OW wide, as dY's rows)
         if floating is float:
-            fc_implicit_dw_s(&dy[n, 0, oh0 * OW], P, F, band_planes, &offsets[0],
-                             cn * KH * KW, rows * OW, sums, K)
+            fc_weight_grad_band_s(band_planes, 0, &offsets[0], cn * KH * KW,
+                                  &dy[n, 0, oh0 * OW], P, F, rows * OW, 1, sums, K)
         else:
-            fc_implicit_dw_d(&dy[n, 0, oh0 * OW], P, F, band_planes, &offsets[0],
-                             cn * KH * KW, rows * OW, sums, K)
+            fc_weight_grad_band_d(band_planes, 0, &offsets[0], cn * KH * KW,
+                                  &dy[n, 0, oh0 * OW], P, F, rows * OW, 1, sums, K)

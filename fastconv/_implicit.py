@@ -203,7 +203,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
 #: 1.11x / 1.07x, 64 KiB 0.68x (interleaved, median per-call ratio).
 WEIGHT_GRAD_PLANE_BYTES = 256 << 10
 #: ``algorithm="auto"`` takes the implicit weight gradient for layers wider than 1x1
-#: with at least this many output pixels per image: each sum is FC_DW_FB x FC_DW_KB
+#: with at least this many output pixels per image: each sum is FC_WG_FB x FC_WG_TB
 #: vectors along one band's pixels, then their lanes are added, so short bands pay that
 #: more often. Against im2col's grad_weight (interleaved, median per-call ratio, 2 / 1
 #: threads, 3x3 stride 2 unless said): 128 -> 128 to 16x16 0.93x / 1.08x, 20x20 0.93x /
@@ -273,7 +273,8 @@ def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeomet
     plan = _plane_plan(g, itemsize, n_threads)
     wplan = _weight_grad_plan(g, itemsize)
     K = g.C * g.KH * g.KW
-    planes = workspace("implicit-planes", dtype, n_threads * wplan.plane_elements)
+    # + 8: a band's last vector of pixels may read past the last plane (masked, not summed)
+    planes = workspace("implicit-planes", dtype, n_threads * (wplan.plane_elements + 8))
     partial = workspace("partial", dtype, n_threads * g.F * K).reshape(n_threads, -1)
     _conv_implicit.backward_weight(x, grad_output.reshape(g.N, g.F, -1), partial, planes,
                                    plan.rowmap, plan.colmap, plan.lo, plan.hi, wplan.row_index,
