@@ -21,6 +21,7 @@ from cython.parallel cimport prange
 from libc.string cimport memset
 
 from fastconv._phase_rows cimport copy_phase_row
+from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 
 cdef extern from "_direct_kernels.h" nogil:
@@ -33,15 +34,6 @@ cdef extern from "_direct_kernels.h" nogil:
                           int C, int KH, int KW, int S, Py_ssize_t F, const double *bias,
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
 
-
-cdef extern from "_weight_grad_kernels.h" nogil:
-    void fc_weight_grad_band_s(const float *rows, Py_ssize_t band_stride, const Py_ssize_t *off,
-                               Py_ssize_t K, const float *dy, Py_ssize_t ldo, Py_ssize_t F,
-                               Py_ssize_t OW, Py_ssize_t R, float *g, Py_ssize_t ldg)
-    void fc_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
-                               const Py_ssize_t *off, Py_ssize_t K, const double *dy,
-                               Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
-                               double *g, Py_ssize_t ldg)
 
 
 cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,

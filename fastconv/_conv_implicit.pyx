@@ -20,6 +20,7 @@ from cython.parallel cimport prange
 from libc.string cimport memset
 
 from fastconv._phase_rows cimport copy_phase_row
+from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 
 cdef extern from "_implicit_kernels.h" nogil:
@@ -40,15 +41,6 @@ cdef extern from "_implicit_kernels.h" nogil:
                              Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
                              int relu, double *out, Py_ssize_t ldo)
 
-
-cdef extern from "_weight_grad_kernels.h" nogil:
-    void fc_weight_grad_band_s(const float *rows, Py_ssize_t band_stride, const Py_ssize_t *off,
-                               Py_ssize_t K, const float *dy, Py_ssize_t ldo, Py_ssize_t F,
-                               Py_ssize_t OW, Py_ssize_t R, float *g, Py_ssize_t ldg)
-    void fc_weight_grad_band_d(const double *rows, Py_ssize_t band_stride,
-                               const Py_ssize_t *off, Py_ssize_t K, const double *dy,
-                               Py_ssize_t ldo, Py_ssize_t F, Py_ssize_t OW, Py_ssize_t R,
-                               double *g, Py_ssize_t ldg)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,

@@ -24,6 +24,15 @@ def _geometry(x, w, **args):
                          string_padding=True)
 
 
+#: Kernels, strides, dilations and paddings (every form) that the forward and the weight
+#: gradient are both tested over.
+GEOMETRIES = [
+    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
+    ((3, 2), (2, 3), 2, 1), ((1, 1), 2, 1, 0), ((1, 1), (1, 3), 1, (1, 0, 2, 0)),
+    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"), ((3, 3), 1, 2, "same"),
+]
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Bands of one or two rows, channel blocks of 2-3 channels, 5 taps per pass: every
@@ -56,11 +65,7 @@ def test_filter_blocks_and_strip_tails(F, OH, OW, dtype):
     assert_matches(y, reference.conv2d(x, w, b), dtype, 6 * 9, "forward")
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,padding", [
-    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
-    ((3, 2), (2, 3), 2, 1), ((1, 1), 2, 1, 0), ((1, 1), (1, 3), 1, (1, 0, 2, 0)),
-    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"), ((3, 3), 1, 2, "same"),
-])
+@pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES)
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("blocks", ["default", "small"])
 def test_strides_dilations_padding_modes_and_blocks(kernel, stride, dilation, padding, mode,
@@ -263,11 +268,7 @@ def _weight_grad(x, w, dy, dtype, n_threads=2, **args):
                                      g, dtype, n_threads, out).reshape(w.shape)
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,padding", [
-    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
-    ((3, 2), (2, 3), 2, 1), ((1, 1), 2, 1, 0), ((1, 1), (1, 3), 1, (1, 0, 2, 0)),
-    ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"), ((3, 3), 1, 2, "same"),
-])
+@pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES)
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("items", ["default", "small"])
 def test_weight_grad_strides_dilations_padding_modes_and_items(kernel, stride, dilation,
