@@ -35,7 +35,6 @@ cdef extern from "_direct_kernels.h" nogil:
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
 
 
-
 cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                      Py_ssize_t oh0,
                      Py_ssize_t R, floating *rows, Py_ssize_t row_size, unsigned char *live,

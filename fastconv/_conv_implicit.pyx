@@ -42,7 +42,6 @@ cdef extern from "_implicit_kernels.h" nogil:
                              int relu, double *out, Py_ssize_t ldo)
 
 
-
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
                      Py_ssize_t rows, Py_ssize_t Wq, Py_ssize_t phase_size,
                      const Py_ssize_t *rowmap, const Py_ssize_t *colmap, const Py_ssize_t *lo,
