@@ -19,6 +19,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memset
 
+from fastconv._bands cimport Band, band_item
 from fastconv._phase_rows cimport copy_phase_row
 from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
@@ -115,7 +116,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef Py_ssize_t band_strips = (band_rows * Wq + strip - 1) // strip
     cdef Py_ssize_t lanes = 8 if sizeof(floating) == 4 else 4
     cdef const floating *bias_ptr = NULL
-    cdef Py_ssize_t item, n, band, oh0, rows, c, ph, s, v0, j0, positions, strips
+    cdef Py_ssize_t item, n, oh0, rows, c, ph, s, v0, j0, positions, strips
+    cdef Band b
     cdef Py_ssize_t next_n = 0, next_c = 0, next_first = 0, next_rows, first_row, last_row
     cdef Py_ssize_t block, c0, cn
     cdef floating *band_planes
@@ -155,10 +157,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                                     &y[n, 0, 0, 0], OH * OW)
         return
     for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
-        n = item // bands
-        band = item - n * bands
-        oh0 = band * band_rows
-        rows = min(band_rows, OH - oh0)
+        b = band_item(item, bands, band_rows, OH)
+        n, oh0, rows = b.n, b.oh0, b.rows
         tid = openmp.omp_get_thread_num()
         band_planes = &planes[tid * per_thread]
         a = &acc[tid * band_strips * acc_size]
@@ -244,7 +244,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
     cdef Py_ssize_t per_thread = planes.shape[0] // n_threads
     cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
     cdef Py_ssize_t blocks = (C + channel_block - 1) // channel_block
-    cdef Py_ssize_t item, n, band, block, oh0, rows, c0, cn, c, ph, kw, i, pw, shift
+    cdef Py_ssize_t item, n, block, oh0, rows, c0, cn, c, ph, kw, i, pw, shift
+    cdef Band b
     cdef Py_ssize_t lo_q, hi_q, src_row, t
     cdef floating *band_planes
     cdef floating *dst
@@ -256,11 +257,9 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
         return
     for item in prange(N * bands * blocks, nogil=True, num_threads=n_threads,
                        schedule="static"):
-        n = item // (bands * blocks)
-        band = (item // blocks) % bands
+        b = band_item(item // blocks, bands, band_rows, OH)
+        n, oh0, rows = b.n, b.oh0, b.rows
         block = item % blocks
-        oh0 = band * band_rows
-        rows = min(band_rows, OH - oh0)
         c0 = block * channel_block
         cn = min(channel_block, C - c0)
         t = openmp.omp_get_thread_num()
