@@ -11,8 +11,12 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) \
     && !defined(FASTCONV_NO_TARGET_CLONES)
 #define FC_TARGET __attribute__((target_clones("arch=x86-64-v3", "default")))
+/* also an AVX-512 clone: the same 32-byte vectors, but 32 registers to hold them */
+#define FC_TARGET_WIDE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", \
+                                                    "default")))
 #else
 #define FC_TARGET
+#define FC_TARGET_WIDE
 #endif
 
 /* 32-byte vectors of GCC's vector extensions (one AVX2 register in the x86-64-v3

@@ -19,8 +19,9 @@ def _problem(rng, N, C, H, W, F, kernel, dtype):
     return x, w, b
 
 
-# output widths around the kernel's 8- and 24-column blocks, filter counts around its 4-blocks
-@pytest.mark.parametrize("OW", [1, 7, 8, 9, 23, 24, 25, 47, 49])
+# output widths around the kernel's 8-column vectors and its 3- and (with AVX-512) 4-vector
+# blocks, filter counts around its 4-blocks
+@pytest.mark.parametrize("OW", [1, 7, 8, 9, 23, 24, 25, 31, 32, 33, 47, 49, 65])
 @pytest.mark.parametrize("F", [1, 3, 4, 5, 9])
 def test_column_and_filter_block_tails(OW, F, dtype):
     rng = np.random.default_rng(0)
