@@ -36,10 +36,14 @@ __all__ = ["applies", "preferred", "pays_off", "pays_off_weight_grad", "forward"
 #: Vectors of 32 bytes per register block (FC_IM_NV in _implicit_kernels.h); its
 #: filters come packed by _direct.pack_weight, _direct.FILTER_BLOCK (FC_IM_FB) at a time.
 VECTORS = 3
-#: Taps summed per pass over a strip: its kc runs of NR positions (96 bytes each)
-#: stay in L1 (32 KiB) while every filter block reads them. Each pass is summed from
-#: zero and added to the stored sums, which keeps float32 error at im2col's or below.
-K_BLOCK = 192
+#: Taps summed per pass over a strip: its kc runs of NR positions stay in L1 (32 KiB)
+#: while every filter block reads them. A run is 96 bytes but, unaligned, touches 2-3
+#: cache lines: 192 runs (~30 KiB of lines) did not stay, and the kernel alone ran 77
+#: GFLOP/s at kc = 192 against 85 at kc = 48..96 (resnet-3x3-s2's planes, interleaved);
+#: its forward 1.05x / 1.05x at 96 (1 / 2 threads, median per-call ratio). Each pass is
+#: summed from zero and added to the stored sums, which keeps float32 error at im2col's
+#: or below.
+K_BLOCK = 96
 #: A band's planes (a thread's workspace) stay in L2 (1 MiB per core here) beside
 #: the packed filters that every strip streams.
 BAND_BYTES = 128 << 10
