@@ -207,7 +207,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
 #: 1.11x / 1.07x, 64 KiB 0.68x (interleaved, median per-call ratio).
 WEIGHT_GRAD_PLANE_BYTES = 256 << 10
 #: ``algorithm="auto"`` takes the implicit weight gradient for layers wider than 1x1
-#: with at least this many output pixels per image: each sum is FC_WG_FB x FC_WG_TB
+#: with at least this many output pixels per image: each block sums FB x FC_WG_TB
 #: vectors along one band's pixels, then their lanes are added, so short bands pay that
 #: more often. Against im2col's grad_weight (interleaved, median per-call ratio, 2 / 1
 #: threads, 3x3 stride 2 unless said): 128 -> 128 to 16x16 0.93x / 1.08x, 20x20 0.93x /

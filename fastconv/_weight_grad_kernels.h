@@ -8,17 +8,19 @@
    one output row at a time; the implicit GEMM's column-tap planes, a whole band as
    one row of R*OW pixels). Im2col + GEMM would write those taps out as a column matrix
    and BLAS would copy it again; for a few channels its GEMM has too few outputs
-   (27 x 32 for cifar-3x3) to run well at all. A register block is FC_WG_FB filters x up
-   to FC_WG_TB taps: per vector of pixels, FC_WG_FB loads of dY and one load of each
-   tap's input feed FC_WG_FB * FC_WG_TB FMAs into independent sums, whose lanes are
-   added once per call.
+   (27 x 32 for cifar-3x3) to run well at all. A register block is FB filters x up to
+   FC_WG_TB taps: per vector of pixels, FB loads of dY and one load of each tap's input
+   feed FB * FC_WG_TB FMAs into independent sums, whose lanes are added once per call.
+   FB is 2 with AVX2's 16 registers (12 sums) and 4 with AVX-512's 32 (24 sums: 10 loads
+   per 24 FMAs instead of 8 per 12; the unaligned tap loads often split cache lines, so
+   loads were the limit): kernel alone 1.28-1.39x (Zen 4).
 
    Two details are worth 1.45x on resnet-3x3-s2's weight gradient: GCC folds each
    tap's load into both of its FMAs (14 loads per 12 FMAs instead of 8), which an empty
    asm "modifying" the vector prevents; and the lanes are added by a transpose-and-add
    tree rather than LANES scalar adds per sum. The asm names an AVX register, which the
-   baseline build has not, so the two builds are written out and picked at run time
-   (target_clones compiles one body for both). */
+   baseline build has not, so the builds are written out and picked at run time
+   (target_clones compiles one body for all). */
 #ifndef FASTCONV_WEIGHT_GRAD_KERNELS_H
 #define FASTCONV_WEIGHT_GRAD_KERNELS_H
 
@@ -26,8 +28,8 @@
 #include <string.h>
 #include "_simd_target.h"
 
-#define FC_WG_FB 2
 #define FC_WG_TB 6
+#define FC_WG_WIDE_MIN_VECTORS 8
 
 /* [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7], as vhaddps (a macro: a
    function returning a 32-byte vector would change the baseline build's ABI) */
@@ -68,105 +70,148 @@ static inline FC_ALWAYS_INLINE void fc_lane_sums_d(const fc_v4df *v, int n, doub
 
 #define FC_PIN_NONE(v) ((void)0)
 #define FC_PIN_YMM(v) __asm__("" : "+x"(v))
+/* AVX-512's "v": any of its 32 registers (x names only the first 16) */
+#define FC_PIN_V(v) __asm__("" : "+v"(v))
 #define FC_V3 __attribute__((target("arch=x86-64-v3")))
+#define FC_V4 __attribute__((target("arch=x86-64-v4")))
 
-/* One block of NT taps (NT <= FC_WG_TB) for a filter pair: g0/g1 are the pair's sums
-   of those taps (g1 NULL: an odd last filter, paired with itself). */
-#define FC_WEIGHT_GRAD_BLOCK(suffix, NT, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)  \
-TARGET static inline FC_ALWAYS_INLINE void fc_weight_grad_block##NT##_##suffix(               \
-    const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, const T *dy0, const T *dy1,   \
-    ptrdiff_t OW, ptrdiff_t R, T *g0, T *g1)                                                  \
+/* One block of FB filters x NT taps (NT <= FC_WG_TB): g[i] receives filter i's sums of
+   those taps (NULL: a filter run only to fill the block, its sums dropped). */
+#define FC_WEIGHT_GRAD_BLOCK(suffix, FB, NT, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN,         \
+                             LANE_SUMS)                                                       \
+TARGET static inline FC_ALWAYS_INLINE void fc_weight_grad_block##FB##x##NT##_##suffix(        \
+    const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, const T *const *dy,           \
+    ptrdiff_t OW, ptrdiff_t R, T *const *g)                                                   \
 {                                                                                             \
-    VEC acc[2 * NT];                                                                          \
+    VEC acc[FB * NT];                                                                         \
     const ptrdiff_t full = OW / LANES * LANES, rest = OW - full;                              \
     IVEC keep;                                                                                \
     for (int l = 0; l < LANES; l++)                                                           \
         keep[l] = l < rest ? -1 : 0;                                                          \
-    for (int j = 0; j < 2 * NT; j++)                                                          \
+    for (int j = 0; j < FB * NT; j++)                                                         \
         acc[j] = (VEC){0};                                                                    \
     for (ptrdiff_t r = 0; r < R; r++) {                                                       \
-        const T *x = rows + r * band_stride, *d0 = dy0 + r * OW, *d1 = dy1 + r * OW;          \
+        const T *x = rows + r * band_stride;                                                  \
+        const T *d[FB];                                                                       \
+        for (int i = 0; i < FB; i++)                                                          \
+            d[i] = dy[i] + r * OW;                                                            \
         for (ptrdiff_t ow = 0; ow < full; ow += LANES) {                                      \
-            const VEC a = *(const VEC_U *)(d0 + ow), b = *(const VEC_U *)(d1 + ow);           \
+            VEC a[FB];                                                                        \
+            for (int i = 0; i < FB; i++)                                                      \
+                a[i] = *(const VEC_U *)(d[i] + ow);                                           \
             for (int j = 0; j < NT; j++) {                                                    \
                 VEC v = *(const VEC_U *)(x + off[j] + ow);                                    \
                 PIN(v);                                                                       \
-                acc[j] += a * v;                                                              \
-                acc[NT + j] += b * v;                                                         \
+                for (int i = 0; i < FB; i++)                                                  \
+                    acc[i * NT + j] += a[i] * v;                                              \
             }                                                                                 \
         }                                                                                     \
         if (rest) {                                                                           \
             /* the row's last columns: dY from a zero-filled copy, the input masked (what  \
                lies past OW is never summed, whatever its value: the driver leaves room   \
                for the vector to be read) */                                              \
-            T ta[LANES], tb[LANES];                                                           \
-            for (int l = 0; l < LANES; l++)                                                   \
-                ta[l] = tb[l] = 0;                                                            \
-            memcpy(ta, d0 + full, (size_t)rest * sizeof(T));                                  \
-            memcpy(tb, d1 + full, (size_t)rest * sizeof(T));                                  \
-            const VEC a = *(const VEC_U *)ta, b = *(const VEC_U *)tb;                         \
+            T ta[FB][LANES];                                                                  \
+            VEC a[FB];                                                                        \
+            for (int i = 0; i < FB; i++) {                                                    \
+                for (int l = 0; l < LANES; l++)                                               \
+                    ta[i][l] = 0;                                                             \
+                memcpy(ta[i], d[i] + full, (size_t)rest * sizeof(T));                         \
+                a[i] = *(const VEC_U *)ta[i];                                                 \
+            }                                                                                 \
             for (int j = 0; j < NT; j++) {                                                    \
                 const VEC v = (VEC)((IVEC) * (const VEC_U *)(x + off[j] + full) & keep);      \
-                acc[j] += a * v;                                                              \
-                acc[NT + j] += b * v;                                                         \
+                for (int i = 0; i < FB; i++)                                                  \
+                    acc[i * NT + j] += a[i] * v;                                              \
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
-    T sums[2 * NT + LANES];                                                                   \
-    for (int j = 0; j < 2 * NT; j += LANES)                                                   \
-        LANE_SUMS(acc + j, 2 * NT - j, sums + j);                                             \
-    for (int j = 0; j < NT; j++) {                                                            \
-        g0[j] += sums[j];                                                                     \
-        if (g1)                                                                               \
-            g1[j] += sums[NT + j];                                                            \
+    T sums[FB * NT + LANES];                                                                  \
+    for (int j = 0; j < FB * NT; j += LANES)                                                  \
+        LANE_SUMS(acc + j, FB * NT - j, sums + j);                                            \
+    for (int i = 0; i < FB; i++)                                                              \
+        if (g[i])                                                                             \
+            for (int j = 0; j < NT; j++)                                                      \
+                g[i][j] += sums[i * NT + j];                                                  \
+}
+
+#define FC_WEIGHT_GRAD_BLOCKS(suffix, FB, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS) \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 1, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 2, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 3, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 4, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 5, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+FC_WEIGHT_GRAD_BLOCK(suffix, FB, 6, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)       \
+                                                                                              \
+/* filters f0 .. f0 + FB - 1 (those < F; the others run as copies of filter f0 and are \
+   dropped) over every tap, FC_WG_TB at a time */                                             \
+TARGET static void fc_weight_grad_filters##FB##_##suffix(                                     \
+    const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, ptrdiff_t K, const T *dy,     \
+    ptrdiff_t ldo, ptrdiff_t f0, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t R, T *g, ptrdiff_t ldg) \
+{                                                                                             \
+    const T *d[FB];                                                                           \
+    T *h[FB];                                                                                 \
+    for (ptrdiff_t t0 = 0; t0 < K; t0 += FC_WG_TB) {                                          \
+        const ptrdiff_t nt = K - t0 < FC_WG_TB ? K - t0 : FC_WG_TB;                           \
+        for (int i = 0; i < FB; i++) {                                                        \
+            const int real = f0 + i < F;                                                      \
+            d[i] = dy + (real ? f0 + i : f0) * ldo;                                           \
+            h[i] = real ? g + (f0 + i) * ldg + t0 : NULL;                                     \
+        }                                                                                     \
+        const ptrdiff_t *o = off + t0;                                                        \
+        switch (nt) {                                                                         \
+        case 6: fc_weight_grad_block##FB##x6_##suffix(rows, band_stride, o, d, OW, R, h);     \
+            break;                                                                            \
+        case 5: fc_weight_grad_block##FB##x5_##suffix(rows, band_stride, o, d, OW, R, h);     \
+            break;                                                                            \
+        case 4: fc_weight_grad_block##FB##x4_##suffix(rows, band_stride, o, d, OW, R, h);     \
+            break;                                                                            \
+        case 3: fc_weight_grad_block##FB##x3_##suffix(rows, band_stride, o, d, OW, R, h);     \
+            break;                                                                            \
+        case 2: fc_weight_grad_block##FB##x2_##suffix(rows, band_stride, o, d, OW, R, h);     \
+            break;                                                                            \
+        default: fc_weight_grad_block##FB##x1_##suffix(rows, band_stride, o, d, OW, R, h);    \
+            break;                                                                            \
+        }                                                                                     \
     }                                                                                         \
 }
 
-#define FC_WEIGHT_GRAD(suffix, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)            \
-FC_WEIGHT_GRAD_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
-FC_WEIGHT_GRAD_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
-FC_WEIGHT_GRAD_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
-FC_WEIGHT_GRAD_BLOCK(suffix, 4, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
-FC_WEIGHT_GRAD_BLOCK(suffix, 5, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
-FC_WEIGHT_GRAD_BLOCK(suffix, 6, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)           \
+/* Blocks of FB filters, the last FB - 1 or fewer in pairs (an odd one paired with itself,
+   its twin's sums dropped). */
+#define FC_WEIGHT_GRAD(suffix, FB, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)        \
+FC_WEIGHT_GRAD_BLOCKS(suffix, FB, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)         \
+FC_WEIGHT_GRAD_PAIRS_##FB(suffix, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)         \
                                                                                               \
 TARGET static void fc_weight_grad_band_##suffix(                                              \
     const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, ptrdiff_t K, const T *dy,     \
     ptrdiff_t ldo, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t R, T *g, ptrdiff_t ldg)               \
 {                                                                                             \
-    for (ptrdiff_t f0 = 0; f0 < F; f0 += FC_WG_FB) {                                          \
-        /* an odd last filter runs paired with itself, its twin's sums dropped */            \
-        const int pair = f0 + 1 < F;                                                          \
-        const T *dy0 = dy + f0 * ldo, *dy1 = pair ? dy0 + ldo : dy0;                          \
-        T *g0 = g + f0 * ldg, *g1 = pair ? g0 + ldg : NULL;                                   \
-        for (ptrdiff_t t0 = 0; t0 < K; t0 += FC_WG_TB) {                                      \
-            const ptrdiff_t nt = K - t0 < FC_WG_TB ? K - t0 : FC_WG_TB;                       \
-            const ptrdiff_t *o = off + t0;                                                    \
-            T *h1 = g1 ? g1 + t0 : NULL;                                                      \
-            switch (nt) {                                                                     \
-            case 6: fc_weight_grad_block6_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
-                                                   g0 + t0, h1); break;                       \
-            case 5: fc_weight_grad_block5_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
-                                                   g0 + t0, h1); break;                       \
-            case 4: fc_weight_grad_block4_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
-                                                   g0 + t0, h1); break;                       \
-            case 3: fc_weight_grad_block3_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
-                                                   g0 + t0, h1); break;                       \
-            case 2: fc_weight_grad_block2_##suffix(rows, band_stride, o, dy0, dy1, OW, R,     \
-                                                   g0 + t0, h1); break;                       \
-            default: fc_weight_grad_block1_##suffix(rows, band_stride, o, dy0, dy1, OW, R,    \
-                                                    g0 + t0, h1); break;                      \
-            }                                                                                 \
-        }                                                                                     \
-    }                                                                                         \
+    ptrdiff_t f0 = 0;                                                                         \
+    /* rows shorter than FC_WG_WIDE_MIN_VECTORS vectors keep pairs: 4-filter blocks ran    \
+       lenet's 24 columns 0.93-0.99x and cifar's 32 0.97-1.03x, resnet-stem's 112 1.04x     \
+       and the implicit GEMM's bands (one long row) 1.06-1.08x (whole backward) */           \
+    if (FB == 2 || OW >= FC_WG_WIDE_MIN_VECTORS * LANES)                                      \
+        for (; f0 + FB <= F; f0 += FB)                                                        \
+            fc_weight_grad_filters##FB##_##suffix(rows, band_stride, off, K, dy, ldo, f0, F,  \
+                                                  OW, R, g, ldg);                             \
+    for (; f0 < F; f0 += 2)                                                                   \
+        fc_weight_grad_filters2_##suffix(rows, band_stride, off, K, dy, ldo, f0, F, OW, R, g, \
+                                         ldg);                                                \
 }
+
+/* a build with blocks of 4 filters also needs the pair blocks for the rest */
+#define FC_WEIGHT_GRAD_PAIRS_2(suffix, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)
+#define FC_WEIGHT_GRAD_PAIRS_4(suffix, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)    \
+FC_WEIGHT_GRAD_BLOCKS(suffix, 2, T, VEC, VEC_U, IVEC, LANES, TARGET, PIN, LANE_SUMS)
 
 #define FC_WEIGHT_GRAD_DISPATCH(suffix, T)                                                    \
 static void fc_weight_grad_band_##suffix(                                                     \
     const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, ptrdiff_t K, const T *dy,     \
     ptrdiff_t ldo, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t R, T *g, ptrdiff_t ldg)               \
 {                                                                                             \
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))                      \
+    if (__builtin_cpu_supports("x86-64-v4"))                                                  \
+        fc_weight_grad_band_##suffix##_v4(rows, band_stride, off, K, dy, ldo, F, OW, R, g,    \
+                                          ldg);                                               \
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))                 \
         fc_weight_grad_band_##suffix##_v3(rows, band_stride, off, K, dy, ldo, F, OW, R, g,    \
                                           ldg);                                               \
     else                                                                                      \
@@ -174,10 +219,12 @@ static void fc_weight_grad_band_##suffix(                                       
                                             ldg);                                             \
 }
 
-FC_WEIGHT_GRAD(s_v3, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, FC_V3, FC_PIN_YMM, fc_lane_sums_s)
-FC_WEIGHT_GRAD(s_base, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, , FC_PIN_NONE, fc_lane_sums_s)
-FC_WEIGHT_GRAD(d_v3, double, fc_v4df, fc_v4df_u, fc_v4di, 4, FC_V3, FC_PIN_YMM, fc_lane_sums_d)
-FC_WEIGHT_GRAD(d_base, double, fc_v4df, fc_v4df_u, fc_v4di, 4, , FC_PIN_NONE, fc_lane_sums_d)
+FC_WEIGHT_GRAD(s_v4, 4, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, FC_V4, FC_PIN_V, fc_lane_sums_s)
+FC_WEIGHT_GRAD(s_v3, 2, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, FC_V3, FC_PIN_YMM, fc_lane_sums_s)
+FC_WEIGHT_GRAD(s_base, 2, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, , FC_PIN_NONE, fc_lane_sums_s)
+FC_WEIGHT_GRAD(d_v4, 4, double, fc_v4df, fc_v4df_u, fc_v4di, 4, FC_V4, FC_PIN_V, fc_lane_sums_d)
+FC_WEIGHT_GRAD(d_v3, 2, double, fc_v4df, fc_v4df_u, fc_v4di, 4, FC_V3, FC_PIN_YMM, fc_lane_sums_d)
+FC_WEIGHT_GRAD(d_base, 2, double, fc_v4df, fc_v4df_u, fc_v4di, 4, , FC_PIN_NONE, fc_lane_sums_d)
 FC_WEIGHT_GRAD_DISPATCH(s, float)
 FC_WEIGHT_GRAD_DISPATCH(d, double)
 

@@ -71,11 +71,13 @@ def _backward_reference(dy, x, w, **args):
     return reference.conv2d_backward(*wide, **args)
 
 
-# output widths around the 8-column vectors, odd filter counts (the last filter unpaired)
+# output widths around the 8-column vectors and past the 8 vectors from which AVX-512 takes
+# 4-filter blocks, filter counts around those blocks and pairs (the last filter unpaired)
 # and tap counts around the 6-tap blocks (C*KH*KW = 1, 5, 6, 7, 12, 27)
-@pytest.mark.parametrize("OW", [1, 7, 8, 9, 17, 32])
+@pytest.mark.parametrize("OW", [1, 7, 8, 9, 17, 32, 67])
 @pytest.mark.parametrize("F,C,kernel", [(1, 1, (1, 1)), (3, 1, (1, 5)), (2, 2, (1, 3)),
-                                        (5, 1, (7, 1)), (4, 3, (2, 2)), (7, 3, (3, 3))])
+                                        (5, 1, (7, 1)), (4, 3, (2, 2)), (7, 3, (3, 3)),
+                                        (6, 1, (1, 3))])
 def test_direct_grad_weight_blocks_and_tails(OW, F, C, kernel, dtype):
     rng = np.random.default_rng(4)
     x, w, _ = _problem(rng, 3, C, 8, OW + kernel[1] - 1, F, kernel, dtype)
