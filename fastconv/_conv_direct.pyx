@@ -1,12 +1,12 @@
 """Direct convolution for layers with few input channels (the first layers of a network).
 
 One work item is a band of output rows ``(n, oh0 .. oh0 + R)`` of every filter.
-Each row's KH input rows (per channel) are copied into the thread's workspace
-in *phase* form: padded
-by the padding mode, and split by column residue modulo the stride, so each
-kernel tap reads one contiguous run. The register-blocked C kernel
-(``fastconv/_direct_kernels.h``) then sums the C*KH*KW taps for 4 filters x
-up to 24 columns at a time and writes ``act(sum + bias)``, filter block by
+The input rows under the band (per channel, each once: the output rows share them)
+are copied into the thread's workspace in *phase* form: padded by the padding
+mode, and split by column residue modulo the stride, so each kernel tap reads one
+contiguous run. The register-blocked C kernel (``fastconv/_direct_kernels.h``)
+then sums the C*KH*KW taps for 4 filters x up to 24 (32 with AVX-512) columns
+at a time and writes ``act(sum + bias)``, filter block by
 filter block over the band, so each block's 4 output planes are written in
 order. Nothing is shared between items, so the loop is a plain ``prange``;
 the workspace is one band's rows per thread, whatever the batch.
@@ -26,46 +26,66 @@ from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 
 cdef extern from "_direct_kernels.h" nogil:
-    void fc_direct_band_s(const float *rows, Py_ssize_t ldr, Py_ssize_t band_stride,
-                          const unsigned char *live, const float *wpack, const Py_ssize_t *tap,
-                          int C, int KH, int KW, int S, Py_ssize_t F, const float *bias,
+    void fc_direct_band_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+                          Py_ssize_t kh_stride, const unsigned char *live, const float *wpack,
+                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
+                          const float *bias,
                           int relu, float *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_band_d(const double *rows, Py_ssize_t ldr, Py_ssize_t band_stride,
-                          const unsigned char *live, const double *wpack, const Py_ssize_t *tap,
-                          int C, int KH, int KW, int S, Py_ssize_t F, const double *bias,
+    void fc_direct_band_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+                          Py_ssize_t kh_stride, const unsigned char *live, const double *wpack,
+                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
+                          const double *bias,
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
 
 
+cdef inline Py_ssize_t first_reader(Py_ssize_t i, Py_ssize_t R, int KH, Py_ssize_t sh,
+                                     Py_ssize_t dh) noexcept nogil:
+    """``r*KH + kh`` of the first tap row kh of an output row r < R that reads band input
+    row i = r*sh + kh*dh, or -1 where none does."""
+    cdef Py_ssize_t kh, j
+    for kh in range(KH):
+        j = i - kh * dh
+        if j >= 0 and j % sh == 0 and j // sh < R:
+            return (j // sh) * KH + kh
+    return -1
+
+
 cdef void phase_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                     Py_ssize_t oh0,
-                     Py_ssize_t R, floating *rows, Py_ssize_t row_size, unsigned char *live,
-                     const Py_ssize_t *rowmap, const Py_ssize_t *colmap, const Py_ssize_t *lo,
-                     const Py_ssize_t *hi, Py_ssize_t left, int KH, Py_ssize_t S,
-                     Py_ssize_t ldr, bint zero_padding_rows) noexcept nogil:
+                     Py_ssize_t oh0, Py_ssize_t R, floating *rows, const Py_ssize_t *strides,
+                     unsigned char *live, const Py_ssize_t *rowmap, const Py_ssize_t *colmap,
+                     const Py_ssize_t *lo, const Py_ssize_t *hi, Py_ssize_t left, int KH,
+                     Py_ssize_t sh, Py_ssize_t dh, Py_ssize_t S, Py_ssize_t ldr,
+                     bint zero_padding_rows) noexcept nogil:
     """Copy the input rows under output rows oh0 .. oh0 + R of one image (C planes of
-    H x W) into ``rows`` in phase form (see :func:`forward`),
-    row_size apart; live[r*KH + kh] = 0 where tap row kh of output row r is all padding.
-    That row's phases are left unwritten (the forward skips it) or, with
-    ``zero_padding_rows``, zeroed."""
-    cdef Py_ssize_t r, oh, kh, c, ph, src_row
+    H x W) into ``rows`` in phase form (see :func:`forward`): tap row kh of output row r,
+    channel c at ``rows + r*strides[0] + c*strides[1] + kh*strides[2]``. With
+    ``strides[3]`` the output rows share their input rows (strides[0] = sh*S*ldr,
+    strides[2] = dh*S*ldr), each copied once by its first reader: a 3x3 stride-1 band of
+    R rows copies R + 2 rows, not 3R.
+    ``rowmap[oh*KH + kh]`` is the input row under tap row kh of output row oh (-1: all
+    padding); live[r*KH + kh] = 0 where that is -1, and such a row is left unwritten
+    (the forward skips it) or, with ``zero_padding_rows``, zeroed."""
+    cdef Py_ssize_t r, kh, c, ph, src_row
+    cdef Py_ssize_t row_len = S * ldr
     cdef const floating *plane_row
     cdef floating *out_row
     for r in range(R):
-        oh = oh0 + r
-        out_row = rows + r * row_size
         for kh in range(KH):
-            src_row = rowmap[oh * KH + kh]
+            src_row = rowmap[(oh0 + r) * KH + kh]
             live[r * KH + kh] = src_row >= 0
+            if strides[3] and first_reader(r * sh + kh * dh, R, KH, sh, dh) != r * KH + kh:
+                continue
+            out_row = rows + r * strides[0] + kh * strides[2]
             if src_row < 0:
                 if zero_padding_rows:
                     for c in range(C):
-                        memset(out_row + (c * KH + kh) * S * ldr, 0, S * ldr * sizeof(floating))
+                        memset(out_row + c * strides[1], 0, row_len * sizeof(floating))
                 continue
             for c in range(C):
                 plane_row = image + (c * H + src_row) * W
                 for ph in range(S):
                     # phase ph's columns [lo[ph], hi[ph]) map to plane columns q*S + ph - left
-                    copy_phase_row(plane_row, out_row + ((c * KH + kh) * S + ph) * ldr, ldr,
+                    copy_phase_row(plane_row, out_row + c * strides[1] + ph * ldr, ldr,
                                    colmap + ph, S, lo[ph], hi[ph], ph - left, S)
 
 
@@ -73,28 +93,29 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             floating[:, :, :, ::1] y, floating[::1] workspace, unsigned char[::1] live_flags,
             const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
             const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi, Py_ssize_t left,
-            const Py_ssize_t[::1] tap, int KH, int KW, int stride_w, Py_ssize_t ldr,
-            Py_ssize_t band_rows, bint relu, int n_threads):
+            const Py_ssize_t[::1] tap, int KH, int KW, int stride_h, int dilation_h,
+            int stride_w, Py_ssize_t ldr, const Py_ssize_t[::1] strides, Py_ssize_t band_rows,
+            bint relu, int n_threads):
     """y[n, f, oh, :] = act(sum_{c, kh, kw} w[f, c, kh, kw] * x_padded[n, c, ih, iw] + bias[f]).
 
     ``rowmap[oh*KH + kh]`` is the input row under output row oh's tap row kh,
-    ``colmap[p]`` the input column under padded column ``p``, or -1 (zero); in phase ``r`` the columns ``[lo[r], hi[r])``
+    ``colmap[p]`` the input column under padded column ``p``, each -1 for a zero; in
+    phase ``r`` the columns ``[lo[r], hi[r])``
     are inside the input (plane column ``q*S + r - left``: copied without a
     lookup). ``tap[kw]`` is where kernel column kw starts in a row's phases
-    (see the header).
+    (see the header). ``strides``: a band's layout (``fastconv._direct.band_layout``).
 
     # IN  x: (N, C, H, W); wpack: filters packed by _direct.pack_weight; bias: (F,) or None
     # IN  rowmap: (OH*KH,); colmap: (stride_w*ldr,)
+    # IN  strides: (band_stride, c_stride, kh_stride, shared, elements per band)
     # OUT y: (N, F, OH, OW), every element written
-    # workspace: n_threads * band_rows * C * KH * stride_w * ldr;
-    # live_flags: n_threads * band_rows * KH
+    # workspace: n_threads * strides[4]; live_flags: n_threads * band_rows * KH
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
-    cdef Py_ssize_t S = stride_w
-    cdef Py_ssize_t row_size = C * KH * S * ldr
+    cdef Py_ssize_t S = stride_w, sh = stride_h, dh = dilation_h
     cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
-    cdef Py_ssize_t per_thread = band_rows * row_size
+    cdef Py_ssize_t per_thread = strides[4]
     cdef const floating *bias_ptr = NULL
     cdef Py_ssize_t item, n, oh0, R
     cdef Band b
@@ -114,14 +135,16 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         tid = openmp.omp_get_thread_num()
         rows = &workspace[tid * per_thread]
         live = &live_flags[tid * band_rows * KH]
-        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_size, live, &rowmap[0], &colmap[0],
-                   &lo[0], &hi[0], left, KH, S, ldr, False)
+        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, &strides[0], live, &rowmap[0],
+                   &colmap[0], &lo[0], &hi[0], left, KH, sh, dh, S, ldr, False)
         if floating is float:
-            fc_direct_band_s(rows, ldr, row_size, live, &wpack[0], &tap[0], <int> C, KH, KW,
-                             <int> S, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
+            fc_direct_band_s(rows, strides[0], strides[1], strides[2], live, &wpack[0],
+                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
+                             OH * OW, OW, R)
         else:
-            fc_direct_band_d(rows, ldr, row_size, live, &wpack[0], &tap[0], <int> C, KH, KW,
-                             <int> S, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
+            fc_direct_band_d(rows, strides[0], strides[1], strides[2], live, &wpack[0],
+                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
+                             OH * OW, OW, R)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
@@ -129,23 +152,24 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
                     unsigned char[::1] live_flags, const Py_ssize_t[::1] rowmap,
                     const Py_ssize_t[::1] colmap, const Py_ssize_t[::1] lo,
                     const Py_ssize_t[::1] hi, Py_ssize_t left, const Py_ssize_t[::1] offsets,
-                    int KH, int stride_w, Py_ssize_t ldr, Py_ssize_t band_rows, int n_threads):
+                    int KH, int stride_h, int dilation_h, int stride_w, Py_ssize_t ldr,
+                    const Py_ssize_t[::1] strides, Py_ssize_t band_rows, int n_threads):
     """partial[t, f*K + k] = the sum, over thread t's bands, of dy[n, f, oh, ow] times the
     input under tap k = (c*KH + kh)*KW + kw of output (oh, ow): per-thread grad_weight sums.
 
     The bands' phase rows are laid out as :func:`forward`'s (an all-padding row as
-    zeros); ``offsets[k]`` is where tap k's columns start in an output row's phase rows.
+    zeros); ``offsets[k]`` is where tap k's columns start for a band's first output row
+    (``c*strides[1] + kh*strides[2] + tap[kw]``).
 
     # IN  x: (N, C, H, W); dy: (N, F, OH, OW); offsets: (K,) with K = C*KH*KW
     # OUT partial: (n_threads, >= F*K), the first F*K of each row overwritten
-    # workspace and live_flags: as forward's
+    # workspace, live_flags and strides: as forward's
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dy.shape[1], OH = dy.shape[2], OW = dy.shape[3]
-    cdef Py_ssize_t K = offsets.shape[0], S = stride_w
-    cdef Py_ssize_t row_size = C * KH * S * ldr
+    cdef Py_ssize_t K = offsets.shape[0], S = stride_w, sh = stride_h, dh = dilation_h
     cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
-    cdef Py_ssize_t per_thread = band_rows * row_size
+    cdef Py_ssize_t per_thread = strides[4]
     cdef Py_ssize_t item, n, oh0, R, t
     cdef Band b
     cdef int tid
@@ -161,11 +185,11 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
         tid = openmp.omp_get_thread_num()
         rows = &workspace[tid * per_thread]
         live = &live_flags[tid * band_rows * KH]
-        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_size, live, &rowmap[0], &colmap[0],
-                   &lo[0], &hi[0], left, KH, S, ldr, True)
+        phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, &strides[0], live, &rowmap[0],
+                   &colmap[0], &lo[0], &hi[0], left, KH, sh, dh, S, ldr, True)
         if floating is float:
-            fc_weight_grad_band_s(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0], OH * OW, F,
-                                  OW, R, &partial[tid, 0], K)
+            fc_weight_grad_band_s(rows, strides[0], &offsets[0], K, &dy[n, 0, oh0, 0],
+                                  OH * OW, F, OW, R, &partial[tid, 0], K)
         else:
-            fc_weight_grad_band_d(rows, row_size, &offsets[0], K, &dy[n, 0, oh0, 0], OH * OW, F,
-                                  OW, R, &partial[tid, 0], K)
+            fc_weight_grad_band_d(rows, strides[0], &offsets[0], K, &dy[n, 0, oh0, 0],
+                                  OH * OW, F, OW, R, &partial[tid, 0], K)

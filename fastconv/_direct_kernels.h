@@ -8,8 +8,8 @@
    the C*KH*KW taps stream past, each tap one broadcast weight per filter and
    one vector load per column vector.
 
-   The driver (fastconv/_conv_direct.pyx) prepares, per output row, the input
-   rows in "phase" form: padded, and split by column parity for stride s
+   The driver (fastconv/_conv_direct.pyx) prepares, per band of output rows, the
+   input rows in "phase" form: padded, and split by column parity for stride s
    (phase r holds padded columns r, r + s, r + 2s, ...), so that the columns
    ow*s + kw*d of every tap are one contiguous run of phase (kw*d) % s.
    Vectors use GCC's vector extensions, so the same code becomes AVX2 + FMA in
@@ -33,8 +33,9 @@
 /* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): R consecutive output rows of all
    filters (fc_direct_band_*).
 
-   rows   R x [C][KH][S][ldr] phase rows of each output row's input (see above), the
-          band's rows band_stride apart
+   rows   the phase rows of the band's input (see above): tap row kh of channel c for
+          output row r at rows + r*band_stride + c*c_stride + kh*kh_stride, [S][ldr]
+          (the driver stores each input row once: output rows share them)
    live   R x [KH]: 0 where the input row is all padding (its taps are skipped)
    wpack  [ceil(F/FB)][C][KH][KW][FB] the filters, zero past F
    tap    [KW]: where kernel column kw starts in a row's phases,
@@ -44,8 +45,8 @@
    then stored as act(sum + bias) (through `tail` when the block hangs past OW). */
 #define FC_DIRECT_BLOCK(suffix, NV, T, VEC, VEC_U, IVEC, LANES)                               \
 static inline FC_ALWAYS_INLINE void fc_direct_block##NV##_##suffix(                           \
-    const T *rows, ptrdiff_t ldr, const unsigned char *live, const T *wblock,                 \
-    const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t ow0, ptrdiff_t nf,          \
+    const T *rows, ptrdiff_t c_stride, ptrdiff_t kh_stride, const unsigned char *live,         \
+    const T *wblock, const ptrdiff_t *tap, int C, int KH, int KW, ptrdiff_t ow0, ptrdiff_t nf, \
     const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t width)                          \
 {                                                                                             \
     VEC acc[FC_FB][NV];                                                                       \
@@ -58,7 +59,7 @@ static inline FC_ALWAYS_INLINE void fc_direct_block##NV##_##suffix(             
             const T *w = wblock + ((ptrdiff_t)c * KH + kh) * KW * FC_FB;                      \
             if (!live[kh])                                                                    \
                 continue;                                                                     \
-            const T *row = rows + ((ptrdiff_t)c * KH + kh) * S * ldr + ow0;                   \
+            const T *row = rows + c * c_stride + kh * kh_stride + ow0;                        \
             for (int kw = 0; kw < KW; kw++, w += FC_FB) {                                     \
                 const T *src = row + tap[kw];                                                 \
                 VEC x[NV];                                                                    \
@@ -95,8 +96,9 @@ FC_DIRECT_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES)                          
 FC_DIRECT_BLOCK(suffix, 4, T, VEC, VEC_U, IVEC, LANES)                                        \
                                                                                               \
 FC_TARGET_WIDE static void fc_direct_band_##suffix(                                           \
-    const T *rows, ptrdiff_t ldr, ptrdiff_t band_stride, const unsigned char *live,           \
-    const T *wpack, const ptrdiff_t *tap, int C, int KH, int KW, int S, ptrdiff_t F,          \
+    const T *rows, ptrdiff_t band_stride, ptrdiff_t c_stride, ptrdiff_t kh_stride,            \
+    const unsigned char *live, const T *wpack, const ptrdiff_t *tap, int C, int KH, int KW,   \
+    ptrdiff_t F,                                                                              \
     const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t OW, ptrdiff_t R)               \
 {                                                                                             \
     const ptrdiff_t block_size = (ptrdiff_t)C * KH * KW * FC_FB;                              \
@@ -124,17 +126,21 @@ FC_TARGET_WIDE static void fc_direct_band_##suffix(                             
                 const int nvec = (int)(base_vectors + (k < wider_blocks));                    \
                 const ptrdiff_t width = OW - ow0 < nvec * LANES ? OW - ow0 : nvec * LANES;   \
                 if (nvec == 4)                                                               \
-                    fc_direct_block4_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
-                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                    fc_direct_block4_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
+                                              width);                                        \
                 else if (nvec == 3)                                                          \
-                    fc_direct_block3_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
-                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                    fc_direct_block3_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
+                                              width);                                        \
                 else if (nvec == 2)                                                          \
-                    fc_direct_block2_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
-                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                    fc_direct_block2_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
+                                              width);                                        \
                 else                                                                         \
-                    fc_direct_block1_##suffix(row_in, ldr, row_live, wblock, tap, C, KH, KW, \
-                                              S, ow0, nf, b, relu, o, ldo, width);           \
+                    fc_direct_block1_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
+                                              width);                                        \
                 ow0 += width;                                                                \
             }                                                                                \
         }                                                                                     \

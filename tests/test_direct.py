@@ -55,6 +55,29 @@ def test_thread_counts_are_bit_identical(n_threads):
         fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=n_threads), serial)
 
 
+@pytest.mark.parametrize("stride_h,expect_shared", [(1, True), (3, True), (10**6, False)])
+def test_bands_share_input_rows_unless_the_stride_skips_them(stride_h, expect_shared):
+    """Output rows share their input rows where they overlap or abut; a stride beyond the
+    kernel's reach keeps one copy per tap row (a shared band would span the gap: a
+    million rows here), and both layouts give im2col's results."""
+    rng = np.random.default_rng(5)
+    x, w, b = _problem(rng, 8, 3, 6, 11, 5, (3, 3), np.float64)
+    args = dict(stride=(stride_h, 1), padding=(stride_h // 2, stride_h // 2, 1, 1))
+    geometry = conv_geometry(x.shape, w.shape, dilation=1, **args)
+    assert geometry.OH >= 2
+    layout = _direct.band_layout(geometry, 2)
+    assert bool(layout[3]) == expect_shared
+    # never more than one copy per (output row, tap row, channel), a row's S*ldr values
+    assert layout[4] <= 2 * 3 * 3 * layout[2]
+    got = fastconv.conv2d(x, w, b, algorithm="direct", n_threads=1, **args)
+    np.testing.assert_allclose(got, fastconv.conv2d(x, w, b, algorithm="im2col", **args),
+                               rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(got.shape)
+    got_w = fastconv.conv2d_backward(dy, x, w, algorithm="direct", n_threads=1, **args)[1]
+    want_w = fastconv.conv2d_backward(dy, x, w, algorithm="im2col", **args)[1]
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-12, atol=1e-12)
+
+
 def test_backward_of_direct_runs_grad_x_by_the_im2col_engine(dtype):
     rng = np.random.default_rng(3)
     x, w, b = _problem(rng, 2, 3, 9, 9, 5, (3, 3), dtype)
