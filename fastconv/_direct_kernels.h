@@ -107,7 +107,7 @@ FC_TARGET_WIDE static void fc_direct_band_##suffix(                             
        division per block cost as much as the block's FMAs on lenet's 24-wide rows. The     \
        loader picks the AVX-512 clone exactly where this test holds, so the others never   \
        take 4 (which would spill, still correct). */                                       \
-    const ptrdiff_t max_vectors = __builtin_cpu_supports("x86-64-v4") ? FC_V_WIDE : FC_V;   \
+    const ptrdiff_t max_vectors = FC_CPU_HAS_V4() ? FC_V_WIDE : FC_V;                      \
     const ptrdiff_t nv = (OW + LANES - 1) / LANES;                                           \
     const ptrdiff_t blocks = (nv + max_vectors - 1) / max_vectors;                           \
     const ptrdiff_t base_vectors = nv / blocks, wider_blocks = nv % blocks;                  \

@@ -19,6 +19,15 @@
 #define FC_TARGET_WIDE
 #endif
 
+/* Whether the CPU runs x86-64-v4 (AVX-512) code: where the loader picks an
+   FC_TARGET_WIDE clone, and where kernels with hand-written v4 builds dispatch to them.
+   One test for both, so a kernel's block sizes always match the clone that runs. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FC_CPU_HAS_V4() __builtin_cpu_supports("x86-64-v4")
+#else
+#define FC_CPU_HAS_V4() 0
+#endif
+
 /* 32-byte vectors of GCC's vector extensions (one AVX2 register in the x86-64-v3
    clone, two SSE2 registers in the baseline one); _u: for unaligned loads and stores. */
 typedef float fc_v8sf __attribute__((vector_size(32)));

@@ -208,7 +208,7 @@ static void fc_weight_grad_band_##suffix(                                       
     const T *rows, ptrdiff_t band_stride, const ptrdiff_t *off, ptrdiff_t K, const T *dy,     \
     ptrdiff_t ldo, ptrdiff_t F, ptrdiff_t OW, ptrdiff_t R, T *g, ptrdiff_t ldg)               \
 {                                                                                             \
-    if (__builtin_cpu_supports("x86-64-v4"))                                                  \
+    if (FC_CPU_HAS_V4())                                                                      \
         fc_weight_grad_band_##suffix##_v4(rows, band_stride, off, K, dy, ldo, F, OW, R, g,    \
                                           ldg);                                               \
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))                 \
