@@ -1,16 +1,16 @@
 """Implicit GEMM of plain NCHW layers: the forward (phase planes and register-blocked
 strips) and the weight gradient (column-tap planes, :func:`backward_weight`).
 
-A work item is a band of output rows of one image. Its thread lays out the
-padded input under the band as phase planes (``planes[phase][c][rows][Wq]``, see
-``fastconv/_implicit_kernels.h``), one block of channels at a time, in its
-workspace; the band's strips of NR "virtual positions" ``v = oh*Wq + ow`` sum
-that block's taps for every filter into the band's accumulator tiles; the
-columns ``ow < OW`` are then stored with bias and activation. A block's planes,
-its packed filters and the tiles stay in L2, and laying out and summing in the
-same item lets one thread's copying overlap the other's FMAs. A 1x1, stride-1,
-unpadded layer reads its input in place (its planes are the input; an item is
-then one strip). Workspace: one band's planes and tiles per thread, whatever the
+A work item is a run of strips of NR "virtual positions" ``v = oh*Wq + ow`` of one
+image (a band of output rows, which may start and end inside a row). Its thread lays
+out the padded input under the band as phase planes (``planes[phase][c][rows][Wq]``,
+see ``fastconv/_implicit_kernels.h``), one block of channels at a time, in its
+workspace; the strips sum that block's taps for every filter into the item's
+accumulator tiles; the columns ``ow < OW`` are then stored with bias and activation.
+A block's planes, its packed filters and the tiles stay in L2, and laying out and
+summing in the same item lets one thread's copying overlap the other's FMAs. A 1x1,
+stride-1, unpadded layer reads its input in place (its planes are the input; an item
+is then one strip). Workspace: one item's planes and tiles per thread, whatever the
 batch.
 """
 
@@ -76,18 +76,22 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             const Py_ssize_t[::1] row_slot, const Py_ssize_t[::1] col_slot, Py_ssize_t phases,
             Py_ssize_t top, Py_ssize_t left, const Py_ssize_t[::1] offsets, Py_ssize_t Hq,
             Py_ssize_t Wq,
-            Py_ssize_t band_rows, Py_ssize_t channel_block, int KH, int KW,
+            Py_ssize_t band_rows, Py_ssize_t band_strips, Py_ssize_t channel_block, int KH,
+            int KW,
             Py_ssize_t reach, int stride_h, int stride_w, Py_ssize_t strip, Py_ssize_t kc,
             bint in_place, bint relu, int n_threads):
     """y[n, f, oh, ow] = act(sum_k wpack[f, k] * planes[(oh - oh0)*Wq + ow + offsets[k]]
-    + bias[f]), with the planes of the band from oh0 and of tap k's channel block.
+    + bias[f]), with the planes of the item from row oh0 and of tap k's channel block.
 
-    A work item is a band of ``band_rows`` output rows (from oh0) of one image: per
-    block of ``channel_block`` channels, its thread lays out the block's planes
-    (``band_rows + reach`` rows of each phase and channel; ``reach`` = the taps' extent
-    in plane rows; only the phases some tap reads: ``row_slot[ph]`` is the first plane
-    of row phase ph, ``col_slot[pw]`` the plane of column phase pw within it, -1 for
-    none) in its workspace, then sums the block's taps over its strips. ``rowmap[ph*Hq + i]`` is the input row under padded row ``i*stride_h + ph``
+    An image's virtual positions ``v = oh*Wq + ow`` (ow < Wq) are cut into strips of
+    ``strip``; a work item is ``band_strips`` of them (fewer in an image's last item),
+    from a position v0 that may lie inside plane row oh0 = v0 // Wq. Per block of
+    ``channel_block`` channels its thread lays out the block's planes (the rows its
+    positions touch, at most ``band_rows``, plus ``reach`` = the taps' extent in plane
+    rows, of each phase and channel; only the phases some tap reads: ``row_slot[ph]`` is
+    the first plane of row phase ph, ``col_slot[pw]`` the plane of column phase pw
+    within it, -1 for none) in its workspace, then sums the block's taps over its
+    strips. ``rowmap[ph*Hq + i]`` is the input row under padded row ``i*stride_h + ph``
     (-1: zeros), ``colmap[pw*Wq + q]`` the input column under padded column
     ``q*stride_w + pw``; in phase pw the columns ``[lo[pw], hi[pw])`` are inside the input.
     ``offsets[k]`` is where tap k = (c*KH + kh)*KW + kw of a block (c < channel_block)
@@ -99,8 +103,9 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     # IN  x: (N, C, H, W); wpack: _direct.pack_weight (F rounded up to 4); bias: (F,)/None
     # OUT y: (N, F, OH, OW), every element written
     # planes: n_threads * (phases*channel_block*(band_rows + reach)*Wq + strip + Wq),
-    #   unused with in_place (a block hanging past a band's last position reads the tail)
-    # acc: n_threads * (F rounded up to 4) * strip * the strips of a band (1 with in_place)
+    #   unused with in_place (a block hanging past an image's last position reads the
+    #   tail)
+    # acc: n_threads * (F rounded up to 4) * strip * band_strips (1 with in_place)
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = y.shape[1], OH = y.shape[2], OW = y.shape[3]
@@ -110,14 +115,13 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef Py_ssize_t band_plane = (band_rows + reach) * Wq
     cdef Py_ssize_t phase_size = channel_block * band_plane
     cdef Py_ssize_t per_thread = phases * phase_size + strip + Wq
-    cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
-    cdef Py_ssize_t image_strips = (OH * OW + strip - 1) // strip
+    cdef Py_ssize_t image_positions = OH * Wq
+    cdef Py_ssize_t image_strips = (image_positions + strip - 1) // strip
+    cdef Py_ssize_t bands = (image_strips + band_strips - 1) // band_strips
     cdef Py_ssize_t acc_size = (F + FC_IM_FB - 1) // FC_IM_FB * FC_IM_FB * strip
-    cdef Py_ssize_t band_strips = (band_rows * Wq + strip - 1) // strip
     cdef Py_ssize_t lanes = 8 if sizeof(floating) == 4 else 4
     cdef const floating *bias_ptr = NULL
-    cdef Py_ssize_t item, n, oh0, rows, c, ph, s, v0, j0, positions, strips
-    cdef Band b
+    cdef Py_ssize_t item, n, oh0, rows, c, ph, s, v0, j0, positions, strips, band, next_band
     cdef Py_ssize_t next_n = 0, next_c = 0, next_first = 0, next_rows, first_row, last_row
     cdef Py_ssize_t block, c0, cn
     cdef floating *band_planes
@@ -131,6 +135,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         bias_ptr = &bias[0]
     if in_place:
         positions = OH * OW
+        image_strips = (positions + strip - 1) // strip
         for item in prange(N * image_strips, nogil=True, num_threads=n_threads,
                            schedule="static"):
             n = item // image_strips
@@ -157,15 +162,20 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                                     &y[n, 0, 0, 0], OH * OW)
         return
     for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
-        b = band_item(item, bands, band_rows, OH)
-        n, oh0, rows = b.n, b.oh0, b.rows
+        # item: strips [band*band_strips, ...) of image n, from virtual position v0 (which
+        # may lie inside a row); its planes start at the row of v0
+        n = item // bands
+        band = item - n * bands
+        v0 = band * band_strips * strip
+        strips = min(band_strips, image_strips - band * band_strips)
+        positions = min(strips * strip, image_positions - v0)
+        oh0 = v0 // Wq
+        rows = (v0 + positions - 1) // Wq - oh0 + 1
         tid = openmp.omp_get_thread_num()
         band_planes = &planes[tid * per_thread]
         a = &acc[tid * band_strips * acc_size]
-        positions = rows * Wq
-        strips = (positions + strip - 1) // strip
         first_row = max(0, oh0 * sh - top)
-        last_row = min(H, (oh0 + band_rows + reach) * sh - top)
+        last_row = min(H, (oh0 + rows + reach) * sh - top)
         for block in range(blocks):
             c0 = block * channel_block
             cn = min(channel_block, C - c0)
@@ -177,7 +187,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                                band_planes + (row_slot[ph] * channel_block + c) * band_plane,
                                rows + reach, Wq, phase_size, &rowmap[ph * Hq + oh0], &colmap[0],
                                &lo[0], &hi[0], left, sw, &col_slot[0])
-            # the next block's input rows (or the next item's), fetched while the FMAs run
+            # the next block's input rows (or the next item's, about as many), fetched
+            # while the FMAs run
             next_rows = 0
             if block + 1 < blocks:
                 next_n = n
@@ -186,27 +197,31 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                 next_rows = last_row - first_row
             elif item + 1 < N * bands:
                 next_n = (item + 1) // bands
+                next_band = item + 1 - next_n * bands
                 next_c = 0
-                next_first = max(0, (item + 1 - next_n * bands) * band_rows * sh - top)
+                next_first = max(0, next_band * band_strips * strip // Wq * sh - top)
                 next_rows = min(H, next_first + (band_rows + reach) * sh) - next_first
             if floating is float:
-                fc_implicit_strips_s(band_planes, strips, &offsets[0], cn * KH * KW, kc,
-                                     &wpack[c0 * KH * KW * FC_IM_FB], K, F, a, block > 0,
+                fc_implicit_strips_s(band_planes + (v0 - oh0 * Wq), strips, &offsets[0],
+                                     cn * KH * KW, kc, &wpack[c0 * KH * KW * FC_IM_FB], K, F, a,
+                                     block > 0,
                                      &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
                                      min(channel_block, C - next_c), H * W, next_rows * W)
             else:
-                fc_implicit_strips_d(band_planes, strips, &offsets[0], cn * KH * KW, kc,
-                                     &wpack[c0 * KH * KW * FC_IM_FB], K, F, a, block > 0,
+                fc_implicit_strips_d(band_planes + (v0 - oh0 * Wq), strips, &offsets[0],
+                                     cn * KH * KW, kc, &wpack[c0 * KH * KW * FC_IM_FB], K, F, a,
+                                     block > 0,
                                      &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
                                      min(channel_block, C - next_c), H * W, next_rows * W)
         for s in range(strips):
-            v0 = s * strip
             if floating is float:
-                fc_implicit_store_s(a + s * acc_size, F, v0, 0, min(strip, positions - v0), Wq,
-                                    OW, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW)
+                fc_implicit_store_s(a + s * acc_size, F, v0 + s * strip, 0,
+                                    min(strip, image_positions - v0 - s * strip), Wq, OW,
+                                    bias_ptr, relu, &y[n, 0, 0, 0], OH * OW)
             else:
-                fc_implicit_store_d(a + s * acc_size, F, v0, 0, min(strip, positions - v0), Wq,
-                                    OW, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW)
+                fc_implicit_store_d(a + s * acc_size, F, v0 + s * strip, 0,
+                                    min(strip, image_positions - v0 - s * strip), Wq, OW,
+                                    bias_ptr, relu, &y[n, 0, 0, 0], OH * OW)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,

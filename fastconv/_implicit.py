@@ -66,7 +66,8 @@ class _PlanePlan(NamedTuple):
     """How an image's phase planes are laid out and read (see the module docstring)."""
 
     Hq: int               # rows of one phase plane of the whole image
-    band_rows: int        # output rows per work item
+    band_rows: int        # plane rows of positions a work item may touch (without reach)
+    band_strips: int      # strips per work item (an image's last item may have fewer)
     channel_block: int    # input channels laid out and summed at a time
     reach: int            # plane rows the taps reach below a band's last output row
     Wq: int               # columns of one phase plane (OW plus the taps' reach)
@@ -80,6 +81,11 @@ class _PlanePlan(NamedTuple):
     phases: int           # phase planes per channel (those some tap reads)
     in_place: bool        # the planes are the input itself (see in_place())
     band_elements: int    # phases*channel_block*(band_rows + reach)*Wq
+
+
+def strip_positions(itemsize: int) -> int:
+    """Output positions per register block (a strip): VECTORS vectors of 32 bytes."""
+    return VECTORS * 32 // itemsize
 
 
 def _plane_shape(g: ConvGeometry) -> tuple[int, int, int]:
@@ -106,14 +112,25 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
     # channels in blocks of about TAP_BLOCK taps, as even as possible
     blocks = -(-g.C * g.KH * g.KW // TAP_BLOCK)
     channel_block = -(-g.C // blocks)
-    # rows filling BAND_BYTES, but at least 4 items per thread over the batch
+    # items of whole strips: an image's strips split evenly into items of about the
+    # rows that fill BAND_BYTES (but at least 4 items per thread over the batch). An
+    # item's positions may start and end inside a plane row: an image computes only its
+    # last strip's tail past its positions (items of whole rows each ended on a partial
+    # strip: resnet-3x3-s2's 28 rows of 29 positions as 9 + 9 + 9 + 1 rows took 35
+    # strips of 24, as strips 34)
+    strip = strip_positions(itemsize)
     row_bytes = phases * channel_block * Wq * itemsize
-    band_rows = max(1, min(g.OH, BAND_BYTES // row_bytes - reach,
-                           -(-g.N * g.OH // (4 * n_threads))))
+    max_rows = max(1, min(g.OH, BAND_BYTES // row_bytes - reach,
+                          -(-g.N * g.OH // (4 * n_threads))))
+    image_strips = -(-g.OH * Wq // strip)
+    items = -(-image_strips // max(1, max_rows * Wq // strip))
+    band_strips = -(-image_strips // items)
+    # the rows an item's positions touch: its first may start up to Wq - 1 positions in
+    band_rows = min(g.OH, -(-(band_strips * strip + Wq - 1) // Wq))
     direct_read = in_place(g, itemsize)
     if direct_read:
         # the planes are the input: the offsets are the image's
-        band_rows, channel_block = g.OH, g.C
+        band_rows, band_strips, channel_block = g.OH, 1, g.C
     Hb = band_rows + reach
     rows = (np.arange(Hq, dtype=np.intp)[None, :] * sh
             + np.arange(sh, dtype=np.intp)[:, None]).reshape(-1)
@@ -132,7 +149,8 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
                 + (kh // sh)[None, :, None]) * Wq + (kw // sw)[None, None, :]).reshape(-1)
     for array in (rowmap, colmap, lo, hi, row_slot, col_slot, offsets):
         array.flags.writeable = False      # shared by every call with this geometry
-    return _PlanePlan(Hq, band_rows, channel_block, reach, Wq, rowmap, colmap, lo, hi,
+    return _PlanePlan(Hq, band_rows, band_strips, channel_block, reach, Wq, rowmap, colmap,
+                      lo, hi,
                       row_slot, col_slot, offsets, phases, direct_read,
                       phases * channel_block * Hb * Wq)
 
@@ -181,22 +199,21 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     g = geometry
     itemsize = np.dtype(dtype).itemsize
     plan = _plane_plan(g, itemsize, n_threads)
-    strip = VECTORS * 32 // itemsize       # positions per register block
+    strip = strip_positions(itemsize)
     if wpack is None:
         wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
     direct_read = plan.in_place
-    # a block hanging past a band's last position reads up to strip + Wq more
+    # a block hanging past an image's last position reads up to strip + Wq more
     per_thread = 0 if direct_read else plan.band_elements + strip + plan.Wq
     planes = workspace("implicit-planes", dtype, n_threads * per_thread)
-    band_strips = 1 if direct_read else -(-plan.band_rows * plan.Wq // strip)
     acc = workspace("implicit-acc", dtype,
-                    n_threads * band_strips * -(-g.F // _direct.FILTER_BLOCK)
+                    n_threads * plan.band_strips * -(-g.F // _direct.FILTER_BLOCK)
                     * _direct.FILTER_BLOCK * strip)
     _conv_implicit.forward(x, wpack, b, out, planes, acc, plan.rowmap, plan.colmap, plan.lo,
                            plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top,
                            g.pad_left, plan.offsets, plan.Hq, plan.Wq, plan.band_rows,
-                           plan.channel_block, g.KH, g.KW, plan.reach, g.stride_h, g.stride_w,
+                           plan.band_strips, plan.channel_block, g.KH, g.KW, plan.reach, g.stride_h, g.stride_w,
                            strip, K_BLOCK, direct_read, relu, n_threads)
     return out
 

@@ -131,6 +131,35 @@ def test_thread_counts_are_bit_identical(n_threads):
     np.testing.assert_array_equal(got, serial)
 
 
+def test_items_are_runs_of_strips_that_may_start_inside_a_row():
+    """resnet-3x3-s2: 28 rows of 29 positions are 34 strips of 24, split 9 + 9 + 9 + 7
+    (items of whole rows, 9 + 9 + 9 + 1, took 35); an item's planes hold the rows its
+    positions touch, from a row that its first position may start inside."""
+    g = conv_geometry((8, 128, 56, 56), (128, 128, 3, 3), 2, 1, 1, 1)
+    plan = _implicit._plane_plan(g, 4, 2)
+    strip = _implicit.strip_positions(4)
+    image_strips = -(-g.OH * plan.Wq // strip)
+    assert (plan.Wq, strip, image_strips) == (29, 24, 34)
+    assert plan.band_strips == 9
+    # the last item (strips 27..33) starts at position 648 = row 22, column 10
+    assert plan.band_rows * plan.Wq >= plan.band_strips * strip + plan.Wq - 1
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_items_starting_inside_rows_match_the_reference(n_threads, monkeypatch):
+    """Bands of a single strip: every item but the first starts inside a plane row, and
+    an image's last strip runs past its last position."""
+    monkeypatch.setattr(_implicit, "BAND_BYTES", 1)
+    _implicit._plane_plan.cache_clear()
+    rng = np.random.default_rng(8)
+    x, w, b = _problem(rng, 2, 6, 21, 17, 5, (3, 3), np.float32)
+    got = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct",
+                          n_threads=n_threads)
+    _implicit._plane_plan.cache_clear()
+    assert_matches(got, reference.conv2d(x, w, b, stride=2, padding=1), np.float32, 54,
+                   "forward")
+
+
 def test_batch_of_one_splits_into_bands():
     rng = np.random.default_rng(6)
     x, w, b = _problem(rng, 1, 32, 40, 40, 8, (5, 5), np.float32)
