@@ -27,6 +27,8 @@ from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 cdef extern from "_implicit_kernels.h" nogil:
     const int FC_IM_FB
     const int FC_IM_NV
+    const int FC_IM_WIDE_NV
+    int fc_implicit_wide()
     void fc_implicit_strips_s(const float *src, Py_ssize_t strips, const Py_ssize_t *off,
                               Py_ssize_t K, Py_ssize_t kc, const float *wpack, Py_ssize_t ldk,
                               Py_ssize_t F, float *acc, bint accumulate, const float *pf,
@@ -41,6 +43,71 @@ cdef extern from "_implicit_kernels.h" nogil:
     void fc_implicit_store_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
                              Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
                              int relu, double *out, Py_ssize_t ldo)
+    void fc_implicit_strips_wide_s(const float *src, Py_ssize_t strips, const Py_ssize_t *off,
+                              Py_ssize_t K, Py_ssize_t kc, const float *wpack, Py_ssize_t ldk,
+                              Py_ssize_t F, float *acc, bint accumulate, const float *pf,
+                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_strips_wide_d(const double *src, Py_ssize_t strips, const Py_ssize_t *off,
+                              Py_ssize_t K, Py_ssize_t kc, const double *wpack, Py_ssize_t ldk,
+                              Py_ssize_t F, double *acc, bint accumulate, const double *pf,
+                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_store_wide_s(const float *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
+                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const float *bias,
+                             int relu, float *out, Py_ssize_t ldo)
+    void fc_implicit_store_wide_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
+                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
+                             int relu, double *out, Py_ssize_t ldo)
+
+
+def wide_kernel():
+    """Whether this CPU runs the AVX-512 build of the kernel (fastconv/_implicit_kernels.h),
+    whose strips are FC_IM_WIDE_NV vectors of 64 bytes."""
+    return bool(fc_implicit_wide())
+
+
+def strip_positions(Py_ssize_t itemsize, bint wide):
+    """Output positions per strip: FC_IM_NV vectors of 32 bytes, or with ``wide``
+    FC_IM_WIDE_NV vectors of 64 bytes."""
+    return FC_IM_WIDE_NV * 64 // itemsize if wide else FC_IM_NV * 32 // itemsize
+
+
+cdef inline void sum_strips(bint wide, const floating *src, Py_ssize_t strips,
+                            const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t kc,
+                            const floating *wpack, Py_ssize_t ldk, Py_ssize_t F, floating *acc,
+                            bint accumulate, const floating *pf, Py_ssize_t pf_chunks,
+                            Py_ssize_t pf_stride, Py_ssize_t pf_chunk) noexcept nogil:
+    """fc_implicit_strips_* of the dtype, the AVX-512 build with ``wide``."""
+    if floating is float:
+        if wide:
+            fc_implicit_strips_wide_s(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
+                                      pf, pf_chunks, pf_stride, pf_chunk)
+        else:
+            fc_implicit_strips_s(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate, pf,
+                                 pf_chunks, pf_stride, pf_chunk)
+    else:
+        if wide:
+            fc_implicit_strips_wide_d(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
+                                      pf, pf_chunks, pf_stride, pf_chunk)
+        else:
+            fc_implicit_strips_d(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate, pf,
+                                 pf_chunks, pf_stride, pf_chunk)
+
+
+cdef inline void store_strip(bint wide, const floating *acc, Py_ssize_t F, Py_ssize_t v0,
+                             Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
+                             const floating *bias, bint relu, floating *out,
+                             Py_ssize_t ldo) noexcept nogil:
+    """fc_implicit_store_* of the dtype and build (their strips differ in length)."""
+    if floating is float:
+        if wide:
+            fc_implicit_store_wide_s(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        else:
+            fc_implicit_store_s(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+    else:
+        if wide:
+            fc_implicit_store_wide_d(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        else:
+            fc_implicit_store_d(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
@@ -127,8 +194,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef floating *band_planes
     cdef floating *a
     cdef int tid
-    if strip != FC_IM_NV * lanes:
-        raise ValueError(f"strip={strip} is not the kernel's {FC_IM_NV} vectors")
+    cdef bint wide = strip == FC_IM_WIDE_NV * 2 * lanes
+    if wide and not fc_implicit_wide():
+        raise ValueError(f"strip={strip}: this CPU does not run the AVX-512 kernel")
+    if strip != FC_IM_NV * lanes and not wide:
+        raise ValueError(f"strip={strip} is neither the kernel's {FC_IM_NV} vectors of 32 "
+                         f"bytes nor {FC_IM_WIDE_NV} of 64")
     if N == 0 or F == 0:
         return
     if bias is not None:
@@ -148,18 +219,11 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             a = &acc[openmp.omp_get_thread_num() * acc_size]
             # the next strip of the image, fetched while the FMAs run
             next_rows = 1 if v0 + 2 * strip <= positions else 0
-            if floating is float:
-                fc_implicit_strips_s(&x[n, 0, 0, 0] + v0, 1, &offsets[0], K, kc, &wpack[0], K, F,
-                                     a, False, &x[n, 0, 0, 0] + v0 + strip if next_rows else NULL,
-                                     C, H * W, strip)
-                fc_implicit_store_s(a, F, v0, j0, strip, OW, OW, bias_ptr, relu,
-                                    &y[n, 0, 0, 0], OH * OW)
-            else:
-                fc_implicit_strips_d(&x[n, 0, 0, 0] + v0, 1, &offsets[0], K, kc, &wpack[0], K, F,
-                                     a, False, &x[n, 0, 0, 0] + v0 + strip if next_rows else NULL,
-                                     C, H * W, strip)
-                fc_implicit_store_d(a, F, v0, j0, strip, OW, OW, bias_ptr, relu,
-                                    &y[n, 0, 0, 0], OH * OW)
+            sum_strips(wide, &x[n, 0, 0, 0] + v0, 1, &offsets[0], K, kc, &wpack[0], K, F, a,
+                       False, &x[n, 0, 0, 0] + v0 + strip if next_rows else NULL, C, H * W,
+                       strip)
+            store_strip(wide, a, F, v0, j0, strip, OW, OW, bias_ptr, relu, &y[n, 0, 0, 0],
+                        OH * OW)
         return
     for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
         # item: strips [band*band_strips, ...) of image n, from virtual position v0 (which
@@ -201,27 +265,14 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                 next_c = 0
                 next_first = max(0, next_band * band_strips * strip // Wq * sh - top)
                 next_rows = min(H, next_first + (band_rows + reach) * sh) - next_first
-            if floating is float:
-                fc_implicit_strips_s(band_planes + (v0 - oh0 * Wq), strips, &offsets[0],
-                                     cn * KH * KW, kc, &wpack[c0 * KH * KW * FC_IM_FB], K, F, a,
-                                     block > 0,
-                                     &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
-                                     min(channel_block, C - next_c), H * W, next_rows * W)
-            else:
-                fc_implicit_strips_d(band_planes + (v0 - oh0 * Wq), strips, &offsets[0],
-                                     cn * KH * KW, kc, &wpack[c0 * KH * KW * FC_IM_FB], K, F, a,
-                                     block > 0,
-                                     &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
-                                     min(channel_block, C - next_c), H * W, next_rows * W)
+            sum_strips(wide, band_planes + (v0 - oh0 * Wq), strips, &offsets[0], cn * KH * KW,
+                       kc, &wpack[c0 * KH * KW * FC_IM_FB], K, F, a, block > 0,
+                       &x[next_n, next_c, next_first, 0] if next_rows > 0 else NULL,
+                       min(channel_block, C - next_c), H * W, next_rows * W)
         for s in range(strips):
-            if floating is float:
-                fc_implicit_store_s(a + s * acc_size, F, v0 + s * strip, 0,
-                                    min(strip, image_positions - v0 - s * strip), Wq, OW,
-                                    bias_ptr, relu, &y[n, 0, 0, 0], OH * OW)
-            else:
-                fc_implicit_store_d(a + s * acc_size, F, v0 + s * strip, 0,
-                                    min(strip, image_positions - v0 - s * strip), Wq, OW,
-                                    bias_ptr, relu, &y[n, 0, 0, 0], OH * OW)
+            store_strip(wide, a + s * acc_size, F, v0 + s * strip, 0,
+                        min(strip, image_positions - v0 - s * strip), Wq, OW, bias_ptr, relu,
+                        &y[n, 0, 0, 0], OH * OW)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,

@@ -33,9 +33,17 @@ from fastconv._workspace import workspace
 __all__ = ["applies", "preferred", "pays_off", "pays_off_weight_grad", "forward",
            "backward_weight"]
 
-#: Vectors of 32 bytes per register block (FC_IM_NV in _implicit_kernels.h); its
-#: filters come packed by _direct.pack_weight, _direct.FILTER_BLOCK (FC_IM_FB) at a time.
-VECTORS = 3
+#: Whether the kernel runs its AVX-512 build, blocks of 2 vectors of 64 bytes, rather
+#: than 3 of 32 bytes (FC_IM_WIDE_NV / FC_IM_NV in _implicit_kernels.h): where the CPU
+#: has AVX-512. Either way the filters come packed by _direct.pack_weight,
+#: _direct.FILTER_BLOCK (FC_IM_FB) at a time.
+WIDE_KERNEL = _conv_implicit.wide_kernel()
+#: ... but only where an image's positions, rounded up to its strips, are at most this
+#: many times the narrow build's: a 3x3 stride-2 layer to 8x8 (72 positions: 3 strips of
+#: 24, or 96 positions in 3 strips of 32) ran 0.82x / 0.85x (1 / 2 threads); resnet-3x3-s2
+#: (816 -> 832 positions) 1.02-1.05x / 1.11-1.14x, 256 -> 128 3x3 stride 2 on 56x56
+#: 1.04x / 1.10x, 32 -> 32 7x7 on 56x56 1.18x / 1.01x (in-process A/B, median per-call).
+WIDE_MAX_POSITIONS = 1.05
 #: Taps summed per pass over a strip: its kc runs of NR positions stay in L1 (32 KiB)
 #: while every filter block reads them. A run is 96 bytes but, unaligned, touches 2-3
 #: cache lines: 192 runs (~30 KiB of lines) did not stay, and the kernel alone ran 77
@@ -83,9 +91,21 @@ class _PlanePlan(NamedTuple):
     band_elements: int    # phases*channel_block*(band_rows + reach)*Wq
 
 
-def strip_positions(itemsize: int) -> int:
-    """Output positions per register block (a strip): VECTORS vectors of 32 bytes."""
-    return VECTORS * 32 // itemsize
+def strip_positions(geometry: ConvGeometry, itemsize: int) -> int:
+    """Output positions per register block (a strip): 24 floats or 12 doubles, 32 / 16
+    by the AVX-512 build where it runs (WIDE_KERNEL) and an image's positions fill its
+    strips about as well (see WIDE_MAX_POSITIONS)."""
+    g = geometry
+    narrow = _conv_implicit.strip_positions(itemsize, False)
+    if not WIDE_KERNEL:
+        return narrow
+    wide = _conv_implicit.strip_positions(itemsize, True)
+    positions = g.OH * _plane_shape(g)[2]
+
+    def computed(strip: int) -> int:
+        return -(-positions // strip) * strip
+
+    return wide if computed(wide) <= WIDE_MAX_POSITIONS * computed(narrow) else narrow
 
 
 def _plane_shape(g: ConvGeometry) -> tuple[int, int, int]:
@@ -118,7 +138,7 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
     # last strip's tail past its positions (items of whole rows each ended on a partial
     # strip: resnet-3x3-s2's 28 rows of 29 positions as 9 + 9 + 9 + 1 rows took 35
     # strips of 24, as strips 34)
-    strip = strip_positions(itemsize)
+    strip = strip_positions(g, itemsize)
     row_bytes = phases * channel_block * Wq * itemsize
     max_rows = max(1, min(g.OH, BAND_BYTES // row_bytes - reach,
                           -(-g.N * g.OH // (4 * n_threads))))
@@ -186,7 +206,7 @@ def in_place(geometry: ConvGeometry, itemsize: int) -> bool:
     g = geometry
     return (g.KH == g.KW == 1 and g.stride_h == g.stride_w == 1
             and g.pad_top == g.pad_bottom == g.pad_left == g.pad_right == 0
-            and g.OH * g.OW >= VECTORS * 32 // itemsize)
+            and g.OH * g.OW >= strip_positions(g, itemsize))
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
@@ -199,7 +219,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     g = geometry
     itemsize = np.dtype(dtype).itemsize
     plan = _plane_plan(g, itemsize, n_threads)
-    strip = strip_positions(itemsize)
+    strip = strip_positions(g, itemsize)
     if wpack is None:
         wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)

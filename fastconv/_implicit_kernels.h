@@ -16,7 +16,8 @@
    positions sum their taps kc at a time (fc_implicit_strips_*), reading the runs
    where they lie; im2col + GEMM would write those runs out as a column matrix and
    BLAS would copy them once more into its packed panels.
-   Vectors use GCC's vector extensions (AVX2 + FMA in the x86-64-v3 clone). */
+   Vectors use GCC's vector extensions (AVX2 + FMA in the x86-64-v3 clone); an AVX-512
+   build (below) takes blocks of FC_IM_FB filters x FC_IM_WIDE_NV vectors of 64 bytes. */
 #ifndef FASTCONV_IMPLICIT_KERNELS_H
 #define FASTCONV_IMPLICIT_KERNELS_H
 
@@ -25,11 +26,14 @@
 
 #define FC_IM_FB 4
 #define FC_IM_NV 3
+/* the AVX-512 build's blocks: 2 vectors of 64 bytes (32 floats, 16 doubles) */
+#define FC_IM_WIDE_NV 2
 
-/* FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES):
+/* FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES, NV, TARGET, BLOCK_TARGET): NV vectors of
+   LANES per block, the strip functions built with TARGET and the block with BLOCK_TARGET.
 
    fc_implicit_strips_*: acc[(s*Fp + f)*NR + j] (+)= sum_{k < K} wpack[f/FB][k][f%FB] *
-   src[s*NR + off[k] + j] for strips s < strips of NR = FC_IM_NV*LANES positions j, every
+   src[s*NR + off[k] + j] for strips s < strips of NR = NV*LANES positions j, every
    filter f < Fp = ceil(F/FB)*FB (wpack: [F/FB][ldk][FB] as fastconv._direct.pack_weight,
    zero past F, from the block's first tap); "+=" with accumulate. Taps are summed kc at
    a time: a strip's kc runs stay in L1 while every filter block reads them (the filters
@@ -37,47 +41,47 @@
 
    fc_implicit_store_*: out[f*ldo + oh*OW + ow] = act(acc[f*NR + j] + bias[f]) for the
    strip's positions j in [j0, j1) whose v = v0 + j falls in a column ow < OW. */
-#define FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES)                                             \
-static inline FC_ALWAYS_INLINE void fc_implicit_block_##suffix(                               \
+#define FC_IMPLICIT(suffix, T, VEC, VEC_U, LANES, NV, TARGET, BLOCK_TARGET)                   \
+static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_implicit_block_##suffix(                  \
     const T *src, const ptrdiff_t *off, ptrdiff_t kc, const T *w, T *acc, int first)          \
 {                                                                                             \
-    enum { NR = FC_IM_NV * LANES };                                                           \
-    /* each pass sums its kc taps from zero and adds them to acc: float32 error then grows \
-       with kc and K/kc rather than with K (one running sum over 4608 taps had 5x          \
-       im2col's error, whose BLAS adds its own k-blocks into C) */                         \
-    VEC sum[FC_IM_FB][FC_IM_NV];                                                              \
+    enum { NR = NV * LANES };                                                                 \
+    /* each pass sums its kc taps from zero and adds them to acc: float32 error then grows    \
+       with kc and K/kc rather than with K (one running sum over 4608 taps had 5x             \
+       im2col's error, whose BLAS adds its own k-blocks into C) */                            \
+    VEC sum[FC_IM_FB][NV];                                                                    \
     for (int i = 0; i < FC_IM_FB; i++)                                                        \
-        for (int j = 0; j < FC_IM_NV; j++)                                                    \
+        for (int j = 0; j < NV; j++)                                                          \
             sum[i][j] = (VEC){0};                                                             \
     for (ptrdiff_t k = 0; k < kc; k++, w += FC_IM_FB) {                                       \
         const T *b = src + off[k];                                                            \
-        VEC x[FC_IM_NV];                                                                      \
-        for (int j = 0; j < FC_IM_NV; j++)                                                    \
+        VEC x[NV];                                                                            \
+        for (int j = 0; j < NV; j++)                                                          \
             x[j] = *(const VEC_U *)(b + j * LANES);                                           \
         for (int i = 0; i < FC_IM_FB; i++) {                                                  \
-            /* w - 0 is w exactly (-0 and NaN too): a plain broadcast */                     \
+            /* w - 0 is w exactly (-0 and NaN too): a plain broadcast */                      \
             const VEC wi = w[i] - (VEC){0};                                                   \
-            for (int j = 0; j < FC_IM_NV; j++)                                                \
+            for (int j = 0; j < NV; j++)                                                      \
                 sum[i][j] += wi * x[j];                                                       \
         }                                                                                     \
     }                                                                                         \
     for (int i = 0; i < FC_IM_FB; i++)                                                        \
-        for (int j = 0; j < FC_IM_NV; j++) {                                                  \
+        for (int j = 0; j < NV; j++) {                                                        \
             VEC_U *to = (VEC_U *)(acc + i * NR + j * LANES);                                  \
             *to = first ? sum[i][j] : *to + sum[i][j];                                        \
         }                                                                                     \
 }                                                                                             \
                                                                                               \
-FC_TARGET static void fc_implicit_strips_##suffix(                                            \
+TARGET static void fc_implicit_strips_##suffix(                                               \
     const T *src, ptrdiff_t strips, const ptrdiff_t *off, ptrdiff_t K, ptrdiff_t kc,          \
     const T *wpack, ptrdiff_t ldk, ptrdiff_t F, T *acc, int accumulate, const T *pf,          \
     ptrdiff_t pf_chunks, ptrdiff_t pf_stride, ptrdiff_t pf_chunk)                             \
 {                                                                                             \
-    enum { NR = FC_IM_NV * LANES, LINE = 64 / sizeof(T) };                                    \
+    enum { NR = NV * LANES, LINE = 64 / sizeof(T) };                                          \
     const ptrdiff_t Fp = (F + FC_IM_FB - 1) / FC_IM_FB * FC_IM_FB;                            \
-    /* the next item's input (pf_chunks runs of pf_chunk values, pf_stride apart) is        \
-       fetched into L2 a few lines per strip and pass, while the FMAs run: laying out its \
-       planes would otherwise wait on DRAM */                                               \
+    /* the next item's input (pf_chunks runs of pf_chunk values, pf_stride apart) is          \
+       fetched into L2 a few lines per strip and pass, while the FMAs run: laying out its     \
+       planes would otherwise wait on DRAM */                                                 \
     const ptrdiff_t chunk_lines = (pf_chunk + LINE - 1) / LINE;                               \
     const ptrdiff_t passes = ((K + kc - 1) / kc) * strips;                                    \
     const ptrdiff_t per_pass = (pf_chunks * chunk_lines + passes - 1) / passes;               \
@@ -97,13 +101,13 @@ FC_TARGET static void fc_implicit_strips_##suffix(                              
     }                                                                                         \
 }                                                                                             \
                                                                                               \
-FC_TARGET static void fc_implicit_store_##suffix(                                             \
+TARGET static void fc_implicit_store_##suffix(                                                \
     const T *acc, ptrdiff_t F, ptrdiff_t v0, ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t Wq,        \
     ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo)                             \
 {                                                                                             \
-    enum { NR = FC_IM_NV * LANES };                                                           \
+    enum { NR = NV * LANES };                                                                 \
     ptrdiff_t oh = (v0 + j0) / Wq, ow = (v0 + j0) % Wq;                                       \
-    /* one run of columns ow < OW per plane row the strip crosses */                         \
+    /* one run of columns ow < OW per plane row the strip crosses */                          \
     for (ptrdiff_t j = j0; j < j1; j += Wq - ow, ow = 0, oh++) {                              \
         const ptrdiff_t len = ow >= OW ? 0 : (OW - ow < j1 - j ? OW - ow : j1 - j);           \
         for (ptrdiff_t f = 0; f < F; f++) {                                                   \
@@ -120,7 +124,33 @@ FC_TARGET static void fc_implicit_store_##suffix(                               
     }                                                                                         \
 }
 
-FC_IMPLICIT(s, float, fc_v8sf, fc_v8sf_u, 8)
-FC_IMPLICIT(d, double, fc_v4df, fc_v4df_u, 4)
+FC_IMPLICIT(s, float, fc_v8sf, fc_v8sf_u, 8, FC_IM_NV, FC_TARGET, )
+FC_IMPLICIT(d, double, fc_v4df, fc_v4df_u, 4, FC_IM_NV, FC_TARGET, )
+
+/* The AVX-512 build: blocks of 4 filters x 2 vectors of 64 bytes. On Zen 4 a 64-byte FMA
+   does the work of two 32-byte ones in one instruction, so a block needs about half the
+   instructions and loads per FMA. Kernel alone on resnet-3x3-s2's planes (C harness,
+   interleaved, computed GFLOP/s): 110-116 against 108-114 for the 4 x 3 x 32-byte block
+   when the VM ran fast, 99-110 against 75-89 when it ran slow (a busy host: the 32-byte
+   block, with twice the instructions, lost most). Its strips are 32 floats / 16 doubles:
+   fc_implicit_wide() says whether the CPU runs it. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && !defined(FASTCONV_NO_TARGET_CLONES)
+typedef float fc_v16sf __attribute__((vector_size(64)));
+typedef float fc_v16sf_u __attribute__((vector_size(64), aligned(4)));
+typedef double fc_v8df __attribute__((vector_size(64)));
+typedef double fc_v8df_u __attribute__((vector_size(64), aligned(8)));
+#define FC_IM_V4 __attribute__((target("arch=x86-64-v4")))
+FC_IMPLICIT(wide_s, float, fc_v16sf, fc_v16sf_u, 16, FC_IM_WIDE_NV, FC_IM_V4, FC_IM_V4)
+FC_IMPLICIT(wide_d, double, fc_v8df, fc_v8df_u, 8, FC_IM_WIDE_NV, FC_IM_V4, FC_IM_V4)
+static int fc_implicit_wide(void) { return FC_CPU_HAS_V4(); }
+#else
+/* never called: fc_implicit_wide() is 0 */
+#define fc_implicit_strips_wide_s fc_implicit_strips_s
+#define fc_implicit_strips_wide_d fc_implicit_strips_d
+#define fc_implicit_store_wide_s fc_implicit_store_s
+#define fc_implicit_store_wide_d fc_implicit_store_d
+static int fc_implicit_wide(void) { return 0; }
+#endif
 
 #endif

@@ -6,7 +6,7 @@ import pytest
 from _helpers import assert_forward_matches_reference, assert_matches
 
 import fastconv
-from fastconv import _implicit, reference
+from fastconv import _conv_implicit, _implicit, reference
 from fastconv._functional import _choose_algorithm
 from fastconv._validation import conv_geometry
 
@@ -45,6 +45,21 @@ def small_blocks(monkeypatch):
     _implicit._plane_plan.cache_clear()
 
 
+@pytest.fixture(params=["narrow", "wide"])
+def kernel_build(request, monkeypatch):
+    """Both builds of the kernel: 3 vectors of 32 bytes, and 2 of 64 bytes where the CPU
+    runs the AVX-512 one (its strips are longer: 32 floats, 16 doubles), here whatever
+    the positions."""
+    wide = request.param == "wide"
+    if wide and not _conv_implicit.wide_kernel():
+        pytest.skip("this CPU does not run the AVX-512 kernel")
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", wide)
+    monkeypatch.setattr(_implicit, "WIDE_MAX_POSITIONS", float("inf"))
+    _implicit._plane_plan.cache_clear()
+    yield wide
+    _implicit._plane_plan.cache_clear()
+
+
 def test_layers_of_more_than_four_channels_run_here():
     rng = np.random.default_rng(0)
     x, w, _ = _problem(rng, 1, 5, 8, 8, 4, (3, 3), np.float32)
@@ -53,11 +68,13 @@ def test_layers_of_more_than_four_channels_run_here():
     assert not _implicit.preferred(_geometry(x, w))    # the row kernel's
 
 
-# filter counts around the 4-filter blocks; positions (OH x OW) around the 24- and
-# 12-position strips of float32 / float64, with output widths that split a strip's rows
+# filter counts around the 4-filter blocks; positions (OH x OW) around the strips of
+# 24 / 12 (float32 / float64) and 32 / 16 (the AVX-512 build), with output widths that
+# split a strip's rows
 @pytest.mark.parametrize("F", [1, 3, 4, 5, 9])
-@pytest.mark.parametrize("OH,OW", [(1, 1), (1, 11), (2, 12), (3, 8), (1, 25), (5, 23), (7, 7)])
-def test_filter_blocks_and_strip_tails(F, OH, OW, dtype):
+@pytest.mark.parametrize("OH,OW", [(1, 1), (1, 11), (2, 12), (3, 8), (1, 25), (5, 23), (7, 7),
+                                   (1, 15), (1, 17), (2, 16), (1, 33), (3, 11)])
+def test_filter_blocks_and_strip_tails(F, OH, OW, dtype, kernel_build):
     rng = np.random.default_rng(1)
     x, w, b = _problem(rng, 2, 6, OH + 2, OW + 2, F, (3, 3), dtype)
     y = fastconv.conv2d(x, w, b, algorithm="direct")
@@ -69,7 +86,7 @@ def test_filter_blocks_and_strip_tails(F, OH, OW, dtype):
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("blocks", ["default", "small"])
 def test_strides_dilations_padding_modes_and_blocks(kernel, stride, dilation, padding, mode,
-                                                     blocks, dtype, request):
+                                                     blocks, dtype, request, kernel_build):
     if blocks == "small":
         request.getfixturevalue("small_blocks")
     rng = np.random.default_rng(2)
@@ -81,7 +98,7 @@ def test_strides_dilations_padding_modes_and_blocks(kernel, stride, dilation, pa
 
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bias_and_relu_in_the_store(relu, with_bias, dtype, small_blocks):
+def test_bias_and_relu_in_the_store(relu, with_bias, dtype, small_blocks, kernel_build):
     rng = np.random.default_rng(3)
     x, w, b = _problem(rng, 3, 9, 11, 13, 5, (3, 3), dtype)
     b = b if with_bias else None
@@ -96,15 +113,16 @@ def test_bias_and_relu_in_the_store(relu, with_bias, dtype, small_blocks):
 # one strip and takes the planes after all
 @pytest.mark.parametrize("H,W", [(1, 1), (2, 5), (3, 4), (5, 5), (4, 6), (7, 9), (8, 16)])
 @pytest.mark.parametrize("C,F", [(5, 3), (40, 9)])
-def test_pointwise_layers_read_the_input_in_place(H, W, C, F, dtype):
+def test_pointwise_layers_read_the_input_in_place(H, W, C, F, dtype, kernel_build):
     rng = np.random.default_rng(4)
     x, w, b = _problem(rng, 3, C, H, W, F, (1, 1), dtype)
     x_before = x.copy()
     got = fastconv.conv2d(x, w, b, algorithm="direct", n_threads=2)
     assert_matches(got, reference.conv2d(x, w, b), dtype, C, "forward")
     np.testing.assert_array_equal(x, x_before)
-    strip = 24 if dtype == np.float32 else 12
-    assert _implicit.in_place(_geometry(x, w), np.dtype(dtype).itemsize) == (H * W >= strip)
+    g = _geometry(x, w)
+    strip = _implicit.strip_positions(g, np.dtype(dtype).itemsize)
+    assert _implicit.in_place(g, np.dtype(dtype).itemsize) == (H * W >= strip)
 
 
 def test_unread_phases_get_no_planes():
@@ -131,22 +149,52 @@ def test_thread_counts_are_bit_identical(n_threads):
     np.testing.assert_array_equal(got, serial)
 
 
-def test_items_are_runs_of_strips_that_may_start_inside_a_row():
+def test_items_are_runs_of_strips_that_may_start_inside_a_row(monkeypatch):
     """resnet-3x3-s2: 28 rows of 29 positions are 34 strips of 24, split 9 + 9 + 9 + 7
     (items of whole rows, 9 + 9 + 9 + 1, took 35); an item's planes hold the rows its
     positions touch, from a row that its first position may start inside."""
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    _implicit._plane_plan.cache_clear()
     g = conv_geometry((8, 128, 56, 56), (128, 128, 3, 3), 2, 1, 1, 1)
     plan = _implicit._plane_plan(g, 4, 2)
-    strip = _implicit.strip_positions(4)
+    strip = _implicit.strip_positions(g, 4)
     image_strips = -(-g.OH * plan.Wq // strip)
     assert (plan.Wq, strip, image_strips) == (29, 24, 34)
     assert plan.band_strips == 9
     # the last item (strips 27..33) starts at position 648 = row 22, column 10
     assert plan.band_rows * plan.Wq >= plan.band_strips * strip + plan.Wq - 1
+    _implicit._plane_plan.cache_clear()
+
+
+def test_the_wide_build_runs_where_its_strips_fit_the_positions(monkeypatch):
+    """Strips of 32 floats where an image's positions fill them about as well as strips
+    of 24: resnet-3x3-s2 (812 positions: 832 computed against 816); not 72 positions
+    (96 against 72)."""
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", True)
+    resnet = conv_geometry((8, 128, 56, 56), (128, 128, 3, 3), 2, 1, 1, 1)
+    small = conv_geometry((8, 64, 16, 16), (64, 64, 3, 3), 2, 1, 1, 1)
+    assert _implicit.strip_positions(resnet, 4) == 32
+    assert _implicit.strip_positions(resnet, 8) == 16
+    assert _implicit.strip_positions(small, 4) == 24
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    assert _implicit.strip_positions(resnet, 4) == 24
+
+
+def test_both_builds_sum_alike(kernel_build, dtype, monkeypatch):
+    """The AVX-512 build sums each position's taps in the same order, passes of K_BLOCK
+    taps added to the stored sums: its results are the narrow build's, bit for bit."""
+    rng = np.random.default_rng(9)
+    x, w, b = _problem(rng, 3, 20, 29, 31, 9, (3, 3), dtype)
+    got = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct", n_threads=2)
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    _implicit._plane_plan.cache_clear()
+    narrow = fastconv.conv2d(x, w, b, stride=2, padding=1, algorithm="direct", n_threads=2)
+    np.testing.assert_array_equal(got, narrow)
 
 
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_items_starting_inside_rows_match_the_reference(n_threads, monkeypatch):
+def test_items_starting_inside_rows_match_the_reference(n_threads, monkeypatch,
+                                                        kernel_build):
     """Bands of a single strip: every item but the first starts inside a plane row, and
     an image's last strip runs past its last position."""
     monkeypatch.setattr(_implicit, "BAND_BYTES", 1)
