@@ -26,16 +26,56 @@ from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 
 cdef extern from "_direct_kernels.h" nogil:
-    void fc_direct_band_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+    int fc_direct_wide()
+    void fc_direct_band_narrow_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
                           Py_ssize_t kh_stride, const unsigned char *live, const float *wpack,
                           const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
                           const float *bias,
                           int relu, float *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_band_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+    void fc_direct_band_narrow_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
                           Py_ssize_t kh_stride, const unsigned char *live, const double *wpack,
                           const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
                           const double *bias,
                           int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+    void fc_direct_band_wide_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+                          Py_ssize_t kh_stride, const unsigned char *live, const float *wpack,
+                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
+                          const float *bias,
+                          int relu, float *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+    void fc_direct_band_wide_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
+                          Py_ssize_t kh_stride, const unsigned char *live, const double *wpack,
+                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
+                          const double *bias,
+                          int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+
+
+def wide_kernel():
+    """Whether this CPU runs the AVX-512 build of the row kernel (fastconv/_direct_kernels.h:
+    its blocks of 4 and 2 vectors of 32 bytes as 2 and 1 of 64 bytes)."""
+    return bool(fc_direct_wide())
+
+
+cdef inline void direct_band(bint wide, const floating *rows, Py_ssize_t band_stride,
+                             Py_ssize_t c_stride, Py_ssize_t kh_stride,
+                             const unsigned char *live, const floating *wpack,
+                             const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
+                             const floating *bias, int relu, floating *out, Py_ssize_t ldo,
+                             Py_ssize_t OW, Py_ssize_t R) noexcept nogil:
+    """fc_direct_band_*_* of the dtype, the AVX-512 build with ``wide``."""
+    if floating is float:
+        if wide:
+            fc_direct_band_wide_s(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
+                                  KH, KW, F, bias, relu, out, ldo, OW, R)
+        else:
+            fc_direct_band_narrow_s(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
+                                    KH, KW, F, bias, relu, out, ldo, OW, R)
+    else:
+        if wide:
+            fc_direct_band_wide_d(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
+                                  KH, KW, F, bias, relu, out, ldo, OW, R)
+        else:
+            fc_direct_band_narrow_d(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
+                                    KH, KW, F, bias, relu, out, ldo, OW, R)
 
 
 cdef inline Py_ssize_t first_reader(Py_ssize_t i, Py_ssize_t R, int KH, Py_ssize_t sh,
@@ -95,8 +135,9 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
             const Py_ssize_t[::1] lo, const Py_ssize_t[::1] hi, Py_ssize_t left,
             const Py_ssize_t[::1] tap, int KH, int KW, int stride_h, int dilation_h,
             int stride_w, Py_ssize_t ldr, const Py_ssize_t[::1] strides, Py_ssize_t band_rows,
-            bint relu, int n_threads):
-    """y[n, f, oh, :] = act(sum_{c, kh, kw} w[f, c, kh, kw] * x_padded[n, c, ih, iw] + bias[f]).
+            bint relu, bint wide, int n_threads):
+    """y[n, f, oh, :] = act(sum_{c, kh, kw} w[f, c, kh, kw] * x_padded[n, c, ih, iw] + bias[f]),
+    by the kernel's AVX-512 build with ``wide`` (:func:`wide_kernel` must hold).
 
     ``rowmap[oh*KH + kh]`` is the input row under output row oh's tap row kh,
     ``colmap[p]`` the input column under padded column ``p``, each -1 for a zero; in
@@ -120,6 +161,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef Py_ssize_t item, n, oh0, R
     cdef Band b
     cdef int tid
+    if wide and not fc_direct_wide():
+        raise ValueError("wide: this CPU does not run the AVX-512 kernel")
     cdef floating *rows
     cdef unsigned char *live
     if N == 0:
@@ -137,14 +180,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         live = &live_flags[tid * band_rows * KH]
         phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, &strides[0], live, &rowmap[0],
                    &colmap[0], &lo[0], &hi[0], left, KH, sh, dh, S, ldr, False)
-        if floating is float:
-            fc_direct_band_s(rows, strides[0], strides[1], strides[2], live, &wpack[0],
-                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
-                             OH * OW, OW, R)
-        else:
-            fc_direct_band_d(rows, strides[0], strides[1], strides[2], live, &wpack[0],
-                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
-                             OH * OW, OW, R)
+        direct_band(wide, rows, strides[0], strides[1], strides[2], live, &wpack[0], &tap[0],
+                    <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,

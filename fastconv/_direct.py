@@ -28,6 +28,9 @@ __all__ = ["applies", "pays_off", "pack_weight", "forward", "backward_weight"]
 FILTER_BLOCK = 4
 #: Columns the kernel may read past a row's last output (its widest vector block).
 VECTOR_COLUMNS = 8
+#: Whether the kernel runs its AVX-512 build (blocks of 4 and 2 vectors of 32 bytes as 2
+#: and 1 of 64 bytes, _direct_kernels.h): where the CPU has AVX-512.
+WIDE_KERNEL = _conv_direct.wide_kernel()
 
 #: ``algorithm="auto"`` takes the direct kernel for plain layers with at most this
 #: many input channels (measured: README "Choosing the algorithm").
@@ -137,7 +140,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     live = workspace("direct-live", np.uint8, n_threads * band * g.KH)
     _conv_direct.forward(x, wpack, b, out, scratch, live, rows.rowmap, rows.colmap, rows.lo,
                          rows.hi, g.pad_left, rows.tap, g.KH, g.KW, g.stride_h, g.dilation_h,
-                         rows.S, rows.ldr, strides, band, relu, n_threads)
+                         rows.S, rows.ldr, strides, band, relu, WIDE_KERNEL, n_threads)
     return out
 
 

@@ -30,8 +30,8 @@
 #define FC_V 3
 #define FC_V_WIDE 4
 
-/* FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES): R consecutive output rows of all
-   filters (fc_direct_band_*).
+/* fc_direct_band_narrow_* / fc_direct_band_wide_* (FC_DIRECT_BAND below): R consecutive
+   output rows of all filters.
 
    rows   the phase rows of the band's input (see above): tap row kh of channel c for
           output row r at rows + r*band_stride + c*c_stride + kh*kh_stride, [S][ldr]
@@ -43,8 +43,8 @@
    out    out[f*ldo + r*OW + ow] for f < F, r < R, ow < OW: act(sum + bias[f]) */
 /* One register block: FC_FB filters x NV column vectors from ow0, summed over every tap,
    then stored as act(sum + bias) (through `tail` when the block hangs past OW). */
-#define FC_DIRECT_BLOCK(suffix, NV, T, VEC, VEC_U, IVEC, LANES)                               \
-static inline FC_ALWAYS_INLINE void fc_direct_block##NV##_##suffix(                           \
+#define FC_DIRECT_BLOCK(suffix, NV, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET)                 \
+static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_direct_block##NV##_##suffix(              \
     const T *rows, ptrdiff_t c_stride, ptrdiff_t kh_stride, const unsigned char *live,         \
     const T *wblock, const ptrdiff_t *tap, int C, int KH, int KW, ptrdiff_t ow0, ptrdiff_t nf, \
     const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t width)                          \
@@ -89,13 +89,10 @@ static inline FC_ALWAYS_INLINE void fc_direct_block##NV##_##suffix(             
     }                                                                                         \
 }
 
-#define FC_DIRECT_ROW(suffix, T, VEC, VEC_U, IVEC, LANES)                                    \
-FC_DIRECT_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES)                                        \
-FC_DIRECT_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES)                                        \
-FC_DIRECT_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES)                                        \
-FC_DIRECT_BLOCK(suffix, 4, T, VEC, VEC_U, IVEC, LANES)                                        \
-                                                                                              \
-FC_TARGET_WIDE static void fc_direct_band_##suffix(                                           \
+/* FC_DIRECT_BAND(name, TARGET, T, LANES, MAX_VECTORS, BLOCK4, BLOCK3, BLOCK2, BLOCK1): the
+   band function `name` built with TARGET, blocks of nvec vectors of LANES by BLOCKnvec. */
+#define FC_DIRECT_BAND(name, TARGET, T, LANES, MAX_VECTORS, BLOCK4, BLOCK3, BLOCK2, BLOCK1)   \
+TARGET static void name(                                                                      \
     const T *rows, ptrdiff_t band_stride, ptrdiff_t c_stride, ptrdiff_t kh_stride,            \
     const unsigned char *live, const T *wpack, const ptrdiff_t *tap, int C, int KH, int KW,   \
     ptrdiff_t F,                                                                              \
@@ -104,10 +101,8 @@ FC_TARGET_WIDE static void fc_direct_band_##suffix(                             
     const ptrdiff_t block_size = (ptrdiff_t)C * KH * KW * FC_FB;                              \
     /* the row's vectors in blocks of at most max_vectors, as even as possible (40 columns \
        run as 24 + 16 rather than 32 + 8 with a 4-FMA block); computed once: a 64-bit      \
-       division per block cost as much as the block's FMAs on lenet's 24-wide rows. The     \
-       loader picks the AVX-512 clone exactly where this test holds, so the others never   \
-       take 4 (which would spill, still correct). */                                       \
-    const ptrdiff_t max_vectors = FC_CPU_HAS_V4() ? FC_V_WIDE : FC_V;                      \
+       division per block cost as much as the block's FMAs on lenet's 24-wide rows */     \
+    const ptrdiff_t max_vectors = MAX_VECTORS;                                               \
     const ptrdiff_t nv = (OW + LANES - 1) / LANES;                                           \
     const ptrdiff_t blocks = (nv + max_vectors - 1) / max_vectors;                           \
     const ptrdiff_t base_vectors = nv / blocks, wider_blocks = nv % blocks;                  \
@@ -126,19 +121,19 @@ FC_TARGET_WIDE static void fc_direct_band_##suffix(                             
                 const int nvec = (int)(base_vectors + (k < wider_blocks));                    \
                 const ptrdiff_t width = OW - ow0 < nvec * LANES ? OW - ow0 : nvec * LANES;   \
                 if (nvec == 4)                                                               \
-                    fc_direct_block4_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                    BLOCK4(row_in, c_stride, kh_stride, row_live, wblock,   \
                                               tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
                                               width);                                        \
                 else if (nvec == 3)                                                          \
-                    fc_direct_block3_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                    BLOCK3(row_in, c_stride, kh_stride, row_live, wblock,   \
                                               tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
                                               width);                                        \
                 else if (nvec == 2)                                                          \
-                    fc_direct_block2_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                    BLOCK2(row_in, c_stride, kh_stride, row_live, wblock,   \
                                               tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
                                               width);                                        \
                 else                                                                         \
-                    fc_direct_block1_##suffix(row_in, c_stride, kh_stride, row_live, wblock,   \
+                    BLOCK1(row_in, c_stride, kh_stride, row_live, wblock,   \
                                               tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
                                               width);                                        \
                 ow0 += width;                                                                \
@@ -147,7 +142,43 @@ FC_TARGET_WIDE static void fc_direct_band_##suffix(                             
     }                                                                                         \
 }
 
-FC_DIRECT_ROW(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8)
-FC_DIRECT_ROW(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4)
+#define FC_DIRECT_BLOCKS(suffix, T, VEC, VEC_U, IVEC, LANES)                                 \
+FC_DIRECT_BLOCK(suffix, 1, T, VEC, VEC_U, IVEC, LANES, )                                      \
+FC_DIRECT_BLOCK(suffix, 2, T, VEC, VEC_U, IVEC, LANES, )                                      \
+FC_DIRECT_BLOCK(suffix, 3, T, VEC, VEC_U, IVEC, LANES, )                                      \
+FC_DIRECT_BLOCK(suffix, 4, T, VEC, VEC_U, IVEC, LANES, )
+FC_DIRECT_BLOCKS(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8)
+FC_DIRECT_BLOCKS(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4)
+
+/* The clones: 4-vector blocks only where the loader picks the AVX-512 clone (exactly
+   where FC_CPU_HAS_V4() holds), so the others never take 4 (which would spill, still
+   correct). */
+FC_DIRECT_BAND(fc_direct_band_narrow_s, FC_TARGET_WIDE, float, 8,
+               FC_CPU_HAS_V4() ? FC_V_WIDE : FC_V, fc_direct_block4_s, fc_direct_block3_s,
+               fc_direct_block2_s, fc_direct_block1_s)
+FC_DIRECT_BAND(fc_direct_band_narrow_d, FC_TARGET_WIDE, double, 4,
+               FC_CPU_HAS_V4() ? FC_V_WIDE : FC_V, fc_direct_block4_d, fc_direct_block3_d,
+               fc_direct_block2_d, fc_direct_block1_d)
+
+/* The AVX-512 build: the same blocks, but those of 4 and 2 vectors of 32 bytes as 2 and 1
+   of 64 bytes (the same columns in half the instructions and loads; the implicit GEMM's
+   kernel gained most where the VM ran slow, see _implicit_kernels.h). Blocks of 3 and 1
+   stay 32-byte vectors: lenet's 24-wide rows ran 0.6x as one 64-byte block and a half. */
+#if FC_HAVE_V4_BUILD
+FC_DIRECT_BLOCK(wide_s, 1, float, fc_v16sf, fc_v16sf_u, fc_v16si, 16, FC_V4)
+FC_DIRECT_BLOCK(wide_s, 2, float, fc_v16sf, fc_v16sf_u, fc_v16si, 16, FC_V4)
+FC_DIRECT_BLOCK(wide_d, 1, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4)
+FC_DIRECT_BLOCK(wide_d, 2, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4)
+FC_DIRECT_BAND(fc_direct_band_wide_s, FC_V4, float, 8, FC_V_WIDE, fc_direct_block2_wide_s,
+               fc_direct_block3_s, fc_direct_block1_wide_s, fc_direct_block1_s)
+FC_DIRECT_BAND(fc_direct_band_wide_d, FC_V4, double, 4, FC_V_WIDE, fc_direct_block2_wide_d,
+               fc_direct_block3_d, fc_direct_block1_wide_d, fc_direct_block1_d)
+static int fc_direct_wide(void) { return FC_CPU_HAS_V4(); }
+#else
+/* never called: fc_direct_wide() is 0 */
+#define fc_direct_band_wide_s fc_direct_band_narrow_s
+#define fc_direct_band_wide_d fc_direct_band_narrow_d
+static int fc_direct_wide(void) { return 0; }
+#endif
 
 #endif

@@ -134,15 +134,9 @@ FC_IMPLICIT(d, double, fc_v4df, fc_v4df_u, 4, FC_IM_NV, FC_TARGET, )
    when the VM ran fast, 99-110 against 75-89 when it ran slow (a busy host: the 32-byte
    block, with twice the instructions, lost most). Its strips are 32 floats / 16 doubles:
    fc_implicit_wide() says whether the CPU runs it. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
-    && !defined(FASTCONV_NO_TARGET_CLONES)
-typedef float fc_v16sf __attribute__((vector_size(64)));
-typedef float fc_v16sf_u __attribute__((vector_size(64), aligned(4)));
-typedef double fc_v8df __attribute__((vector_size(64)));
-typedef double fc_v8df_u __attribute__((vector_size(64), aligned(8)));
-#define FC_IM_V4 __attribute__((target("arch=x86-64-v4")))
-FC_IMPLICIT(wide_s, float, fc_v16sf, fc_v16sf_u, 16, FC_IM_WIDE_NV, FC_IM_V4, FC_IM_V4)
-FC_IMPLICIT(wide_d, double, fc_v8df, fc_v8df_u, 8, FC_IM_WIDE_NV, FC_IM_V4, FC_IM_V4)
+#if FC_HAVE_V4_BUILD
+FC_IMPLICIT(wide_s, float, fc_v16sf, fc_v16sf_u, 16, FC_IM_WIDE_NV, FC_V4, FC_V4)
+FC_IMPLICIT(wide_d, double, fc_v8df, fc_v8df_u, 8, FC_IM_WIDE_NV, FC_V4, FC_V4)
 static int fc_implicit_wide(void) { return FC_CPU_HAS_V4(); }
 #else
 /* never called: fc_implicit_wide() is 0 */

@@ -37,6 +37,24 @@ typedef double fc_v4df __attribute__((vector_size(32)));
 typedef double fc_v4df_u __attribute__((vector_size(32), aligned(8)));
 typedef long long fc_v4di __attribute__((vector_size(32)));
 
+/* 64-byte vectors (one AVX-512 register) for kernels with an explicit x86-64-v4 build
+   (FC_V4), which their callers pick where FC_CPU_HAS_V4(). FC_HAVE_V4_BUILD is 0 where
+   there is no such build (no x86 GCC): those callers then never take it. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && !defined(FASTCONV_NO_TARGET_CLONES)
+#define FC_HAVE_V4_BUILD 1
+#define FC_V4 __attribute__((target("arch=x86-64-v4")))
+typedef float fc_v16sf __attribute__((vector_size(64)));
+typedef float fc_v16sf_u __attribute__((vector_size(64), aligned(4)));
+typedef int fc_v16si __attribute__((vector_size(64)));
+typedef double fc_v8df __attribute__((vector_size(64)));
+typedef double fc_v8df_u __attribute__((vector_size(64), aligned(8)));
+typedef long long fc_v8di __attribute__((vector_size(64)));
+#else
+#define FC_HAVE_V4_BUILD 0
+#define FC_V4 /* a plain build of code written for v4 (FC_CPU_HAS_V4 picks it) */
+#endif
+
 #if defined(__GNUC__)
 #define FC_ALWAYS_INLINE __attribute__((always_inline))
 #else

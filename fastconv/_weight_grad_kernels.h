@@ -73,7 +73,6 @@ static inline FC_ALWAYS_INLINE void fc_lane_sums_d(const fc_v4df *v, int n, doub
 /* AVX-512's "v": any of its 32 registers (x names only the first 16) */
 #define FC_PIN_V(v) __asm__("" : "+v"(v))
 #define FC_V3 __attribute__((target("arch=x86-64-v3")))
-#define FC_V4 __attribute__((target("arch=x86-64-v4")))
 
 /* One block of FB filters x NT taps (NT <= FC_WG_TB): g[i] receives filter i's sums of
    those taps (NULL: a filter run only to fill the block, its sums dropped). */

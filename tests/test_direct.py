@@ -7,7 +7,7 @@ import pytest
 from _helpers import assert_forward_matches_reference, assert_matches
 
 import fastconv
-from fastconv import _direct, reference
+from fastconv import _conv_direct, _direct, reference
 from fastconv._functional import _choose_algorithm
 from fastconv._validation import conv_geometry
 
@@ -19,11 +19,22 @@ def _problem(rng, N, C, H, W, F, kernel, dtype):
     return x, w, b
 
 
+@pytest.fixture(params=["narrow", "wide"])
+def kernel_build(request, monkeypatch):
+    """Both builds of the row kernel: 32-byte vectors, and where the CPU runs the AVX-512
+    one, its blocks of 4 and 2 such vectors as 2 and 1 of 64 bytes."""
+    wide = request.param == "wide"
+    if wide and not _conv_direct.wide_kernel():
+        pytest.skip("this CPU does not run the AVX-512 kernel")
+    monkeypatch.setattr(_direct, "WIDE_KERNEL", wide)
+    return wide
+
+
 # output widths around the kernel's 8-column vectors and its 3- and (with AVX-512) 4-vector
 # blocks, filter counts around its 4-blocks
-@pytest.mark.parametrize("OW", [1, 7, 8, 9, 23, 24, 25, 31, 32, 33, 47, 49, 65])
+@pytest.mark.parametrize("OW", [1, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 47, 49, 65])
 @pytest.mark.parametrize("F", [1, 3, 4, 5, 9])
-def test_column_and_filter_block_tails(OW, F, dtype):
+def test_column_and_filter_block_tails(OW, F, dtype, kernel_build):
     rng = np.random.default_rng(0)
     x, w, b = _problem(rng, 2, 2, 5, OW + 2, F, (3, 3), dtype)
     y = fastconv.conv2d(x, w, b, algorithm="direct")
@@ -36,7 +47,8 @@ def test_column_and_filter_block_tails(OW, F, dtype):
     ((1, 1), 2, 1, 0), ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"),
 ])
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
-def test_strides_dilations_and_padding_modes(kernel, stride, dilation, padding, mode, dtype):
+def test_strides_dilations_and_padding_modes(kernel, stride, dilation, padding, mode, dtype,
+                                             kernel_build):
     rng = np.random.default_rng(1)
     x, w, b = _problem(rng, 2, 3, 19, 33, 6, kernel, dtype)
     assert_forward_matches_reference(x, w, b, dtype, 3 * kernel[0] * kernel[1], stride=stride,
@@ -53,6 +65,21 @@ def test_thread_counts_are_bit_identical(n_threads):
     serial = fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=1)
     np.testing.assert_array_equal(
         fastconv.conv2d(x, w, b, padding=2, algorithm="direct", n_threads=n_threads), serial)
+
+
+@pytest.mark.parametrize("OW", [16, 32, 40, 112])
+def test_both_builds_sum_alike(OW, dtype, monkeypatch):
+    """The AVX-512 build's 64-byte blocks sum each column's taps in the 32-byte blocks'
+    order: bit-identical results (relu and bias in the store too)."""
+    if not _conv_direct.wide_kernel():
+        pytest.skip("this CPU does not run the AVX-512 kernel")
+    rng = np.random.default_rng(3)
+    x, w, b = _problem(rng, 2, 3, 9, OW + 4, 7, (5, 5), dtype)
+    got = {}
+    for wide in (False, True):
+        monkeypatch.setattr(_direct, "WIDE_KERNEL", wide)
+        got[wide] = fastconv.conv2d(x, w, b, algorithm="direct", activation="relu")
+    np.testing.assert_array_equal(got[True], got[False])
 
 
 @pytest.mark.parametrize("stride_h,expect_shared", [(1, True), (3, True), (10**6, False)])
