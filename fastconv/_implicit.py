@@ -30,8 +30,8 @@ from fastconv._padding import source_indices
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "preferred", "pays_off", "pays_off_weight_grad", "forward",
-           "backward_weight"]
+__all__ = ["applies", "preferred", "pays_off", "pointwise_pays_off", "pays_off_weight_grad",
+           "forward", "backward_weight"]
 
 #: Whether the kernel runs its AVX-512 build, blocks of 2 vectors of 64 bytes, rather
 #: than 3 of 32 bytes (FC_IM_WIDE_NV / FC_IM_NV in _implicit_kernels.h): where the CPU
@@ -65,6 +65,21 @@ TAP_BLOCK = 256
 #: 1.27x and 1.02x / 1.10x; 192 -> 192 on 28x28 (1.27 MiB) 0.81x / 1.00x; 256 -> 256 on
 #: 28x28 (2.25 MiB) 0.82x / 0.86x; 512 -> 512 on 14x14 (9 MiB) 0.58x / 0.64x.
 AUTO_MAX_WEIGHT_BYTES = 5 << 18
+#: ``algorithm="auto"`` takes the in-place 1x1 kernel (pointwise_pays_off) where BLAS's
+#: GEMM has few rows (filters) for its depth (channels): it copies the input into packed
+#: panels for them (a third of resnet-1x1's forward). Against im2col's GEMM (interleaved,
+#: median per-call ratio, 1 / 2 threads, float32, AVX-512 build): 256 -> 64 on 8 x 56x56
+#: (resnet-1x1) 1.11x / 1.00-1.12x, 1.27x / 1.09x; 512 -> 64 on 8 x 14x14 1.30x / 1.19x;
+#: 512 -> 128 on 8 x 28x28 1.07x / 1.02x; 2048 -> 128 on 32 x 7x7 1.19x / 1.19x; 96 -> 24
+#: on 8 x 28x28 1.20x / 1.16x; 64 -> 16 on 8 x 112x112 1.17x / 1.22x. It lost where the
+#: filters are as many as a quarter of the channels or more (128 -> 128 0.99x / 0.98x,
+#: 256 -> 128 1.02x / 0.91x, 64 -> 256 0.90x / 0.95x, 256 -> 1024 0.83x / 0.78x), with
+#: more filters (1024 -> 256 on 8 x 14x14 0.95x / 0.90x), in float64 (256 -> 64 0.80x /
+#: 0.79x) and at 2 threads on small batches (512 -> 128 on 1 x 28x28 0.83x, 256 -> 64 on
+#: 4 x 7x7 0.50x; 8 x 7x7 1.06x); the narrow build ran resnet-1x1 0.90-0.99x at 2 threads.
+AUTO_POINTWISE_MAX_FILTERS = 128
+AUTO_POINTWISE_MIN_REDUCTION = 4
+AUTO_POINTWISE_MIN_POSITIONS = 2048
 #: The planes may exceed the input by padding and the dropped columns; beyond this
 #: factor (a padding or dilation far larger than the image) the row kernel runs instead.
 MAX_PLANE_GROWTH = 4
@@ -192,12 +207,27 @@ def preferred(geometry: ConvGeometry) -> bool:
 
 def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether ``algorithm="auto"`` takes this kernel for a plain NCHW layer's forward
-    (after Winograd, which wins where it applies): a kernel wider than 1x1 (a 1x1 layer is
-    a plain GEMM that BLAS runs as fast) and filters of at most AUTO_MAX_WEIGHT_BYTES,
-    since every band of output rows streams all of them."""
+    (after Winograd, which wins where it applies): a kernel wider than 1x1 with filters of
+    at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows streams all of them; a
+    1x1 layer, a plain GEMM, where :func:`pointwise_pays_off`."""
     g = geometry
-    return (preferred(g) and g.KH * g.KW > 1
-            and g.F * g.C * g.KH * g.KW * itemsize <= AUTO_MAX_WEIGHT_BYTES)
+    if not preferred(g):
+        return False
+    if g.KH * g.KW == 1:
+        return pointwise_pays_off(g, itemsize)
+    return g.F * g.C * g.KH * g.KW * itemsize <= AUTO_MAX_WEIGHT_BYTES
+
+
+def pointwise_pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+    """Whether ``algorithm="auto"`` runs a 1x1 layer here, reading its input in place
+    (:func:`in_place`), rather than as BLAS's GEMM: in float32 by the AVX-512 build
+    (WIDE_KERNEL), for a layer that reduces its channels at least
+    AUTO_POINTWISE_MIN_REDUCTION-fold into at most AUTO_POINTWISE_MAX_FILTERS filters, with
+    at least AUTO_POINTWISE_MIN_POSITIONS output pixels in the batch."""
+    g = geometry
+    return (in_place(g, itemsize) and itemsize == 4 and WIDE_KERNEL
+            and g.F <= AUTO_POINTWISE_MAX_FILTERS and g.C >= AUTO_POINTWISE_MIN_REDUCTION * g.F
+            and g.N * g.OH * g.OW >= AUTO_POINTWISE_MIN_POSITIONS)
 
 
 def in_place(geometry: ConvGeometry, itemsize: int) -> bool:

@@ -256,6 +256,27 @@ def test_auto_rule():
     assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
 
 
+def test_auto_takes_the_in_place_kernel_for_channel_reducing_1x1_layers(monkeypatch):
+    """1x1 layers whose filters are at most AUTO_POINTWISE_MAX_FILTERS and a quarter of
+    the channels, in float32, by the AVX-512 build, with enough output pixels."""
+    def auto(N, C, F, size, stride=1, itemsize=4):
+        g = conv_geometry((N, C, size, size), (F, C, 1, 1), stride, 0, 1, 1)
+        return _choose_algorithm("auto", g, "NCHW", False, itemsize)
+
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", True)
+    assert auto(8, 256, 64, 56) == "direct"                 # resnet-1x1
+    assert auto(8, 512, 128, 28) == "direct"
+    assert auto(64, 2048, 128, 7) == "direct"
+    assert auto(8, 256, 128, 28) == "im2col"                # filters > channels / 4
+    assert auto(8, 64, 256, 56) == "im2col"                 # an expansion
+    assert auto(8, 1024, 256, 14) == "im2col"               # > 128 filters
+    assert auto(8, 256, 64, 56, itemsize=8) == "im2col"     # float64
+    assert auto(1, 512, 128, 28) == "im2col"                # 784 output pixels
+    assert auto(8, 256, 64, 56, stride=2) == "im2col"       # not read in place
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    assert auto(8, 256, 64, 56) == "im2col"                 # the 32-byte build
+
+
 def test_auto_weight_grad_rule():
     """'auto' runs the implicit weight gradient on layers wider than 1x1 with at least
     AUTO_MIN_WEIGHT_GRAD_POSITIONS output pixels per image and at most
