@@ -65,6 +65,16 @@ TAP_BLOCK = 256
 #: 1.27x and 1.02x / 1.10x; 192 -> 192 on 28x28 (1.27 MiB) 0.81x / 1.00x; 256 -> 256 on
 #: 28x28 (2.25 MiB) 0.82x / 0.86x; 512 -> 512 on 14x14 (9 MiB) 0.58x / 0.64x.
 AUTO_MAX_WEIGHT_BYTES = 5 << 18
+#: With the AVX-512 blocks (WIDE_KERNEL, float32) it won with larger filters where each
+#: image has at least AUTO_WIDE_MIN_POSITIONS output pixels, so a band's strips reuse a
+#: channel block's filters from L2 (3x3 stride 2, input 56x56 to 28x28 outputs, 1 / 2
+#: threads): 192 -> 192 (1.27 MiB) 1.17x / 1.12x, 256 -> 256 (2.25 MiB) 1.12x / 1.16x,
+#: 128 -> 256 1.12x / 1.09x, 256 -> 512 (4.5 MiB) 1.06x / 1.07x, 384 -> 384 (5.1 MiB)
+#: 1.06x / 1.11x; to 14x14 it lost from 2.6 MiB (192 -> 384 1.00x / 0.85x, 256 -> 512
+#: 0.87x / 0.89x), to 7x7 at 2.25 MiB (0.96x / 0.91x), and at 9 MiB (512 -> 512: 0.91x
+#: to 14x14, 0.73x-0.82x to 7x7).
+AUTO_MAX_WEIGHT_BYTES_WIDE = 6 << 20
+AUTO_WIDE_MIN_POSITIONS = 784
 #: ``algorithm="auto"`` takes the in-place 1x1 kernel (pointwise_pays_off) where BLAS's
 #: GEMM has few rows (filters) for its depth (channels): it copies the input into packed
 #: panels for them (a third of resnet-1x1's forward). Against im2col's GEMM (interleaved,
@@ -208,14 +218,19 @@ def preferred(geometry: ConvGeometry) -> bool:
 def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether ``algorithm="auto"`` takes this kernel for a plain NCHW layer's forward
     (after Winograd, which wins where it applies): a kernel wider than 1x1 with filters of
-    at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows streams all of them; a
-    1x1 layer, a plain GEMM, where :func:`pointwise_pays_off`."""
+    at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows streams all of them
+    (AUTO_MAX_WEIGHT_BYTES_WIDE for float32 by the AVX-512 build with at least
+    AUTO_WIDE_MIN_POSITIONS output pixels per image); a 1x1 layer, a plain GEMM, where
+    :func:`pointwise_pays_off`."""
     g = geometry
     if not preferred(g):
         return False
     if g.KH * g.KW == 1:
         return pointwise_pays_off(g, itemsize)
-    return g.F * g.C * g.KH * g.KW * itemsize <= AUTO_MAX_WEIGHT_BYTES
+    weight_bytes = g.F * g.C * g.KH * g.KW * itemsize
+    return (weight_bytes <= AUTO_MAX_WEIGHT_BYTES
+            or (WIDE_KERNEL and itemsize == 4 and g.OH * g.OW >= AUTO_WIDE_MIN_POSITIONS
+                and weight_bytes <= AUTO_MAX_WEIGHT_BYTES_WIDE))
 
 
 def pointwise_pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:

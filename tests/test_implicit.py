@@ -244,7 +244,7 @@ def test_auto_rule():
 
     assert auto(128, 128, 3, stride=2) == "direct"                  # resnet-3x3-s2
     assert auto(128, 128, 3, stride=2, itemsize=8) == "direct"      # 1.13 MiB of float64
-    assert auto(192, 192, 3, stride=2) == "im2col"                  # 1.27 MiB
+    assert auto(192, 192, 3, stride=2) == "im2col"                  # 1.27 MiB to 14x14
     assert auto(256, 256, 3, stride=2) == "im2col"                  # 2.25 MiB
     assert auto(32, 32, 7) == "direct"
     assert auto(32, 32, 7, itemsize=8) == "direct"
@@ -254,6 +254,23 @@ def test_auto_rule():
     assert not _implicit.preferred(conv_geometry((2, 3, 28, 28), (64, 3, 7, 7), 2, 3, 1, 1))
     assert auto(128, 128, 3, stride=2, layout="NHWC") == "im2col"
     assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
+
+
+def test_auto_takes_larger_filters_by_the_wide_kernel_on_larger_outputs(monkeypatch):
+    """Up to AUTO_MAX_WEIGHT_BYTES_WIDE of float32 filters by the AVX-512 build where each
+    image has at least AUTO_WIDE_MIN_POSITIONS output pixels."""
+    def auto(C, F, size, itemsize=4):
+        g = conv_geometry((8, C, size, size), (F, C, 3, 3), 2, 1, 1, 1)
+        return _choose_algorithm("auto", g, "NCHW", False, itemsize)
+
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", True)
+    assert auto(192, 192, 56) == "direct"               # 1.27 MiB to 28x28
+    assert auto(384, 384, 56) == "direct"               # 5.1 MiB
+    assert auto(512, 512, 56) == "im2col"               # 9 MiB
+    assert auto(256, 256, 28) == "im2col"               # to 14x14
+    assert auto(192, 192, 56, itemsize=8) == "im2col"   # float64
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    assert auto(192, 192, 56) == "im2col"
 
 
 def test_auto_takes_the_in_place_kernel_for_channel_reducing_1x1_layers(monkeypatch):
