@@ -27,55 +27,22 @@ from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 cdef extern from "_direct_kernels.h" nogil:
     int fc_direct_wide()
-    void fc_direct_band_narrow_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
-                          Py_ssize_t kh_stride, const unsigned char *live, const float *wpack,
-                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
-                          const float *bias,
-                          int relu, float *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_band_narrow_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
-                          Py_ssize_t kh_stride, const unsigned char *live, const double *wpack,
-                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
-                          const double *bias,
-                          int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_band_wide_s(const float *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
-                          Py_ssize_t kh_stride, const unsigned char *live, const float *wpack,
-                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
-                          const float *bias,
-                          int relu, float *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
-    void fc_direct_band_wide_d(const double *rows, Py_ssize_t band_stride, Py_ssize_t c_stride,
-                          Py_ssize_t kh_stride, const unsigned char *live, const double *wpack,
-                          const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
-                          const double *bias,
-                          int relu, double *out, Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+    void fc_direct_band_s(bint wide, const float *rows, Py_ssize_t band_stride,
+                          Py_ssize_t c_stride, Py_ssize_t kh_stride, const unsigned char *live,
+                          const float *wpack, const Py_ssize_t *tap, int C, int KH, int KW,
+                          Py_ssize_t F, const float *bias, int relu, float *out, Py_ssize_t ldo,
+                          Py_ssize_t OW, Py_ssize_t R)
+    void fc_direct_band_d(bint wide, const double *rows, Py_ssize_t band_stride,
+                          Py_ssize_t c_stride, Py_ssize_t kh_stride, const unsigned char *live,
+                          const double *wpack, const Py_ssize_t *tap, int C, int KH, int KW,
+                          Py_ssize_t F, const double *bias, int relu, double *out,
+                          Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
 
 
 def wide_kernel():
     """Whether this CPU runs the AVX-512 build of the row kernel (fastconv/_direct_kernels.h:
     its blocks of 4 and 2 vectors of 32 bytes as 2 and 1 of 64 bytes)."""
     return bool(fc_direct_wide())
-
-
-cdef inline void direct_band(bint wide, const floating *rows, Py_ssize_t band_stride,
-                             Py_ssize_t c_stride, Py_ssize_t kh_stride,
-                             const unsigned char *live, const floating *wpack,
-                             const Py_ssize_t *tap, int C, int KH, int KW, Py_ssize_t F,
-                             const floating *bias, int relu, floating *out, Py_ssize_t ldo,
-                             Py_ssize_t OW, Py_ssize_t R) noexcept nogil:
-    """fc_direct_band_*_* of the dtype, the AVX-512 build with ``wide``."""
-    if floating is float:
-        if wide:
-            fc_direct_band_wide_s(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
-                                  KH, KW, F, bias, relu, out, ldo, OW, R)
-        else:
-            fc_direct_band_narrow_s(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
-                                    KH, KW, F, bias, relu, out, ldo, OW, R)
-    else:
-        if wide:
-            fc_direct_band_wide_d(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
-                                  KH, KW, F, bias, relu, out, ldo, OW, R)
-        else:
-            fc_direct_band_narrow_d(rows, band_stride, c_stride, kh_stride, live, wpack, tap, C,
-                                    KH, KW, F, bias, relu, out, ldo, OW, R)
 
 
 cdef inline Py_ssize_t first_reader(Py_ssize_t i, Py_ssize_t R, int KH, Py_ssize_t sh,
@@ -180,8 +147,14 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         live = &live_flags[tid * band_rows * KH]
         phase_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, &strides[0], live, &rowmap[0],
                    &colmap[0], &lo[0], &hi[0], left, KH, sh, dh, S, ldr, False)
-        direct_band(wide, rows, strides[0], strides[1], strides[2], live, &wpack[0], &tap[0],
-                    <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0], OH * OW, OW, R)
+        if floating is float:
+            fc_direct_band_s(wide, rows, strides[0], strides[1], strides[2], live, &wpack[0],
+                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
+                             OH * OW, OW, R)
+        else:
+            fc_direct_band_d(wide, rows, strides[0], strides[1], strides[2], live, &wpack[0],
+                             &tap[0], <int> C, KH, KW, F, bias_ptr, relu, &y[n, 0, oh0, 0],
+                             OH * OW, OW, R)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,

@@ -29,34 +29,22 @@ cdef extern from "_implicit_kernels.h" nogil:
     const int FC_IM_NV
     const int FC_IM_WIDE_NV
     int fc_implicit_wide()
-    void fc_implicit_strips_s(const float *src, Py_ssize_t strips, const Py_ssize_t *off,
-                              Py_ssize_t K, Py_ssize_t kc, const float *wpack, Py_ssize_t ldk,
-                              Py_ssize_t F, float *acc, bint accumulate, const float *pf,
-                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
-    void fc_implicit_strips_d(const double *src, Py_ssize_t strips, const Py_ssize_t *off,
-                              Py_ssize_t K, Py_ssize_t kc, const double *wpack, Py_ssize_t ldk,
-                              Py_ssize_t F, double *acc, bint accumulate, const double *pf,
-                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
-    void fc_implicit_store_s(const float *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
-                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const float *bias,
-                             int relu, float *out, Py_ssize_t ldo)
-    void fc_implicit_store_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
-                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
-                             int relu, double *out, Py_ssize_t ldo)
-    void fc_implicit_strips_wide_s(const float *src, Py_ssize_t strips, const Py_ssize_t *off,
-                              Py_ssize_t K, Py_ssize_t kc, const float *wpack, Py_ssize_t ldk,
-                              Py_ssize_t F, float *acc, bint accumulate, const float *pf,
-                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
-    void fc_implicit_strips_wide_d(const double *src, Py_ssize_t strips, const Py_ssize_t *off,
-                              Py_ssize_t K, Py_ssize_t kc, const double *wpack, Py_ssize_t ldk,
-                              Py_ssize_t F, double *acc, bint accumulate, const double *pf,
-                              Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
-    void fc_implicit_store_wide_s(const float *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
-                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const float *bias,
-                             int relu, float *out, Py_ssize_t ldo)
-    void fc_implicit_store_wide_d(const double *acc, Py_ssize_t F, Py_ssize_t v0, Py_ssize_t j0,
-                             Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW, const double *bias,
-                             int relu, double *out, Py_ssize_t ldo)
+    void fc_implicit_sum_strips_s(bint wide, const float *src, Py_ssize_t strips,
+                                  const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t kc,
+                                  const float *wpack, Py_ssize_t ldk, Py_ssize_t F, float *acc,
+                                  bint accumulate, const float *pf, Py_ssize_t pf_chunks,
+                                  Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_sum_strips_d(bint wide, const double *src, Py_ssize_t strips,
+                                  const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t kc,
+                                  const double *wpack, Py_ssize_t ldk, Py_ssize_t F,
+                                  double *acc, bint accumulate, const double *pf,
+                                  Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
+    void fc_implicit_store_strip_s(bint wide, const float *acc, Py_ssize_t F, Py_ssize_t v0,
+                                   Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
+                                   const float *bias, int relu, float *out, Py_ssize_t ldo)
+    void fc_implicit_store_strip_d(bint wide, const double *acc, Py_ssize_t F, Py_ssize_t v0,
+                                   Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
+                                   const double *bias, int relu, double *out, Py_ssize_t ldo)
 
 
 def wide_kernel():
@@ -76,38 +64,24 @@ cdef inline void sum_strips(bint wide, const floating *src, Py_ssize_t strips,
                             const floating *wpack, Py_ssize_t ldk, Py_ssize_t F, floating *acc,
                             bint accumulate, const floating *pf, Py_ssize_t pf_chunks,
                             Py_ssize_t pf_stride, Py_ssize_t pf_chunk) noexcept nogil:
-    """fc_implicit_strips_* of the dtype, the AVX-512 build with ``wide``."""
+    """fc_implicit_sum_strips_* of the dtype."""
     if floating is float:
-        if wide:
-            fc_implicit_strips_wide_s(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
-                                      pf, pf_chunks, pf_stride, pf_chunk)
-        else:
-            fc_implicit_strips_s(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate, pf,
-                                 pf_chunks, pf_stride, pf_chunk)
+        fc_implicit_sum_strips_s(wide, src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
+                                 pf, pf_chunks, pf_stride, pf_chunk)
     else:
-        if wide:
-            fc_implicit_strips_wide_d(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
-                                      pf, pf_chunks, pf_stride, pf_chunk)
-        else:
-            fc_implicit_strips_d(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate, pf,
-                                 pf_chunks, pf_stride, pf_chunk)
+        fc_implicit_sum_strips_d(wide, src, strips, off, K, kc, wpack, ldk, F, acc, accumulate,
+                                 pf, pf_chunks, pf_stride, pf_chunk)
 
 
 cdef inline void store_strip(bint wide, const floating *acc, Py_ssize_t F, Py_ssize_t v0,
                              Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
                              const floating *bias, bint relu, floating *out,
                              Py_ssize_t ldo) noexcept nogil:
-    """fc_implicit_store_* of the dtype and build (their strips differ in length)."""
+    """fc_implicit_store_strip_* of the dtype."""
     if floating is float:
-        if wide:
-            fc_implicit_store_wide_s(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
-        else:
-            fc_implicit_store_s(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        fc_implicit_store_strip_s(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
     else:
-        if wide:
-            fc_implicit_store_wide_d(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
-        else:
-            fc_implicit_store_d(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        fc_implicit_store_strip_d(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,

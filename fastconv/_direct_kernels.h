@@ -181,4 +181,23 @@ static int fc_direct_wide(void) { return FC_CPU_HAS_V4(); }
 static int fc_direct_wide(void) { return 0; }
 #endif
 
+/* fc_direct_band_*: the build the driver picked, the AVX-512 one with `wide` (where
+   fc_direct_wide() allows it) */
+#define FC_DIRECT_DISPATCH(suffix, T)                                                        \
+static inline void fc_direct_band_##suffix(                                                  \
+    int wide, const T *rows, ptrdiff_t band_stride, ptrdiff_t c_stride, ptrdiff_t kh_stride, \
+    const unsigned char *live, const T *wpack, const ptrdiff_t *tap, int C, int KH, int KW,  \
+    ptrdiff_t F, const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t OW, ptrdiff_t R)  \
+{                                                                                            \
+    if (wide)                                                                                \
+        fc_direct_band_wide_##suffix(rows, band_stride, c_stride, kh_stride, live, wpack,    \
+                                     tap, C, KH, KW, F, bias, relu, out, ldo, OW, R);        \
+    else                                                                                     \
+        fc_direct_band_narrow_##suffix(rows, band_stride, c_stride, kh_stride, live, wpack,  \
+                                       tap, C, KH, KW, F, bias, relu, out, ldo, OW, R);      \
+}
+
+FC_DIRECT_DISPATCH(s, float)
+FC_DIRECT_DISPATCH(d, double)
+
 #endif

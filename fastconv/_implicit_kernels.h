@@ -147,4 +147,34 @@ static int fc_implicit_wide(void) { return FC_CPU_HAS_V4(); }
 static int fc_implicit_wide(void) { return 0; }
 #endif
 
+/* fc_implicit_sum_strips_* / fc_implicit_store_strip_*: the strips and store of the build
+   the driver picked, the AVX-512 one with `wide` (where fc_implicit_wide() allows it;
+   its strips are longer) */
+#define FC_IMPLICIT_DISPATCH(suffix, T)                                                      \
+static inline void fc_implicit_sum_strips_##suffix(                                          \
+    int wide, const T *src, ptrdiff_t strips, const ptrdiff_t *off, ptrdiff_t K,             \
+    ptrdiff_t kc, const T *wpack, ptrdiff_t ldk, ptrdiff_t F, T *acc, int accumulate,        \
+    const T *pf, ptrdiff_t pf_chunks, ptrdiff_t pf_stride, ptrdiff_t pf_chunk)               \
+{                                                                                            \
+    if (wide)                                                                                \
+        fc_implicit_strips_wide_##suffix(src, strips, off, K, kc, wpack, ldk, F, acc,        \
+                                         accumulate, pf, pf_chunks, pf_stride, pf_chunk);    \
+    else                                                                                     \
+        fc_implicit_strips_##suffix(src, strips, off, K, kc, wpack, ldk, F, acc, accumulate, \
+                                    pf, pf_chunks, pf_stride, pf_chunk);                     \
+}                                                                                            \
+                                                                                             \
+static inline void fc_implicit_store_strip_##suffix(                                         \
+    int wide, const T *acc, ptrdiff_t F, ptrdiff_t v0, ptrdiff_t j0, ptrdiff_t j1,           \
+    ptrdiff_t Wq, ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo)              \
+{                                                                                            \
+    if (wide)                                                                                \
+        fc_implicit_store_wide_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo);   \
+    else                                                                                     \
+        fc_implicit_store_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo);        \
+}
+
+FC_IMPLICIT_DISPATCH(s, float)
+FC_IMPLICIT_DISPATCH(d, double)
+
 #endif
