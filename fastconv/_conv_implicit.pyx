@@ -179,8 +179,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     if bias is not None:
         bias_ptr = &bias[0]
     if in_place:
-        positions = OH * OW
-        image_strips = (positions + strip - 1) // strip
+        positions = OH * OW      # = OH * Wq (Wq = OW): image_strips counts these
         for item in prange(N * image_strips, nogil=True, num_threads=n_threads,
                            schedule="static"):
             n = item // image_strips

@@ -101,6 +101,7 @@ class _PlanePlan(NamedTuple):
     Hq: int               # rows of one phase plane of the whole image
     band_rows: int        # plane rows of positions a work item may touch (without reach)
     band_strips: int      # strips per work item (an image's last item may have fewer)
+    strip: int            # positions per strip (strip_positions)
     channel_block: int    # input channels laid out and summed at a time
     reach: int            # plane rows the taps reach below a band's last output row
     Wq: int               # columns of one phase plane (OW plus the taps' reach)
@@ -194,9 +195,8 @@ def _plane_plan(g: ConvGeometry, itemsize: int, n_threads: int) -> _PlanePlan:
                 + (kh // sh)[None, :, None]) * Wq + (kw // sw)[None, None, :]).reshape(-1)
     for array in (rowmap, colmap, lo, hi, row_slot, col_slot, offsets):
         array.flags.writeable = False      # shared by every call with this geometry
-    return _PlanePlan(Hq, band_rows, band_strips, channel_block, reach, Wq, rowmap, colmap,
-                      lo, hi,
-                      row_slot, col_slot, offsets, phases, direct_read,
+    return _PlanePlan(Hq, band_rows, band_strips, strip, channel_block, reach, Wq, rowmap,
+                      colmap, lo, hi, row_slot, col_slot, offsets, phases, direct_read,
                       phases * channel_block * Hb * Wq)
 
 
@@ -264,7 +264,7 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     g = geometry
     itemsize = np.dtype(dtype).itemsize
     plan = _plane_plan(g, itemsize, n_threads)
-    strip = strip_positions(g, itemsize)
+    strip = plan.strip
     if wpack is None:
         wpack = pack_weight(np.asarray(weight, dtype=dtype), dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
@@ -278,8 +278,9 @@ def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dty
     _conv_implicit.forward(x, wpack, b, out, planes, acc, plan.rowmap, plan.colmap, plan.lo,
                            plan.hi, plan.row_slot, plan.col_slot, plan.phases, g.pad_top,
                            g.pad_left, plan.offsets, plan.Hq, plan.Wq, plan.band_rows,
-                           plan.band_strips, plan.channel_block, g.KH, g.KW, plan.reach, g.stride_h, g.stride_w,
-                           strip, K_BLOCK, direct_read, relu, n_threads)
+                           plan.band_strips, plan.channel_block, g.KH, g.KW, plan.reach,
+                           g.stride_h, g.stride_w, strip, K_BLOCK, direct_read, relu,
+                           n_threads)
     return out
 
 
