@@ -121,21 +121,17 @@ TARGET static void name(                                                        
                 const int nvec = (int)(base_vectors + (k < wider_blocks));                    \
                 const ptrdiff_t width = OW - ow0 < nvec * LANES ? OW - ow0 : nvec * LANES;   \
                 if (nvec == 4)                                                               \
-                    BLOCK4(row_in, c_stride, kh_stride, row_live, wblock,   \
-                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
-                                              width);                                        \
+                    BLOCK4(row_in, c_stride, kh_stride, row_live, wblock, tap, C, KH, KW,    \
+                           ow0, nf, b, relu, o, ldo, width);                                  \
                 else if (nvec == 3)                                                          \
-                    BLOCK3(row_in, c_stride, kh_stride, row_live, wblock,   \
-                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
-                                              width);                                        \
+                    BLOCK3(row_in, c_stride, kh_stride, row_live, wblock, tap, C, KH, KW,    \
+                           ow0, nf, b, relu, o, ldo, width);                                  \
                 else if (nvec == 2)                                                          \
-                    BLOCK2(row_in, c_stride, kh_stride, row_live, wblock,   \
-                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
-                                              width);                                        \
+                    BLOCK2(row_in, c_stride, kh_stride, row_live, wblock, tap, C, KH, KW,    \
+                           ow0, nf, b, relu, o, ldo, width);                                  \
                 else                                                                         \
-                    BLOCK1(row_in, c_stride, kh_stride, row_live, wblock,   \
-                                              tap, C, KH, KW, ow0, nf, b, relu, o, ldo,     \
-                                              width);                                        \
+                    BLOCK1(row_in, c_stride, kh_stride, row_live, wblock, tap, C, KH, KW,    \
+                           ow0, nf, b, relu, o, ldo, width);                                  \
                 ow0 += width;                                                                \
             }                                                                                \
         }                                                                                     \
