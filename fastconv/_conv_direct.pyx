@@ -26,7 +26,7 @@ from fastconv._weight_grad cimport fc_weight_grad_band_d, fc_weight_grad_band_s
 
 
 cdef extern from "_direct_kernels.h" nogil:
-    int fc_direct_wide()
+    int FC_V4_BUILD_RUNS()
     void fc_direct_band_s(bint wide, const float *rows, Py_ssize_t band_stride,
                           Py_ssize_t c_stride, Py_ssize_t kh_stride, const unsigned char *live,
                           const float *wpack, const Py_ssize_t *tap, int C, int KH, int KW,
@@ -42,7 +42,7 @@ cdef extern from "_direct_kernels.h" nogil:
 def wide_kernel():
     """Whether this CPU runs the AVX-512 build of the row kernel (fastconv/_direct_kernels.h:
     its blocks of 4 and 2 vectors of 32 bytes as 2 and 1 of 64 bytes)."""
-    return bool(fc_direct_wide())
+    return bool(FC_V4_BUILD_RUNS())
 
 
 cdef inline Py_ssize_t first_reader(Py_ssize_t i, Py_ssize_t R, int KH, Py_ssize_t sh,
@@ -128,7 +128,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef Py_ssize_t item, n, oh0, R
     cdef Band b
     cdef int tid
-    if wide and not fc_direct_wide():
+    if wide and not FC_V4_BUILD_RUNS():
         raise ValueError("wide: this CPU does not run the AVX-512 kernel")
     cdef floating *rows
     cdef unsigned char *live

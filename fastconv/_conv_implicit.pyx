@@ -28,7 +28,7 @@ cdef extern from "_implicit_kernels.h" nogil:
     const int FC_IM_FB
     const int FC_IM_NV
     const int FC_IM_WIDE_NV
-    int fc_implicit_wide()
+    int FC_V4_BUILD_RUNS()
     void fc_implicit_sum_strips_s(bint wide, const float *src, Py_ssize_t strips,
                                   const Py_ssize_t *off, Py_ssize_t K, Py_ssize_t kc,
                                   const float *wpack, Py_ssize_t ldk, Py_ssize_t F, float *acc,
@@ -50,7 +50,7 @@ cdef extern from "_implicit_kernels.h" nogil:
 def wide_kernel():
     """Whether this CPU runs the AVX-512 build of the kernel (fastconv/_implicit_kernels.h),
     whose strips are FC_IM_WIDE_NV vectors of 64 bytes."""
-    return bool(fc_implicit_wide())
+    return bool(FC_V4_BUILD_RUNS())
 
 
 def strip_positions(Py_ssize_t itemsize, bint wide):
@@ -169,7 +169,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
     cdef floating *a
     cdef int tid
     cdef bint wide = strip == FC_IM_WIDE_NV * 2 * lanes
-    if wide and not fc_implicit_wide():
+    if wide and not FC_V4_BUILD_RUNS():
         raise ValueError(f"strip={strip}: this CPU does not run the AVX-512 kernel")
     if strip != FC_IM_NV * lanes and not wide:
         raise ValueError(f"strip={strip} is neither the kernel's {FC_IM_NV} vectors of 32 "

@@ -169,16 +169,14 @@ FC_DIRECT_BAND(fc_direct_band_wide_s, FC_V4, float, 8, FC_V_WIDE, fc_direct_bloc
                fc_direct_block3_s, fc_direct_block1_wide_s, fc_direct_block1_s)
 FC_DIRECT_BAND(fc_direct_band_wide_d, FC_V4, double, 4, FC_V_WIDE, fc_direct_block2_wide_d,
                fc_direct_block3_d, fc_direct_block1_wide_d, fc_direct_block1_d)
-static int fc_direct_wide(void) { return FC_CPU_HAS_V4(); }
 #else
-/* never called: fc_direct_wide() is 0 */
+/* never called: FC_V4_BUILD_RUNS() is 0 */
 #define fc_direct_band_wide_s fc_direct_band_narrow_s
 #define fc_direct_band_wide_d fc_direct_band_narrow_d
-static int fc_direct_wide(void) { return 0; }
 #endif
 
 /* fc_direct_band_*: the build the driver picked, the AVX-512 one with `wide` (where
-   fc_direct_wide() allows it) */
+   FC_V4_BUILD_RUNS() allows it) */
 #define FC_DIRECT_DISPATCH(suffix, T)                                                        \
 static inline void fc_direct_band_##suffix(                                                  \
     int wide, const T *rows, ptrdiff_t band_stride, ptrdiff_t c_stride, ptrdiff_t kh_stride, \

@@ -133,22 +133,20 @@ FC_IMPLICIT(d, double, fc_v4df, fc_v4df_u, 4, FC_IM_NV, FC_TARGET, )
    interleaved, computed GFLOP/s): 110-116 against 108-114 for the 4 x 3 x 32-byte block
    when the VM ran fast, 99-110 against 75-89 when it ran slow (a busy host: the 32-byte
    block, with twice the instructions, lost most). Its strips are 32 floats / 16 doubles:
-   fc_implicit_wide() says whether the CPU runs it. */
+   FC_V4_BUILD_RUNS() says whether the CPU runs it. */
 #if FC_HAVE_V4_BUILD
 FC_IMPLICIT(wide_s, float, fc_v16sf, fc_v16sf_u, 16, FC_IM_WIDE_NV, FC_V4, FC_V4)
 FC_IMPLICIT(wide_d, double, fc_v8df, fc_v8df_u, 8, FC_IM_WIDE_NV, FC_V4, FC_V4)
-static int fc_implicit_wide(void) { return FC_CPU_HAS_V4(); }
 #else
-/* never called: fc_implicit_wide() is 0 */
+/* never called: FC_V4_BUILD_RUNS() is 0 */
 #define fc_implicit_strips_wide_s fc_implicit_strips_s
 #define fc_implicit_strips_wide_d fc_implicit_strips_d
 #define fc_implicit_store_wide_s fc_implicit_store_s
 #define fc_implicit_store_wide_d fc_implicit_store_d
-static int fc_implicit_wide(void) { return 0; }
 #endif
 
 /* fc_implicit_sum_strips_* / fc_implicit_store_strip_*: the strips and store of the build
-   the driver picked, the AVX-512 one with `wide` (where fc_implicit_wide() allows it;
+   the driver picked, the AVX-512 one with `wide` (where FC_V4_BUILD_RUNS() allows it;
    its strips are longer) */
 #define FC_IMPLICIT_DISPATCH(suffix, T)                                                      \
 static inline void fc_implicit_sum_strips_##suffix(                                          \

@@ -55,6 +55,10 @@ typedef long long fc_v8di __attribute__((vector_size(64)));
 #define FC_V4 /* a plain build of code written for v4 (FC_CPU_HAS_V4 picks it) */
 #endif
 
+/* Whether a kernel's explicit x86-64-v4 build exists and the CPU runs it: where the
+   drivers may pick the 64-byte-vector builds. */
+#define FC_V4_BUILD_RUNS() (FC_HAVE_V4_BUILD && FC_CPU_HAS_V4())
+
 #if defined(__GNUC__)
 #define FC_ALWAYS_INLINE __attribute__((always_inline))
 #else
