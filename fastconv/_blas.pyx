@@ -20,6 +20,13 @@ predictable branch per GEMM.
 from cython cimport floating
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
+cdef extern from "_gemm_kernels.h" nogil:
+    # C = A B (+ C), row-major, the reduction summed `chunk` terms at a time (x86-64-v4)
+    void fc_gemm_nn_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                      const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
+                      Py_ssize_t chunk)
+    bint FC_V4_BUILD_RUNS()
+
 cdef extern from *:
     """
     /* relaxed atomics: the counters are read after the parallel region ends */
@@ -36,6 +43,10 @@ cdef extern from *:
     void fc_atomic_add(long long *p, long long v) noexcept nogil
     void fc_atomic_max(long long *p, long long v) noexcept nogil
 
+
+#: Whether :func:`gemm_nn` runs fastconv's own kernel (fastconv/_gemm_kernels.h) for
+#: float32; BLAS where the CPU lacks AVX-512 or after ``use_own_kernel(False)``.
+cdef bint _own_float = FC_V4_BUILD_RUNS()
 
 cdef bint _recording = False
 cdef long long _calls = 0          # BLAS calls made while recording
@@ -141,6 +152,67 @@ cdef void gemm_rm_chunked(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n
         l0 += kc
         if l0 >= k:
             break
+
+
+cdef void gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, Py_ssize_t lda,
+                  const floating *b, Py_ssize_t ldb, floating beta, floating *c,
+                  Py_ssize_t ldc, Py_ssize_t chunk, Py_ssize_t limit,
+                  bint own_kernel) noexcept nogil:
+    """C (m x n) = A (m x k) @ B (k x n) + beta * C, beta 0 or 1, the reduction summed
+    ``chunk`` terms at a time as :func:`gemm_rm_chunked` does (``chunk`` <= 0: whole).
+
+    For the Winograd GEMMs, whose operands lie in the workspace: with ``own_kernel``
+    (where the caller measured it faster), float32 by fastconv's own AVX-512 kernel
+    (no packed copies of the operands) where the CPU runs it, else BLAS. The kernel
+    takes any size (no ``limit``).
+    """
+    if floating is float:
+        if own_kernel and _own_float:
+            fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk)
+            return
+    gemm_rm_chunked(False, False, m, n, k, 1, a, lda, b, ldb, beta, c, ldc, chunk, limit)
+
+
+def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
+         floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True):
+    """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests.
+
+    # IN  a: (m, k); b: (k, n); OUT c: (m, n)
+    """
+    cdef const floating *pa = NULL
+    cdef const floating *pb = NULL
+    cdef Py_ssize_t limit = 2147483647, lda = max(a.shape[1], 1)
+    if a.shape[1] != b.shape[0] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm: shapes ({a.shape[0]}, {a.shape[1]}) @ ({b.shape[0]}, "
+                         f"{b.shape[1]}) -> ({c.shape[0]}, {c.shape[1]}) do not match")
+    if beta != 0 and beta != 1:
+        raise ValueError(f"gemm: beta must be 0 or 1, got {beta}")
+    # empty operands have no data pointer to take
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        return
+    if a.shape[1] > 0:
+        pa = &a[0, 0]
+        pb = &b[0, 0]
+    with nogil:
+        gemm_nn(c.shape[0], c.shape[1], a.shape[1], pa, lda, pb, c.shape[1], beta, &c[0, 0],
+                c.shape[1], chunk, limit, own_kernel)
+
+
+def own_kernel_runs():
+    """Whether the CPU runs the own GEMM kernel of :func:`gemm_nn` (x86-64-v4)."""
+    return bool(FC_V4_BUILD_RUNS())
+
+
+def use_own_kernel(bint on):
+    """Let :func:`gemm_nn` use its own float32 kernel (the default where the CPU runs it)
+    or BLAS only; returns the previous setting. For tests and measurements: it is
+    process-wide."""
+    global _own_float
+    previous = bool(_own_float)
+    if on and not FC_V4_BUILD_RUNS():
+        raise ValueError("use_own_kernel: this CPU (or build) has no x86-64-v4 kernel")
+    _own_float = on
+    return previous
 
 
 def record_calls(bint on):

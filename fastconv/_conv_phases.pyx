@@ -37,7 +37,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_rm, gemm_rm_chunked
+from fastconv._blas cimport gemm_nn, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -299,9 +299,11 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
                 gather_tiles(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], left, TW,
                              lo, hi, D + (r - r0) * TW, tb, 1)
             input_transform(m, D, V + ci * tb, C_in * tb, tb)
+        # by fastconv's own kernel where it runs (BLAS's packed copies of U and V cost
+        # dcgan-up's forward 1.06-1.13x at 2 threads)
         for s in range(AA):
-            gemm_rm(False, False, K, tb, C_in, 1, &U[s, 0, 0], C_in, V + s * C_in * tb, tb, 0,
-                    M + s * K * tb, tb, limit)
+            gemm_nn(K, tb, C_in, &U[s, 0, 0], C_in, V + s * C_in * tb, tb, 0, M + s * K * tb, tb,
+                    0, limit, True)
         # 2. per channel: every phase's output tiles, then y's rows with the phases
         #    interleaved (phase row a holds y rows a + sh*q, q < ceil((OH_t - a)/sh))
         for co in range(C_out):
@@ -412,13 +414,15 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
             x_transform(m, D, M + ci * tb, C_in * tb, tb)
         # 3. per position, grad_weight's GEMM, then grad_x's M_s = U_s @ V_s over X_s (which
         #    that GEMM has read): the two run back to back while V_s is in cache (dcgan-up's
-        #    backward 1.03-1.04x at 1 thread, 1.02x at 2). Then AT M A into the output tiles
+        #    backward 1.03-1.04x at 1 thread, 1.02x at 2). Then AT M A into the output tiles.
+        #    grad_x's by fastconv's own kernel where it runs: dcgan-up's backward 1.05x at
+        #    1 and 2 threads (BLAS copies U_s, 13 MiB in all, into packed panels)
         for s in range(AA):
             gemm_rm_chunked(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb,
                             V + s * K * tb, tb, beta, acc + s * C_in * K, K, sum_chunk,
                             limit)
-            gemm_rm_chunked(False, False, C_in, tb, K, 1, &U[s, 0, 0], K, V + s * K * tb, tb,
-                            0, M + s * C_in * tb, tb, sum_chunk, limit)
+            gemm_nn(C_in, tb, K, &U[s, 0, 0], K, V + s * K * tb, tb, 0, M + s * C_in * tb, tb,
+                    sum_chunk, limit, True)
         for ci in range(C_in):
             output_transform(m, M + ci * tb, C_in * tb, D, tb)
             for r in range(r0, r1):

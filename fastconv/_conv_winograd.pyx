@@ -35,7 +35,7 @@ from cython.parallel cimport prange
 from libc.string cimport memcmp
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_rm, gemm_rm_chunked
+from fastconv._blas cimport gemm_nn, gemm_rm, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -225,6 +225,10 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
     # block's tiles (V's and M's) are its leading dimensions: fastconv._winograd.fits
     # and plan_winograd keep them within it
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
+    # F(3x3, 3x3)'s GEMMs (whole sums) by fastconv's own kernel where it runs: resnet-3x3's
+    # grad_x (m = 3) 1.08x at 1 and 2 threads (interleaved, median per-call ratio);
+    # F(4x4, 3x3)'s (sums of 64 channels, blocks of 196 tiles) lost 0.95-0.98x to BLAS
+    cdef bint own_gemm = m == 3
     cdef bint has_bias = bias is not None
     cdef Py_ssize_t block, r0, r1, r, n, th, tb, c, s, gi, f
     cdef floating *D
@@ -250,9 +254,8 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
         # 2. M[s] = U[s] @ V[s], group by group, sum_chunk channels at a time
         for s in range(AA):
             for gi in range(groups):
-                gemm_rm_chunked(False, False, Fg, tb, Cg,
-                                1, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
-                                0, M + (s * F + gi * Fg) * tb, tb, sum_chunk, limit)
+                gemm_nn(Fg, tb, Cg, &U[s, gi * Fg, 0], Cg, V + (s * C + gi * Cg) * tb, tb,
+                        0, M + (s * F + gi * Fg) * tb, tb, sum_chunk, limit, own_gemm)
         # 3. y[n, f] tiles = act(AT M[:, f, t] A + bias[f])
         for f in range(F):
             output_transform(m, M + f * tb, F * tb, tiles, tb, tb)

@@ -53,3 +53,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["own", "blas"])
+def gemm_kernel(request):
+    """Both kernels of the Winograd GEMMs (``fastconv._blas.gemm_nn``): fastconv's own
+    AVX-512 float32 kernel where the CPU runs it, and BLAS."""
+    from fastconv import _blas
+
+    own = request.param == "own"
+    if own and not _blas.own_kernel_runs():
+        pytest.skip("this CPU does not run the AVX-512 GEMM kernel")
+    previous = _blas.use_own_kernel(own)
+    yield own
+    _blas.use_own_kernel(previous)

@@ -105,7 +105,7 @@ def test_phase_grid(N, C_in, C_out, H, W, stride, kernel, padding, output_paddin
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5])
 def test_blocks_of_one_tile_row_and_many_threads(monkeypatch, N, n_threads, dtype,
-                                                 forward_tile, backward_tile):
+                                                 forward_tile, backward_tile, gemm_kernel):
     """The smallest blocks in both passes: every block boundary between tile rows and
     images is crossed, and every thread's grad_weight sums are reduced."""
     monkeypatch.setattr(_tiling, "PHASE_BACKWARD_TILES", 1)
@@ -168,7 +168,8 @@ def test_float64_is_exact_to_rounding(forward_tile, backward_tile):
 
 
 @pytest.mark.parametrize("C_in,C_out", [(3, 16), (32, 32), (128, 64), (256, 128), (64, 512)])
-def test_float32_error_is_within_10x_of_im2col(C_in, C_out, forward_tile, backward_tile):
+def test_float32_error_is_within_10x_of_im2col(C_in, C_out, forward_tile, backward_tile,
+                                               gemm_kernel):
     """Every tile size keeps the float32 error of its pass within 10x of im2col's (max
     error against float64; F(2x2, 2x2) measured 1-3x, F(4x4, 2x2) in sums of 64
     up to 7x)."""

@@ -122,7 +122,7 @@ def test_every_tile_size_every_padding_and_size(m, H, W, padding, dtype):
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("C,F,groups", [(4, 6, 1), (4, 6, 2), (6, 6, 6), (4, 8, 4)])
 @pytest.mark.parametrize("padding", [1, (2, 1, 0, 2), "same"])
-def test_padding_modes_and_groups(m, mode, C, F, groups, padding, dtype):
+def test_padding_modes_and_groups(m, mode, C, F, groups, padding, dtype, gemm_kernel):
     rng = np.random.default_rng(2)
     x, w, b = _problem(rng, 2, C, 7, 9, F, groups, dtype)
     g = conv_geometry(x.shape, w.shape, 1, padding, 1, groups, mode, string_padding=True)
@@ -308,7 +308,7 @@ def test_float64_chunked_sums_are_exact_to_rounding():
 
 @pytest.mark.parametrize("C, F", [(16, 32), (64, 32), (128, 32), (256, 32), (512, 32),
                                   (1024, 16), (16, 96), (16, 256), (16, 1024)])
-def test_float32_error_is_within_10x_of_im2col(C, F):
+def test_float32_error_is_within_10x_of_im2col(C, F, gemm_kernel):
     """The tile size rules keep Winograd's float32 error within 10x of im2col's: the
     forward's sums over C channels by F(4x4) in chunks of 64 (to 1024), grad_x's over
     F filters by F(3x3) (16, 32) or chunked F(4x4) (96 and more), grad_weight on 12x12

@@ -1,0 +1,161 @@
+/* Row-major C = A B (+ C) for the Winograd GEMMs, an AVX-512 build.
+
+   The Winograd and phase convolutions multiply, per transform position, a
+   filter matrix U_s (rows x channels) by the block's transformed tiles V_s
+   (channels x tiles), both already in the workspace. BLAS first copies both
+   into packed panels; from cold caches (25 to 36 positions, each read once per
+   block) that copy costs as much as a fifth of the product. These kernels read
+   the operands where they lie: blocks of FC_GEMM_ROWS rows of C by two 64-byte
+   vectors of columns stay in registers while k runs, each step one load of B's
+   row (both vectors) and one broadcast of A per row. Rows of A are read in
+   order, B row by row with a constant stride: the hardware prefetchers follow
+   both.
+
+   The reduction is summed `chunk` terms at a time in registers, each chunk's sums
+   then added to C (as fastconv._blas.gemm_rm_chunked does with one BLAS call per
+   chunk): Winograd's output transform amplifies the rounding of long sums.
+
+   float32 only (the float64 layers stay with BLAS), and only the x86-64-v4 build does
+   any work; where FC_V4_BUILD_RUNS() is 0 the callers use BLAS (fastconv._blas.gemm_nn). */
+#ifndef FASTCONV_GEMM_KERNELS_H
+#define FASTCONV_GEMM_KERNELS_H
+
+#include <stddef.h>
+#include "_simd_target.h"
+
+/* 12 rows x 2 vectors: 24 accumulators, 2 for B's row and 1 broadcast of the
+   32 registers. 12 x 32 floats ran 107 GFLOP/s on one Zen 4 core where 8 rows ran
+   104 and 4 rows 97 (OpenBLAS sgemm 94-100 on the same operands, hot in cache). */
+#define FC_GEMM_ROWS 12
+
+#if FC_HAVE_V4_BUILD
+#include <immintrin.h>
+
+/* The reduction runs in blocks of at most FC_GEMM_KC terms (or `chunk`, if shorter):
+   B's block of one column panel, FC_GEMM_KC x 2 vectors, stays in L1 while every row
+   block of A passes over it. */
+#define FC_GEMM_KC 128
+
+/* FC_GEMM(sfx, T, V, L, MASK, ...): one dtype's kernel, vectors V of L lanes of T,
+   column masks of type MASK; the intrinsics named after their AVX-512 suffix. */
+#define FC_GEMM(sfx, T, V, L, MASK, ZERO, SET1, FMADD, ADD, LOADU, STOREU)                 \
+/* R rows x NV vectors of columns of C (both constants after inlining) (+)= A B over     \
+   k terms */                                                                              \
+static inline FC_ALWAYS_INLINE FC_V4 void                                                  \
+fc_gemm_block_##sfx(const int R, const int NV, ptrdiff_t k, const T *a, ptrdiff_t lda,     \
+                    const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, int accumulate,        \
+                    MASK m0, MASK m1)                                                      \
+{                                                                                          \
+    V acc0[FC_GEMM_ROWS], acc1[FC_GEMM_ROWS];                                              \
+    for (int r = 0; r < R; r++) {                                                          \
+        acc0[r] = ZERO();                                                                  \
+        acc1[r] = ZERO();                                                                  \
+    }                                                                                      \
+    for (ptrdiff_t kk = 0; kk < k; kk++, b += ldb) {                                       \
+        V b0 = LOADU(m0, b), b1 = NV == 2 ? LOADU(m1, b + L) : ZERO();                     \
+        for (int r = 0; r < R; r++) {                                                      \
+            V ar = SET1(a[r * lda + kk]);                                                  \
+            acc0[r] = FMADD(ar, b0, acc0[r]);                                              \
+            if (NV == 2)                                                                   \
+                acc1[r] = FMADD(ar, b1, acc1[r]);                                          \
+        }                                                                                  \
+    }                                                                                      \
+    for (int r = 0; r < R; r++) {                                                          \
+        T *cr = c + r * ldc;                                                               \
+        if (accumulate) {                                                                  \
+            acc0[r] = ADD(acc0[r], LOADU(m0, cr));                                         \
+            if (NV == 2)                                                                   \
+                acc1[r] = ADD(acc1[r], LOADU(m1, cr + L));                                 \
+        }                                                                                  \
+        STOREU(cr, m0, acc0[r]);                                                           \
+        if (NV == 2)                                                                       \
+            STOREU(cr + L, m1, acc1[r]);                                                   \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* one column panel's blocks of R rows (R from 1 to FC_GEMM_ROWS), inlined per R: the     \
+   accumulators of each stay in registers */                                               \
+static inline FC_ALWAYS_INLINE FC_V4 void                                                  \
+fc_gemm_rows_##sfx(const int NV, int R, ptrdiff_t k, const T *a, ptrdiff_t lda,            \
+                   const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, int accumulate,         \
+                   MASK m0, MASK m1)                                                       \
+{                                                                                          \
+    switch (R) {                                                                           \
+    case 12: fc_gemm_block_##sfx(12, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
+        break;                                                                             \
+    case 11: fc_gemm_block_##sfx(11, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
+        break;                                                                             \
+    case 10: fc_gemm_block_##sfx(10, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
+        break;                                                                             \
+    case 9: fc_gemm_block_##sfx(9, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 8: fc_gemm_block_##sfx(8, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 7: fc_gemm_block_##sfx(7, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 6: fc_gemm_block_##sfx(6, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 5: fc_gemm_block_##sfx(5, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 4: fc_gemm_block_##sfx(4, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 3: fc_gemm_block_##sfx(3, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    case 2: fc_gemm_block_##sfx(2, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
+        break;                                                                             \
+    default: fc_gemm_block_##sfx(1, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);    \
+        break;                                                                             \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+/* C (m x n, row stride ldc) = A (m x k) B (k x n) [+ C where accumulate] */               \
+static FC_V4 void                                                                          \
+fc_gemm_nn_##sfx(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t lda,         \
+                 const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, int accumulate,           \
+                 ptrdiff_t chunk)                                                          \
+{                                                                                          \
+    /* rows split evenly into blocks of at most FC_GEMM_ROWS (64 = 6 x 11 or 10, not     \
+       5 x 12 + 4: a block of few rows loads B's row for few products) */                 \
+    ptrdiff_t row_blocks = (m + FC_GEMM_ROWS - 1) / FC_GEMM_ROWS;                         \
+    ptrdiff_t kc = chunk > 0 && chunk < FC_GEMM_KC ? chunk : FC_GEMM_KC;                   \
+    if (k <= 0) {                   /* an empty sum: C = 0 (+ C) */                        \
+        if (!accumulate)                                                                   \
+            for (ptrdiff_t i = 0; i < m; i++)                                              \
+                for (ptrdiff_t j = 0; j < n; j++)                                          \
+                    c[i * ldc + j] = 0;                                                    \
+        return;                                                                            \
+    }                                                                                      \
+    for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {                                             \
+        ptrdiff_t kn = k - k0 < kc ? k - k0 : kc;                                          \
+        int add = k0 > 0 || accumulate;                                                    \
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += 2 * L) {                                      \
+            ptrdiff_t cols = n - j0;                                                       \
+            MASK m0 = cols >= L ? (MASK)~0u : (MASK)((1u << cols) - 1);                    \
+            MASK m1 = cols >= 2 * L ? (MASK)~0u                                            \
+                      : cols <= L ? 0 : (MASK)((1u << (cols - L)) - 1);                    \
+            for (ptrdiff_t rb = 0, i0 = 0; rb < row_blocks; rb++) {                        \
+                int R = (int)((m - i0) / (row_blocks - rb));                               \
+                const T *ai = a + i0 * lda + k0;                                           \
+                const T *bj = b + k0 * ldb + j0;                                           \
+                T *cij = c + i0 * ldc + j0;                                                \
+                if (cols > L)                                                              \
+                    fc_gemm_rows_##sfx(2, R, kn, ai, lda, bj, ldb, cij, ldc, add, m0, m1); \
+                else                                                                       \
+                    fc_gemm_rows_##sfx(1, R, kn, ai, lda, bj, ldb, cij, ldc, add, m0, m1); \
+                i0 += R;                                                                   \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+FC_GEMM(s, float, __m512, 16, __mmask16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps,
+        _mm512_add_ps, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps)
+
+#else
+/* never called: FC_V4_BUILD_RUNS() is 0 */
+static void fc_gemm_nn_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
+                         const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
+                         ptrdiff_t chunk) {}
+#endif
+
+#endif

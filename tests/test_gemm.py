@@ -1,0 +1,94 @@
+"""The Winograd GEMMs' own kernel (``fastconv._blas.gemm_nn``, fastconv/_gemm_kernels.h)
+against NumPy: every block of rows, every column tail, chunked and accumulated sums."""
+
+import numpy as np
+import pytest
+from _helpers import assert_matches
+
+from fastconv import _blas
+
+ROWS = range(1, 26)                                     # blocks of 1..12 rows, 2 blocks, 3
+COLS = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 64, 65]   # 1 or 2 vectors, full and partial
+
+
+def _product(rng, m, n, k, dtype):
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    return a, b, c
+
+
+@pytest.mark.parametrize("k,chunk", [(0, 0), (1, 0), (7, 0), (64, 64), (65, 64), (200, 0),
+                                     (200, 64), (300, 7), (129, 128)])
+@pytest.mark.parametrize("beta", [0, 1])
+def test_every_block_and_tail(k, chunk, beta, dtype, gemm_kernel):
+    rng = np.random.default_rng(k)
+    for m in ROWS:
+        for n in COLS:
+            a, b, c = _product(rng, m, n, k, dtype)
+            expected = a.astype(np.float64) @ b + beta * c.astype(np.float64)
+            magnitude = np.abs(a.astype(np.float64)) @ np.abs(b) + beta * np.abs(c)
+            _blas.gemm(a, b, c, beta, chunk, True)
+            assert_matches(c, expected, dtype, k + 1, f"{m}x{n}x{k}", magnitude)
+
+
+def test_an_empty_sum_zeroes_or_keeps_c(gemm_kernel):
+    rng = np.random.default_rng(0)
+    a, b, c = _product(rng, 13, 33, 0, np.float32)
+    kept = c.copy()
+    _blas.gemm(a, b, c, 1, 0, True)
+    np.testing.assert_array_equal(c, kept)
+    _blas.gemm(a, b, c, 0, 0, True)
+    np.testing.assert_array_equal(c, 0)
+
+
+def test_inputs_are_not_modified_and_nothing_past_c_is_written(gemm_kernel):
+    """The masked stores of the last rows' column tails stop at C's end."""
+    rng = np.random.default_rng(1)
+    a, b, _ = _product(rng, 13, 33, 20, np.float32)
+    before = (a.copy(), b.copy())
+    buffer = np.full(13 * 33 + 64, 7.0, np.float32)
+    c = buffer[:13 * 33].reshape(13, 33)
+    _blas.gemm(a, b, c, 0, 0, True)
+    assert_matches(c, a.astype(np.float64) @ b, np.float32, 20, "c")
+    np.testing.assert_array_equal(buffer[13 * 33:], 7.0)
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(b, before[1])
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 64, 100])
+def test_chunked_sums_add_each_chunk_to_c(chunk):
+    """With chunks, C gets each chunk's sum in turn: bit for bit the same as one call per
+    chunk, each adding to C (how gemm_rm_chunked cuts the BLAS calls)."""
+    if not _blas.own_kernel_runs():
+        pytest.skip("this CPU does not run the AVX-512 GEMM kernel")
+    rng = np.random.default_rng(chunk)
+    a, b, _ = _product(rng, 14, 40, 250, np.float32)
+    chunked = np.empty((14, 40), np.float32)
+    _blas.gemm(a, b, chunked, 0, chunk, True)
+    by_calls = np.empty((14, 40), np.float32)
+    for k0 in range(0, 250, chunk):
+        _blas.gemm(np.ascontiguousarray(a[:, k0:k0 + chunk]), b[k0:k0 + chunk], by_calls,
+                   1 if k0 else 0, 0, True)
+    np.testing.assert_array_equal(chunked, by_calls)
+
+
+def test_mismatched_shapes_and_beta_are_value_errors():
+    a = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"\(3, 4\) @ \(5, 2\)"):
+        _blas.gemm(a, np.zeros((5, 2), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="beta must be 0 or 1"):
+        _blas.gemm(a, np.zeros((4, 2), np.float32), np.zeros((3, 2), np.float32), 2)
+
+
+def test_use_own_kernel_returns_the_previous_setting():
+    if not _blas.own_kernel_runs():
+        with pytest.raises(ValueError, match="x86-64-v4"):
+            _blas.use_own_kernel(True)
+        return
+    previous = _blas.use_own_kernel(False)
+    try:
+        assert _blas.use_own_kernel(True) is False
+        assert _blas.use_own_kernel(True) is True
+    finally:
+        _blas.use_own_kernel(previous)
