@@ -165,6 +165,29 @@ def _check_out(out, shape, dtype) -> np.ndarray:
     return out
 
 
+#: Weights of fewer elements are transposed in the calling thread: waking the
+#: OpenMP workers costs more than the copy.
+PARALLEL_TRANSPOSE_SIZE = 1 << 16
+
+
+def transposed_weight(w2d: np.ndarray, groups: int, dtype: np.dtype,
+                      n_threads: int) -> np.ndarray | None:
+    """Each group's (Fg, Kg) block of ``w2d`` (F, Kg) transposed, stacked (groups*Kg, Fg),
+    for ``_conv.backward_input(..., transposed_weight=True)``: its GEMMs then multiply
+    row-major operands as they lie (BLAS packs rows of contiguous values; fastconv's own
+    kernel, where it runs, reads them in place). In a reused workspace (a fresh array
+    would page-fault on every call), valid until the next call on this thread. None
+    where Fg, the rows' length and so a BLAS leading dimension, passes the 32-bit limit:
+    the weight is then used as it is."""
+    F, Kg = w2d.shape
+    if F // groups > _tiling.BLAS_INT_MAX:
+        return None
+    wt = workspace("transposed-weight", dtype, w2d.size).reshape(groups * Kg, -1)
+    _conv.transpose_weight(w2d, wt, groups,
+                           n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
+    return wt
+
+
 def _plan_and_workspace(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
     """The tile plan and a scratch array of n_threads equal per-thread slices."""
     KK = geometry.KH * geometry.KW
@@ -534,8 +557,10 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
     if not winograd_input:
         with single_threaded_blas:
-            _conv.backward_input(w2d, dy.reshape(N, F, -1), grad_x, scratch, geometry,
-                                 tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads)
+            wt = transposed_weight(w2d, geometry.groups, dtype, n_threads)
+            _conv.backward_input(w2d if wt is None else wt, dy.reshape(N, F, -1), grad_x,
+                                 scratch, geometry, tiles.images_per_tile, tiles.tile_p,
+                                 tiles.c_block, n_threads, transposed_weight=wt is not None)
     else:
         m = _winograd.choose_m_input_grad(geometry)
         U = None if weight_cache is None else weight_cache.get(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv, _phases, _tiling
-from fastconv._functional import _bias_gradient_wanted
+from fastconv._functional import _bias_gradient_wanted, transposed_weight
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan_transposed
 from fastconv._validation import (
@@ -35,11 +35,6 @@ from fastconv._validation import (
 from fastconv._workspace import workspace
 
 __all__ = ["conv_transpose2d", "conv_transpose2d_backward"]
-
-#: Weights of fewer elements are transposed in the calling thread: waking the
-#: OpenMP workers costs more than the copy.
-PARALLEL_TRANSPOSE_SIZE = 1 << 16
-
 
 def _plan_and_workspace(geometry, dtype: np.dtype, n_threads: int):
     """The tile plan (:func:`fastconv._tiling.plan_transposed`) and a scratch array of
@@ -208,21 +203,13 @@ def _conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, 
     xc = np.ascontiguousarray(x, dtype=dtype).reshape(N, C_in, -1)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, -1)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
-    # W_g.T row-major, so BLAS packs contiguous rows (see _conv.backward_input);
-    # reused scratch: a fresh array would page-fault on every call. Its rows
-    # hold C_in/groups values, a BLAS leading dimension: past the 32-bit limit
-    # the weight is used as it is (its rows are within it, _transposed_inputs).
-    Kg = w2d.shape[1]
-    transposed = C_in // geometry.groups <= _tiling.BLAS_INT_MAX
+    # W_g.T row-major (see _conv.backward_input); as it is past the 32-bit BLAS limit
+    # (its rows are within it, _transposed_inputs)
+    wt = transposed_weight(w2d, geometry.groups, dtype, n_threads)
     with single_threaded_blas:
-        if transposed:
-            wt = workspace("transposed-weight", dtype, w2d.size).reshape(geometry.groups * Kg,
-                                                                         -1)
-            _conv.transpose_weight(w2d, wt, geometry.groups,
-                                   n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
-        _conv.backward_input(wt if transposed else w2d, xc, y, scratch, geometry,
+        _conv.backward_input(w2d if wt is None else wt, xc, y, scratch, geometry,
                              tiles.images_per_tile, tiles.tile_p, tiles.c_block, n_threads,
-                             transposed_weight=transposed, bias=b)
+                             transposed_weight=wt is not None, bias=b)
     return y
 
 

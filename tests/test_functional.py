@@ -68,7 +68,7 @@ def test_geometry_grid(kernel, stride, padding, dilation, n_threads, dtype):
 @pytest.mark.parametrize("H,W", [(7, 7), (8, 8), (6, 11)])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((2, 3), 2, (0, 1, 2, 1)),
                                                      ((1, 1), 1, 0), ((5, 5), 3, (1, 2))])
-def test_shape_grid(N, C, F, H, W, kernel, stride, padding, n_threads, dtype):
+def test_shape_grid(N, C, F, H, W, kernel, stride, padding, n_threads, dtype, gemm_kernel):
     rng = np.random.default_rng(2)
     x, weight, bias = random_problem(rng, N, C, H, W, F, *kernel, dtype)
     check_against_reference(x, weight, bias, stride, padding, 1, n_threads, dtype, rng)
@@ -77,7 +77,7 @@ def test_shape_grid(N, C, F, H, W, kernel, stride, padding, n_threads, dtype):
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("N", [1, 2, 5])
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0), ((3, 2), 2, 1)])
-def test_many_tiles(monkeypatch, N, kernel, stride, padding, n_threads, dtype):
+def test_many_tiles(monkeypatch, N, kernel, stride, padding, n_threads, dtype, gemm_kernel):
     """Tiny tiles force tile boundaries inside output rows and many work items per image
     (Winograd: one tile row per block)."""
     monkeypatch.setattr(_tiling, "COLUMN_TILE_BYTES", 1)
