@@ -87,8 +87,14 @@ AUTO_WIDE_MIN_POSITIONS = 784
 #: more filters (1024 -> 256 on 8 x 14x14 0.95x / 0.90x), in float64 (256 -> 64 0.80x /
 #: 0.79x) and at 2 threads on small batches (512 -> 128 on 1 x 28x28 0.83x, 256 -> 64 on
 #: 4 x 7x7 0.50x; 8 x 7x7 1.06x); the narrow build ran resnet-1x1 0.90-0.99x at 2 threads.
+#: Once the kernel prefetched two strips ahead (in-place reads had waited on DRAM), layers
+#: with as many filters as channels won too: 128 -> 128 1.18x / 1.02x (56x56), 1.09x / 0.96x
+#: (28x28), 64 -> 64 1.25x / 1.10x, 32 -> 32 on 112x112 1.32x / 1.38x, 256 -> 128 1.08x /
+#: 1.08x, 96 -> 64 1.13x / 1.41x; expansions did not (32 -> 128 0.97x / 0.88x, 64 -> 128
+#: 1.07x / 0.97x), nor more filters (256 -> 256 0.88x / 0.93x, 1024 -> 256 0.97x / 0.89x);
+#: float64 ran even (256 -> 64 1.02x / 1.02x), the narrow build 0.89-0.97x at 2 threads.
 AUTO_POINTWISE_MAX_FILTERS = 128
-AUTO_POINTWISE_MIN_REDUCTION = 4
+AUTO_POINTWISE_MIN_REDUCTION = 1
 AUTO_POINTWISE_MIN_POSITIONS = 2048
 #: The planes may exceed the input by padding and the dropped columns; beyond this
 #: factor (a padding or dilation far larger than the image) the row kernel runs instead.
@@ -237,8 +243,9 @@ def pointwise_pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether ``algorithm="auto"`` runs a 1x1 layer here, reading its input in place
     (:func:`in_place`), rather than as BLAS's GEMM: in float32 by the AVX-512 build
     (WIDE_KERNEL), for a layer that reduces its channels at least
-    AUTO_POINTWISE_MIN_REDUCTION-fold into at most AUTO_POINTWISE_MAX_FILTERS filters, with
-    at least AUTO_POINTWISE_MIN_POSITIONS output pixels in the batch."""
+    AUTO_POINTWISE_MIN_REDUCTION-fold (keeps them at 1) into at most
+    AUTO_POINTWISE_MAX_FILTERS filters, with at least AUTO_POINTWISE_MIN_POSITIONS output
+    pixels in the batch."""
     g = geometry
     return (in_place(g, itemsize) and itemsize == 4 and WIDE_KERNEL
             and g.F <= AUTO_POINTWISE_MAX_FILTERS and g.C >= AUTO_POINTWISE_MIN_REDUCTION * g.F
