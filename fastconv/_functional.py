@@ -192,7 +192,7 @@ def _plan_and_workspace(geometry: ConvGeometry, dtype: np.dtype, n_threads: int)
     """The tile plan and a scratch array of n_threads equal per-thread slices."""
     KK = geometry.KH * geometry.KW
     tiles = plan(geometry.N, geometry.C, KK, geometry.OH * geometry.OW, dtype.itemsize,
-                 n_threads)
+                 n_threads, geometry.is_pointwise)
     per_thread = tiles.workspace_per_thread(geometry.C * KK, geometry.F, geometry.is_pointwise)
     return tiles, workspace("columns", dtype, n_threads * max(per_thread, 1))
 

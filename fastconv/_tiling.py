@@ -118,8 +118,15 @@ def check_blas_limits(weight_shape: tuple, groups: int, layout: str = "NCHW",
 
 
 @_memoised
-def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> TilePlan:
-    """Tile plan for N images with K = C*KK column rows and P output columns each."""
+def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int,
+         pointwise: bool = False) -> TilePlan:
+    """Tile plan for N images with K = C*KK column rows and P output columns each.
+
+    ``pointwise``: a 1x1 stride-1 unpadded layer, whose GEMMs read x and dY and write y and
+    dx in place: a tile of one image has no column tile to keep in cache, so only the
+    threads cut its plane (if within the BLAS limit). Whole 56x56 planes rather than halves
+    ran resnet-1x1's backward 1.05x / 1.03x faster (1 / 2 threads).
+    """
     K = C * KK
     # a tile's columns are gemm's n and the staging tile's leading dimension
     budget = min(max(MIN_TILE_COLUMNS, COLUMN_TILE_BYTES // (K * itemsize)), BLAS_INT_MAX)
@@ -138,8 +145,11 @@ def plan(N: int, C: int, KK: int, P: int, itemsize: int, n_threads: int) -> Tile
         images_per_tile = min(images_per_tile, BLAS_INT_MAX // P)
         if images_per_tile > 1:
             return TilePlan(images_per_tile=images_per_tile, tile_p=P, c_block=C)
-    # Large planes, or too few images for the threads (N = 1 inference): cut images.
-    tiles = _splits_per_image(N, n_threads, at_least=math.ceil(P / budget), at_most=P)
+    # Large planes, or too few images for the threads (N = 1 inference): cut images
+    # (a plane wider than the BLAS limit is staged through a column tile, pointwise too)
+    in_place = pointwise and P <= BLAS_INT_MAX
+    at_least = 1 if in_place else math.ceil(P / budget)
+    tiles = _splits_per_image(N, n_threads, at_least=at_least, at_most=P)
     tile_p = math.ceil(P / tiles)
     # grad_x splits an image by channel blocks instead (col2im must not race).
     blocks = _splits_per_image(N, n_threads, at_least=1, at_most=C)

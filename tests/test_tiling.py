@@ -114,6 +114,17 @@ def test_n1_two_threads_has_two_work_items():
             assert tiles.c_block < C, (C, KK, P, itemsize, tiles)
 
 
+def test_pointwise_planes_are_cut_only_for_the_threads(monkeypatch):
+    """A 1x1 layer's GEMMs read and write its planes in place: no column tile bounds its
+    tiles, unless the plane passes the BLAS limit (then it is staged)."""
+    assert plan(8, 256, 1, 3136, 4, 2, pointwise=True).tile_p == 3136     # resnet-1x1
+    assert plan(8, 256, 1, 3136, 4, 2).tile_p == 1568                     # its column tiles
+    assert plan(1, 256, 1, 3136, 4, 2, pointwise=True).tile_p == 1568     # two threads
+    assert plan(2, 64, 1, 1 << 20, 4, 2, pointwise=True).tile_p == 1 << 20
+    monkeypatch.setattr(_tiling, "BLAS_INT_MAX", 1000)
+    assert plan(2, 64, 1, 1 << 20, 4, 2, pointwise=True).tile_p <= 1000
+
+
 def _exact_splits(total, s):
     """Whether ``total`` things cut into pieces of ceil(total / s) give exactly s pieces."""
     return math.ceil(total / math.ceil(total / s)) == s
