@@ -41,10 +41,12 @@ cdef extern from "_implicit_kernels.h" nogil:
                                   Py_ssize_t pf_chunks, Py_ssize_t pf_stride, Py_ssize_t pf_chunk)
     void fc_implicit_store_strip_s(bint wide, const float *acc, Py_ssize_t F, Py_ssize_t v0,
                                    Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
-                                   const float *bias, int relu, float *out, Py_ssize_t ldo)
+                                   const float *bias, int relu, float *out, Py_ssize_t ldo,
+                                   Py_ssize_t pf_ahead)
     void fc_implicit_store_strip_d(bint wide, const double *acc, Py_ssize_t F, Py_ssize_t v0,
                                    Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
-                                   const double *bias, int relu, double *out, Py_ssize_t ldo)
+                                   const double *bias, int relu, double *out, Py_ssize_t ldo,
+                                   Py_ssize_t pf_ahead)
 
 
 def wide_kernel():
@@ -76,12 +78,14 @@ cdef inline void sum_strips(bint wide, const floating *src, Py_ssize_t strips,
 cdef inline void store_strip(bint wide, const floating *acc, Py_ssize_t F, Py_ssize_t v0,
                              Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t Wq, Py_ssize_t OW,
                              const floating *bias, bint relu, floating *out,
-                             Py_ssize_t ldo) noexcept nogil:
+                             Py_ssize_t ldo, Py_ssize_t pf_ahead) noexcept nogil:
     """fc_implicit_store_strip_* of the dtype."""
     if floating is float:
-        fc_implicit_store_strip_s(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        fc_implicit_store_strip_s(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo,
+                                  pf_ahead)
     else:
-        fc_implicit_store_strip_d(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo)
+        fc_implicit_store_strip_d(wide, acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo,
+                                  pf_ahead)
 
 
 cdef void split_rows(const floating *plane, Py_ssize_t H, Py_ssize_t W, floating *dst,
@@ -202,7 +206,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
                        &x[n, 0, 0, 0] + v0 + PREFETCH_STRIPS_AHEAD * strip if next_rows else NULL,
                        C, H * W, strip)
             store_strip(wide, a, F, v0, j0, strip, OW, OW, bias_ptr, relu, &y[n, 0, 0, 0],
-                        OH * OW)
+                        OH * OW, PREFETCH_STRIPS_AHEAD * strip if next_rows else 0)
         return
     for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
         # item: strips [band*band_strips, ...) of image n, from virtual position v0 (which
@@ -251,7 +255,7 @@ def forward(const floating[:, :, :, ::1] x, const floating[::1] wpack, const flo
         for s in range(strips):
             store_strip(wide, a + s * acc_size, F, v0 + s * strip, 0,
                         min(strip, image_positions - v0 - s * strip), Wq, OW, bias_ptr, relu,
-                        &y[n, 0, 0, 0], OH * OW)
+                        &y[n, 0, 0, 0], OH * OW, 0)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy,

@@ -106,9 +106,9 @@ TARGET static void fc_implicit_strips_##suffix(                                 
                                                                                               \
 TARGET static void fc_implicit_store_##suffix(                                                \
     const T *acc, ptrdiff_t F, ptrdiff_t v0, ptrdiff_t j0, ptrdiff_t j1, ptrdiff_t Wq,        \
-    ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo)                             \
+    ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t pf_ahead)         \
 {                                                                                             \
-    enum { NR = NV * LANES };                                                                 \
+    enum { NR = NV * LANES, LINE = 64 / sizeof(T) };                                          \
     ptrdiff_t oh = (v0 + j0) / Wq, ow = (v0 + j0) % Wq;                                       \
     /* one run of columns ow < OW per plane row the strip crosses */                          \
     for (ptrdiff_t j = j0; j < j1; j += Wq - ow, ow = 0, oh++) {                              \
@@ -123,6 +123,11 @@ TARGET static void fc_implicit_store_##suffix(                                  
                     v = 0;                                                                    \
                 o[i] = v;                                                                     \
             }                                                                                 \
+            /* the lines this run's filter writes pf_ahead positions on, fetched for          \
+               writing while the FMAs run: F planes are more streams than the hardware       \
+               prefetchers follow */                                                          \
+            for (ptrdiff_t i = 0; pf_ahead && i < len + LINE; i += LINE)                      \
+                __builtin_prefetch(o + pf_ahead + (i < len ? i : len - 1), 1, 2);             \
         }                                                                                     \
     }                                                                                         \
 }
@@ -167,12 +172,15 @@ static inline void fc_implicit_sum_strips_##suffix(                             
                                                                                              \
 static inline void fc_implicit_store_strip_##suffix(                                         \
     int wide, const T *acc, ptrdiff_t F, ptrdiff_t v0, ptrdiff_t j0, ptrdiff_t j1,           \
-    ptrdiff_t Wq, ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo)              \
+    ptrdiff_t Wq, ptrdiff_t OW, const T *bias, int relu, T *out, ptrdiff_t ldo,              \
+    ptrdiff_t pf_ahead)                                                                      \
 {                                                                                            \
     if (wide)                                                                                \
-        fc_implicit_store_wide_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo);   \
+        fc_implicit_store_wide_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo,    \
+                                        pf_ahead);                                           \
     else                                                                                     \
-        fc_implicit_store_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo);        \
+        fc_implicit_store_##suffix(acc, F, v0, j0, j1, Wq, OW, bias, relu, out, ldo,         \
+                                   pf_ahead);                                                \
 }
 
 FC_IMPLICIT_DISPATCH(s, float)
