@@ -93,8 +93,12 @@ AUTO_WIDE_MIN_POSITIONS = 784
 #: 1.08x, 96 -> 64 1.13x / 1.41x; expansions did not (32 -> 128 0.97x / 0.88x, 64 -> 128
 #: 1.07x / 0.97x), nor more filters (256 -> 256 0.88x / 0.93x, 1024 -> 256 0.97x / 0.89x);
 #: float64 ran even (256 -> 64 1.02x / 1.02x), the narrow build 0.89-0.97x at 2 threads.
+#: And once its store also fetched its lines ahead, expansions won as well: 32 -> 128 1.13x /
+#: 1.16x, 64 -> 128 1.21x / 1.10x, 16 -> 64 1.08x / 0.98x, 64 -> 128 on 1 x 56x56 1.15x /
+#: 1.15x. Beyond 128 filters it stayed shape-dependent (64 -> 256 1.08x / 1.15x on 56x56 but
+#: 1.02x / 0.84x on 28x28; 128 -> 256 1.02x / 1.00x; 512 -> 256 1.12x / 0.95x; 256 -> 512
+#: 1.03x / 0.91x), so the filter bound stays.
 AUTO_POINTWISE_MAX_FILTERS = 128
-AUTO_POINTWISE_MIN_REDUCTION = 1
 AUTO_POINTWISE_MIN_POSITIONS = 2048
 #: The planes may exceed the input by padding and the dropped columns; beyond this
 #: factor (a padding or dilation far larger than the image) the row kernel runs instead.
@@ -242,13 +246,11 @@ def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
 def pointwise_pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether ``algorithm="auto"`` runs a 1x1 layer here, reading its input in place
     (:func:`in_place`), rather than as BLAS's GEMM: in float32 by the AVX-512 build
-    (WIDE_KERNEL), for a layer that reduces its channels at least
-    AUTO_POINTWISE_MIN_REDUCTION-fold (keeps them at 1) into at most
-    AUTO_POINTWISE_MAX_FILTERS filters, with at least AUTO_POINTWISE_MIN_POSITIONS output
-    pixels in the batch."""
+    (WIDE_KERNEL), for a layer of at most AUTO_POINTWISE_MAX_FILTERS filters, with at
+    least AUTO_POINTWISE_MIN_POSITIONS output pixels in the batch."""
     g = geometry
     return (in_place(g, itemsize) and itemsize == 4 and WIDE_KERNEL
-            and g.F <= AUTO_POINTWISE_MAX_FILTERS and g.C >= AUTO_POINTWISE_MIN_REDUCTION * g.F
+            and g.F <= AUTO_POINTWISE_MAX_FILTERS
             and g.N * g.OH * g.OW >= AUTO_POINTWISE_MIN_POSITIONS)
 
 

@@ -274,8 +274,8 @@ def test_auto_takes_larger_filters_by_the_wide_kernel_on_larger_outputs(monkeypa
 
 
 def test_auto_takes_the_in_place_kernel_for_channel_reducing_1x1_layers(monkeypatch):
-    """1x1 layers whose filters are at most AUTO_POINTWISE_MAX_FILTERS and the channels,
-    in float32, by the AVX-512 build, with enough output pixels."""
+    """1x1 layers of at most AUTO_POINTWISE_MAX_FILTERS filters, in float32, by the
+    AVX-512 build, with enough output pixels."""
     def auto(N, C, F, size, stride=1, itemsize=4):
         g = conv_geometry((N, C, size, size), (F, C, 1, 1), stride, 0, 1, 1)
         return _choose_algorithm("auto", g, "NCHW", False, itemsize)
@@ -286,8 +286,8 @@ def test_auto_takes_the_in_place_kernel_for_channel_reducing_1x1_layers(monkeypa
     assert auto(64, 2048, 128, 7) == "direct"
     assert auto(8, 256, 128, 28) == "direct"
     assert auto(8, 128, 128, 56) == "direct"                # as many filters as channels
-    assert auto(8, 64, 128, 56) == "im2col"                 # an expansion
-    assert auto(8, 64, 256, 56) == "im2col"                 # an expansion, > 128 filters
+    assert auto(8, 64, 128, 56) == "direct"                 # an expansion
+    assert auto(8, 64, 256, 56) == "im2col"                 # > 128 filters
     assert auto(8, 1024, 256, 14) == "im2col"               # > 128 filters
     assert auto(8, 256, 64, 56, itemsize=8) == "im2col"     # float64
     assert auto(1, 512, 128, 28) == "im2col"                # 784 output pixels
