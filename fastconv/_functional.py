@@ -555,7 +555,10 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
             _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
                                   tiles.images_per_tile, tiles.tile_p, n_threads)
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
-    if not winograd_input:
+    if (not winograd_input and requested == "auto"
+            and _implicit.pointwise_input_grad_pays_off(geometry, np.dtype(dtype).itemsize)):
+        _implicit.backward_input_in_place(dy, w2d, geometry, dtype, n_threads, grad_x)
+    elif not winograd_input:
         with single_threaded_blas:
             wt = transposed_weight(w2d, geometry.groups, dtype, n_threads)
             _conv.backward_input(w2d if wt is None else wt, dy.reshape(N, F, -1), grad_x,

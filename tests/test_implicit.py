@@ -296,6 +296,54 @@ def test_auto_takes_the_in_place_kernel_for_channel_reducing_1x1_layers(monkeypa
     assert auto(8, 256, 64, 56) == "im2col"                 # the 32-byte build
 
 
+@pytest.mark.parametrize("N,C,F,H,W", [(1, 5, 3, 6, 7), (3, 9, 17, 5, 11), (2, 40, 8, 9, 9),
+                                       (2, 16, 64, 13, 13)])
+def test_pointwise_input_grad_in_place(N, C, F, H, W, dtype, kernel_build):
+    """grad_x of a 1x1 layer as the in-place forward of dY by the transposed filters, on
+    planes whose positions end in a partial strip, with fewer and more channels than
+    filters."""
+    rng = np.random.default_rng(C * F)
+    x, w, _ = _problem(rng, N, C, H, W, F, (1, 1), dtype)
+    dy = rng.standard_normal((N, F, H, W)).astype(dtype)
+    g = _geometry(x, w)
+    grad_x = np.full(x.shape, np.nan, dtype)
+    _implicit.backward_input_in_place(dy, w, g, dtype, 2, grad_x)
+    assert_matches(grad_x, reference.conv2d_backward(dy, x, w)[0], dtype, F, "grad_x")
+
+
+def test_auto_takes_the_in_place_input_grad_of_1x1_layers_on_large_planes(monkeypatch):
+    """In float32 by the AVX-512 build, with at most AUTO_POINTWISE_INPUT_GRAD_MAX_CHANNELS
+    channels on planes of AUTO_POINTWISE_INPUT_GRAD_MIN_PLANE pixels or more; and it is
+    what conv2d_backward computes there."""
+    def pays(C, F, size, itemsize=4, stride=1):
+        g = conv_geometry((8, C, size, size), (F, C, 1, 1), stride, 0, 1, 1)
+        return _implicit.pointwise_input_grad_pays_off(g, itemsize)
+
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", True)
+    assert pays(256, 64, 56)                    # resnet-1x1
+    assert pays(64, 64, 56) and pays(128, 32, 112)
+    assert not pays(256, 64, 28)                # smaller planes
+    assert not pays(512, 128, 56)               # more channels
+    assert not pays(256, 64, 56, itemsize=8)    # float64
+    assert not pays(256, 64, 56, stride=2)      # not read in place
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
+    assert not pays(256, 64, 56)                # the 32-byte build
+    monkeypatch.setattr(_implicit, "WIDE_KERNEL", _conv_implicit.wide_kernel())
+    called = []
+    real = _implicit.backward_input_in_place
+    monkeypatch.setattr(_implicit, "backward_input_in_place",
+                        lambda *args: called.append(1) or real(*args))
+    rng = np.random.default_rng(4)
+    x, w, _ = _problem(rng, 2, 24, 56, 56, 8, (1, 1), np.float32)
+    dy = rng.standard_normal((2, 8, 56, 56)).astype(np.float32)
+    grad_x = fastconv.conv2d_backward(dy, x, w)[0]
+    assert bool(called) == _implicit.pointwise_input_grad_pays_off(_geometry(x, w))
+    assert_matches(grad_x, reference.conv2d_backward(dy, x, w)[0], np.float32, 8, "grad_x")
+    called.clear()
+    fastconv.conv2d_backward(dy, x, w, algorithm="im2col")
+    assert not called                           # asked for im2col
+
+
 def test_auto_weight_grad_rule():
     """'auto' runs the implicit weight gradient on layers wider than 1x1 with at least
     AUTO_MIN_WEIGHT_GRAD_POSITIONS output pixels per image and at most
