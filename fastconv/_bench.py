@@ -398,8 +398,8 @@ def auto_algorithm(shape: Shape, pass_: str) -> str:
     geometry = conv_geometry(shape.input_shape, shape.weight_shape, shape.stride, shape.pad, 1,
                              shape.groups)
     algorithm = _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "backward")
-    if pass_ == "forward" or algorithm == "direct":   # (depthwise: both by its kernels)
-        return algorithm
+    if pass_ == "forward" or (algorithm == "direct" and shape.groups > 1):
+        return algorithm                                # (depthwise: both by its kernels)
     weight_algorithm = _weight_grad_algorithm("auto", algorithm, geometry)
     return algorithm if weight_algorithm == algorithm else f"{algorithm}/{weight_algorithm}"
 

@@ -46,13 +46,12 @@ def _applicable(shape) -> list[str]:
 
 def _auto(geometry, pass_: str) -> str:
     """What ``algorithm="auto"`` runs for one pass of this geometry."""
-    from fastconv import _winograd
-    from fastconv._functional import _choose_algorithm
+    from fastconv._functional import _choose_algorithm, _weight_grad_algorithm
 
+    algorithm = _choose_algorithm("auto", geometry, "NCHW", backward=pass_ != "forward")
     if pass_ == "grad_weight":
-        winograd = _winograd.applies(geometry) and _winograd.pays_off_weight_grad(geometry)
-        return "winograd" if winograd else "im2col"
-    return _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "grad_x")
+        return _weight_grad_algorithm("auto", algorithm, geometry)
+    return algorithm
 
 
 def measure_accuracy(shapes: Iterable, threads: int,
@@ -87,12 +86,13 @@ def measure_accuracy(shapes: Iterable, threads: int,
                 if pass_ == "forward":
                     got = fastconv.conv2d(a32["x"], a32["weight"], a32["bias"], s, p,
                                           algorithm=algorithm, n_threads=threads)
-                elif algorithm == "direct":
-                    continue            # its backward is im2col's
+                elif algorithm == "direct" and pass_ == "grad_x" and row["auto"] != "direct":
+                    continue            # an explicit 'direct' runs im2col's grad_x
                 else:
+                    # a direct grad_x is auto's (a 1x1 layer's, read in place)
+                    run = "auto" if algorithm == "direct" and pass_ == "grad_x" else algorithm
                     grads = fastconv.conv2d_backward(a32["grad_output"], a32["x"], a32["weight"],
-                                                     s, p, algorithm=algorithm,
-                                                     n_threads=threads)
+                                                     s, p, algorithm=run, n_threads=threads)
                     got = grads[0] if pass_ == "grad_x" else grads[1]
                 row[f"{algorithm}_err"] = relative_error(got, exact[pass_])
             _finish(row, rows, progress)

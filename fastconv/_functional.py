@@ -66,7 +66,8 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     dense direct kernel in the forward, whose im2col GEMM would be too shallow.
     Winograd is taken where ``fastconv._winograd.pays_off``
     (``pays_off_input_grad``) says it measured faster; then the forward of other
-    plain layers takes the direct kernel where ``fastconv._implicit.pays_off``.
+    plain layers takes the direct kernel where ``fastconv._implicit.pays_off``, and the
+    grad_x of 1x1 layers where ``fastconv._implicit.pointwise_input_grad_pays_off``.
     """
     depthwise = geometry.is_depthwise and geometry.groups > 1
     direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
@@ -103,6 +104,9 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             return "winograd"
         if direct_applies and not backward and _implicit.pays_off(geometry, itemsize):
             return "direct"
+        if (direct_applies and backward
+                and _implicit.pointwise_input_grad_pays_off(geometry, itemsize)):
+            return "direct"             # grad_x: a 1x1 layer on dY, read in place
         return "im2col"
     return algorithm
 
@@ -555,8 +559,8 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
             _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
                                   tiles.images_per_tile, tiles.tile_p, n_threads)
         _conv.reduce_rows(partial, weight_and_bias, n_threads)
-    if (not winograd_input and requested == "auto"
-            and _implicit.pointwise_input_grad_pays_off(geometry, np.dtype(dtype).itemsize)):
+    if requested == "auto" and algorithm == "direct":
+        # (only a 1x1 layer's grad_x, see _choose_algorithm)
         _implicit.backward_input_in_place(dy, w2d, geometry, dtype, n_threads, grad_x)
     elif not winograd_input:
         with single_threaded_blas:
