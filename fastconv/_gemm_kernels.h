@@ -36,6 +36,10 @@
    block of A passes over it. */
 #define FC_GEMM_KC 128
 
+/* a block of R rows (a constant) inside fc_gemm_rows_*'s switch */
+#define FC_GEMM_CASE(sfx, R)                                                               \
+    case R: fc_gemm_block_##sfx(R, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1); break;
+
 /* FC_GEMM(sfx, T, V, L, MASK, ...): one dtype's kernel, vectors V of L lanes of T,
    column masks of type MASK; the intrinsics named after their AVX-512 suffix. */
 #define FC_GEMM(sfx, T, V, L, MASK, ZERO, SET1, FMADD, ADD, LOADU, STOREU)                 \
@@ -81,28 +85,9 @@ fc_gemm_rows_##sfx(const int NV, int R, ptrdiff_t k, const T *a, ptrdiff_t lda, 
                    MASK m0, MASK m1)                                                       \
 {                                                                                          \
     switch (R) {                                                                           \
-    case 12: fc_gemm_block_##sfx(12, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
-        break;                                                                             \
-    case 11: fc_gemm_block_##sfx(11, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
-        break;                                                                             \
-    case 10: fc_gemm_block_##sfx(10, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);   \
-        break;                                                                             \
-    case 9: fc_gemm_block_##sfx(9, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 8: fc_gemm_block_##sfx(8, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 7: fc_gemm_block_##sfx(7, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 6: fc_gemm_block_##sfx(6, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 5: fc_gemm_block_##sfx(5, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 4: fc_gemm_block_##sfx(4, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 3: fc_gemm_block_##sfx(3, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
-    case 2: fc_gemm_block_##sfx(2, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);     \
-        break;                                                                             \
+    FC_GEMM_CASE(sfx, 12) FC_GEMM_CASE(sfx, 11) FC_GEMM_CASE(sfx, 10) FC_GEMM_CASE(sfx, 9)  \
+    FC_GEMM_CASE(sfx, 8) FC_GEMM_CASE(sfx, 7) FC_GEMM_CASE(sfx, 6) FC_GEMM_CASE(sfx, 5)     \
+    FC_GEMM_CASE(sfx, 4) FC_GEMM_CASE(sfx, 3) FC_GEMM_CASE(sfx, 2)                          \
     default: fc_gemm_block_##sfx(1, NV, k, a, lda, b, ldb, c, ldc, accumulate, m0, m1);    \
         break;                                                                             \
     }                                                                                      \

@@ -18,6 +18,14 @@ def _problem(rng, N, C, H, W, F, kernel, dtype):
     return x, w, b
 
 
+def _spy(monkeypatch, name):
+    """A list that gets an entry at every call of ``_implicit.<name>``, which still runs."""
+    calls = []
+    original = getattr(_implicit, name)
+    monkeypatch.setattr(_implicit, name, lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
 def _geometry(x, w, **args):
     return conv_geometry(x.shape, w.shape, args.get("stride", 1), args.get("padding", 0),
                          args.get("dilation", 1), 1, args.get("padding_mode", "zeros"),
@@ -329,10 +337,7 @@ def test_auto_takes_the_in_place_input_grad_of_1x1_layers_on_large_planes(monkey
     monkeypatch.setattr(_implicit, "WIDE_KERNEL", False)
     assert not pays(256, 64, 56)                # the 32-byte build
     monkeypatch.setattr(_implicit, "WIDE_KERNEL", _conv_implicit.wide_kernel())
-    called = []
-    real = _implicit.backward_input_in_place
-    monkeypatch.setattr(_implicit, "backward_input_in_place",
-                        lambda *args: called.append(1) or real(*args))
+    called = _spy(monkeypatch, "backward_input_in_place")
     rng = np.random.default_rng(4)
     x, w, _ = _problem(rng, 2, 24, 56, 56, 8, (1, 1), np.float32)
     dy = rng.standard_normal((2, 8, 56, 56)).astype(np.float32)
@@ -370,10 +375,7 @@ def test_auto_weight_grad_rule():
 def test_auto_backward_runs_the_implicit_weight_gradient(monkeypatch):
     """conv2d_backward(algorithm='auto') on a layer the rule takes: grad_weight by the
     implicit kernel (the reference's values), grad_x and grad_bias as by im2col."""
-    calls = []
-    original = _implicit.backward_weight
-    monkeypatch.setattr(_implicit, "backward_weight",
-                        lambda *args: calls.append(1) or original(*args))
+    calls = _spy(monkeypatch, "backward_weight")
     rng = np.random.default_rng(14)
     x, w, _ = _problem(rng, 2, 6, 50, 50, 5, (3, 3), np.float64)
     dy = rng.standard_normal((2, 5, 25, 25))
