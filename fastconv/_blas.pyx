@@ -25,6 +25,10 @@ cdef extern from "_gemm_kernels.h" nogil:
     void fc_gemm_nn_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
                       Py_ssize_t chunk)
+    # C = A B^T (+ C), B stored n x k, row-major, the same way
+    void fc_gemm_nt_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
+                      const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
+                      Py_ssize_t chunk)
     bint FC_V4_BUILD_RUNS()
 
 cdef extern from *:
@@ -173,6 +177,22 @@ cdef void gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, P
     gemm_rm_chunked(False, False, m, n, k, 1, a, lda, b, ldb, beta, c, ldc, chunk, limit)
 
 
+cdef void gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, Py_ssize_t lda,
+                  const floating *b, Py_ssize_t ldb, floating beta, floating *c,
+                  Py_ssize_t ldc, Py_ssize_t chunk, Py_ssize_t limit,
+                  bint own_kernel) noexcept nogil:
+    """C (m x n) = A (m x k) @ B.T + beta * C with B stored (n x k), beta 0 or 1, summed
+    ``chunk`` terms at a time: :func:`gemm_nn`'s contract for a weight gradient's GEMM
+    (both operands' rows run along the reduction). The own kernel transposes B one
+    L1-sized panel at a time (``fc_gemm_nt_s``); callers pass the operand with fewer
+    rows as B."""
+    if floating is float:
+        if own_kernel and _own_float:
+            fc_gemm_nt_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk)
+            return
+    gemm_rm_chunked(False, True, m, n, k, 1, a, lda, b, ldb, beta, c, ldc, chunk, limit)
+
+
 def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
          floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True):
     """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests.
@@ -198,9 +218,39 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
                 c.shape[1], chunk, limit, own_kernel)
 
 
+def gemm_bt(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
+            floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True):
+    """``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt` (beta 0 or 1), for tests.
+
+    # IN  a: (m, k); b: (n, k); OUT c: (m, n)
+    """
+    cdef const floating *pa = NULL
+    cdef const floating *pb = NULL
+    cdef Py_ssize_t limit = 2147483647, ld = max(a.shape[1], 1)
+    if a.shape[1] != b.shape[1] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[0]:
+        raise ValueError(f"gemm_bt: shapes ({a.shape[0]}, {a.shape[1]}) @ ({b.shape[0]}, "
+                         f"{b.shape[1]}).T -> ({c.shape[0]}, {c.shape[1]}) do not match")
+    if beta != 0 and beta != 1:
+        raise ValueError(f"gemm_bt: beta must be 0 or 1, got {beta}")
+    if c.shape[0] == 0 or c.shape[1] == 0:
+        return
+    if a.shape[1] > 0:
+        pa = &a[0, 0]
+        pb = &b[0, 0]
+    with nogil:
+        gemm_nt(c.shape[0], c.shape[1], a.shape[1], pa, ld, pb, ld, beta, &c[0, 0],
+                c.shape[1], chunk, limit, own_kernel)
+
+
 def own_kernel_runs():
     """Whether the CPU runs the own GEMM kernel of :func:`gemm_nn` (x86-64-v4)."""
     return bool(FC_V4_BUILD_RUNS())
+
+
+def own_kernel_on():
+    """Whether :func:`gemm_nn` and :func:`gemm_nt` take the own float32 kernel now: the CPU
+    runs it and :func:`use_own_kernel` has not turned it off."""
+    return bool(_own_float)
 
 
 def use_own_kernel(bint on):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv, _direct, _im2col, _implicit, _nhwc, _pool, _tiling, _winograd
+from fastconv import (_blas, _conv, _direct, _im2col, _implicit, _nhwc, _pool, _tiling,
+                      _winograd)
 from fastconv._depthwise_kernels import kernels as _depthwise
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
@@ -190,6 +191,31 @@ def transposed_weight(w2d: np.ndarray, groups: int, dtype: np.dtype,
     _conv.transpose_weight(w2d, wt, groups,
                            n_threads if w2d.size >= PARALLEL_TRANSPOSE_SIZE else 1)
     return wt
+
+
+#: Where ``_conv.backward_weight`` keeps its sums transposed for the own GEMM kernel:
+#: at most this many filters per group (their dY rows are the panels it transposes) ...
+OWN_WEIGHT_GRAD_MAX_FILTERS = 128
+#: ... and at least this many sums per group (Fg * Kg).
+OWN_WEIGHT_GRAD_MIN_SUMS = 1024
+
+
+def weight_sums_transposed(Fg: int, Kg: int, dtype: np.dtype) -> bool:
+    """Whether ``_conv.backward_weight`` keeps its sums transposed (``transposed_sums``):
+    its GEMM then runs by fastconv's own kernel, which reads the column tile in place
+    where BLAS packs it. float32 where that kernel runs (``fastconv._blas.own_kernel_on``).
+
+    Measured against BLAS (algorithm="im2col" backward, interleaved, median of 11, 1 / 2
+    threads): resnet-1x1 1.09 / 1.12 (its grad_weight GEMM alone 1.2x at 1 thread),
+    64 -> 64 3x3 on 56x56 1.12 / 1.14, resnet-stem 1.12 / 1.10, 4 groups 1.24 / 1.25,
+    64 -> 8 1.09 / 1.10, 5 -> 64 1.17 / 1.16, 4 -> 32 on 32x32 1.36 / 1.33, 128 -> 128
+    stride 2 1.03 / 1.04, 32 -> 128 1x1 1.05 / 1.06. Lost with more filters (128 -> 256
+    3x3 0.98 / 0.99, 256 -> 512 1x1 0.97 / 0.96, 512 -> 2048 1x1 0.79 / 0.74: the sums
+    outgrow L2 while the kernel's short k blocks reread them) and few sums (lenet's 6 x 25
+    0.77, 16 x 25 0.97; cifar-3x3's 32 x 27 0.91-1.00): hence the bounds above.
+    """
+    return (np.dtype(dtype) == np.float32 and _blas.own_kernel_on()
+            and Fg <= OWN_WEIGHT_GRAD_MAX_FILTERS and Fg * Kg >= OWN_WEIGHT_GRAD_MIN_SUMS)
 
 
 def _plan_and_workspace(geometry: ConvGeometry, dtype: np.dtype, n_threads: int):
@@ -555,10 +581,14 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     if not (direct_weight or winograd_weight):
         partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
+        Fg = F // geometry.groups
+        transposed = weight_sums_transposed(Fg, Kg, dtype)
         with single_threaded_blas:
             _conv.backward_weight(xc, dy.reshape(N, F, -1), partial, scratch, geometry,
-                                  tiles.images_per_tile, tiles.tile_p, n_threads)
-        _conv.reduce_rows(partial, weight_and_bias, n_threads)
+                                  tiles.images_per_tile, tiles.tile_p, n_threads,
+                                  transposed_sums=transposed)
+        _conv.reduce_rows(partial, weight_and_bias, n_threads,
+                          *((geometry.groups, Fg, Kg) if transposed else ()))
     if requested == "auto" and algorithm == "direct":
         # (only a 1x1 layer's grad_x, see _choose_algorithm)
         _implicit.backward_input_in_place(dy, w2d, geometry, dtype, n_threads, grad_x)

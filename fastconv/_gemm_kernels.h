@@ -136,9 +136,102 @@ fc_gemm_nn_##sfx(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t ld
 FC_GEMM(s, float, __m512, 16, __mmask16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_fmadd_ps,
         _mm512_add_ps, _mm512_maskz_loadu_ps, _mm512_mask_storeu_ps)
 
+/* A 16 x 16 block of floats transposed in registers: r[i] holds row i, then column i. */
+static inline FC_ALWAYS_INLINE FC_V4 void fc_transpose16_s(__m512 r[16])
+{
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {           /* pairs of rows interleaved by element */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {           /* ... then by pairs of elements */
+        __m512d a0 = _mm512_castps_pd(t[4 * i]), a1 = _mm512_castps_pd(t[4 * i + 1]);
+        __m512d a2 = _mm512_castps_pd(t[4 * i + 2]), a3 = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int i = 0; i < 2; i++)             /* ... then by 128-bit lanes */
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+
+/* panel[q][j] = b[j][q] for j < cols (<= 32), q < kn (<= FC_GEMM_KC): one column panel of
+   B^T, 32 floats a row; rows j >= cols of B are not read (their panel columns are never
+   loaded unmasked). */
+static inline FC_ALWAYS_INLINE FC_V4 void
+fc_gemm_panel_s(const float *b, ptrdiff_t ldb, ptrdiff_t cols, ptrdiff_t kn, float *panel)
+{
+    __m512 r[16];
+    for (ptrdiff_t j0 = 0; j0 < cols; j0 += 16) {
+        ptrdiff_t rows = cols - j0 < 16 ? cols - j0 : 16;
+        for (ptrdiff_t q0 = 0; q0 < kn; q0 += 16) {
+            ptrdiff_t width = kn - q0 < 16 ? kn - q0 : 16;
+            __mmask16 mask = width == 16 ? (__mmask16)~0u : (__mmask16)((1u << width) - 1);
+            for (int i = 0; i < 16; i++)
+                r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, b + (j0 + i) * ldb + q0)
+                                : _mm512_setzero_ps();
+            fc_transpose16_s(r);
+            for (ptrdiff_t q = 0; q < width; q++)
+                _mm512_store_ps(panel + (q0 + q) * 32 + j0, r[q]);
+        }
+    }
+}
+
+/* C (m x n, row stride ldc) = A (m x k) B^T [+ C where accumulate], B stored n x k (row
+   stride ldb), the reduction summed `chunk` terms at a time as fc_gemm_nn_s does. A
+   weight gradient's GEMM: A the input's columns, B grad_output's planes, whose rows are
+   the reduction. Each k block's column panel of B^T (at most FC_GEMM_KC x 32 floats) is
+   transposed once into a buffer that stays in L1, and every row block of A then reads it
+   as fc_gemm_nn_s reads B: B is not copied whole (BLAS packs both operands). */
+static FC_V4 void
+fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
+             const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
+             ptrdiff_t chunk)
+{
+    float panel[FC_GEMM_KC * 32] __attribute__((aligned(64)));
+    ptrdiff_t row_blocks = (m + FC_GEMM_ROWS - 1) / FC_GEMM_ROWS;
+    ptrdiff_t kc = chunk > 0 && chunk < FC_GEMM_KC ? chunk : FC_GEMM_KC;
+    if (k <= 0) {
+        fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, accumulate, chunk);
+        return;
+    }
+    for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {
+        ptrdiff_t kn = k - k0 < kc ? k - k0 : kc;
+        int add = k0 > 0 || accumulate;
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += 32) {
+            ptrdiff_t cols = n - j0 < 32 ? n - j0 : 32;
+            __mmask16 m0 = cols >= 16 ? (__mmask16)~0u : (__mmask16)((1u << cols) - 1);
+            __mmask16 m1 = cols == 32 ? (__mmask16)~0u
+                           : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
+            fc_gemm_panel_s(b + j0 * ldb + k0, ldb, cols, kn, panel);
+            for (ptrdiff_t rb = 0, i0 = 0; rb < row_blocks; rb++) {
+                int R = (int)((m - i0) / (row_blocks - rb));
+                const float *ai = a + i0 * lda + k0;
+                float *cij = c + i0 * ldc + j0;
+                if (cols > 16)
+                    fc_gemm_rows_s(2, R, kn, ai, lda, panel, 32, cij, ldc, add, m0, m1);
+                else
+                    fc_gemm_rows_s(1, R, kn, ai, lda, panel, 32, cij, ldc, add, m0, m1);
+                i0 += R;
+            }
+        }
+    }
+}
+
 #else
 /* never called: FC_V4_BUILD_RUNS() is 0 */
 static void fc_gemm_nn_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
+                         const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
+                         ptrdiff_t chunk) {}
+static void fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
                          const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
                          ptrdiff_t chunk) {}
 #endif

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastconv import _conv, _phases, _tiling
-from fastconv._functional import _bias_gradient_wanted, transposed_weight
+from fastconv._functional import _bias_gradient_wanted, transposed_weight, weight_sums_transposed
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan_transposed
 from fastconv._validation import (
@@ -305,10 +305,13 @@ def conv_transpose2d_backward(
     partial = workspace("partial", dtype, n_threads * (C_in * Kg + C_in)).reshape(n_threads, -1)
     with single_threaded_blas:
         # grad_x = conv2d(dy, w) and grad_weight from one im2col of dy per tile
+        Fg = C_in // geometry.groups
+        transposed = weight_sums_transposed(Fg, Kg, dtype)
         _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
                               tiles.tile_p, n_threads, w2d, grad_x.reshape(N, C_in, -1),
-                              with_sums=False)
-        _conv.reduce_rows(partial, weight_and_x_sums, n_threads)
+                              with_sums=False, transposed_sums=transposed)
+        _conv.reduce_rows(partial, weight_and_x_sums, n_threads,
+                          *((geometry.groups, Fg, Kg) if transposed else ()))
     if with_bias:
         _conv.channel_sums(dy.reshape(N, C_out, -1), grad_bias, n_threads)
     return grad_x, grad_weight, grad_bias

@@ -7,7 +7,7 @@ import pytest
 from _helpers import algorithms_for, assert_matches, random_problem
 
 import fastconv
-from fastconv import _tiling, reference
+from fastconv import _blas, _conv, _functional, _tiling, reference
 from fastconv._validation import as_padding, conv_output_size
 
 KERNELS = [(1, 1), (2, 2), (3, 3), (5, 5), (2, 3)]
@@ -87,6 +87,58 @@ def test_many_tiles(monkeypatch, N, kernel, stride, padding, n_threads, dtype, g
     rng = np.random.default_rng(3)
     x, weight, bias = random_problem(rng, N, 6, 9, 13, 4, *kernel, dtype)
     check_against_reference(x, weight, bias, stride, padding, 1, n_threads, dtype, rng)
+
+
+@pytest.mark.parametrize("tiny_tiles", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("N,C,H,W,F,kernel,stride,padding,groups", [
+    (2, 8, 10, 9, 16, (3, 3), 1, 1, 1),              # 16 filters x 72 sums
+    (3, 64, 6, 7, 16, (1, 1), 1, 0, 1),              # 1x1: x's planes read in place
+    (2, 16, 9, 9, 32, (3, 3), 2, (0, 1, 2, 1), 2),   # 2 groups of 16 filters x 72
+    (1, 24, 12, 12, 40, (2, 3), 1, 1, 1),            # a 32-filter panel and a tail of 8
+])
+def test_weight_grad_by_the_own_kernel(monkeypatch, N, C, H, W, F, kernel, stride, padding,
+                                       groups, n_threads, tiny_tiles, gemm_kernel):
+    """float32 layers whose im2col grad_weight keeps its sums transposed for the own GEMM
+    kernel (``_functional.weight_sums_transposed``) where it runs, against the reference;
+    with BLAS the sums keep their layout."""
+    if tiny_tiles:
+        monkeypatch.setattr(_tiling, "COLUMN_TILE_BYTES", 1)
+        monkeypatch.setattr(_tiling, "MIN_TILE_COLUMNS", 5)
+    seen = []
+    original = _conv.backward_weight
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("transposed_sums", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_conv, "backward_weight", spy)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    weight = rng.standard_normal((F, C // groups, *kernel)).astype(np.float32)
+    args = dict(stride=stride, padding=padding, groups=groups)
+    dy = rng.standard_normal(reference.conv2d(x, weight, **args).shape).astype(np.float32)
+    rx, rw, rb = reference.conv2d_backward(dy, x, weight, **args)
+    gx, gw, gb = fastconv.conv2d_backward(dy, x, weight, **args, algorithm="im2col",
+                                          n_threads=n_threads)
+    assert seen == [gemm_kernel]
+    reduction = N * dy.shape[2] * dy.shape[3]
+    assert_matches(gw, rw, np.float32, reduction, "grad_weight")
+    assert_matches(gb, rb, np.float32, reduction, "grad_bias")
+    assert_matches(gx, rx, np.float32, F // groups * kernel[0] * kernel[1], "grad_x")
+
+
+def test_own_weight_grad_rule():
+    """The bounds of ``weight_sums_transposed`` (measured: see its docstring)."""
+    rule = _functional.weight_sums_transposed
+    most, least = _functional.OWN_WEIGHT_GRAD_MAX_FILTERS, _functional.OWN_WEIGHT_GRAD_MIN_SUMS
+    on = _blas.own_kernel_on()
+    assert rule(64, 256, np.float32) is on                  # resnet-1x1
+    assert rule(most, least, np.float32) is on
+    assert not rule(most + 1, least, np.float32)            # more filters than panels pay
+    assert not rule(30, 25, np.float32)                     # lenet: few sums
+    assert not rule(16, least // 16 - 1, np.float32)
+    assert not rule(64, 256, np.float64)                    # the kernel is float32's
 
 
 def test_larger_layer_with_default_tiles(dtype):

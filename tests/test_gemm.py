@@ -1,5 +1,7 @@
-"""The Winograd GEMMs' own kernel (``fastconv._blas.gemm_nn``, fastconv/_gemm_kernels.h)
-against NumPy: every block of rows, every column tail, chunked and accumulated sums."""
+"""fastconv's own GEMM kernels (fastconv/_gemm_kernels.h) against NumPy: ``A @ B``
+(``fastconv._blas.gemm_nn``, the Winograd GEMMs) and ``A @ B.T`` (``gemm_nt``, a weight
+gradient's, B transposed a panel at a time): every block of rows, every column tail, k
+tails of the panels' 16 x 16 transposes, chunked and accumulated sums."""
 
 import numpy as np
 import pytest
@@ -18,38 +20,61 @@ def _product(rng, m, n, k, dtype):
     return a, b, c
 
 
-@pytest.mark.parametrize("k,chunk", [(0, 0), (1, 0), (7, 0), (64, 64), (65, 64), (200, 0),
-                                     (200, 64), (300, 7), (129, 128)])
+def _multiply(form, a, b, c, beta=0, chunk=0):
+    """``c = a @ b + beta * c`` by ``gemm_nn`` ("nn") or, given ``b`` transposed, by
+    ``gemm_nt`` ("nt")."""
+    if form == "nn":
+        _blas.gemm(a, b, c, beta, chunk, True)
+    else:
+        _blas.gemm_bt(a, np.ascontiguousarray(b.T), c, beta, chunk, True)
+
+
+@pytest.mark.parametrize("k,chunk", [(0, 0), (1, 0), (7, 0), (17, 0), (64, 64), (65, 64),
+                                     (200, 0), (200, 64), (300, 7), (129, 128)])
 @pytest.mark.parametrize("beta", [0, 1])
-def test_every_block_and_tail(k, chunk, beta, dtype, gemm_kernel):
+@pytest.mark.parametrize("form", ["nn", "nt"])
+def test_every_block_and_tail(form, k, chunk, beta, dtype, gemm_kernel):
     rng = np.random.default_rng(k)
     for m in ROWS:
         for n in COLS:
             a, b, c = _product(rng, m, n, k, dtype)
             expected = a.astype(np.float64) @ b + beta * c.astype(np.float64)
             magnitude = np.abs(a.astype(np.float64)) @ np.abs(b) + beta * np.abs(c)
-            _blas.gemm(a, b, c, beta, chunk, True)
-            assert_matches(c, expected, dtype, k + 1, f"{m}x{n}x{k}", magnitude)
+            _multiply(form, a, b, c, beta, chunk)
+            assert_matches(c, expected, dtype, k + 1, f"{form} {m}x{n}x{k}", magnitude)
 
 
-def test_an_empty_sum_zeroes_or_keeps_c(gemm_kernel):
+def test_nt_reads_b_with_its_row_stride(gemm_kernel):
+    """gemm_nt's panels come from B's rows wherever they start: B a slice of a wider
+    array (row stride > k), as a weight gradient's dY planes within a batch."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((20, 150)).astype(np.float32)
+    wide = rng.standard_normal((40, 170)).astype(np.float32)
+    c = np.empty((20, 40), np.float32)
+    _blas.gemm_bt(a, np.ascontiguousarray(wide[:, :150]), c, 0, 0, True)
+    assert_matches(c, a.astype(np.float64) @ wide[:, :150].T, np.float32, 150, "c")
+
+
+@pytest.mark.parametrize("form", ["nn", "nt"])
+def test_an_empty_sum_zeroes_or_keeps_c(form, gemm_kernel):
     rng = np.random.default_rng(0)
     a, b, c = _product(rng, 13, 33, 0, np.float32)
     kept = c.copy()
-    _blas.gemm(a, b, c, 1, 0, True)
+    _multiply(form, a, b, c, 1)
     np.testing.assert_array_equal(c, kept)
-    _blas.gemm(a, b, c, 0, 0, True)
+    _multiply(form, a, b, c, 0)
     np.testing.assert_array_equal(c, 0)
 
 
-def test_inputs_are_not_modified_and_nothing_past_c_is_written(gemm_kernel):
+@pytest.mark.parametrize("form", ["nn", "nt"])
+def test_inputs_are_not_modified_and_nothing_past_c_is_written(form, gemm_kernel):
     """The masked stores of the last rows' column tails stop at C's end."""
     rng = np.random.default_rng(1)
     a, b, _ = _product(rng, 13, 33, 20, np.float32)
     before = (a.copy(), b.copy())
     buffer = np.full(13 * 33 + 64, 7.0, np.float32)
     c = buffer[:13 * 33].reshape(13, 33)
-    _blas.gemm(a, b, c, 0, 0, True)
+    _multiply(form, a, b, c)
     assert_matches(c, a.astype(np.float64) @ b, np.float32, 20, "c")
     np.testing.assert_array_equal(buffer[13 * 33:], 7.0)
     np.testing.assert_array_equal(a, before[0])
@@ -79,6 +104,10 @@ def test_mismatched_shapes_and_beta_are_value_errors():
         _blas.gemm(a, np.zeros((5, 2), np.float32), np.zeros((3, 2), np.float32))
     with pytest.raises(ValueError, match="beta must be 0 or 1"):
         _blas.gemm(a, np.zeros((4, 2), np.float32), np.zeros((3, 2), np.float32), 2)
+    with pytest.raises(ValueError, match=r"\(3, 4\) @ \(2, 5\).T"):
+        _blas.gemm_bt(a, np.zeros((2, 5), np.float32), np.zeros((3, 2), np.float32))
+    with pytest.raises(ValueError, match="beta must be 0 or 1"):
+        _blas.gemm_bt(a, np.zeros((2, 4), np.float32), np.zeros((3, 2), np.float32), 2)
 
 
 def test_use_own_kernel_returns_the_previous_setting():
@@ -88,7 +117,9 @@ def test_use_own_kernel_returns_the_previous_setting():
         return
     previous = _blas.use_own_kernel(False)
     try:
+        assert _blas.own_kernel_on() is False
         assert _blas.use_own_kernel(True) is False
+        assert _blas.own_kernel_on() is True
         assert _blas.use_own_kernel(True) is True
     finally:
         _blas.use_own_kernel(previous)

@@ -336,6 +336,41 @@ def test_conv_transpose_many_tiles(monkeypatch, N, dtype):
         assert_matches(a, b, dtype, N * 140, what)
 
 
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("C_in,C_out,groups,kernel,stride,padding,output_padding", [
+    (16, 8, 1, (3, 3), 2, 1, 1),        # 16 x 72 sums
+    (32, 48, 2, (2, 3), 1, (1, 0), 0),  # 2 groups of 16 x 144
+    (40, 64, 1, (1, 1), 1, 0, 0),       # a 32-row panel of x's and a tail of 8
+])
+def test_conv_transpose_weight_grad_by_the_own_kernel(monkeypatch, C_in, C_out, groups, kernel,
+                                                      stride, padding, output_padding,
+                                                      n_threads, gemm_kernel):
+    """conv_transpose2d_backward's grad_weight with its sums transposed for the own GEMM
+    kernel (x plays dY's part: its C_in/groups rows are the transposed panels)."""
+    seen = []
+    original = _conv.backward_weight
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("transposed_sums", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_conv, "backward_weight", spy)
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((2, C_in, 6, 7)).astype(np.float32)
+    weight = rng.standard_normal((C_in, C_out // groups, *kernel)).astype(np.float32)
+    args = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups)
+    dy = rng.standard_normal(reference.conv_transpose2d(x, weight, **args).shape
+                             ).astype(np.float32)
+    grads = fastconv.conv_transpose2d_backward(dy, x, weight, algorithm="im2col",
+                                               n_threads=n_threads, **args)
+    assert seen == [gemm_kernel]
+    for got, want, what, reduction in zip(
+            grads, reference.conv_transpose2d_backward(dy, x, weight, **args),
+            ["grad_x", "grad_weight", "grad_bias"],
+            [C_out // groups * kernel[0] * kernel[1], 2 * 42, dy[:, 0].size]):
+        assert_matches(got, want, np.float32, reduction, what)
+
+
 #: Tile plans that take each branch of the transposed kernels: image groups (staged
 #: planes), whole images, and channel blocks that cross a group boundary (C_out = 6,
 #: groups 2: blocks of 2 channels)
@@ -423,6 +458,39 @@ def test_backward_weight_fused_forward(kernel, stride, padding, groups, plan_kin
     args = dict(stride=stride, padding=padding, groups=groups)
     assert_matches(y.reshape(x.shape), reference.conv2d(dy, weight, **args), dtype,
                    geometry.C // groups * kernel[0] * kernel[1], "grad_x")
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("plan_kind", sorted(TRANSPOSED_PLANS))
+@pytest.mark.parametrize("kernel,stride,padding,groups", TRANSPOSED_KERNEL_CASES)
+def test_backward_weight_transposed_sums(kernel, stride, padding, groups, plan_kind, n_threads,
+                                         dtype, gemm_kernel):
+    """_conv.backward_weight's ``transposed_sums`` (each group's sums as (Kg, Fg), by the
+    own kernel's gemm_nt where it runs, else BLAS), put back by reduce_rows with the
+    groups: the same grad_weight, and the bias sums and fused output unchanged."""
+    x, weight, dy, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    N, C_in = x.shape[:2]
+    P = geometry.OH * geometry.OW
+    tiles = TRANSPOSED_PLANS[plan_kind](P, geometry.C)
+    w2d = weight.reshape(C_in, -1)
+    Kg = w2d.shape[1]
+    xc = x.reshape(N, C_in, -1)
+    scratch = _scratch(tiles, geometry, dtype, n_threads)
+    results = []
+    for transposed in (False, True):
+        partial = np.full((n_threads, C_in * Kg + C_in), np.nan, dtype)
+        y = np.full((N, C_in, P), np.nan, dtype)
+        _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
+                              tiles.tile_p, n_threads, w2d, y, transposed_sums=transposed)
+        out = np.full(C_in * Kg + C_in, np.nan, dtype)
+        _conv.reduce_rows(partial, out, n_threads,
+                          *((groups, C_in // groups, Kg) if transposed else ()))
+        results.append((out, y))
+    (plain, y_plain), (transposed, y_transposed) = results
+    assert_matches(transposed[:C_in * Kg], plain[:C_in * Kg].astype(np.float64), dtype,
+                   N * P, "grad_weight")
+    np.testing.assert_array_equal(transposed[C_in * Kg:], plain[C_in * Kg:])
+    np.testing.assert_array_equal(y_transposed, y_plain)
 
 
 def test_backward_weight_fused_needs_y():
