@@ -37,7 +37,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_nn, gemm_rm_chunked
+from fastconv._blas cimport gemm_nn, gemm_nt, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -331,12 +331,14 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
              const Py_ssize_t[::1] x_cols, int m,
              Py_ssize_t rows_per_block, Py_ssize_t sum_chunk, unsigned char[::1] used,
-             int n_threads):
+             int n_threads, bint own_weight_grad=False):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
 
     grad_x's GEMMs sum ``sum_chunk`` stacked channels per BLAS call, grad_weight's
-    that many tiles (``fastconv._blas.gemm_rm_chunked``; 0: all in one call).
+    that many tiles (``fastconv._blas.gemm_rm_chunked``; 0: all in one call);
+    ``own_weight_grad``: grad_weight's by fastconv's own kernel where it runs
+    (``fastconv._blas.gemm_nt``), else BLAS.
 
     ``dy_rows[a, p]`` is the dY row under position ``p = th*m + i`` of phase
     row ``a``'s tiles (-1 for padding), ``dy_cols[b, p]`` likewise; tiles
@@ -418,9 +420,8 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
         #    grad_x's by fastconv's own kernel where it runs: dcgan-up's backward 1.05x at
         #    1 and 2 threads (BLAS copies U_s, 13 MiB in all, into packed panels)
         for s in range(AA):
-            gemm_rm_chunked(False, True, C_in, K, tb, 1, M + s * C_in * tb, tb,
-                            V + s * K * tb, tb, beta, acc + s * C_in * K, K, sum_chunk,
-                            limit)
+            gemm_nt(C_in, K, tb, M + s * C_in * tb, tb, V + s * K * tb, tb, beta,
+                    acc + s * C_in * K, K, sum_chunk, limit, own_weight_grad)
             gemm_nn(C_in, tb, K, &U[s, 0, 0], K, V + s * K * tb, tb, 0, M + s * C_in * tb, tb,
                     sum_chunk, limit, True)
         for ci in range(C_in):

@@ -35,7 +35,7 @@ from cython.parallel cimport prange
 from libc.string cimport memcmp
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_nn, gemm_rm, gemm_rm_chunked
+from fastconv._blas cimport gemm_nn, gemm_nt, gemm_rm_chunked
 
 
 cdef extern from "_winograd_transforms.h" nogil:
@@ -284,9 +284,12 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
                     const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap, Py_ssize_t left,
                     Py_ssize_t lo, Py_ssize_t hi, const Py_ssize_t[::1] grad_rows,
                     const Py_ssize_t[::1] grad_cols, Py_ssize_t rows_per_block, int n,
-                    int n_threads):
+                    int n_threads, bint own_kernel=False):
     """Per-thread transform-domain sums of grad_weight by F(3x3, n x n), for
     :func:`weight_grad_output`.
+
+    ``own_kernel``: the GEMMs by fastconv's own kernel where it runs
+    (``fastconv._blas.gemm_nt``: it transposes V_s a panel at a time), else BLAS.
 
     Each n x n tile of dY and its (n+2) x (n+2) input tile give the tile's 3x3
     kernel gradient as ``AT [(G dY G^T) * (BT d B)] A``; the output transform is
@@ -311,7 +314,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
     cdef Py_ssize_t tb_max = rows_per_block * TW
     cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
     cdef Py_ssize_t grad_hi = OW // n
-    # gemm_rm cuts Fg, Cg and the tiles into pieces within the BLAS limit; the leading
+    # BLAS (gemm_rm) cuts Fg, Cg and the tiles into pieces within its limit; the leading
     # dimensions (tiles of a block, Cg) stay within it (plan_winograd, filter-row check)
     cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
     cdef Py_ssize_t block, r0, r1, r, image, th, tb, c, f, s, gi
@@ -347,9 +350,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
             weight_grad_dy_tiles(n, Dg, Vg + f * tb, F * tb, tb)
         for s in range(AA):
             for gi in range(groups):
-                gemm_rm(False, True, Fg, Cg, tb, 1, Vg + (s * F + gi * Fg) * tb, tb,
-                        Vx + (s * C + gi * Cg) * tb, tb, 1, acc + (s * F + gi * Fg) * Cg, Cg,
-                        limit)
+                gemm_nt(Fg, Cg, tb, Vg + (s * F + gi * Fg) * tb, tb, Vx + (s * C + gi * Cg) * tb,
+                        tb, 1, acc + (s * F + gi * Fg) * Cg, Cg, 0, limit, own_kernel)
 
 
 def weight_grad_output(const floating[::1] sums, floating[::1] grad_weight, int n):

@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from fastconv import _conv_phases, _tiling
+from fastconv import _conv_phases, _tiling, _winograd
 from fastconv._padding import source_map
 from fastconv._threads import single_threaded_blas
 from fastconv._validation import ConvGeometry
@@ -324,7 +324,8 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
                               dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
-                              BACKWARD_SUM_CHUNK.get(m, 0), used, n_threads)
+                              BACKWARD_SUM_CHUNK.get(m, 0), used, n_threads,
+                              _winograd.own_kernel_pays_off(C_in, K, x.itemsize))
     # the taps' copy is done with: its space holds the transformed sums, 4 per pair
     outputs = workspace("phase-taps", dtype, (C_in + n_threads) * K * 4)
     _conv_phases.weight_grad_output(partial, used, grad_weight, outputs, kh0, kw0, m,

@@ -371,6 +371,23 @@ def choose_n_weight_grad(geometry: ConvGeometry) -> int:
     return 2
 
 
+#: The weight gradients' GEMMs, ``W_s @ V_s.T`` per transform position (and group), run by
+#: fastconv's own kernel (``fastconv._blas.gemm_nt``, which reads W_s in place and
+#: transposes V_s a panel at a time where BLAS packs both) where a position's sums take
+#: at most this many bytes. Against BLAS (interleaved, median of 11-31, 1 / 2 threads):
+#: resnet-3x3's backward 1.07 / 1.05-1.08 (64 x 64 sums), vgg-mid's 1.03-1.07 / 1.03
+#: (128 x 128), 256 -> 256 on 28x28 1.01 / 0.98 (256 KiB), dcgan-up's phases 1.04 /
+#: 0.98-1.03 (256 x 512: 512 KiB); deep-7x7's 512 x 512 (1 MiB, past half of L2, reread
+#: by each 128-term block) lost 0.93-0.95.
+OWN_KERNEL_MAX_SUMS_BYTES = 512 * 1024
+
+
+def own_kernel_pays_off(rows: int, cols: int, itemsize: int) -> bool:
+    """Whether a weight gradient's ``rows x cols`` sums per position go to the own GEMM
+    kernel (float32 only: ``gemm_nt`` keeps float64 with BLAS)."""
+    return rows * cols * itemsize <= OWN_KERNEL_MAX_SUMS_BYTES
+
+
 def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeometry,
                     n_threads: int, out: np.ndarray, n: int | None = None) -> np.ndarray:
     """grad_weight of a Winograd-able convolution by F(3x3, n x n), into ``out`` (F, C/g, 3, 3).
@@ -395,7 +412,8 @@ def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeomet
     with single_threaded_blas:
         _conv_winograd.backward_weight(x, grad_output, partial, scratch, g.groups, rowmap,
                                        colmap, g.pad_left, lo, hi, grad_rows, grad_cols,
-                                       tiles.rows_per_block, n, n_threads)
+                                       tiles.rows_per_block, n, n_threads,
+                                       own_kernel_pays_off(g.F // g.groups, Cg, x.itemsize))
     _conv.reduce_rows(partial, sums, n_threads)
     _conv_winograd.weight_grad_output(sums, out.reshape(-1), n)
     return out

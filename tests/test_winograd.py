@@ -144,7 +144,8 @@ def weight_grad_tile(request, monkeypatch):
 
 
 @pytest.mark.parametrize("H,W,padding", SIZE_PADDING_GRID)
-def test_weight_grad_every_padding_and_size(H, W, padding, dtype, weight_grad_tile):
+def test_weight_grad_every_padding_and_size(H, W, padding, dtype, weight_grad_tile,
+                                            gemm_kernel):
     """F(3x3, n x n) grad_weight: partial last dY tiles, tiles in the padding."""
     rng = np.random.default_rng(12)
     x, w, _ = _problem(rng, 2, 3, H, W, 5, 1, dtype)
@@ -159,7 +160,8 @@ def test_weight_grad_every_padding_and_size(H, W, padding, dtype, weight_grad_ti
 @pytest.mark.parametrize("C,F,groups", [(4, 6, 1), (4, 6, 2), (6, 6, 6), (4, 8, 4)])
 @pytest.mark.parametrize("n_threads", [1, 3])
 def test_weight_grad_padding_modes_groups_and_threads(monkeypatch, mode, C, F, groups,
-                                                       n_threads, dtype, weight_grad_tile):
+                                                       n_threads, dtype, weight_grad_tile,
+                                                       gemm_kernel):
     monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)     # one tile row per block
     monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
     rng = np.random.default_rng(13)
@@ -170,6 +172,17 @@ def test_weight_grad_padding_modes_groups_and_threads(monkeypatch, mode, C, F, g
     want = reference.conv2d_backward(dy, x, w, **args)
     for a, e, what in zip(got, want, ["grad_x", "grad_weight", "grad_bias"]):
         assert_matches(a, e, dtype, 3 * 7 * 9, what)
+
+
+def test_own_kernel_weight_grad_rule():
+    """A position's sums up to OWN_KERNEL_MAX_SUMS_BYTES go to the own GEMM kernel:
+    resnet-3x3's, vgg-mid's and dcgan-up's phases, not deep-7x7's 512 x 512."""
+    rule = _winograd.own_kernel_pays_off
+    assert rule(64, 64, 4) and rule(128, 128, 4) and rule(256, 512, 4)
+    assert not rule(512, 512, 4)
+    assert not rule(256, 512, 8)
+    assert rule(1, _winograd.OWN_KERNEL_MAX_SUMS_BYTES // 4, 4)
+    assert not rule(1, _winograd.OWN_KERNEL_MAX_SUMS_BYTES // 4 + 1, 4)
 
 
 def test_auto_weight_grad_rule():
