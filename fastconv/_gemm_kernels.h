@@ -188,9 +188,12 @@ fc_gemm_panel_s(const float *b, ptrdiff_t ldb, ptrdiff_t cols, ptrdiff_t kn, flo
 /* C (m x n, row stride ldc) = A (m x k) B^T [+ C where accumulate], B stored n x k (row
    stride ldb), the reduction summed `chunk` terms at a time as fc_gemm_nn_s does. A
    weight gradient's GEMM: A the input's columns, B grad_output's planes, whose rows are
-   the reduction. Each k block's column panel of B^T (at most FC_GEMM_KC x 32 floats) is
-   transposed once into a buffer that stays in L1, and every row block of A then reads it
-   as fc_gemm_nn_s reads B: B is not copied whole (BLAS packs both operands). */
+   the reduction. Each panel of B^T (at most FC_GEMM_KC terms x 32 columns) is transposed
+   once into a buffer that stays in L1, and every row block of A then reads it as
+   fc_gemm_nn_s reads B: B is not copied whole (BLAS packs both operands). A row block
+   runs all of a panel's chunks back to back, so its C block is reread from L1, not once
+   per chunk after every other row's (the Winograd weight gradients' sums outgrow L2:
+   dcgan-up's 512 KiB a position, chunks of 64). */
 static FC_V4 void
 fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
              const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
@@ -199,27 +202,34 @@ fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t ld
     float panel[FC_GEMM_KC * 32] __attribute__((aligned(64)));
     ptrdiff_t row_blocks = (m + FC_GEMM_ROWS - 1) / FC_GEMM_ROWS;
     ptrdiff_t kc = chunk > 0 && chunk < FC_GEMM_KC ? chunk : FC_GEMM_KC;
+    /* a panel: whole chunks, as many as FC_GEMM_KC terms hold */
+    ptrdiff_t kp = FC_GEMM_KC / kc * kc;
     if (k <= 0) {
         fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, accumulate, chunk);
         return;
     }
-    for (ptrdiff_t k0 = 0; k0 < k; k0 += kc) {
-        ptrdiff_t kn = k - k0 < kc ? k - k0 : kc;
-        int add = k0 > 0 || accumulate;
+    for (ptrdiff_t p0 = 0; p0 < k; p0 += kp) {
+        ptrdiff_t pn = k - p0 < kp ? k - p0 : kp;
         for (ptrdiff_t j0 = 0; j0 < n; j0 += 32) {
             ptrdiff_t cols = n - j0 < 32 ? n - j0 : 32;
             __mmask16 m0 = cols >= 16 ? (__mmask16)~0u : (__mmask16)((1u << cols) - 1);
             __mmask16 m1 = cols == 32 ? (__mmask16)~0u
                            : cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1);
-            fc_gemm_panel_s(b + j0 * ldb + k0, ldb, cols, kn, panel);
+            fc_gemm_panel_s(b + j0 * ldb + p0, ldb, cols, pn, panel);
             for (ptrdiff_t rb = 0, i0 = 0; rb < row_blocks; rb++) {
                 int R = (int)((m - i0) / (row_blocks - rb));
-                const float *ai = a + i0 * lda + k0;
                 float *cij = c + i0 * ldc + j0;
-                if (cols > 16)
-                    fc_gemm_rows_s(2, R, kn, ai, lda, panel, 32, cij, ldc, add, m0, m1);
-                else
-                    fc_gemm_rows_s(1, R, kn, ai, lda, panel, 32, cij, ldc, add, m0, m1);
+                for (ptrdiff_t k0 = 0; k0 < pn; k0 += kc) {
+                    ptrdiff_t kn = pn - k0 < kc ? pn - k0 : kc;
+                    int add = p0 + k0 > 0 || accumulate;
+                    const float *ai = a + i0 * lda + p0 + k0;
+                    if (cols > 16)
+                        fc_gemm_rows_s(2, R, kn, ai, lda, panel + k0 * 32, 32, cij, ldc, add,
+                                       m0, m1);
+                    else
+                        fc_gemm_rows_s(1, R, kn, ai, lda, panel + k0 * 32, 32, cij, ldc, add,
+                                       m0, m1);
+                }
                 i0 += R;
             }
         }

@@ -82,19 +82,21 @@ def test_inputs_are_not_modified_and_nothing_past_c_is_written(form, gemm_kernel
 
 
 @pytest.mark.parametrize("chunk", [1, 16, 64, 100])
-def test_chunked_sums_add_each_chunk_to_c(chunk):
+@pytest.mark.parametrize("form", ["nn", "nt"])
+def test_chunked_sums_add_each_chunk_to_c(form, chunk):
     """With chunks, C gets each chunk's sum in turn: bit for bit the same as one call per
-    chunk, each adding to C (how gemm_rm_chunked cuts the BLAS calls)."""
+    chunk, each adding to C (how gemm_rm_chunked cuts the BLAS calls; gemm_nt runs a
+    panel's chunks row block by row block, in the same order for each element)."""
     if not _blas.own_kernel_runs():
         pytest.skip("this CPU does not run the AVX-512 GEMM kernel")
     rng = np.random.default_rng(chunk)
     a, b, _ = _product(rng, 14, 40, 250, np.float32)
     chunked = np.empty((14, 40), np.float32)
-    _blas.gemm(a, b, chunked, 0, chunk, True)
+    _multiply(form, a, b, chunked, 0, chunk)
     by_calls = np.empty((14, 40), np.float32)
     for k0 in range(0, 250, chunk):
-        _blas.gemm(np.ascontiguousarray(a[:, k0:k0 + chunk]), b[k0:k0 + chunk], by_calls,
-                   1 if k0 else 0, 0, True)
+        _multiply(form, np.ascontiguousarray(a[:, k0:k0 + chunk]), b[k0:k0 + chunk], by_calls,
+                  1 if k0 else 0)
     np.testing.assert_array_equal(chunked, by_calls)
 
 
