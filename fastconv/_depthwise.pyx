@@ -877,63 +877,51 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
                       &y[n, f, 0, 0])
 
 
-def backward_input(const floating[:, ::1] w, const floating[:, :, :, ::1] dy,
-                   floating[:, :, :, ::1] dx, object geometry, int n_threads):
-    """dx[n, c] = sum over f in [c*m, (c+1)*m) of conv_transpose(dy[n, f], w[f]).
+def backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
+             const floating[:, :, :, ::1] dy, floating[:, :, :, ::1] dx,
+             floating[:, ::1] dw, floating[::1] db, object geometry, int n_threads):
+    """dx, dw and db of a depthwise layer in one pass over the planes.
 
-    One input-gradient plane per work item: the m filters of a channel all
-    add into it, so no two threads ever write the same element.
-
-    # IN  w: (F, KH*KW) with F = m*C; dy: (N, F, OH, OW)
-    # OUT dx: (N, C, H, W), every element written
-    """
-    cdef ConvGeom g = make_geom(geometry)
-    cdef _Tables tables = _Tables(geometry)
-    cdef Py_ssize_t N = dx.shape[0], F = w.shape[0], C = g.C
-    cdef Py_ssize_t m = F // C
-    cdef Py_ssize_t item, n, c
-    if N == 0:
-        return
-    for item in prange(N * C, nogil=True, num_threads=n_threads, schedule="static"):
-        n = item // C
-        c = item - n * C
-        backward_input_plane(&dy[n, c * m, 0, 0], &w[c * m, 0], &g, &tables.t, m,
-                             &dx[n, c, 0, 0])
-
-
-def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1] dy,
-                    floating[:, ::1] dw, floating[::1] db, object geometry, int n_threads):
-    """dw[f, (kh, kw)] = sum over (n, oh, ow) of dy[n, f] * x[n, f // m] seen through tap
+    dx[n, c] = sum over f in [c*m, (c+1)*m) of conv_transpose(dy[n, f], w[f]);
+    dw[f, (kh, kw)] = sum over (n, oh, ow) of dy[n, f] * x[n, f // m] seen through tap
     (kh, kw); db[f] = sum over (n, oh, ow) of dy[n, f].
 
-    The N*F planes are cut into T = min(n_threads, N*F) contiguous chunks;
-    chunk t sums into row t of a (T, F*(KH*KW + 1)) scratch (independent of
-    N), and the rows are added in chunk order, so the result depends on
-    n_threads but not on which thread ran which chunk.
+    A work item is an input plane (n, c): its dx plane from the channel's m dY planes,
+    then those filters' weight sums from x[n, c] and the same dY planes while they are
+    still in cache (a pass for each read dY from memory twice: mobilenet-dw's backward
+    1.2x faster fused). The N*C items are cut into T = min(n_threads, N*C) contiguous
+    chunks; chunk t writes its dx planes (no two chunks share one) and sums into row t
+    of a (T, F*(KH*KW + 1)) scratch (independent of N), and the rows are added in chunk
+    order, so the result depends on n_threads but not on which thread ran which chunk.
 
-    # IN  x: (N, C, H, W); dy: (N, F, OH, OW) with F = m*C
-    # OUT dw: (F, KH*KW), overwritten; db: (F,) or None, overwritten
+    # IN  x: (N, C, H, W); w: (F, KH*KW) with F = m*C; dy: (N, F, OH, OW)
+    # OUT dx: (N, C, H, W), every element written; dw: (F, KH*KW), overwritten;
+    #     db: (F,) or None, overwritten
     """
     cdef ConvGeom g = make_geom(geometry)
     cdef _Tables tables = _Tables(geometry)
-    cdef Py_ssize_t N = x.shape[0], F = dw.shape[0]
+    cdef Py_ssize_t N = x.shape[0], F = dw.shape[0], C = g.C
     cdef Py_ssize_t KK1 = g.KH * g.KW + 1
-    cdef Py_ssize_t m = F // g.C
-    cdef Py_ssize_t items = N * F
+    cdef Py_ssize_t m = F // C
+    cdef Py_ssize_t items = N * C
     cdef Py_ssize_t T = max(1, min(<Py_ssize_t> n_threads, items))
     cdef bint has_bias = db is not None
     dtype = np.float32 if floating is float else np.float64
     cdef const floating[::1] zero_row = np.zeros(g.W, dtype=dtype)
     # partial[t, f*KK1 + k]: chunk t's total for tap k (k == KK1 - 1: the bias) of filter f
     cdef floating[:, ::1] partial = np.zeros((T, F * KK1), dtype=dtype)
-    cdef Py_ssize_t chunk, item, n, f, k, s
+    cdef Py_ssize_t chunk, item, n, c, f, j, k, s
     cdef floating total
     for chunk in prange(T, nogil=True, num_threads=n_threads, schedule="static", chunksize=1):
         for item in range(chunk * items // T, (chunk + 1) * items // T):
-            n = item // F
-            f = item - n * F
-            backward_weight_plane(&x[n, f // m, 0, 0], &zero_row[0], &dy[n, f, 0, 0], &g,
-                                  &tables.t, &partial[chunk, f * KK1])
+            n = item // C
+            c = item - n * C
+            backward_input_plane(&dy[n, c * m, 0, 0], &w[c * m, 0], &g, &tables.t, m,
+                                 &dx[n, c, 0, 0])
+            for j in range(m):
+                f = c * m + j
+                backward_weight_plane(&x[n, c, 0, 0], &zero_row[0], &dy[n, f, 0, 0], &g,
+                                      &tables.t, &partial[chunk, f * KK1])
     for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
         for k in range(KK1):
             total = 0

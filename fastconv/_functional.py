@@ -559,9 +559,8 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
     dy = np.ascontiguousarray(grad_output, dtype=dtype)
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(F, Kg)
     if algorithm == "direct" and geometry.groups > 1:
-        _depthwise.backward_weight(xc, dy, grad_weight.reshape(F, -1), grad_bias, geometry,
-                                   n_threads)
-        _depthwise.backward_input(w2d, dy, grad_x, geometry, n_threads)
+        _depthwise.backward(xc, w2d, dy, grad_x, grad_weight.reshape(F, -1), grad_bias,
+                            geometry, n_threads)
         return grad_x, grad_weight, grad_bias
     winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
                       and _winograd.fits_input_grad(geometry))

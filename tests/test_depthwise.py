@@ -80,8 +80,7 @@ def dw_backward(dy, x, weight, with_bias, stride, padding, dilation, mode, n_thr
     dx = np.full(x.shape, np.nan, dtype=x.dtype)
     dw = np.full((g.F, g.KH * g.KW), np.nan, dtype=x.dtype)
     db = np.full(g.F, np.nan, dtype=x.dtype) if with_bias else None
-    _depthwise.backward_input(w2, readonly(dy), dx, g, n_threads)
-    _depthwise.backward_weight(readonly(x), readonly(dy), dw, db, g, n_threads)
+    _depthwise.backward(readonly(x), w2, readonly(dy), dx, dw, db, g, n_threads)
     return dx, dw.reshape(weight.shape), db
 
 
@@ -302,7 +301,7 @@ def test_multiplier_and_wide_kernel(m, dtype):
 
 @pytest.mark.parametrize("n_threads", [1, 3, 8])
 def test_fewer_planes_than_threads(n_threads, dtype):
-    """One channel: backward_weight's split over planes (not filters) must still be right."""
+    """One channel: the backward's split over planes (not filters) must still be right."""
     rng = np.random.default_rng(n_threads)
     run_case(rng, dtype, 5, 1, 1, 6, 8, 3, 3, 1, 1, 1, "zeros", True, n_threads)
     run_case(rng, dtype, 1, 1, 1, 6, 8, 3, 3, 1, 1, 1, "circular", True, n_threads)
