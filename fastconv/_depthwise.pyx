@@ -478,6 +478,31 @@ cdef inline void block_acc(floating *acc, const floating *grad, const floating *
             acc[8 * CHUNK + j] += gv * r2[i + d2]
 
 
+cdef inline void block_acc2(floating *acc, const floating *grad, const floating *grad1,
+                            const floating *r0, const floating *r1, const floating *r2,
+                            const floating *s0, const floating *s1, const floating *s2,
+                            Py_ssize_t base, Py_ssize_t n) noexcept nogil:
+    """:func:`block_acc` for two output rows at once (stride 1, dilation 1): ``grad``
+    reads rows r0..r2, ``grad1`` rows s0..s2. Each accumulator is loaded and stored
+    once per two products: one row at a time, the nine accumulator loads and stores
+    per column bound the sweep, not the multiplications."""
+    cdef Py_ssize_t j, i
+    cdef floating gv, hv
+    for j in range(n):
+        gv = grad[j]
+        hv = grad1[j]
+        i = base + j
+        acc[j] += gv * r0[i] + hv * s0[i]
+        acc[CHUNK + j] += gv * r0[i + 1] + hv * s0[i + 1]
+        acc[2 * CHUNK + j] += gv * r0[i + 2] + hv * s0[i + 2]
+        acc[3 * CHUNK + j] += gv * r1[i] + hv * s1[i]
+        acc[4 * CHUNK + j] += gv * r1[i + 1] + hv * s1[i + 1]
+        acc[5 * CHUNK + j] += gv * r1[i + 2] + hv * s1[i + 2]
+        acc[6 * CHUNK + j] += gv * r2[i] + hv * s2[i]
+        acc[7 * CHUNK + j] += gv * r2[i + 1] + hv * s2[i + 1]
+        acc[8 * CHUNK + j] += gv * r2[i + 2] + hv * s2[i + 2]
+
+
 cdef inline floating fold_sum(floating *acc) noexcept nogil:
     """The sum of the CHUNK entries of acc, folding halves onto each other (acc is
     overwritten). Every fold is an element-wise add that gcc vectorises, where
@@ -767,9 +792,10 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
     cdef Py_ssize_t oh, ow, kh, kw, r, c, j, nr, nc, c0, n, lo, hi, base
     cdef Py_ssize_t ow_lo = t.ow_lo, ow_hi = t.ow_hi
     cdef const floating *rows[ROWS]
+    cdef const floating *next_rows[ROWS]
     cdef const floating *grad
     cdef floating total
-    cdef bint full
+    cdef bint full, pairs, inside
     # grad_bias: the plane summed column-wise, CHUNK at a time, then folded
     memset(acc, 0, CHUNK * sizeof(floating))
     for n in range(g.OH * g.OW // CHUNK):
@@ -786,15 +812,27 @@ cdef void backward_weight_plane(const floating *xp, const floating *zero_row,
         while kw < g.KW:
             nc = min(<Py_ssize_t> 3, g.KW - kw)
             full = nr == 3 and nc == 3 and g.stride_w <= 2
+            pairs = full and g.stride_w == 1 and g.dilation_w == 1
             c0 = ow_lo
             while c0 < ow_hi:
                 n = min(<Py_ssize_t> CHUNK, ow_hi - c0)
                 memset(acc, 0, 9 * CHUNK * sizeof(floating))
-                for oh in range(g.OH):
+                base = kw * g.dilation_w - g.pad_left + c0 * g.stride_w
+                oh = 0
+                while pairs and oh + 1 < g.OH:
+                    # rows all padding read zero_row: they add zeros
+                    inside = input_rows(xp, zero_row, g, t, oh, kh, nr, rows)
+                    if input_rows(xp, zero_row, g, t, oh + 1, kh, nr, next_rows) or inside:
+                        block_acc2(acc, dyp + oh * g.OW + c0, dyp + (oh + 1) * g.OW + c0,
+                                   rows[0], rows[1], rows[2], next_rows[0], next_rows[1],
+                                   next_rows[2], base, n)
+                    oh = oh + 2
+                while oh < g.OH:
                     if not input_rows(xp, zero_row, g, t, oh, kh, nr, rows):
+                        oh = oh + 1
                         continue
                     grad = dyp + oh * g.OW + c0
-                    base = kw * g.dilation_w - g.pad_left + c0 * g.stride_w
+                    oh = oh + 1
                     if full:
                         block_acc(acc, grad, rows[0], rows[1], rows[2], base, g.dilation_w,
                                   g.stride_w, n)

@@ -299,6 +299,17 @@ def test_multiplier_and_wide_kernel(m, dtype):
     run_case(rng, dtype, 2, 2, m, 17, 19, 7, 5, 1, (3, 3, 2, 2), (2, 1), "reflect", True, 2)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("H", [5, 6, 9])
+@pytest.mark.parametrize("stride", [1, (2, 1), (3, 1)])
+def test_weight_grad_two_rows_at_a_time(H, stride, mode, dtype):
+    """3x3 stride-1-wide sweeps take two output rows at a time: odd and even row counts
+    (a last single row), vertical strides whose row pairs share no input rows, padding
+    rows (zero_row) on either side of a pair."""
+    rng = np.random.default_rng(H)
+    run_case(rng, dtype, 2, 2, 1, H, 70, 3, 3, stride, 1, 1, mode, True, 2)
+
+
 @pytest.mark.parametrize("n_threads", [1, 3, 8])
 def test_fewer_planes_than_threads(n_threads, dtype):
     """One channel: the backward's split over planes (not filters) must still be right."""
