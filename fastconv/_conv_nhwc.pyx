@@ -37,7 +37,7 @@ from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 
 from fastconv import _tiling
-from fastconv._blas cimport gemm_rm
+from fastconv._blas cimport gemm_nt, gemm_rm
 from fastconv._im2col cimport ConvGeom, make_geom, source_index
 
 
@@ -504,9 +504,13 @@ def reduce_weight_grad(const floating[:, ::1] partial, floating[:, ::1] grad_w,
 def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             const floating[::1] bias, floating[:, ::1] y,
             floating[::1] workspace, object geometry, Py_ssize_t n_tiles,
-            Py_ssize_t f_blocks, int n_threads):
+            Py_ssize_t f_blocks, int n_threads, bint own_kernel=False):
     """Y[rows] = col[rows] @ wt_g.T (per group) (+ bias), one work item per row tile and
     block of filters.
+
+    ``own_kernel``: the GEMMs by fastconv's own kernel where it runs
+    (``fastconv._blas.gemm_nt``: it reads the column rows in place and transposes the
+    filters a panel at a time), else BLAS.
 
     ``f_blocks > 1`` (groups == 1, few rows, many filters): each item computes
     its block of filters for the tile's rows, so a thread packs only its part
@@ -557,13 +561,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             for r in range(r1 - r0):
                 copy_n(out + r * F + f0, bias_ptr + f0, f1 - f0)
         if f_blocks > 1:
-            gemm_rm(False, True, (r1 - r0), (f1 - f0), K,
-                    1, cols, K, &wt[f0, 0], K, beta, out + f0, F, limit)
+            gemm_nt((r1 - r0), (f1 - f0), K, cols, K, &wt[f0, 0], K, beta, out + f0, F, 0,
+                    limit, own_kernel)
             continue
         for gi in range(G):
-            gemm_rm(False, True, (r1 - r0), Fg, Kg,
-                    1, cols + gi * Kg, K, &wt[gi * Fg, 0], Kg,
-                    beta, out + gi * Fg, F, limit)
+            gemm_nt((r1 - r0), Fg, Kg, cols + gi * Kg, K, &wt[gi * Fg, 0], Kg, beta,
+                    out + gi * Fg, F, 0, limit, own_kernel)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,

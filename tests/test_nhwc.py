@@ -184,7 +184,7 @@ def test_batch_and_planes(N, H, W, kernel, stride, padding, grouping, n_threads)
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), 1, 1), ((1, 1), 1, 0),
                                                      ((3, 2), 2, 1)])
 def test_many_tiles(monkeypatch, N, grouping, kernel, stride, padding, min_rows, n_threads,
-                    mode, dtype):
+                    mode, dtype, gemm_kernel):
     """Tiny tiles: tiles of 1 or 5 rows that start mid output row and span images,
     and grad_x items cut into many row tiles."""
     monkeypatch.setattr(_tiling, "NHWC_TILE_BYTES", 1)
@@ -251,7 +251,8 @@ def test_bands_geometry(kernel, stride, padding, dilation, n_threads, mode):
 @pytest.mark.parametrize("N,H,W,kernel,padding", [
     (1, 4, 4, (3, 3), 1), (2, 3, 5, (2, 3), (0, 1, 1, 1)), (1, 4, 3, (1, 1), 0), (3, 1, 1, (1, 1), 0),
 ])
-def test_filter_split(monkeypatch, N, H, W, kernel, padding, n_threads, bias, mode, dtype):
+def test_filter_split(monkeypatch, N, H, W, kernel, padding, n_threads, bias, mode, dtype,
+                      gemm_kernel):
     """Fewer rows than filters in one tile: forward and grad_weight split the filters."""
     monkeypatch.setattr(_tiling, "NHWC_MIN_SPLIT_FILTERS", 2)
     C, F = 5, 16 * n_threads
@@ -263,7 +264,7 @@ def test_filter_split(monkeypatch, N, H, W, kernel, padding, n_threads, bias, mo
 
 
 @pytest.mark.parametrize("shape", [(1, 64, 10, 10, 32), (2, 3, 40, 40, 8), (4, 16, 12, 12, 512)])
-def test_larger_layers(shape, dtype):
+def test_larger_layers(shape, dtype, gemm_kernel):
     """Realistic channel counts (long chunks, memcpy) and K beyond one tile's minimum rows."""
     N, C, H, W, F = shape
     check(N, C, H, W, F, (3, 3), 1, 1, dtype=dtype, n_threads=2)
