@@ -194,17 +194,21 @@ cdef void gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, P
 
 
 def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
-         floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True):
-    """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests.
+         floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True, bint transposed_b=False):
+    """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests; with
+    ``transposed_b``, ``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt`.
 
-    # IN  a: (m, k); b: (k, n); OUT c: (m, n)
+    # IN  a: (m, k); b: (k, n), or (n, k) with transposed_b; OUT c: (m, n)
     """
     cdef const floating *pa = NULL
     cdef const floating *pb = NULL
     cdef Py_ssize_t limit = 2147483647, lda = max(a.shape[1], 1)
-    if a.shape[1] != b.shape[0] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[1]:
+    cdef Py_ssize_t k = b.shape[1] if transposed_b else b.shape[0]
+    cdef Py_ssize_t n = b.shape[0] if transposed_b else b.shape[1]
+    if a.shape[1] != k or c.shape[0] != a.shape[0] or c.shape[1] != n:
         raise ValueError(f"gemm: shapes ({a.shape[0]}, {a.shape[1]}) @ ({b.shape[0]}, "
-                         f"{b.shape[1]}) -> ({c.shape[0]}, {c.shape[1]}) do not match")
+                         f"{b.shape[1]}){'.T' if transposed_b else ''} -> ({c.shape[0]}, "
+                         f"{c.shape[1]}) do not match")
     if beta != 0 and beta != 1:
         raise ValueError(f"gemm: beta must be 0 or 1, got {beta}")
     # empty operands have no data pointer to take
@@ -214,32 +218,12 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
         pa = &a[0, 0]
         pb = &b[0, 0]
     with nogil:
-        gemm_nn(c.shape[0], c.shape[1], a.shape[1], pa, lda, pb, c.shape[1], beta, &c[0, 0],
-                c.shape[1], chunk, limit, own_kernel)
-
-
-def gemm_bt(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
-            floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True):
-    """``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt` (beta 0 or 1), for tests.
-
-    # IN  a: (m, k); b: (n, k); OUT c: (m, n)
-    """
-    cdef const floating *pa = NULL
-    cdef const floating *pb = NULL
-    cdef Py_ssize_t limit = 2147483647, ld = max(a.shape[1], 1)
-    if a.shape[1] != b.shape[1] or c.shape[0] != a.shape[0] or c.shape[1] != b.shape[0]:
-        raise ValueError(f"gemm_bt: shapes ({a.shape[0]}, {a.shape[1]}) @ ({b.shape[0]}, "
-                         f"{b.shape[1]}).T -> ({c.shape[0]}, {c.shape[1]}) do not match")
-    if beta != 0 and beta != 1:
-        raise ValueError(f"gemm_bt: beta must be 0 or 1, got {beta}")
-    if c.shape[0] == 0 or c.shape[1] == 0:
-        return
-    if a.shape[1] > 0:
-        pa = &a[0, 0]
-        pb = &b[0, 0]
-    with nogil:
-        gemm_nt(c.shape[0], c.shape[1], a.shape[1], pa, ld, pb, ld, beta, &c[0, 0],
-                c.shape[1], chunk, limit, own_kernel)
+        if transposed_b:
+            gemm_nt(c.shape[0], c.shape[1], k, pa, lda, pb, lda, beta, &c[0, 0], c.shape[1],
+                    chunk, limit, own_kernel)
+        else:
+            gemm_nn(c.shape[0], c.shape[1], k, pa, lda, pb, c.shape[1], beta, &c[0, 0],
+                    c.shape[1], chunk, limit, own_kernel)
 
 
 def own_kernel_runs():

@@ -98,3 +98,19 @@ def run_in_thread(function):
     if errors:
         raise errors[0]
     return result[0]
+
+
+def spy_transposed_sums(monkeypatch) -> list:
+    """A list that gets the ``transposed_sums`` argument of every
+    ``fastconv._conv.backward_weight`` call (the call still runs)."""
+    from fastconv import _conv
+
+    seen = []
+    original = _conv.backward_weight
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("transposed_sums", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_conv, "backward_weight", spy)
+    return seen

@@ -4,10 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
-from _helpers import algorithms_for, assert_matches, random_problem
+from _helpers import algorithms_for, assert_matches, random_problem, spy_transposed_sums
 
 import fastconv
-from fastconv import _blas, _conv, _functional, _tiling, reference
+from fastconv import _blas, _functional, _tiling, reference
 from fastconv._validation import as_padding, conv_output_size
 
 KERNELS = [(1, 1), (2, 2), (3, 3), (5, 5), (2, 3)]
@@ -105,14 +105,7 @@ def test_weight_grad_by_the_own_kernel(monkeypatch, N, C, H, W, F, kernel, strid
     if tiny_tiles:
         monkeypatch.setattr(_tiling, "COLUMN_TILE_BYTES", 1)
         monkeypatch.setattr(_tiling, "MIN_TILE_COLUMNS", 5)
-    seen = []
-    original = _conv.backward_weight
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("transposed_sums", False))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(_conv, "backward_weight", spy)
+    seen = spy_transposed_sums(monkeypatch)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     weight = rng.standard_normal((F, C // groups, *kernel)).astype(np.float32)

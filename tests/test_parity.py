@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 import pytest
-from _helpers import algorithms_for, assert_matches
+from _helpers import algorithms_for, assert_matches, spy_transposed_sums
 
 import fastconv
 from fastconv import _conv, _tiling, reference
@@ -347,14 +347,7 @@ def test_conv_transpose_weight_grad_by_the_own_kernel(monkeypatch, C_in, C_out, 
                                                       n_threads, gemm_kernel):
     """conv_transpose2d_backward's grad_weight with its sums transposed for the own GEMM
     kernel (x plays dY's part: its C_in/groups rows are the transposed panels)."""
-    seen = []
-    original = _conv.backward_weight
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("transposed_sums", False))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(_conv, "backward_weight", spy)
+    seen = spy_transposed_sums(monkeypatch)
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2, C_in, 6, 7)).astype(np.float32)
     weight = rng.standard_normal((C_in, C_out // groups, *kernel)).astype(np.float32)
@@ -431,6 +424,16 @@ def test_backward_input_transposed_weight(kernel, stride, padding, groups, plan_
                    C_in // groups * kernel[0] * kernel[1], "y")
 
 
+def _weight_grad_problem(kernel, stride, padding, groups, plan_kind, n_threads, dtype):
+    """A transposed layer's problem for ``_conv.backward_weight`` (x in dY's part): ``x,
+    weight, dy, geometry``, the plan's tiles, the 2-D weight, x's planes and a scratch."""
+    x, weight, dy, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    tiles = TRANSPOSED_PLANS[plan_kind](geometry.OH * geometry.OW, geometry.C)
+    w2d = weight.reshape(x.shape[1], -1)
+    xc = x.reshape(x.shape[0], x.shape[1], -1)
+    return x, weight, dy, geometry, tiles, w2d, xc, _scratch(tiles, geometry, dtype, n_threads)
+
+
 @pytest.mark.parametrize("n_threads", [1, 3])
 @pytest.mark.parametrize("plan_kind", sorted(TRANSPOSED_PLANS))
 @pytest.mark.parametrize("kernel,stride,padding,groups", TRANSPOSED_KERNEL_CASES)
@@ -438,14 +441,11 @@ def test_backward_weight_fused_forward(kernel, stride, padding, groups, plan_kin
                                        dtype):
     """_conv.backward_weight given w2d and y also writes conv2d(dy, w) from the same column
     tiles (conv_transpose2d_backward's grad_x), and its partial sums are unchanged."""
-    x, weight, dy, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    x, weight, dy, geometry, tiles, w2d, xc, scratch = _weight_grad_problem(
+        kernel, stride, padding, groups, plan_kind, n_threads, dtype)
     N, C_in = x.shape[:2]
     P = geometry.OH * geometry.OW
-    tiles = TRANSPOSED_PLANS[plan_kind](P, geometry.C)
-    w2d = weight.reshape(C_in, -1)
     Kg = w2d.shape[1]
-    xc = x.reshape(N, C_in, -1)
-    scratch = _scratch(tiles, geometry, dtype, n_threads)
     plain = np.empty((n_threads, C_in * Kg + C_in), dtype)
     _conv.backward_weight(dy, xc, plain, scratch, geometry, tiles.images_per_tile, tiles.tile_p,
                           n_threads)
@@ -468,14 +468,11 @@ def test_backward_weight_transposed_sums(kernel, stride, padding, groups, plan_k
     """_conv.backward_weight's ``transposed_sums`` (each group's sums as (Kg, Fg), by the
     own kernel's gemm_nt where it runs, else BLAS), put back by reduce_rows with the
     groups: the same grad_weight, and the bias sums and fused output unchanged."""
-    x, weight, dy, geometry = _transposed_problem(kernel, stride, padding, groups, dtype)
+    x, weight, dy, geometry, tiles, w2d, xc, scratch = _weight_grad_problem(
+        kernel, stride, padding, groups, plan_kind, n_threads, dtype)
     N, C_in = x.shape[:2]
     P = geometry.OH * geometry.OW
-    tiles = TRANSPOSED_PLANS[plan_kind](P, geometry.C)
-    w2d = weight.reshape(C_in, -1)
     Kg = w2d.shape[1]
-    xc = x.reshape(N, C_in, -1)
-    scratch = _scratch(tiles, geometry, dtype, n_threads)
     results = []
     for transposed in (False, True):
         partial = np.full((n_threads, C_in * Kg + C_in), np.nan, dtype)
