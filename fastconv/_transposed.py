@@ -303,10 +303,10 @@ def conv_transpose2d_backward(
     w2d = np.ascontiguousarray(weight, dtype=dtype).reshape(C_in, Kg)
     tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     partial = workspace("partial", dtype, n_threads * (C_in * Kg + C_in)).reshape(n_threads, -1)
+    Fg = C_in // geometry.groups
+    transposed = weight_sums_transposed(Fg, Kg, dtype)
     with single_threaded_blas:
         # grad_x = conv2d(dy, w) and grad_weight from one im2col of dy per tile
-        Fg = C_in // geometry.groups
-        transposed = weight_sums_transposed(Fg, Kg, dtype)
         _conv.backward_weight(dy, xc, partial, scratch, geometry, tiles.images_per_tile,
                               tiles.tile_p, n_threads, w2d, grad_x.reshape(N, C_in, -1),
                               with_sums=False, transposed_sums=transposed)
