@@ -32,7 +32,7 @@ these run (``fastconv._threads``).
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy, memset
 
 from fastconv import _tiling
 from fastconv._blas cimport gemm_nn, gemm_nt, gemm_rm_chunked
@@ -265,6 +265,93 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
                 th = r - n * TH
                 scatter_tiles(m, tiles + (r - r0) * TW, tb, &y[n, f, th * m, 0], OW,
                               min(m, OH - th * m), TW, b, relu)
+
+
+def forward_nhwc(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
+                 const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
+                 int m, const Py_ssize_t[::1] rowmap, const Py_ssize_t[::1] colmap,
+                 Py_ssize_t tiles_per_block, Py_ssize_t sum_chunk, int n_threads):
+    """y = conv2d(x, W) + bias in channels-last order by F(m x m, 3 x 3), groups 1.
+
+    Along the contiguous channels: each tile's (m+2)**2 input pixels are gathered as
+    whole channel vectors into D (zeros where ``rowmap``/``colmap`` say -1), and the
+    generated input transform runs over the C channels of the tile at once into
+    ``V[s, t, :]``. Per transform position ``M_s (tiles x F) = V_s @ U_s.T`` by
+    ``fastconv._blas.gemm_nt`` (the own kernel where it runs, ``sum_chunk`` channels
+    at a time), and the output transform runs over the F filters of a tile into its
+    m x m output pixels, stored (+ bias) where they lie inside y. A work item is a block
+    of ``tiles_per_block`` tiles, counted over images, tile rows and tile columns.
+
+    # IN  x: (N, H, W, C); U: ((m+2)**2, F, C) (``fastconv._winograd.transformed_weight``)
+    # IN  rowmap / colmap: the input row / column under each tile position
+    #     (``fastconv._winograd._tile_maps``, any padding mode)
+    # OUT y: (N, OH, OW, F), every element written
+    # workspace: n_threads equal slices of at least
+    #     (m+2)**2 * (C + tiles_per_block * (C + F)) + m*m*F
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2], F = y.shape[3]
+    cdef Py_ssize_t A = m + 2, AA = (m + 2) * (m + 2)
+    cdef Py_ssize_t TH = ceil_div(OH, m), TW = ceil_div(OW, m)
+    cdef Py_ssize_t total = N * TH * TW
+    cdef Py_ssize_t n_blocks = ceil_div(total, tiles_per_block)
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    # BLAS's leading dimensions here are C and F, within the limit like the weight's rows
+    cdef Py_ssize_t limit = _tiling.BLAS_INT_MAX
+    cdef bint has_bias = bias is not None
+    cdef Py_ssize_t block, t0, t1, tb, t, n, th, tw, i, j, ih, iw, s, oh, ow, f
+    cdef floating *D
+    cdef floating *V
+    cdef floating *M
+    cdef floating *Y
+    cdef floating *dst
+    cdef const floating *src
+    if total == 0:
+        return
+    for block in prange(n_blocks, nogil=True, num_threads=n_threads, schedule="static"):
+        D = &workspace[openmp.omp_get_thread_num() * per_thread]
+        V = D + AA * C
+        M = V + AA * tiles_per_block * C
+        Y = M + AA * tiles_per_block * F
+        t0 = block * tiles_per_block
+        t1 = min(t0 + tiles_per_block, total)
+        tb = t1 - t0
+        # 1. V[s, t, :] = BT d B of each tile, over its C channels at once
+        for t in range(t0, t1):
+            n = t // (TH * TW)
+            th = (t - n * TH * TW) // TW
+            tw = t - n * TH * TW - th * TW
+            for i in range(A):
+                ih = rowmap[th * m + i]
+                for j in range(A):
+                    iw = colmap[tw * m + j]
+                    dst = D + (i * A + j) * C
+                    if ih < 0 or iw < 0:
+                        memset(dst, 0, C * sizeof(floating))
+                    else:
+                        memcpy(dst, &x[n, ih, iw, 0], C * sizeof(floating))
+            input_transform(m, D, C, V + (t - t0) * C, tb * C, C)
+        # 2. M[s] = V[s] @ U[s].T
+        for s in range(AA):
+            gemm_nt(tb, F, C, V + s * tb * C, C, &U[s, 0, 0], C, 0, M + s * tb * F, F,
+                    sum_chunk, limit, True)
+        # 3. each tile's m x m outputs = AT M A (+ bias), over its F filters at once
+        for t in range(t0, t1):
+            n = t // (TH * TW)
+            th = (t - n * TH * TW) // TW
+            tw = t - n * TH * TW - th * TW
+            output_transform(m, M + (t - t0) * F, tb * F, Y, F, F)
+            for i in range(min(m, OH - th * m)):
+                oh = th * m + i
+                for j in range(min(m, OW - tw * m)):
+                    ow = tw * m + j
+                    src = Y + (i * m + j) * F
+                    dst = &y[n, oh, ow, 0]
+                    if has_bias:
+                        for f in range(F):
+                            dst[f] = src[f] + bias[f]
+                    else:
+                        memcpy(dst, src, F * sizeof(floating))
 
 
 def same_bytes(const unsigned char[::1] a, const unsigned char[::1] b):

@@ -72,7 +72,8 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     """
     depthwise = geometry.is_depthwise and geometry.groups > 1
     direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
-    winograd_applies = _winograd.applies(geometry) and layout == "NCHW"
+    # channels-last: plain layers (fastconv._winograd.forward_nhwc, the forward only)
+    winograd_applies = _winograd.applies(geometry) and (layout == "NCHW" or geometry.groups == 1)
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
             "algorithm='direct' is the depthwise kernel (groups == C) or the dense kernel "
@@ -82,11 +83,15 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
         )
     if algorithm == "winograd" and not winograd_applies:
         raise ValueError(
-            "algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW', "
+            "algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW' "
+            "(with layout='NHWC': the forward of groups=1 layers), "
             f"got kernel {geometry.KH}x{geometry.KW}, "
             f"stride={(geometry.stride_h, geometry.stride_w)}, "
-            f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}"
+            f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}, "
+            f"groups={geometry.groups}"
         )
+    if algorithm == "winograd" and layout == "NHWC" and backward:
+        return "im2col"                 # NHWC's gradients run im2col only
     if algorithm == "winograd" and not backward and not _winograd.fits(geometry):
         # (the backward falls back to im2col for grad_x, see conv2d_backward)
         raise ValueError(
@@ -99,9 +104,11 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             return "direct"
         if layout == "NCHW" and not backward and _direct.pays_off(geometry):
             return "direct"
-        pays_off = _winograd.pays_off_input_grad if backward else _winograd.pays_off
+        pays_off = (_winograd.pays_off_input_grad if backward
+                    else _winograd.pays_off if layout == "NCHW" else _winograd.pays_off_nhwc)
         fits = _winograd.fits_input_grad if backward else _winograd.fits
-        if winograd_applies and pays_off(geometry) and fits(geometry):
+        if (winograd_applies and not (backward and layout == "NHWC") and pays_off(geometry)
+                and fits(geometry)):
             return "winograd"
         if direct_applies and not backward and _implicit.pays_off(geometry, itemsize):
             return "direct"
@@ -276,7 +283,8 @@ def conv2d(
         border in place; no padded copy of the input is made.
     layout : {'NCHW', 'NHWC'}, default 'NCHW'
         Memory order of ``x`` and of the result. NHWC runs a channels-last
-        engine on the array as given (no transposed copy).
+        engine on the array as given (no transposed copy): im2col + GEMM, and
+        Winograd for the forward of plain 3x3 stride-1 layers.
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row
@@ -284,7 +292,9 @@ def conv2d(
         planes beyond (the backward: grad_weight by a direct kernel up to 4
         channels, the rest by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
-        (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it);
+        (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it),
+        and the forward of such NHWC layers with groups=1 (their gradients by
+        im2col);
         'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
         layers and plain layers of at most 4 input channels, 'winograd'
@@ -381,6 +391,9 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
         raise ValueError("out must not overlap x, weight or bias")
     xc = np.ascontiguousarray(x, dtype=dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=dtype)
+    if layout == "NHWC" and algorithm == "winograd":
+        _winograd.forward_nhwc(xc, weight, b, geometry, n_threads, y)
+        return _relu_in_place(y, n_threads) if relu else y
     if layout == "NHWC":
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y

@@ -17,7 +17,7 @@ import pytest
 from _helpers import assert_matches
 
 import fastconv
-from fastconv import _conv_nhwc, _nhwc, _tiling
+from fastconv import _conv_nhwc, _nhwc, _tiling, _winograd, reference
 from fastconv._validation import as_padding, conv_geometry, conv_output_size
 
 NUMPY_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -467,3 +467,84 @@ def test_plan(N, OH, OW, C, KK, groups, n_threads):
 def test_plan_rejects_blas_overflow():
     with pytest.raises(ValueError, match="32-bit BLAS"):
         _tiling.plan_nhwc(1, 1, 2**20, 2**12, 1, 4, 1)
+
+
+# ---------------------------------------------------------------------------
+# Winograd: the forward of plain 3x3 stride-1 layers, along the channels
+# ---------------------------------------------------------------------------
+
+def _winograd_case(rng, N, C, H, W, F, dtype, bias=True):
+    x = rng.standard_normal((N, H, W, C)).astype(dtype)
+    weight = rng.standard_normal((F, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype) if bias else None
+    return x, weight, b
+
+
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("C,F,H,W", [(3, 5, 7, 9), (16, 33, 12, 13), (70, 8, 5, 6), (8, 4, 2, 3)])
+@pytest.mark.parametrize("padding", [1, (2, 0, 1, 1), "same", 0])
+def test_winograd_forward(monkeypatch, m, mode, C, F, H, W, padding, dtype, gemm_kernel):
+    """Every tile size (forced), padding form and mode, partial last tiles, channel and
+    filter counts off the vector width, against the reference."""
+    monkeypatch.setattr(_winograd, "choose_m", lambda geometry: m)
+    rng = np.random.default_rng(C * H + m)
+    x, weight, b = _winograd_case(rng, 2, C, H, W, F, dtype)
+    xn = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    args = dict(padding=padding, padding_mode=mode)
+    try:
+        want = reference.conv2d(xn, weight, b, **args)
+    except ValueError:                  # reflect padding >= the input, an empty output
+        with pytest.raises(ValueError):
+            fastconv.conv2d(x, weight, b, layout="NHWC", algorithm="winograd", **args)
+        return
+    y = fastconv.conv2d(x, weight, b, layout="NHWC", algorithm="winograd", n_threads=2, **args)
+    assert_matches(y, want.transpose(0, 2, 3, 1), dtype, 9 * C, f"m={m}")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("N", [0, 1, 5])
+def test_winograd_forward_blocks_threads_and_relu(monkeypatch, N, n_threads, dtype):
+    """One tile row per block (blocks ending inside images), more threads than blocks,
+    no bias, the ReLU; the input is not modified."""
+    monkeypatch.setattr(_tiling, "WINOGRAD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(_tiling, "WINOGRAD_MIN_TILES", 1)
+    rng = np.random.default_rng(N + 10 * n_threads)
+    x, weight, _ = _winograd_case(rng, N, 12, 9, 10, 7, dtype, bias=False)
+    saved = x.copy()
+    y = fastconv.conv2d(x, weight, padding=1, layout="NHWC", algorithm="winograd",
+                        activation="relu", n_threads=n_threads)
+    want = reference.conv2d(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), weight, padding=1)
+    assert y.shape == (N, 9, 10, 7)
+    assert_matches(y, np.maximum(want, 0).transpose(0, 2, 3, 1), dtype, 9 * 12, "relu(y)")
+    np.testing.assert_array_equal(x, saved)
+
+
+def test_winograd_auto_rule(monkeypatch):
+    """``auto`` takes NHWC Winograd for the forward where ``_winograd.pays_off_nhwc``
+    does: 16 channels yes, 3 channels (cifar-3x3) no."""
+    calls = []
+    original = _winograd.forward_nhwc
+    monkeypatch.setattr(_winograd, "forward_nhwc",
+                        lambda *args: calls.append(1) or original(*args))
+    rng = np.random.default_rng(3)
+    for C, expected in ((16, [1]), (3, [])):
+        calls.clear()
+        x, weight, b = _winograd_case(rng, 2, C, 8, 8, 16, np.float32)
+        fastconv.conv2d(x, weight, b, padding=1, layout="NHWC")
+        assert calls == expected, C
+
+
+def test_winograd_nhwc_is_for_plain_layers_and_its_gradients_run_im2col():
+    rng = np.random.default_rng(4)
+    x, weight, _ = _winograd_case(rng, 1, 4, 6, 6, 4, np.float64)
+    with pytest.raises(ValueError, match="groups=2"):
+        fastconv.conv2d(x, weight[:, :2], padding=1, groups=2, layout="NHWC",
+                        algorithm="winograd")
+    dy = rng.standard_normal((1, 6, 6, 4))
+    got = fastconv.conv2d_backward(dy, x, weight, padding=1, layout="NHWC",
+                                   algorithm="winograd")
+    want = fastconv.conv2d_backward(dy, x, weight, padding=1, layout="NHWC",
+                                    algorithm="im2col")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

@@ -375,17 +375,17 @@ def test_tile_size_rule():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: fastconv.conv2d(np.ones((1, 2, 8, 8)), np.ones((2, 2, 5, 5)), algorithm="winograd"),
-     r"algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW', got "
-     r"kernel 5x5, stride=\(1, 1\), dilation=\(1, 1\), layout='NCHW'"),
+     r"algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW' .*, "
+     r"got kernel 5x5, stride=\(1, 1\), dilation=\(1, 1\), layout='NCHW'"),
     (lambda: fastconv.conv2d(np.ones((1, 2, 8, 8)), np.ones((2, 2, 3, 3)), stride=(1, 2),
                              algorithm="winograd"),
      r"stride=\(1, 2\)"),
     (lambda: fastconv.conv2d(np.ones((1, 2, 8, 8)), np.ones((2, 2, 3, 3)), dilation=2,
                              algorithm="winograd"),
      r"dilation=\(2, 2\)"),
-    (lambda: fastconv.conv2d(np.ones((1, 8, 8, 2)), np.ones((2, 2, 3, 3)), layout="NHWC",
-                             algorithm="winograd"),
-     r"layout='NHWC'"),
+    (lambda: fastconv.conv2d(np.ones((1, 8, 8, 4)), np.ones((4, 2, 3, 3)), layout="NHWC",
+                             groups=2, algorithm="winograd"),
+     r"layout='NHWC', groups=2"),
     (lambda: fastconv.conv2d_backward(np.ones((1, 2, 4, 4)), np.ones((1, 2, 8, 8)),
                                       np.ones((2, 2, 5, 5)), algorithm="winograd"),
      r"algorithm='winograd' needs a 3x3 kernel"),
@@ -411,7 +411,11 @@ def test_auto_picks_winograd_for_3x3_stride_1_nchw_where_it_pays():
         return _choose_algorithm("auto", g, layout, backward=True)
 
     assert forward(geometry(64, 64)) == backward(geometry(64, 64)) == "winograd"
-    assert forward(geometry(64, 64), "NHWC") == backward(geometry(64, 64), "NHWC") == "im2col"
+    # channels-last: the forward by Winograd (from 16 channels), the gradients by im2col
+    assert forward(geometry(64, 64), "NHWC") == "winograd"
+    assert backward(geometry(64, 64), "NHWC") == "im2col"
+    assert forward(geometry(8, 64), "NHWC") == "im2col"
+    assert forward(geometry(64, 64, groups=2), "NHWC") == "im2col"
     # other plain layers' forwards: the implicit-GEMM direct kernel (test_implicit.py)
     assert forward(geometry(64, 64, stride=2)) == "direct"
     assert forward(geometry(64, 64, kernel=5)) == "direct"
