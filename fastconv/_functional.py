@@ -91,7 +91,9 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             f"groups={geometry.groups}"
         )
     if algorithm == "winograd" and layout == "NHWC" and backward:
-        return "im2col"                 # NHWC's gradients run im2col only
+        # channels-last: grad_x by Winograd where it can (zero padding), grad_weight im2col
+        nhwc_input = geometry.padding_mode == "zeros" and _winograd.fits_input_grad(geometry)
+        return "winograd" if nhwc_input else "im2col"
     if algorithm == "winograd" and not backward and not _winograd.fits(geometry):
         # (the backward falls back to im2col for grad_x, see conv2d_backward)
         raise ValueError(
@@ -104,11 +106,13 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
             return "direct"
         if layout == "NCHW" and not backward and _direct.pays_off(geometry):
             return "direct"
-        pays_off = (_winograd.pays_off_input_grad if backward
-                    else _winograd.pays_off if layout == "NCHW" else _winograd.pays_off_nhwc)
+        if layout == "NCHW":
+            pays_off = _winograd.pays_off_input_grad if backward else _winograd.pays_off
+        else:
+            pays_off = (_winograd.pays_off_input_grad_nhwc if backward
+                        else _winograd.pays_off_nhwc)
         fits = _winograd.fits_input_grad if backward else _winograd.fits
-        if (winograd_applies and not (backward and layout == "NHWC") and pays_off(geometry)
-                and fits(geometry)):
+        if winograd_applies and pays_off(geometry) and fits(geometry):
             return "winograd"
         if direct_applies and not backward and _implicit.pays_off(geometry, itemsize):
             return "direct"
@@ -293,8 +297,8 @@ def conv2d(
         channels, the rest by im2col); NCHW only. 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it),
-        and the forward of such NHWC layers with groups=1 (their gradients by
-        im2col);
+        and the forward and grad_x of such NHWC layers with groups=1 (their
+        grad_weight by im2col);
         'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
         layers and plain layers of at most 4 input channels, 'winograd'
@@ -556,7 +560,7 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         grad_output = masked
     if layout == "NHWC":
         return _nhwc.backward(grad_output, x, weight, geometry, dtype, n_threads,
-                              with_bias=with_bias)
+                              with_bias=with_bias, winograd_input=algorithm == "winograd")
     N, F = geometry.N, geometry.F
     Kg = geometry.C // geometry.groups * geometry.KH * geometry.KW
     grad_x = np.empty(geometry.input_shape, dtype)

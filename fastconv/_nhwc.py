@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import _conv_nhwc
+from fastconv import _conv_nhwc, _winograd
 from fastconv._threads import single_threaded_blas
 from fastconv._tiling import NhwcPlan, plan_nhwc
 from fastconv._validation import ConvGeometry
@@ -101,8 +101,12 @@ def forward(x, weight, bias, geometry: ConvGeometry, dtype, n_threads: int,
 
 
 def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: int,
-             with_bias: bool = True):
+             with_bias: bool = True, winograd_input: bool = False):
     """Gradients of :func:`forward` with respect to x, weight and bias.
+
+    ``winograd_input``: grad_x by channels-last Winograd
+    (``fastconv._winograd.backward_input_nhwc``: a zero-padded 3x3 stride-1 layer,
+    groups 1), else by im2col like the weight gradient.
 
     Parameters
     ----------
@@ -148,7 +152,11 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
         _conv_nhwc.reduce_weight_grad(partial, grad_weight.reshape(F, Kg), grad_bias,
                                       geometry.KH * geometry.KW,
                                       n_threads if F * Kg >= PARALLEL_REDUCE_SIZE else 1)
-        _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
-                                  tiles.tile_rows, tiles.n_items, tiles.c_block,
-                                  tiles.n_bands, n_threads)
+        if not winograd_input:
+            _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
+                                      tiles.tile_rows, tiles.n_items, tiles.c_block,
+                                      tiles.n_bands, n_threads)
+    if winograd_input:
+        _winograd.backward_input_nhwc(dy.reshape(N, geometry.OH, geometry.OW, F), weight,
+                                      geometry, n_threads, grad_x)
     return grad_x, grad_weight, grad_bias

@@ -261,6 +261,24 @@ def _run(x: np.ndarray, weight: np.ndarray, U: np.ndarray | None, bias, y: np.nd
                                SUM_CHUNK.get(m, 0), n_threads)
 
 
+def _run_nhwc(x: np.ndarray, U: np.ndarray, bias, out: np.ndarray, m: int, size: tuple,
+              out_size: tuple, pads: tuple, mode: str, n_threads: int) -> None:
+    """One channels-last Winograd convolution of x (N, H, W, C_in) into out (N, OH, OW,
+    C_out) by ``U`` ((m+2)**2, C_out, C_in): ``fastconv._conv_winograd.forward_nhwc``."""
+    (H, W), (OH, OW) = size, out_size
+    C_in, C_out = x.shape[3], out.shape[3]
+    rowmap, colmap, _, _ = _tile_maps(m, H, W, OH, OW, pads, mode)
+    tiles: WinogradPlan = plan_winograd(x.shape[0], C_in, C_out, OH, OW, m, x.itemsize,
+                                        n_threads)
+    per_block = tiles.rows_per_block * tiles.tile_cols
+    positions = (m + 2) ** 2
+    scratch = workspace("winograd", x.dtype, n_threads * (
+        positions * (C_in + per_block * (C_in + C_out)) + m * m * C_out))
+    with single_threaded_blas:
+        _conv_winograd.forward_nhwc(x, U, bias, out, scratch, m, rowmap, colmap, per_block,
+                                    SUM_CHUNK.get(m, 0), n_threads)
+
+
 def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry,
                  n_threads: int, out: np.ndarray) -> np.ndarray:
     """``conv2d(x, weight) + bias`` of a channels-last layer (groups 1) by Winograd, into
@@ -271,18 +289,32 @@ def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry
     sizes, chunked sums and padding modes as the NCHW forward."""
     g = geometry
     m = choose_m(g)
-    pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right)
-    rowmap, colmap, _, _ = _tile_maps(m, g.H, g.W, g.OH, g.OW, pads, g.padding_mode)
-    tiles: WinogradPlan = plan_winograd(g.N, g.C, g.F, g.OH, g.OW, m, x.itemsize, n_threads)
-    per_block = tiles.rows_per_block * tiles.tile_cols
     U = transformed_weight(weight, 1, m, x.dtype, n_threads)
-    positions = (m + 2) ** 2
-    scratch = workspace("winograd", x.dtype, n_threads * (
-        positions * (g.C + per_block * (g.C + g.F)) + m * m * g.F))
-    with single_threaded_blas:
-        _conv_winograd.forward_nhwc(x, U, bias, out, scratch, m, rowmap, colmap, per_block,
-                                    SUM_CHUNK.get(m, 0), n_threads)
+    _run_nhwc(x, U, bias, out, m, (g.H, g.W), (g.OH, g.OW),
+              (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right), g.padding_mode, n_threads)
     return out
+
+
+def backward_input_nhwc(grad_output: np.ndarray, weight: np.ndarray, geometry: ConvGeometry,
+                        n_threads: int, out: np.ndarray) -> np.ndarray:
+    """grad_x of a zero-padded channels-last layer (groups 1) by Winograd, into ``out``
+    (N, H, W, C): :func:`forward_nhwc`'s kernel on ``grad_output`` (N, OH, OW, F) with the
+    flipped, transposed filters, as the NCHW :func:`backward_input` does."""
+    g = geometry
+    m = choose_m_input_grad(g)
+    U = transformed_weight(weight, 1, m, grad_output.dtype, n_threads, for_input_grad=True)
+    _run_nhwc(grad_output, U, None, out, m, (g.OH, g.OW), (g.H, g.W),
+              (2 - g.pad_top, 2 - g.pad_bottom, 2 - g.pad_left, 2 - g.pad_right), "zeros",
+              n_threads)
+    return out
+
+
+def pays_off_input_grad_nhwc(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes Winograd for a channels-last grad_x: where
+    :func:`pays_off_input_grad` does, groups 1, with at least AUTO_NHWC_MIN_CHANNELS
+    filters (the channels its tiles gather)."""
+    return (geometry.groups == 1 and pays_off_input_grad(geometry)
+            and geometry.F >= AUTO_NHWC_MIN_CHANNELS)
 
 
 def forward(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,

@@ -535,16 +535,60 @@ def test_winograd_auto_rule(monkeypatch):
         assert calls == expected, C
 
 
-def test_winograd_nhwc_is_for_plain_layers_and_its_gradients_run_im2col():
+def test_winograd_nhwc_is_for_plain_layers():
     rng = np.random.default_rng(4)
     x, weight, _ = _winograd_case(rng, 1, 4, 6, 6, 4, np.float64)
     with pytest.raises(ValueError, match="groups=2"):
         fastconv.conv2d(x, weight[:, :2], padding=1, groups=2, layout="NHWC",
                         algorithm="winograd")
-    dy = rng.standard_normal((1, 6, 6, 4))
-    got = fastconv.conv2d_backward(dy, x, weight, padding=1, layout="NHWC",
-                                   algorithm="winograd")
-    want = fastconv.conv2d_backward(dy, x, weight, padding=1, layout="NHWC",
-                                    algorithm="im2col")
-    for a, b in zip(got, want):
+
+
+@pytest.mark.parametrize("m", _winograd.TILE_SIZES)
+@pytest.mark.parametrize("C,F,H,W", [(3, 5, 7, 9), (16, 33, 12, 13), (8, 70, 5, 6), (4, 8, 2, 3)])
+@pytest.mark.parametrize("padding", [1, (2, 0, 1, 1), "same", 0])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_winograd_backward(monkeypatch, m, C, F, H, W, padding, n_threads, dtype, gemm_kernel):
+    """algorithm='winograd' with NHWC: grad_x by Winograd (every tile size, forced),
+    grad_weight and grad_bias by im2col, against the reference."""
+    monkeypatch.setattr(_winograd, "choose_m_input_grad", lambda geometry: m)
+    rng = np.random.default_rng(C * H + m)
+    x, weight, _ = _winograd_case(rng, 2, C, H, W, F, dtype)
+    xn = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    try:
+        shape = reference.conv2d(xn, weight, padding=padding).shape
+    except ValueError:                  # an empty output
+        return
+    dy = rng.standard_normal(shape).astype(dtype)
+    want = reference.conv2d_backward(dy, xn, weight, padding=padding)
+    got = fastconv.conv2d_backward(np.ascontiguousarray(dy.transpose(0, 2, 3, 1)), x, weight,
+                                   padding=padding, layout="NHWC", algorithm="winograd",
+                                   n_threads=n_threads)
+    N, OH, OW = shape[0], shape[2], shape[3]
+    assert_matches(got[0], want[0].transpose(0, 2, 3, 1), dtype, 9 * F, f"grad_x m={m}")
+    assert_matches(got[1], want[1], dtype, N * OH * OW, "grad_weight")
+    assert_matches(got[2], want[2], dtype, N * OH * OW, "grad_bias")
+
+
+def test_winograd_backward_other_padding_modes_run_im2col():
+    rng = np.random.default_rng(5)
+    x, weight, _ = _winograd_case(rng, 2, 16, 6, 6, 16, np.float64)
+    dy = rng.standard_normal((2, 6, 6, 16))
+    args = dict(padding=1, padding_mode="reflect", layout="NHWC")
+    for a, b in zip(fastconv.conv2d_backward(dy, x, weight, algorithm="winograd", **args),
+                    fastconv.conv2d_backward(dy, x, weight, algorithm="im2col", **args)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_winograd_backward_auto_rule():
+    """``auto`` takes NHWC Winograd for grad_x where ``_winograd.pays_off_input_grad_nhwc``
+    does (NCHW's rule, groups 1, >= 16 filters)."""
+    from fastconv._functional import _choose_algorithm
+
+    def backward(C, F, mode="zeros", groups=1):
+        geometry = conv_geometry((2, C, 16, 16), (F, C // groups, 3, 3), 1, 1, 1, groups, mode)
+        return _choose_algorithm("auto", geometry, "NHWC", backward=True)
+
+    assert backward(64, 64) == "winograd"
+    assert backward(64, 8) == "im2col"                  # few filters: gathered vectors short
+    assert backward(64, 64, mode="reflect") == "im2col"
+    assert backward(64, 64, groups=2) == "im2col"
