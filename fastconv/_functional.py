@@ -72,7 +72,7 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     """
     depthwise = geometry.is_depthwise and geometry.groups > 1
     direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
-    # channels-last: plain layers (fastconv._winograd.forward_nhwc, the forward only)
+    # channels-last: plain layers (fastconv._winograd.forward_nhwc, backward_input_nhwc)
     winograd_applies = _winograd.applies(geometry) and (layout == "NCHW" or geometry.groups == 1)
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
@@ -84,7 +84,7 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
     if algorithm == "winograd" and not winograd_applies:
         raise ValueError(
             "algorithm='winograd' needs a 3x3 kernel, stride 1, dilation 1 and layout='NCHW' "
-            "(with layout='NHWC': the forward of groups=1 layers), "
+            "(with layout='NHWC': groups=1 layers), "
             f"got kernel {geometry.KH}x{geometry.KW}, "
             f"stride={(geometry.stride_h, geometry.stride_w)}, "
             f"dilation={(geometry.dilation_h, geometry.dilation_w)}, layout={layout!r}, "
@@ -288,7 +288,7 @@ def conv2d(
     layout : {'NCHW', 'NHWC'}, default 'NCHW'
         Memory order of ``x`` and of the result. NHWC runs a channels-last
         engine on the array as given (no transposed copy): im2col + GEMM, and
-        Winograd for the forward of plain 3x3 stride-1 layers.
+        Winograd for the forward and grad_x of plain 3x3 stride-1 layers.
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row

@@ -137,7 +137,6 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
         return grad_x, grad_weight, grad_bias
     xc = np.ascontiguousarray(x, dtype=dtype)
     dy = np.ascontiguousarray(grad_output, dtype=dtype).reshape(-1, F)
-    wt = nhwc_weight(weight, geometry, dtype)
     tiles, scratch = _plan(geometry, dtype, n_threads)
     # per thread: grad_weight, grad_bias, and F more for a tile's bias sums
     partial = workspace("nhwc-partial", dtype, n_threads * (F * Kg + 2 * F))
@@ -153,6 +152,8 @@ def backward(grad_output, x, weight, geometry: ConvGeometry, dtype, n_threads: i
                                       geometry.KH * geometry.KW,
                                       n_threads if F * Kg >= PARALLEL_REDUCE_SIZE else 1)
         if not winograd_input:
+            # the reordered weight only for im2col's grad_x (Winograd transforms its own)
+            wt = nhwc_weight(weight, geometry, dtype)
             _conv_nhwc.backward_input(wt, dy, grad_x, scratch, geometry, tiles.n_tiles,
                                       tiles.tile_rows, tiles.n_items, tiles.c_block,
                                       tiles.n_bands, n_threads)
