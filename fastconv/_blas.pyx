@@ -25,10 +25,10 @@ cdef extern from "_gemm_kernels.h" nogil:
     void fc_gemm_nn_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
                       Py_ssize_t chunk)
-    # C = A B^T (+ C), B stored n x k, row-major, the same way
+    # C = A B^T (+ C), B stored n x k, row-major, the same way; prefetch_a: A in memory
     void fc_gemm_nt_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
-                      Py_ssize_t chunk)
+                      Py_ssize_t chunk, int prefetch_a)
     bint FC_V4_BUILD_RUNS()
 
 cdef extern from *:
@@ -180,23 +180,26 @@ cdef void gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, P
 cdef void gemm_nt(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, Py_ssize_t lda,
                   const floating *b, Py_ssize_t ldb, floating beta, floating *c,
                   Py_ssize_t ldc, Py_ssize_t chunk, Py_ssize_t limit,
-                  bint own_kernel) noexcept nogil:
+                  bint own_kernel, bint a_in_memory=False) noexcept nogil:
     """C (m x n) = A (m x k) @ B.T + beta * C with B stored (n x k), beta 0 or 1, summed
     ``chunk`` terms at a time: :func:`gemm_nn`'s contract for a weight gradient's GEMM
     (both operands' rows run along the reduction). The own kernel transposes B one
     L1-sized panel at a time (``fc_gemm_nt_s``); callers pass the operand with fewer
-    rows as B."""
+    rows as B. ``a_in_memory``: A is read from memory rather than cache, and the own
+    kernel fetches each next block of its rows ahead."""
     if floating is float:
         if own_kernel and _own_float:
-            fc_gemm_nt_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk)
+            fc_gemm_nt_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk, a_in_memory)
             return
     gemm_rm_chunked(False, True, m, n, k, 1, a, lda, b, ldb, beta, c, ldc, chunk, limit)
 
 
 def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
-         floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True, bint transposed_b=False):
+         floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True, bint transposed_b=False,
+         bint a_in_memory=False):
     """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests; with
-    ``transposed_b``, ``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt`.
+    ``transposed_b``, ``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt` (which
+    prefetches ``a`` with ``a_in_memory``).
 
     # IN  a: (m, k); b: (k, n), or (n, k) with transposed_b; OUT c: (m, n)
     """
@@ -220,7 +223,7 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
     with nogil:
         if transposed_b:
             gemm_nt(c.shape[0], c.shape[1], k, pa, lda, pb, lda, beta, &c[0, 0], c.shape[1],
-                    chunk, limit, own_kernel)
+                    chunk, limit, own_kernel, a_in_memory)
         else:
             gemm_nn(c.shape[0], c.shape[1], k, pa, lda, pb, c.shape[1], beta, &c[0, 0],
                     c.shape[1], chunk, limit, own_kernel)
@@ -267,3 +270,4 @@ def recorded():
     """``(calls, largest, over_limit)`` since :func:`record_calls` (True): BLAS calls made, the
     largest m, n, k, lda, ldb or ldc among them, and how many had one above their limit."""
     return int(_calls), int(_largest), int(_over)
+

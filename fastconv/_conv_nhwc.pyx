@@ -560,13 +560,16 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, ::1] wt,
             beta = 1
             for r in range(r1 - r0):
                 copy_n(out + r * F + f0, bias_ptr + f0, f1 - f0)
+        # a pointwise layer's rows are read in place, from memory: the kernel fetches
+        # them ahead (resnet-1x1 1.20x / 1.26x at 2 / 1 threads; a gathered tile is
+        # in cache, where fetching costs 1-3%)
         if f_blocks > 1:
             gemm_nt((r1 - r0), (f1 - f0), K, cols, K, &wt[f0, 0], K, beta, out + f0, F, 0,
-                    limit, own_kernel)
+                    limit, own_kernel, pointwise)
             continue
         for gi in range(G):
             gemm_nt((r1 - r0), Fg, Kg, cols + gi * Kg, K, &wt[gi * Fg, 0], Kg, beta,
-                    out + gi * Fg, F, 0, limit, own_kernel)
+                    out + gi * Fg, F, 0, limit, own_kernel, pointwise)
 
 
 def backward_weight(const floating[:, :, :, ::1] x, const floating[:, ::1] dy,
