@@ -13,12 +13,17 @@ the workspace is one band's rows per thread, whatever the batch.
 
 :func:`backward_weight` lays the bands out the same way and sums dY times each
 tap's columns into per-thread partial sums of grad_weight.
+
+:func:`forward_nhwc` is the channels-last forward: a band's input rows are copied
+padded but whole (pixels of C values, as in the input), and the kernel
+(``fastconv/_direct_nhwc_kernels.h``) sums every tap for blocks of output pixels x
+vectors of filters, each pixel's sums one contiguous run of the output.
 """
 
 cimport openmp
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from fastconv._bands cimport Band, band_item
 from fastconv._phase_rows cimport copy_phase_row
@@ -37,6 +42,16 @@ cdef extern from "_direct_kernels.h" nogil:
                           const double *wpack, const Py_ssize_t *tap, int C, int KH, int KW,
                           Py_ssize_t F, const double *bias, int relu, double *out,
                           Py_ssize_t ldo, Py_ssize_t OW, Py_ssize_t R)
+
+cdef extern from "_direct_nhwc_kernels.h" nogil:
+    void fc_direct_nhwc_row_s(bint wide, const float **rowp, int KH, const Py_ssize_t *off,
+                              Py_ssize_t ntap, Py_ssize_t step, const float *wpack,
+                              Py_ssize_t ldw, const float *bias, int relu, float *row_out,
+                              Py_ssize_t F, Py_ssize_t OW)
+    void fc_direct_nhwc_row_d(bint wide, const double **rowp, int KH, const Py_ssize_t *off,
+                              Py_ssize_t ntap, Py_ssize_t step, const double *wpack,
+                              Py_ssize_t ldw, const double *bias, int relu, double *row_out,
+                              Py_ssize_t F, Py_ssize_t OW)
 
 
 def wide_kernel():
@@ -203,3 +218,100 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
         else:
             fc_weight_grad_band_d(rows, strides[0], &offsets[0], K, &dy[n, 0, oh0, 0],
                                   OH * OW, F, OW, R, &partial[tid, 0], K)
+
+
+cdef void pixel_rows(const floating *image, Py_ssize_t C, Py_ssize_t W, Py_ssize_t oh0,
+                     Py_ssize_t R, floating *rows, Py_ssize_t row_len, bint shared,
+                     const floating **rowp, const Py_ssize_t *rowmap, const Py_ssize_t *colmap,
+                     Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t left, Py_ssize_t Wp, int KH,
+                     Py_ssize_t sh, Py_ssize_t dh) noexcept nogil:
+    """Copy the input rows under output rows oh0 .. oh0 + R of one NHWC image (H x W
+    pixels of C values) into ``rows``, padded: Wp pixels a row, padded pixel p showing
+    input column ``colmap[p]`` (zeros where -1; pixels [lo, hi) are ``p - left``, copied
+    as one run). ``rowp[r*KH + kh]`` is set to tap row kh of output row r, or NULL where
+    ``rowmap`` says it is all padding (not written). ``shared``: padded row r*sh + kh*dh
+    is stored once, by its first reader, at ``rows + (r*sh + kh*dh)*row_len``; else each
+    (r, kh) has its own row at ``(r*KH + kh)*row_len``."""
+    cdef Py_ssize_t r, kh, p, src, src_row, slot
+    cdef const floating *in_row
+    cdef floating *out_row
+    cdef size_t pixel = C * sizeof(floating)
+    for r in range(R):
+        for kh in range(KH):
+            src_row = rowmap[(oh0 + r) * KH + kh]
+            slot = r * sh + kh * dh if shared else r * KH + kh
+            out_row = rows + slot * row_len
+            rowp[r * KH + kh] = out_row if src_row >= 0 else NULL
+            if src_row < 0 or (shared and first_reader(slot, R, KH, sh, dh) != r * KH + kh):
+                continue
+            in_row = image + src_row * W * C
+            for p in range(lo):
+                src = colmap[p]
+                if src >= 0:
+                    memcpy(out_row + p * C, in_row + src * C, pixel)
+                else:
+                    memset(out_row + p * C, 0, pixel)
+            memcpy(out_row + lo * C, in_row + (lo - left) * C, (hi - lo) * pixel)
+            for p in range(hi, Wp):
+                src = colmap[p]
+                if src >= 0:
+                    memcpy(out_row + p * C, in_row + src * C, pixel)
+                else:
+                    memset(out_row + p * C, 0, pixel)
+
+
+def forward_nhwc(const floating[:, :, :, ::1] x, const floating[:, ::1] wpack,
+                 const floating[::1] bias, floating[:, :, :, ::1] y, floating[::1] workspace,
+                 Py_ssize_t[::1] row_pointers, const Py_ssize_t[::1] rowmap,
+                 const Py_ssize_t[::1] colmap, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t left,
+                 const Py_ssize_t[::1] offsets, int KH, int stride_h, int dilation_h,
+                 int stride_w, bint shared, Py_ssize_t band_rows, bint relu, bint wide,
+                 int n_threads):
+    """y[n, oh, ow, f] = act(sum_{kh, kw, c} w[f, c, kh, kw] * x_padded[n, ih, iw, c] + bias[f])
+    for channels-last arrays, by the kernel's AVX-512 build with ``wide`` (:func:`wide_kernel`
+    must hold).
+
+    ``rowmap`` as :func:`forward`'s; ``colmap[p]``: the input column under padded pixel
+    p < Wp (-1: zeros), pixels [lo, hi) being ``p - left``; ``offsets[kw*C + c] =
+    kw*dilation_w*C + c``: a tap's place in a padded row; ``shared``: the band's output
+    rows share their input rows (see :func:`pixel_rows`).
+
+    # IN  x: (N, H, W, C); wpack: (KH*KW*C, ldw) filters, [kh][kw][c][f], zero past F
+    # IN  bias: (ldw,), zero past F (all zero for none)
+    # OUT y: (N, OH, OW, F), every element written
+    # workspace: n_threads equal slices of a band's rows; row_pointers: n_threads *
+    #     band_rows * KH
+    """
+    cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
+    cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2], F = y.shape[3]
+    cdef Py_ssize_t Wp = colmap.shape[0], row_len = Wp * C, ntap = offsets.shape[0]
+    cdef Py_ssize_t bands = (OH + band_rows - 1) // band_rows
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t sh = stride_h, dh = dilation_h, step = stride_w * C
+    cdef Py_ssize_t item, n, oh0, R, r
+    cdef Band b
+    cdef int tid
+    cdef floating *rows
+    cdef const floating **rowp
+    if wide and not FC_V4_BUILD_RUNS():
+        raise ValueError("wide: this CPU does not run the AVX-512 kernel")
+    if N == 0:
+        return
+    # dynamic, as forward's: the items write disjoint rows
+    for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
+        b = band_item(item, bands, band_rows, OH)
+        n, oh0, R = b.n, b.oh0, b.rows
+        tid = openmp.omp_get_thread_num()
+        rows = &workspace[tid * per_thread]
+        rowp = <const floating **> &row_pointers[tid * band_rows * KH]
+        pixel_rows(&x[n, 0, 0, 0], C, W, oh0, R, rows, row_len, shared, rowp, &rowmap[0],
+                   &colmap[0], lo, hi, left, Wp, KH, sh, dh)
+        for r in range(R):
+            if floating is float:
+                fc_direct_nhwc_row_s(wide, rowp + r * KH, KH, &offsets[0], ntap, step,
+                                     &wpack[0, 0], wpack.shape[1], &bias[0], relu,
+                                     &y[n, oh0 + r, 0, 0], F, OW)
+            else:
+                fc_direct_nhwc_row_d(wide, rowp + r * KH, KH, &offsets[0], ntap, step,
+                                     &wpack[0, 0], wpack.shape[1], &bias[0], relu,
+                                     &y[n, oh0 + r, 0, 0], F, OW)

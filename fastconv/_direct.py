@@ -7,7 +7,8 @@ im2col + GEMM when that GEMM would be too shallow (K = C*KH*KW of 25 .. 150
 for a network's first layers). grad_weight of the same layers
 (:func:`backward_weight`) sums dY times the same phase rows: its GEMM would
 have only F x K outputs per image. Depthwise layers have their own direct kernel
-(``fastconv._depthwise``). grad_x runs by the im2col engine.
+(``fastconv._depthwise``). grad_x runs by the im2col engine. Channels-last layers have their own forward
+(:func:`forward_nhwc`), whose kernel reads padded copies of whole NHWC rows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from fastconv._padding import source_indices, source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pack_weight", "forward", "backward_weight"]
+__all__ = ["applies", "pays_off", "pays_off_nhwc", "pack_weight", "pack_weight_nhwc",
+           "forward", "forward_nhwc", "backward_weight"]
 
 #: Filters per register block of the kernel (FC_FB in _direct_kernels.h).
 FILTER_BLOCK = 4
@@ -35,6 +37,13 @@ WIDE_KERNEL = _conv_direct.wide_kernel()
 #: ``algorithm="auto"`` takes the direct kernel for plain layers with at most this
 #: many input channels (measured: README "Choosing the algorithm").
 AUTO_MAX_CHANNELS = 4
+#: The channels-last kernel reads the taps of a block of filters (C*KH*KW x 64 values)
+#: for every block of output pixels: ``algorithm="auto"`` takes it for NHWC layers wider
+#: than 1x1 with at most this many taps (the block's filters stay in L2: 288 KiB, 64
+#: float32 or 32 float64 filters), where it measured faster than NHWC im2col + GEMM, which gathers a column
+#: tile first: against it (2 threads) 1.3-1.5x for 1-3 channels, 1.1-1.3x for 8-64,
+#: 1.07 for resnet-3x3-s2's 1152 taps; 0.90-1.00 with 2304 taps, 0.68-0.76 with 4608.
+AUTO_MAX_TAPS_NHWC = 1152
 
 
 #: The kernel copies each input row it reads into a padded row of the columns its taps
@@ -59,6 +68,15 @@ def applies(geometry: ConvGeometry) -> bool:
 def pays_off(geometry: ConvGeometry) -> bool:
     """Whether ``algorithm="auto"`` takes the direct kernel for this NCHW layer."""
     return applies(geometry) and geometry.C <= AUTO_MAX_CHANNELS
+
+
+def pays_off_nhwc(geometry: ConvGeometry) -> bool:
+    """Whether ``algorithm="auto"`` takes the channels-last direct kernel for this NHWC
+    layer's forward (where Winograd does not: see ``fastconv._functional``); a 1x1
+    layer's GEMM reads its input in place, no gather to save."""
+    g = geometry
+    return (applies(g) and g.KH * g.KW > 1
+            and g.C * g.KH * g.KW <= AUTO_MAX_TAPS_NHWC)
 
 
 def pack_weight(weight: np.ndarray, dtype) -> np.ndarray:
@@ -119,7 +137,11 @@ BAND_ELEMENTS = 1 << 15
 def band_rows(g: ConvGeometry, rows: "_RowPlan", n_threads: int) -> int:
     """Output rows per work item: as many as BAND_ELEMENTS counts (see there), but
     at least 4 items per thread over the batch (N = 1 inference still splits)."""
-    per_row = g.C * g.KH * rows.S * rows.ldr
+    return _band_rows(g, g.C * g.KH * rows.S * rows.ldr, n_threads)
+
+
+def _band_rows(g: ConvGeometry, per_row: int, n_threads: int) -> int:
+    """:func:`band_rows` for rows of ``per_row`` elements per output row."""
     band = max(1, min(g.OH, BAND_ELEMENTS // per_row))
     return max(1, min(band, -(-g.N * g.OH // (4 * n_threads))))
 
@@ -203,4 +225,77 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry, dtype
                                  g.stride_h, g.dilation_h, rows.S, rows.ldr, strides, band,
                                  n_threads)
     _conv.reduce_rows(partial, out, n_threads)
+    return out
+
+
+#: Filter vectors of the NHWC kernel are 64 bytes: the packed filters and the bias are
+#: padded with zeros to a whole number of them (the 32-byte build reads two per 64).
+NHWC_VECTOR_BYTES = 64
+
+
+def pack_weight_nhwc(weight: np.ndarray, dtype) -> np.ndarray:
+    """(F, C, KH, KW) -> (KH*KW*C, ldw): ``[kh][kw][c][f]``, the filters of one tap
+    adjacent and zero past F to ``ldw``, a whole number of 64-byte vectors."""
+    F, C, KH, KW = weight.shape
+    lanes = NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
+    packed = np.zeros((KH, KW, C, -(-F // lanes) * lanes), dtype)
+    packed[..., :F] = np.asarray(weight).transpose(2, 3, 1, 0)
+    return packed.reshape(KH * KW * C, -1)
+
+
+class _PixelRowPlan(NamedTuple):
+    """How the NHWC kernel lays out and reads a band's input rows (see forward_nhwc)."""
+
+    rowmap: np.ndarray    # (OH*KH,): input row under (oh, kh), -1 for padding
+    colmap: np.ndarray    # (Wp,): input column under padded pixel p, -1 for zeros
+    lo: int               # pixels [lo, hi) are input columns p - pad_left
+    hi: int
+    offsets: np.ndarray   # (KW*C,): tap (kw, c) at kw*dw*C + c in a padded row
+    shared: bool          # a band's output rows share their input rows
+    band: int             # output rows per work item
+
+
+@functools.lru_cache(maxsize=256)
+def _pixel_row_plan(g: ConvGeometry, n_threads: int) -> _PixelRowPlan:
+    """The NHWC row layout of a geometry, built once (see :func:`_row_plan`)."""
+    width = row_span(g)
+    colmap = source_map(width, g.W, g.pad_left, g.pad_right, g.padding_mode)
+    lo = min(width, g.pad_left)
+    hi = max(lo, min(width, g.W + g.pad_left))
+    offsets = (np.arange(g.KW, dtype=np.intp)[:, None] * (g.dilation_w * g.C)
+               + np.arange(g.C, dtype=np.intp)[None, :]).reshape(-1)
+    band = _band_rows(g, g.C * g.KH * width, n_threads)
+    # one row per padded input row unless a stride beyond the kernel's reach would leave
+    # rows (and a huge one, a gap as large) that no output row reads
+    shared = (band - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1 <= band * g.KH
+    rowmap = _row_plan(g).rowmap
+    for array in (colmap, offsets):
+        array.flags.writeable = False
+    return _PixelRowPlan(rowmap, colmap, lo, hi, offsets, shared, band)
+
+
+def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
+                 n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
+    """``act(conv2d(x, weight) + bias)`` of channels-last arrays by the NHWC kernel, into
+    ``out`` (N, OH, OW, F); ``x`` (N, H, W, C) must be C-contiguous of ``dtype``.
+
+    Per work item (a band of one image's output rows) the input rows under the band are
+    copied padded, pixels of C values as in the input; the kernel then sums every tap
+    for blocks of pixels x vectors of filters (``fastconv/_direct_nhwc_kernels.h``).
+    """
+    g = geometry
+    plan = _pixel_row_plan(g, n_threads)
+    wpack = pack_weight_nhwc(weight, dtype)
+    b = np.zeros(wpack.shape[1], dtype)
+    if bias is not None:
+        b[:g.F] = bias
+    row_len = plan.colmap.shape[0] * g.C
+    slots = ((plan.band - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1 if plan.shared
+             else plan.band * g.KH)
+    scratch = workspace("direct-nhwc", dtype, n_threads * slots * row_len)
+    pointers = workspace("direct-nhwc-rows", np.intp, n_threads * plan.band * g.KH)
+    _conv_direct.forward_nhwc(x, wpack, b, out, scratch, pointers, plan.rowmap, plan.colmap,
+                              plan.lo, plan.hi, g.pad_left, plan.offsets, g.KH, g.stride_h,
+                              g.dilation_h, g.stride_w, plan.shared, plan.band, relu,
+                              WIDE_KERNEL, n_threads)
     return out

@@ -55,30 +55,32 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
 
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
                       backward: bool = False, itemsize: int = 4) -> str:
-    """The kernel family to run: ``'direct'`` (depthwise; plain layers by the row
-    kernel or the implicit GEMM; NCHW), ``'winograd'`` (3x3, stride 1, dilation 1,
-    NCHW) or ``'im2col'``;
+    """The kernel family to run: ``'direct'`` (depthwise, NCHW; plain layers by the row
+    kernel or the implicit GEMM, NHWC ones' forward by the channels-last row kernel),
+    ``'winograd'`` (3x3, stride 1, dilation 1) or ``'im2col'``;
     ``backward`` asks for the backward pass, whose Winograd part (grad_x) pays off on
     other shapes than the forward; ``itemsize`` is the compute dtype's (4: float32).
 
     "auto" takes the depthwise kernel for grouped depthwise layers: they are
     memory-bound, and im2col + GEMM would run one tiny GEMM per channel. Plain
     layers with few input channels (``fastconv._direct.pays_off``) take the
-    dense direct kernel in the forward, whose im2col GEMM would be too shallow.
+    dense direct kernel in the forward, whose im2col GEMM would be too shallow; NHWC
+    layers take their own where ``fastconv._direct.pays_off_nhwc`` and Winograd does not.
     Winograd is taken where ``fastconv._winograd.pays_off``
     (``pays_off_input_grad``) says it measured faster; then the forward of other
     plain layers takes the direct kernel where ``fastconv._implicit.pays_off``, and the
     grad_x of 1x1 layers where ``fastconv._implicit.pointwise_input_grad_pays_off``.
     """
     depthwise = geometry.is_depthwise and geometry.groups > 1
-    direct_applies = layout == "NCHW" and (depthwise or _direct.applies(geometry))
+    # channels-last: plain layers' forward by the NHWC row kernel (its backward im2col)
+    direct_applies = ((layout == "NCHW" and depthwise) or _direct.applies(geometry))
     # channels-last: plain layers (fastconv._winograd.forward_nhwc, backward_input_nhwc)
     winograd_applies = _winograd.applies(geometry) and (layout == "NCHW" or geometry.groups == 1)
     if algorithm == "direct" and not direct_applies:
         raise ValueError(
-            "algorithm='direct' is the depthwise kernel (groups == C) or the dense kernel "
-            "(groups == 1, its taps spanning at most 2*W + 64 padded columns per row), both "
-            f"for layout='NCHW', got groups={geometry.groups}, C={geometry.C}, "
+            "algorithm='direct' is the depthwise kernel (groups == C, layout='NCHW') or the "
+            "dense kernel (groups == 1, its taps spanning at most 2*W + 64 padded columns "
+            f"per row), got groups={geometry.groups}, C={geometry.C}, "
             f"layout={layout!r}, row span {_direct.row_span(geometry)} for W={geometry.W}"
         )
     if algorithm == "winograd" and not winograd_applies:
@@ -114,9 +116,12 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
         fits = _winograd.fits_input_grad if backward else _winograd.fits
         if winograd_applies and pays_off(geometry) and fits(geometry):
             return "winograd"
-        if direct_applies and not backward and _implicit.pays_off(geometry, itemsize):
+        if layout == "NHWC" and not backward and _direct.pays_off_nhwc(geometry):
             return "direct"
-        if (direct_applies and backward
+        if (layout == "NCHW" and direct_applies and not backward
+                and _implicit.pays_off(geometry, itemsize)):
+            return "direct"
+        if (layout == "NCHW" and direct_applies and backward
                 and _implicit.pointwise_input_grad_pays_off(geometry, itemsize)):
             return "direct"             # grad_x: a 1x1 layer on dY, read in place
         return "im2col"
@@ -287,21 +292,23 @@ def conv2d(
         border in place; no padded copy of the input is made.
     layout : {'NCHW', 'NHWC'}, default 'NCHW'
         Memory order of ``x`` and of the result. NHWC runs a channels-last
-        engine on the array as given (no transposed copy): im2col + GEMM, and
-        Winograd for the forward and grad_x of plain 3x3 stride-1 layers.
+        engine on the array as given (no transposed copy): im2col + GEMM,
+        Winograd for the forward and grad_x of plain 3x3 stride-1 layers, and a
+        direct kernel for the forward of plain layers with few input channels.
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row
         kernel for up to 4 input channels, an implicit GEMM over stride phase
         planes beyond (the backward: grad_weight by a direct kernel up to 4
-        channels, the rest by im2col); NCHW only. 'winograd'
+        channels, the rest by im2col); with ``layout='NHWC'`` the forward of plain
+        layers by a channels-last row kernel (the backward by im2col). 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it),
         and the forward and grad_x of such NHWC layers with groups=1 (their
         grad_weight by im2col);
         'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
-        layers and plain layers of at most 4 input channels, 'winograd'
+        layers and plain layers of at most 4 input channels (either layout), 'winograd'
         where it measured faster, and 'direct' for the forward of other plain
         layers wider than 1x1 with at most 1.25 MiB of filters (see the README).
     activation : {None, 'relu'}, default None
@@ -398,6 +405,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
     if layout == "NHWC" and algorithm == "winograd":
         _winograd.forward_nhwc(xc, weight, b, geometry, n_threads, y)
         return _relu_in_place(y, n_threads) if relu else y
+    if layout == "NHWC" and algorithm == "direct":
+        return _direct.forward_nhwc(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
     if layout == "NHWC":
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y

@@ -66,7 +66,7 @@ def algorithms_for(kernel, stride=1, dilation=1, layout="NCHW", depthwise=False,
     ``fastconv._functional._choose_algorithm``): each is tested on the same grid."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     found = ["im2col"]
-    if layout == "NCHW" and (depthwise or groups == 1):
+    if (layout == "NCHW" and depthwise) or groups == 1:
         found.append("direct")
     if (layout == "NCHW" and pair(kernel) == (3, 3) and pair(stride) == (1, 1)
             and pair(dilation) == (1, 1)):

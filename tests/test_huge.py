@@ -122,7 +122,8 @@ NHWC_CASES = [case for case in CONV_CASES
 @pytest.mark.parametrize("case", NHWC_CASES, ids=str)
 @pytest.mark.parametrize("n_threads", THREADS)
 def test_nhwc_forward_and_backward(blas_limit, case, n_threads):
-    """NHWC keeps F and C*KH*KW as BLAS rows (checked); its row tiles of the batch are cut."""
+    """NHWC keeps F and C*KH*KW as BLAS rows (checked); its row tiles of the batch are cut.
+    (im2col: the forward the direct kernel would take calls no BLAS.)"""
     limit, N, C, H, W, F, KH, KW, stride, padding, groups = case
     rng = np.random.default_rng(1)
     for dtype in (np.float64, np.float32):
@@ -133,7 +134,7 @@ def test_nhwc_forward_and_backward(blas_limit, case, n_threads):
         xh = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         blas_limit.set(limit)
         y = fastconv.conv2d(xh, weight, bias, stride, padding, groups=groups, layout="NHWC",
-                            n_threads=n_threads)
+                            algorithm="im2col", n_threads=n_threads)
         blas_limit.check()
         assert_matches(y, expected.transpose(0, 2, 3, 1), dtype, C * KH * KW, "forward")
         dy = rng.standard_normal(expected.shape).astype(dtype)

@@ -633,13 +633,13 @@ X = np.ones((2, 4, 5, 5))
                  id="grad-output-shape"),
     pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 2, 3, 3)), groups=2,
                                          algorithm="direct"),
-                 ValueError, r"algorithm='direct' is the depthwise kernel \(groups == C\) or the "
-                 r"dense kernel \(groups == 1, its taps spanning at most 2\*W \+ 64 padded "
-                 r"columns per row\)", id="direct-not-depthwise"),
+                 ValueError, r"algorithm='direct' is the depthwise kernel \(groups == C, "
+                 r"layout='NCHW'\) or the dense kernel \(groups == 1, its taps spanning at most "
+                 r"2\*W \+ 64 padded columns per row\)", id="direct-not-depthwise"),
     pytest.param(lambda: fastconv.conv2d(np.ones((2, 5, 5, 4)), np.ones((4, 1, 3, 3)), groups=4,
                                          layout="NHWC", algorithm="direct"),
-                 ValueError, r"layout='NCHW', got groups=4, C=4, layout='NHWC'",
-                 id="direct-nhwc"),
+                 ValueError, r"layout='NCHW'\) or .* got groups=4, C=4, layout='NHWC'",
+                 id="direct-nhwc-depthwise"),
     pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 4, 3, 3)), layout="NHWC"),
                  ValueError, r"x has 5 channels but weight expects 4", id="nhwc-channels"),
     pytest.param(lambda: fastconv.conv2d(X, np.ones((4, 4, 3, 3)), padding=5,

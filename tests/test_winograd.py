@@ -413,7 +413,7 @@ def test_auto_picks_winograd_for_3x3_stride_1_nchw_where_it_pays():
     assert forward(geometry(64, 64)) == backward(geometry(64, 64)) == "winograd"
     # channels-last: the forward and grad_x by Winograd (from 16 channels / filters)
     assert forward(geometry(64, 64), "NHWC") == backward(geometry(64, 64), "NHWC") == "winograd"
-    assert forward(geometry(8, 64), "NHWC") == "im2col"
+    assert forward(geometry(8, 64), "NHWC") == "direct"     # its direct kernel's
     assert forward(geometry(64, 64, groups=2), "NHWC") == "im2col"
     # other plain layers' forwards: the implicit-GEMM direct kernel (test_implicit.py)
     assert forward(geometry(64, 64, stride=2)) == "direct"

@@ -1,0 +1,249 @@
+/* Direct convolution of channels-last (NHWC) output rows: the row kernel's NHWC build.
+
+   An NHWC layer with few input channels (C = 1 or 3) otherwise gathers a column
+   matrix of K = C*KH*KW (25 .. 147) values per output pixel and multiplies it by the
+   filters: cifar-3x3's 1-thread forward spent 28% of its time gathering. Here the
+   driver (fastconv/_conv_direct.pyx) copies the input rows under a band of output
+   rows, padded by the padding mode, each row's pixels as C-value runs as in the input
+   (Wp pixels: every column the row's taps span); tap (kh, kw, c) of output pixel ow then
+   lies at `row_kh + ow*sw*C + kw*dw*C + c`, and a register block of RB pixels x NV
+   vectors of filters sums every tap: per tap NV loads of the filters' weights (packed
+   [kh][kw][c][F], padded with zeros to whole vectors) and one broadcast of the input
+   per pixel feed RB * NV FMAs. The output is channels-last already: each pixel's F
+   sums are one contiguous run (a vector past F is stored through `tail`).
+
+   Vectors use GCC's vector extensions: a 64-byte build for AVX-512 (32 registers: RB x NV
+   up to 24 sums) and a 32-byte one in the target_clones of FC_TARGET_WIDE for the others
+   (16 registers: up to 12 sums). */
+#ifndef FASTCONV_DIRECT_NHWC_KERNELS_H
+#define FASTCONV_DIRECT_NHWC_KERNELS_H
+
+#include <stddef.h>
+#include <string.h>
+#include "_simd_target.h"
+#if FC_HAVE_V4_BUILD
+#include <immintrin.h>
+#endif
+
+/* Most pixels and filter vectors of one register block (the AVX-512 build's: 12 x 2 or
+   6 x 4 sums; arrays this size hold any build's block, the constants R and NV pick the
+   part in registers). */
+#define FC_DN_MAX_ROWS 12
+#define FC_DN_MAX_NV 4
+/* Taps are summed at most this many at a time in registers (whole rows of taps where
+   they fit), each chunk's sums then added to the earlier ones', as OpenBLAS sums its
+   k-blocks: one running sum over K = C*KH*KW taps had 3.5x im2col's float32 error at
+   K = 576, 11x at 25088 (now the same). Layers with fewer taps skip the chunk logic,
+   which cost 2-7% (resnet-stem's 147 taps in chunks of 128: 6%). */
+#define FC_DN_CHUNK 256
+
+/* switch (R) over blocks of 1 .. 12, 8 or 6 pixels of NV vectors */
+#define FC_DN_CASE(sfx, NV, R, CH)                                                          \
+    case R: fc_dn_block_##sfx(R, NV, CH, rowp, KH, p0, off, ntap, step, wchunk, ldw,       \
+                              bchunk, relu, out, ldo, nf, part); break;
+#define FC_DN_CASES6(sfx, NV, CH)                                                           \
+    FC_DN_CASE(sfx, NV, 6, CH) FC_DN_CASE(sfx, NV, 5, CH) FC_DN_CASE(sfx, NV, 4, CH)        \
+    FC_DN_CASE(sfx, NV, 3, CH) FC_DN_CASE(sfx, NV, 2, CH) default: FC_DN_CASE(sfx, NV, 1, CH)
+#define FC_DN_CASES8(sfx, NV, CH)                                                           \
+    FC_DN_CASE(sfx, NV, 8, CH) FC_DN_CASE(sfx, NV, 7, CH) FC_DN_CASES6(sfx, NV, CH)
+#define FC_DN_NO_CASES(sfx, NV, CH) default: break;
+#define FC_DN_CASES12(sfx, NV, CH)                                                          \
+    FC_DN_CASE(sfx, NV, 12, CH) FC_DN_CASE(sfx, NV, 11, CH) FC_DN_CASE(sfx, NV, 10, CH)     \
+    FC_DN_CASE(sfx, NV, 9, CH) FC_DN_CASES8(sfx, NV, CH)
+
+/* acc[j][v] += the taps [t_begin, t_end) of row `row`, filters from wk (inside a block) */
+#define FC_DN_SUM_TAPS(T, VEC, VEC_U, LANES, t_begin, t_end)                                 \
+    for (ptrdiff_t t = (t_begin); t < (t_end); t++, wk += ldw) {                            \
+        const T *src = row + off[t];                                                        \
+        VEC b[FC_DN_MAX_NV];                                                                \
+        for (int v = 0; v < NV; v++)                                                        \
+            b[v] = *(const VEC_U *)(wk + v * LANES);                                        \
+        for (int j = 0; j < R; j++) {                                                       \
+            /* x - 0 is x exactly (-0 and NaN too): a plain broadcast */                   \
+            const VEC a = src[j * step] - (VEC){0};                                         \
+            for (int v = 0; v < NV; v++)                                                    \
+                acc[j][v] += a * b[v];                                                      \
+        }                                                                                   \
+    }
+
+/* the most pixels per block of NV = 1 .. 4 vectors: 64-byte vectors in 32 registers
+   (12 x 2 sums: 12 broadcasts and 2 loads per 24 FMAs), 32-byte ones in 16 */
+#define FC_DN_ROWS_WIDE() {0, 12, 12, 8, 6}
+#define FC_DN_ROWS_NARROW() {0, 8, 6, 0, 0}
+
+/* FC_DN_ROW(..., CH, NAME, PART): one output row of every filter, out[ow*F + f] for
+   ow < OW, f < F; wpack: [KH][ntap][ldw] (ldw >= F, a whole number of vectors, zero past
+   F); bias: ldw values, zero past F (all zero for none). Two builds: CH 1 sums the taps
+   in chunks (in PART, a buffer on the stack), CH 0 in one run (no buffer: with one, and
+   the chunked blocks beside, lenet's and cifar's rows ran 1.07-1.18x slower) */
+#define FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, CH,   \
+                  NAME, PART)                                                               \
+TARGET static void NAME(                                                                    \
+    const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step,     \
+    const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out, ptrdiff_t F,        \
+    ptrdiff_t OW)                                                                           \
+{                                                                                           \
+    static const int rows_for[5] = ROWS();                                                  \
+    const ptrdiff_t ldo = F;                                                                \
+    PART;                                                                                   \
+    for (ptrdiff_t f0 = 0; f0 < F; f0 += MAX_NV * LANES) {                                  \
+        const ptrdiff_t nf = F - f0 < MAX_NV * LANES ? F - f0 : MAX_NV * LANES;             \
+        const int NV = (int)((nf + LANES - 1) / LANES);                                     \
+        const T *wchunk = wpack + f0;                                                       \
+        const T *bchunk = bias + f0;                                                        \
+        /* the row's pixels in blocks of at most rows_for[NV], as even as possible */       \
+        const ptrdiff_t blocks = (OW + rows_for[NV] - 1) / rows_for[NV];                    \
+        for (ptrdiff_t k = 0, ow0 = 0; k < blocks; k++) {                                   \
+            const int R = (int)((OW - ow0) / (blocks - k));                                 \
+            const ptrdiff_t p0 = ow0 * step;                                                \
+            T *out = row_out + ow0 * F + f0;                                                \
+            switch (NV) {                                                                   \
+            case 1: switch (R) { CASES1(sfx, 1, CH) } break;                                \
+            case 2: switch (R) { CASES2(sfx, 2, CH) } break;                                \
+            case 3: switch (R) { CASES3(sfx, 3, CH) } break;                                \
+            default: switch (R) { CASES4(sfx, 4, CH) } break;                               \
+            }                                                                               \
+            ow0 += R;                                                                       \
+        }                                                                                   \
+    }                                                                                       \
+}
+
+/* the first n lanes of vector v stored at p: through a buffer (any build), or by a
+   masked store (AVX-512: a memcpy per pixel cost lenet's 30 filters ~10%) */
+#define FC_DN_STORE_PART_COPY(T, LANES)                                                     \
+    do {                                                                                    \
+        T tail_[LANES];                                                                     \
+        memcpy(tail_, &v_, sizeof(tail_));                                                  \
+        memcpy(p_, tail_, (size_t)n_ * sizeof(T));                                          \
+    } while (0)
+#define FC_DN_STORE_PART_S(p, v, n)                                                         \
+    do { fc_v8sf v_ = (v); float *p_ = (p); ptrdiff_t n_ = (n);                            \
+         FC_DN_STORE_PART_COPY(float, 8); } while (0)
+#define FC_DN_STORE_PART_D(p, v, n)                                                         \
+    do { fc_v4df v_ = (v); double *p_ = (p); ptrdiff_t n_ = (n);                           \
+         FC_DN_STORE_PART_COPY(double, 4); } while (0)
+#define FC_DN_STORE_PART_WIDE_S(p, v, n)                                                    \
+    _mm512_mask_storeu_ps((p), (__mmask16)((1u << (n)) - 1), (__m512)(v))
+#define FC_DN_STORE_PART_WIDE_D(p, v, n)                                                    \
+    _mm512_mask_storeu_pd((p), (__mmask8)((1u << (n)) - 1), (__m512d)(v))
+
+/* FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS,
+   CASES1 .. CASES4, STORE_PART): one build of the kernel, blocks of up to MAX_NV vectors
+   of LANES, ROWS[NV] pixels at most for NV vectors (CASESn: the switch over those). */
+#define FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS, \
+                       CASES1, CASES2, CASES3, CASES4, STORE_PART)                          \
+/* out[j*ldo + f] = act(bias[f] + sum over taps) for pixels j < R and filters f < nf      \
+   (<= NV*LANES); rowp[kh] + p0: row kh's input at the block's first pixel, rowp[kh]       \
+   NULL where the row is all padding (skipped); off[t]: tap t = kw*C + c's offset in a     \
+   row; step: sw*C between pixels; w: the block's filters, [KH][ntap][ldw] */             \
+static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(                              \
+    const int R, const int NV, const int CHUNKED, const T *const *rowp, int KH, ptrdiff_t p0,\
+    const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step, const T *w, ptrdiff_t ldw,        \
+    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t nf, T *part)                  \
+{                                                                                          \
+    VEC acc[FC_DN_MAX_ROWS][FC_DN_MAX_NV];                                                 \
+    /* done: the sums of earlier chunks of FC_DN_CHUNK taps (where `chunks`), in memory  \
+       (in registers beside acc they spilled acc: lenet 1.15x slower) */                  \
+    VEC_U *done = (VEC_U *)part;                                                           \
+    int chunks = 0;                                                                        \
+    ptrdiff_t in_chunk = 0;                                                                \
+    for (int j = 0; j < R; j++)                                                            \
+        for (int v = 0; v < NV; v++)                                                       \
+            acc[j][v] = (VEC){0};                                                          \
+    for (int kh = 0; kh < KH; kh++) {                                                      \
+        if (!rowp[kh])                                                                     \
+            continue;                                                                      \
+        const T *row = rowp[kh] + p0;                                                      \
+        const T *wk = w + kh * ntap * ldw;                                                 \
+        if (!CHUNKED) {                                                                    \
+            FC_DN_SUM_TAPS(T, VEC, VEC_U, LANES, 0, ntap)                                  \
+            continue;                                                                      \
+        }                                                                                  \
+        /* chunks of whole rows, or of at most FC_DN_CHUNK taps of a longer row: the      \
+           bookkeeping stays out of the taps' loop (per tap it cost resnet-stem 1.2x) */   \
+        for (ptrdiff_t t0 = 0; t0 < ntap; t0 += FC_DN_CHUNK) {                             \
+            const ptrdiff_t n = ntap - t0 < FC_DN_CHUNK ? ntap - t0 : FC_DN_CHUNK;         \
+            if (in_chunk + n > FC_DN_CHUNK) {                                              \
+                for (int j = 0; j < R; j++)                                                \
+                    for (int v = 0; v < NV; v++) {                                         \
+                        VEC_U *d = done + j * FC_DN_MAX_NV + v;                            \
+                        *d = chunks ? *d + acc[j][v] : acc[j][v];                          \
+                        acc[j][v] = (VEC){0};                                              \
+                    }                                                                      \
+                chunks = 1;                                                                \
+                in_chunk = 0;                                                              \
+            }                                                                              \
+            FC_DN_SUM_TAPS(T, VEC, VEC_U, LANES, t0, t0 + n)                               \
+            in_chunk += n;                                                                 \
+        }                                                                                  \
+    }                                                                                      \
+    for (int j = 0; j < R; j++) {                                                          \
+        T *o = out + j * ldo;                                                              \
+        for (int v = 0; v < NV; v++) {                                                     \
+            VEC s = (chunks ? done[j * FC_DN_MAX_NV + v] + acc[j][v] : acc[j][v])          \
+                    + *(const VEC_U *)(bias + v * LANES);                                  \
+            if (relu) /* keep where !(s <= 0): NaN stays, -0 becomes 0 */                 \
+                s = (VEC)((IVEC)s & ~(IVEC)(s <= (VEC){0}));                               \
+            if ((v + 1) * LANES <= nf) {                                                   \
+                *(VEC_U *)(o + v * LANES) = s;                                             \
+            } else {                                                                       \
+                STORE_PART(o + v * LANES, s, nf - v * LANES);                              \
+            }                                                                              \
+        }                                                                                  \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 0,        \
+          fc_dn_row_##sfx, T *part = NULL)                                                 \
+FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 1,        \
+          fc_dn_row_chunked_##sfx,                                                         \
+          T part[FC_DN_MAX_ROWS * FC_DN_MAX_NV * LANES] __attribute__((aligned(64))))
+
+FC_DIRECT_NHWC(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, , FC_TARGET_WIDE, 2,
+               FC_DN_ROWS_NARROW, FC_DN_CASES8, FC_DN_CASES6, FC_DN_NO_CASES, FC_DN_NO_CASES,
+               FC_DN_STORE_PART_S)
+FC_DIRECT_NHWC(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4, , FC_TARGET_WIDE, 2,
+               FC_DN_ROWS_NARROW, FC_DN_CASES8, FC_DN_CASES6, FC_DN_NO_CASES, FC_DN_NO_CASES,
+               FC_DN_STORE_PART_D)
+
+#if FC_HAVE_V4_BUILD
+FC_DIRECT_NHWC(wide_s, float, fc_v16sf, fc_v16sf_u, fc_v16si, 16, FC_V4, FC_V4, 4,
+               FC_DN_ROWS_WIDE, FC_DN_CASES12, FC_DN_CASES12, FC_DN_CASES8, FC_DN_CASES6,
+               FC_DN_STORE_PART_WIDE_S)
+FC_DIRECT_NHWC(wide_d, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4, FC_V4, 4,
+               FC_DN_ROWS_WIDE, FC_DN_CASES12, FC_DN_CASES12, FC_DN_CASES8, FC_DN_CASES6,
+               FC_DN_STORE_PART_WIDE_D)
+#else
+/* never called: FC_V4_BUILD_RUNS() is 0 */
+#define fc_dn_row_wide_s fc_dn_row_s
+#define fc_dn_row_wide_d fc_dn_row_d
+#define fc_dn_row_chunked_wide_s fc_dn_row_chunked_s
+#define fc_dn_row_chunked_wide_d fc_dn_row_chunked_d
+#endif
+
+/* fc_direct_nhwc_row_*: the build the driver picked, the AVX-512 one with `wide` */
+#define FC_DIRECT_NHWC_DISPATCH(sfx, T)                                                     \
+static inline void fc_direct_nhwc_row_##sfx(                                                \
+    int wide, const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap,           \
+    ptrdiff_t step, const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out,     \
+    ptrdiff_t F, ptrdiff_t OW)                                                              \
+{                                                                                           \
+    /* chunks only where the taps outnumber one */                                          \
+    const int chunked = KH * ntap > FC_DN_CHUNK;                                            \
+    if (wide && chunked)                                                                    \
+        fc_dn_row_chunked_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu,     \
+                                     row_out, F, OW);                                       \
+    else if (wide)                                                                          \
+        fc_dn_row_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out,    \
+                             F, OW);                                                        \
+    else if (chunked)                                                                       \
+        fc_dn_row_chunked_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, \
+                                F, OW);                                                     \
+    else                                                                                    \
+        fc_dn_row_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, F, OW); \
+}
+
+FC_DIRECT_NHWC_DISPATCH(s, float)
+FC_DIRECT_NHWC_DISPATCH(d, double)
+
+#endif
