@@ -21,10 +21,11 @@ from cython cimport floating
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 cdef extern from "_gemm_kernels.h" nogil:
-    # C = A B (+ C), row-major, the reduction summed `chunk` terms at a time (x86-64-v4)
+    # C = A B (+ C), row-major, the reduction summed `chunk` terms at a time (x86-64-v4);
+    # prefetch_a: A in memory
     void fc_gemm_nn_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
-                      Py_ssize_t chunk)
+                      Py_ssize_t chunk, int prefetch_a)
     # C = A B^T (+ C), B stored n x k, row-major, the same way; prefetch_a: A in memory
     void fc_gemm_nt_s(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const float *a, Py_ssize_t lda,
                       const float *b, Py_ssize_t ldb, float *c, Py_ssize_t ldc, int accumulate,
@@ -161,18 +162,18 @@ cdef void gemm_rm_chunked(bint trans_a, bint trans_b, Py_ssize_t m, Py_ssize_t n
 cdef void gemm_nn(Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, const floating *a, Py_ssize_t lda,
                   const floating *b, Py_ssize_t ldb, floating beta, floating *c,
                   Py_ssize_t ldc, Py_ssize_t chunk, Py_ssize_t limit,
-                  bint own_kernel) noexcept nogil:
+                  bint own_kernel, bint a_in_memory=False) noexcept nogil:
     """C (m x n) = A (m x k) @ B (k x n) + beta * C, beta 0 or 1, the reduction summed
     ``chunk`` terms at a time as :func:`gemm_rm_chunked` does (``chunk`` <= 0: whole).
 
     For the Winograd GEMMs, whose operands lie in the workspace: with ``own_kernel``
     (where the caller measured it faster), float32 by fastconv's own AVX-512 kernel
     (no packed copies of the operands) where the CPU runs it, else BLAS. The kernel
-    takes any size (no ``limit``).
+    takes any size (no ``limit``). ``a_in_memory``: as :func:`gemm_nt`'s.
     """
     if floating is float:
         if own_kernel and _own_float:
-            fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk)
+            fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, beta != 0, chunk, a_in_memory)
             return
     gemm_rm_chunked(False, False, m, n, k, 1, a, lda, b, ldb, beta, c, ldc, chunk, limit)
 
@@ -198,8 +199,8 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
          floating beta=0, Py_ssize_t chunk=0, bint own_kernel=True, bint transposed_b=False,
          bint a_in_memory=False):
     """``c[...] = a @ b + beta * c`` by :func:`gemm_nn` (beta 0 or 1), for tests; with
-    ``transposed_b``, ``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt` (which
-    prefetches ``a`` with ``a_in_memory``).
+    ``transposed_b``, ``c[...] = a @ b.T + beta * c`` by :func:`gemm_nt` (either
+    prefetching ``a`` with ``a_in_memory``).
 
     # IN  a: (m, k); b: (k, n), or (n, k) with transposed_b; OUT c: (m, n)
     """
@@ -226,7 +227,7 @@ def gemm(const floating[:, ::1] a, const floating[:, ::1] b, floating[:, ::1] c,
                     chunk, limit, own_kernel, a_in_memory)
         else:
             gemm_nn(c.shape[0], c.shape[1], k, pa, lda, pb, c.shape[1], beta, &c[0, 0],
-                    c.shape[1], chunk, limit, own_kernel)
+                    c.shape[1], chunk, limit, own_kernel, a_in_memory)
 
 
 def own_kernel_runs():
@@ -270,4 +271,5 @@ def recorded():
     """``(calls, largest, over_limit)`` since :func:`record_calls` (True): BLAS calls made, the
     largest m, n, k, lda, ldb or ldc among them, and how many had one above their limit."""
     return int(_calls), int(_largest), int(_over)
+
 

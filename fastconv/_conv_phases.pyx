@@ -300,10 +300,12 @@ def forward(const floating[:, :, :, ::1] x, const floating[:, :, ::1] U,
                              lo, hi, D + (r - r0) * TW, tb, 1)
             input_transform(m, D, V + ci * tb, C_in * tb, tb)
         # by fastconv's own kernel where it runs (BLAS's packed copies of U and V cost
-        # dcgan-up's forward 1.06-1.13x at 2 threads)
+        # dcgan-up's forward 1.06-1.13x at 2 threads); the stacked phase filters, 512 KiB
+        # a position on dcgan-up, come from memory: the kernel fetches each next row
+        # block of them ahead (dcgan-up's forward 1.07-1.08x at 1 and 2 threads)
         for s in range(AA):
             gemm_nn(K, tb, C_in, &U[s, 0, 0], C_in, V + s * C_in * tb, tb, 0, M + s * K * tb, tb,
-                    0, limit, True)
+                    0, limit, True, True)
         # 2. per channel: every phase's output tiles, then y's rows with the phases
         #    interleaved (phase row a holds y rows a + sh*q, q < ceil((OH_t - a)/sh))
         for co in range(C_out):

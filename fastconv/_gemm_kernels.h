@@ -105,11 +105,12 @@ fc_gemm_rows_##sfx(const int NV, int R, ptrdiff_t k, const T *a, ptrdiff_t lda, 
     }                                                                                      \
 }                                                                                          \
                                                                                            \
-/* C (m x n, row stride ldc) = A (m x k) B (k x n) [+ C where accumulate] */               \
+/* C (m x n, row stride ldc) = A (m x k) B (k x n) [+ C where accumulate]; prefetch_a: A  \
+   lies in memory, not in cache (see fc_gemm_nt_s) */                                      \
 static FC_V4 void                                                                          \
 fc_gemm_nn_##sfx(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t lda,         \
                  const T *b, ptrdiff_t ldb, T *c, ptrdiff_t ldc, int accumulate,           \
-                 ptrdiff_t chunk)                                                          \
+                 ptrdiff_t chunk, int prefetch_a)                                          \
 {                                                                                          \
     /* rows split evenly into blocks of at most FC_GEMM_ROWS (64 = 6 x 11 or 10, not     \
        5 x 12 + 4: a block of few rows loads B's row for few products) */                 \
@@ -135,12 +136,17 @@ fc_gemm_nn_##sfx(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const T *a, ptrdiff_t ld
                 const T *ai = a + i0 * lda + k0;                                           \
                 const T *bj = b + k0 * ldb + j0;                                           \
                 T *cij = c + i0 * ldc + j0;                                                \
+                /* prefetch_a (A in memory, as fc_gemm_nt_s's): the first column panel     \
+                   fetches the next row block's part of A */                               \
+                const int pf_on = prefetch_a && j0 == 0 && rb + 1 < row_blocks;            \
+                const T *pf = pf_on ? ai + R * lda : NULL;                                 \
+                ptrdiff_t pf_rows = pf_on ? (m - i0 - R) / (row_blocks - rb - 1) : 0;      \
                 if (cols > L)                                                              \
                     fc_gemm_rows_##sfx(2, R, kn, ai, lda, bj, ldb, cij, ldc, add, m0, m1,  \
-                                       NULL, 0);                                           \
+                                       pf, pf_rows);                                       \
                 else                                                                       \
                     fc_gemm_rows_##sfx(1, R, kn, ai, lda, bj, ldb, cij, ldc, add, m0, m1,  \
-                                       NULL, 0);                                           \
+                                       pf, pf_rows);                                       \
                 i0 += R;                                                                   \
             }                                                                              \
         }                                                                                  \
@@ -225,7 +231,7 @@ fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t ld
     /* a panel: whole chunks, as many as FC_GEMM_KC terms hold */
     ptrdiff_t kp = FC_GEMM_KC / kc * kc;
     if (k <= 0) {
-        fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, accumulate, chunk);
+        fc_gemm_nn_s(m, n, k, a, lda, b, ldb, c, ldc, accumulate, chunk, 0);
         return;
     }
     for (ptrdiff_t p0 = 0; p0 < k; p0 += kp) {
@@ -266,7 +272,7 @@ fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t ld
 /* never called: FC_V4_BUILD_RUNS() is 0 */
 static void fc_gemm_nn_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
                          const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
-                         ptrdiff_t chunk) {}
+                         ptrdiff_t chunk, int prefetch_a) {}
 static void fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t lda,
                          const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int accumulate,
                          ptrdiff_t chunk, int prefetch_a) {}

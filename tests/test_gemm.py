@@ -22,9 +22,9 @@ def _product(rng, m, n, k, dtype):
 
 def _multiply(form, a, b, c, beta=0, chunk=0):
     """``c = a @ b + beta * c`` by ``gemm_nn`` ("nn") or, given ``b`` transposed, by
-    ``gemm_nt`` ("nt"; "nt-prefetch" fetching the rows of ``a`` ahead)."""
-    if form == "nn":
-        _blas.gemm(a, b, c, beta, chunk, True)
+    ``gemm_nt`` ("nt"); "-prefetch" fetching the rows of ``a`` ahead."""
+    if form in ("nn", "nn-prefetch"):
+        _blas.gemm(a, b, c, beta, chunk, True, a_in_memory=form == "nn-prefetch")
     else:
         _blas.gemm(a, np.ascontiguousarray(b.T), c, beta, chunk, True, transposed_b=True,
                    a_in_memory=form == "nt-prefetch")
@@ -33,7 +33,7 @@ def _multiply(form, a, b, c, beta=0, chunk=0):
 @pytest.mark.parametrize("k,chunk", [(0, 0), (1, 0), (7, 0), (17, 0), (64, 64), (65, 64),
                                      (200, 0), (200, 64), (300, 7), (129, 128)])
 @pytest.mark.parametrize("beta", [0, 1])
-@pytest.mark.parametrize("form", ["nn", "nt", "nt-prefetch"])
+@pytest.mark.parametrize("form", ["nn", "nn-prefetch", "nt", "nt-prefetch"])
 def test_every_block_and_tail(form, k, chunk, beta, dtype, gemm_kernel):
     rng = np.random.default_rng(k)
     for m in ROWS:
@@ -72,7 +72,7 @@ def test_inputs_are_not_modified_and_nothing_past_c_is_written(form, gemm_kernel
 
 
 @pytest.mark.parametrize("chunk", [1, 16, 64, 100])
-@pytest.mark.parametrize("form", ["nn", "nt", "nt-prefetch"])
+@pytest.mark.parametrize("form", ["nn", "nn-prefetch", "nt", "nt-prefetch"])
 def test_chunked_sums_add_each_chunk_to_c(form, chunk):
     """With chunks, C gets each chunk's sum in turn: bit for bit the same as one call per
     chunk, each adding to C (how gemm_rm_chunked cuts the BLAS calls; gemm_nt runs a
@@ -90,15 +90,16 @@ def test_chunked_sums_add_each_chunk_to_c(form, chunk):
     np.testing.assert_array_equal(chunked, by_calls)
 
 
+@pytest.mark.parametrize("form", ["nn", "nt"])
 @pytest.mark.parametrize("m,k,chunk", [(13, 300, 0), (100, 256, 0), (257, 130, 64)])
-def test_prefetching_a_changes_no_bit(m, k, chunk):
+def test_prefetching_a_changes_no_bit(form, m, k, chunk):
     """The fetches of the next row block's rows (``a_in_memory``) only move data into
     cache, across every row block, panel and chunk."""
     rng = np.random.default_rng(m)
     a, b, c = _product(rng, m, 64, k, np.float32)
     fetched = c.copy()
-    _multiply("nt", a, b, c, 1, chunk)
-    _multiply("nt-prefetch", a, b, fetched, 1, chunk)
+    _multiply(form, a, b, c, 1, chunk)
+    _multiply(form + "-prefetch", a, b, fetched, 1, chunk)
     np.testing.assert_array_equal(fetched, c)
 
 
