@@ -271,5 +271,3 @@ def recorded():
     """``(calls, largest, over_limit)`` since :func:`record_calls` (True): BLAS calls made, the
     largest m, n, k, lda, ldb or ldc among them, and how many had one above their limit."""
     return int(_calls), int(_largest), int(_over)
-
-

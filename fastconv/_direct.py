@@ -7,8 +7,9 @@ im2col + GEMM when that GEMM would be too shallow (K = C*KH*KW of 25 .. 150
 for a network's first layers). grad_weight of the same layers
 (:func:`backward_weight`) sums dY times the same phase rows: its GEMM would
 have only F x K outputs per image. Depthwise layers have their own direct kernel
-(``fastconv._depthwise``). grad_x runs by the im2col engine. Channels-last layers have their own forward
-(:func:`forward_nhwc`), whose kernel reads padded copies of whole NHWC rows.
+(``fastconv._depthwise``). grad_x runs by the im2col engine. Channels-last layers
+have their own forward (:func:`forward_nhwc`), whose kernel reads padded copies of
+whole NHWC rows.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ AUTO_MAX_CHANNELS = 4
 #: The channels-last kernel reads the taps of a block of filters (C*KH*KW x 64 values)
 #: for every block of output pixels: ``algorithm="auto"`` takes it for NHWC layers wider
 #: than 1x1 with at most this many taps (the block's filters stay in L2: 288 KiB, 64
-#: float32 or 32 float64 filters), where it measured faster than NHWC im2col + GEMM, which gathers a column
-#: tile first: against it (2 threads) 1.3-1.5x for 1-3 channels, 1.1-1.3x for 8-64,
-#: 1.07 for resnet-3x3-s2's 1152 taps; 0.90-1.00 with 2304 taps, 0.68-0.76 with 4608.
+#: float32 or 32 float64 filters), where it measured faster than NHWC im2col + GEMM,
+#: which gathers a column tile first: against it (2 threads) 1.3-1.5x for 1-3 channels,
+#: 1.1-1.3x for 8-64, 1.07x for resnet-3x3-s2's 1152 taps; 0.90-1.00x with 2304 taps,
+#: 0.68-0.76x with 4608.
 AUTO_MAX_TAPS_NHWC = 1152
 
 

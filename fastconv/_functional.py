@@ -294,7 +294,7 @@ def conv2d(
         Memory order of ``x`` and of the result. NHWC runs a channels-last
         engine on the array as given (no transposed copy): im2col + GEMM,
         Winograd for the forward and grad_x of plain 3x3 stride-1 layers, and a
-        direct kernel for the forward of plain layers with few input channels.
+        direct kernel for the forward of other plain layers.
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row
@@ -308,9 +308,10 @@ def conv2d(
         grad_weight by im2col);
         'im2col' is
         the column-tile + GEMM engine. 'auto' picks 'direct' for depthwise
-        layers and plain layers of at most 4 input channels (either layout), 'winograd'
+        layers and plain layers of at most 4 input channels, 'winograd'
         where it measured faster, and 'direct' for the forward of other plain
-        layers wider than 1x1 with at most 1.25 MiB of filters (see the README).
+        layers wider than 1x1 with at most 1.25 MiB of filters (NHWC: at most
+        1152 taps C*KH*KW; see the README).
     activation : {None, 'relu'}, default None
         A ReLU applied to each output tile right after the bias, while it is
         in cache (NaN stays NaN). :func:`conv2d_backward` takes the same
