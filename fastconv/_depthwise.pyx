@@ -30,7 +30,11 @@ by memory. The tap groups run outside and the rows inside. For stride 1 with
 interior of all interior rows is one interval of the flattened plane and is
 swept in one go; the border columns inside that interval are reset before the
 border loops run. With 56-column rows the set-up of each row's sweep (overlap
-checks, loop tails) otherwise costs as much as the row's arithmetic.
+checks, loop tails) otherwise costs as much as the row's arithmetic. A 3x3
+dilation-1 filter's sweep (:func:`block_set_flat`, :func:`block_gather_set_flat`,
+the forward and, with one filter per channel, grad_x) writes its sums rather
+than adding them to a plane set to the bias or zero first, two rows per step:
+the four rows they read serve both.
 
 * forward: ``out[ow] += sum w[r, c] * x_row_r[base + c*dil + ow*stride]``;
 * grad_input is the same loop turned around, one *input-gradient* row at a
