@@ -483,4 +483,3 @@ def weight_grad_output(const floating[:, ::1] partial, const unsigned char[::1] 
                         for u in range(2):
                             grad_weight[ci, co, kh0[a] + sh * t, kw0[b] + sw * u] = \
                                 scratch[(ci * K + c) * 4 + t * 2 + u]
-

@@ -1064,5 +1064,3 @@ def backward(const floating[:, :, :, ::1] x, const floating[:, ::1] w,
                 dw[f, k] = total
             elif has_bias:
                 db[f] = total
-
-
