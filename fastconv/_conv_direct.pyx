@@ -220,6 +220,20 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, :, ::1]
                                   OH * OW, F, OW, R, &partial[tid, 0], K)
 
 
+cdef inline void mapped_pixels(const floating *in_row, floating *out_row,
+                               const Py_ssize_t *colmap, Py_ssize_t p0, Py_ssize_t p1,
+                               Py_ssize_t C) noexcept nogil:
+    """Padded pixels p0 .. p1 - 1 of a row: input pixel ``colmap[p]``'s C values, or zeros
+    where it is -1."""
+    cdef Py_ssize_t p, src
+    for p in range(p0, p1):
+        src = colmap[p]
+        if src >= 0:
+            memcpy(out_row + p * C, in_row + src * C, C * sizeof(floating))
+        else:
+            memset(out_row + p * C, 0, C * sizeof(floating))
+
+
 cdef void pixel_rows(const floating *image, Py_ssize_t C, Py_ssize_t W, Py_ssize_t oh0,
                      Py_ssize_t R, floating *rows, Py_ssize_t row_len, bint shared,
                      const floating **rowp, const Py_ssize_t *rowmap, const Py_ssize_t *colmap,
@@ -232,10 +246,9 @@ cdef void pixel_rows(const floating *image, Py_ssize_t C, Py_ssize_t W, Py_ssize
     ``rowmap`` says it is all padding (not written). ``shared``: padded row r*sh + kh*dh
     is stored once, by its first reader, at ``rows + (r*sh + kh*dh)*row_len``; else each
     (r, kh) has its own row at ``(r*KH + kh)*row_len``."""
-    cdef Py_ssize_t r, kh, p, src, src_row, slot
+    cdef Py_ssize_t r, kh, src_row, slot
     cdef const floating *in_row
     cdef floating *out_row
-    cdef size_t pixel = C * sizeof(floating)
     for r in range(R):
         for kh in range(KH):
             src_row = rowmap[(oh0 + r) * KH + kh]
@@ -245,19 +258,10 @@ cdef void pixel_rows(const floating *image, Py_ssize_t C, Py_ssize_t W, Py_ssize
             if src_row < 0 or (shared and first_reader(slot, R, KH, sh, dh) != r * KH + kh):
                 continue
             in_row = image + src_row * W * C
-            for p in range(lo):
-                src = colmap[p]
-                if src >= 0:
-                    memcpy(out_row + p * C, in_row + src * C, pixel)
-                else:
-                    memset(out_row + p * C, 0, pixel)
-            memcpy(out_row + lo * C, in_row + (lo - left) * C, (hi - lo) * pixel)
-            for p in range(hi, Wp):
-                src = colmap[p]
-                if src >= 0:
-                    memcpy(out_row + p * C, in_row + src * C, pixel)
-                else:
-                    memset(out_row + p * C, 0, pixel)
+            mapped_pixels(in_row, out_row, colmap, 0, lo, C)
+            memcpy(out_row + lo * C, in_row + (lo - left) * C,
+                   (hi - lo) * C * sizeof(floating))
+            mapped_pixels(in_row, out_row, colmap, hi, Wp, C)
 
 
 def forward_nhwc(const floating[:, :, :, ::1] x, const floating[:, ::1] wpack,

@@ -235,14 +235,19 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry, dtype
 NHWC_VECTOR_BYTES = 64
 
 
-def pack_weight_nhwc(weight: np.ndarray, dtype) -> np.ndarray:
+def pack_weight_nhwc(weight: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
     """(F, C, KH, KW) -> (KH*KW*C, ldw): ``[kh][kw][c][f]``, the filters of one tap
-    adjacent and zero past F to ``ldw``, a whole number of 64-byte vectors."""
+    adjacent and zero past F to ``ldw``, a whole number of 64-byte vectors; into ``out``
+    (that many C-contiguous elements of ``dtype``) where given."""
     F, C, KH, KW = weight.shape
     lanes = NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
-    packed = np.zeros((KH, KW, C, -(-F // lanes) * lanes), dtype)
+    ldw = -(-F // lanes) * lanes
+    if out is None:
+        out = np.empty(KH * KW * C * ldw, dtype)
+    packed = out.reshape(KH, KW, C, ldw)
+    packed[..., F:] = 0
     packed[..., :F] = np.asarray(weight).transpose(2, 3, 1, 0)
-    return packed.reshape(KH * KW * C, -1)
+    return packed.reshape(KH * KW * C, ldw)
 
 
 class _PixelRowPlan(NamedTuple):
@@ -255,6 +260,7 @@ class _PixelRowPlan(NamedTuple):
     offsets: np.ndarray   # (KW*C,): tap (kw, c) at kw*dw*C + c in a padded row
     shared: bool          # a band's output rows share their input rows
     band: int             # output rows per work item
+    band_elements: int    # a band's padded rows: one thread's workspace
 
 
 @functools.lru_cache(maxsize=256)
@@ -269,11 +275,14 @@ def _pixel_row_plan(g: ConvGeometry, n_threads: int) -> _PixelRowPlan:
     band = _band_rows(g, g.C * g.KH * width, n_threads)
     # one row per padded input row unless a stride beyond the kernel's reach would leave
     # rows (and a huge one, a gap as large) that no output row reads
-    shared = (band - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1 <= band * g.KH
+    spanned = (band - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1
+    shared = spanned <= band * g.KH
     rowmap = _row_plan(g).rowmap
     for array in (colmap, offsets):
         array.flags.writeable = False
-    return _PixelRowPlan(rowmap, colmap, lo, hi, offsets, shared, band)
+    rows = spanned if shared else band * g.KH
+    return _PixelRowPlan(rowmap, colmap, lo, hi, offsets, shared, band,
+                         rows * width * g.C)
 
 
 def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
@@ -287,14 +296,16 @@ def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry
     """
     g = geometry
     plan = _pixel_row_plan(g, n_threads)
-    wpack = pack_weight_nhwc(weight, dtype)
-    b = np.zeros(wpack.shape[1], dtype)
+    lanes = NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
+    ldw = -(-g.F // lanes) * lanes
+    # in a reused workspace, as _nhwc.nhwc_weight's: a fresh array per call costs page
+    # faults (resnet-3x3-s2's packed filters are 576 KiB)
+    wpack = pack_weight_nhwc(weight, dtype, workspace("direct-nhwc-weight", dtype,
+                                                      g.C * g.KH * g.KW * ldw))
+    b = np.zeros(ldw, dtype)
     if bias is not None:
         b[:g.F] = bias
-    row_len = plan.colmap.shape[0] * g.C
-    slots = ((plan.band - 1) * g.stride_h + (g.KH - 1) * g.dilation_h + 1 if plan.shared
-             else plan.band * g.KH)
-    scratch = workspace("direct-nhwc", dtype, n_threads * slots * row_len)
+    scratch = workspace("direct-nhwc", dtype, n_threads * plan.band_elements)
     pointers = workspace("direct-nhwc-rows", np.intp, n_threads * plan.band * g.KH)
     _conv_direct.forward_nhwc(x, wpack, b, out, scratch, pointers, plan.rowmap, plan.colmap,
                               plan.lo, plan.hi, g.pad_left, plan.offsets, g.KH, g.stride_h,

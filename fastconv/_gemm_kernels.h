@@ -251,10 +251,9 @@ fc_gemm_nt_s(ptrdiff_t m, ptrdiff_t n, ptrdiff_t k, const float *a, ptrdiff_t ld
                     const float *ai = a + i0 * lda + p0 + k0;
                     /* prefetch_a: the first column panel reads A from memory, the
                        next row block's part fetched into L2 meanwhile */
-                    const float *pf = prefetch_a && j0 == 0 && rb + 1 < row_blocks
-                                      ? ai + R * lda : NULL;
-                    ptrdiff_t pf_rows = (m - i0 - R) / (row_blocks - rb - 1 > 0
-                                                        ? row_blocks - rb - 1 : 1);
+                    const int pf_on = prefetch_a && j0 == 0 && rb + 1 < row_blocks;
+                    const float *pf = pf_on ? ai + R * lda : NULL;
+                    ptrdiff_t pf_rows = pf_on ? (m - i0 - R) / (row_blocks - rb - 1) : 0;
                     if (cols > 16)
                         fc_gemm_rows_s(2, R, kn, ai, lda, panel + k0 * 32, 32, cij, ldc, add,
                                        m0, m1, pf, pf_rows);
