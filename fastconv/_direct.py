@@ -7,9 +7,12 @@ im2col + GEMM when that GEMM would be too shallow (K = C*KH*KW of 25 .. 150
 for a network's first layers). grad_weight of the same layers
 (:func:`backward_weight`) sums dY times the same phase rows: its GEMM would
 have only F x K outputs per image. Depthwise layers have their own direct kernel
-(``fastconv._depthwise``). grad_x runs by the im2col engine. Channels-last layers
-have their own forward (:func:`forward_nhwc`), whose kernel reads padded copies of
-whole NHWC rows.
+(``fastconv._depthwise``). grad_x runs by the im2col engine.
+
+The pixel-row kernel (:func:`forward_pixel_rows`) is the direct forward of channels-last
+layers and of NCHW ones with more channels, wider than 1x1 (``fastconv._implicit``
+takes 1x1 ones): it reads padded copies of whole input rows, blocks of output pixels x
+vectors of filters summing every tap.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from fastconv._padding import source_indices, source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pays_off_nhwc", "pack_weight", "pack_weight_nhwc",
-           "forward", "forward_nhwc", "backward_weight"]
+__all__ = ["applies", "pays_off", "pays_off_nhwc", "pack_weight", "pack_weight_rows",
+           "forward", "forward_pixel_rows", "backward_weight"]
 
 #: Filters per register block of the kernel (FC_FB in _direct_kernels.h).
 FILTER_BLOCK = 4
@@ -230,48 +233,67 @@ def backward_weight(x: np.ndarray, dy: np.ndarray, geometry: ConvGeometry, dtype
     return out
 
 
-#: Filter vectors of the NHWC kernel are 64 bytes: the packed filters and the bias are
-#: padded with zeros to a whole number of them (the 32-byte build reads two per 64).
+#: Filter vectors of the pixel-row kernel are 64 bytes: the packed filters and the bias
+#: are padded with zeros to a whole number of them (the 32-byte build reads two per 64).
 NHWC_VECTOR_BYTES = 64
 
+#: Output rows narrower than this run the NCHW pixel-row kernel in blocks of 2 filter
+#: vectors (up to 12 pixels), wider ones in blocks of 4 (6 pixels): a block's filters
+#: stream from L2 once per block, so short rows want long blocks. 3x3 stride-2 layers
+#: into 7x7 (8 images, interleaved, 1 / 2 threads): 256 -> 256 1.36x / 1.12x faster in
+#: blocks of 2; into 28x28 on par (0.97-1.02x), 32 -> 64 into 56x56 0.95x.
+NARROW_ROW = 12
 
-def pack_weight_nhwc(weight: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
-    """(F, C, KH, KW) -> (KH*KW*C, ldw): ``[kh][kw][c][f]``, the filters of one tap
-    adjacent and zero past F to ``ldw``, a whole number of 64-byte vectors; into ``out``
-    (that many C-contiguous elements of ``dtype``) where given."""
+
+def pack_weight_rows(weight: np.ndarray, dtype, out: np.ndarray | None = None,
+                     layout: str = "NHWC") -> np.ndarray:
+    """(F, C, KH, KW) -> (KH*KW*C, ldw), the pixel-row kernel's taps in the order its
+    input lies: ``[kh][kw][c][f]`` for NHWC rows, ``[kh][c][kw][f]`` for NCHW ones; the
+    filters of one tap adjacent and zero past F to ``ldw``, a whole number of 64-byte
+    vectors; into ``out`` (that many C-contiguous elements of ``dtype``) where given."""
     F, C, KH, KW = weight.shape
     lanes = NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
     ldw = -(-F // lanes) * lanes
     if out is None:
         out = np.empty(KH * KW * C * ldw, dtype)
-    packed = out.reshape(KH, KW, C, ldw)
+    nchw = layout == "NCHW"
+    packed = out.reshape((KH, C, KW, ldw) if nchw else (KH, KW, C, ldw))
     packed[..., F:] = 0
-    packed[..., :F] = np.asarray(weight).transpose(2, 3, 1, 0)
+    packed[..., :F] = np.asarray(weight).transpose((2, 1, 3, 0) if nchw else (2, 3, 1, 0))
     return packed.reshape(KH * KW * C, ldw)
 
 
 class _PixelRowPlan(NamedTuple):
-    """How the NHWC kernel lays out and reads a band's input rows (see forward_nhwc)."""
+    """How the pixel-row kernel lays out and reads a band's input rows (see
+    forward_pixel_rows)."""
 
     rowmap: np.ndarray    # (OH*KH,): input row under (oh, kh), -1 for padding
     colmap: np.ndarray    # (Wp,): input column under padded pixel p, -1 for zeros
     lo: int               # pixels [lo, hi) are input columns p - pad_left
     hi: int
-    offsets: np.ndarray   # (KW*C,): tap (kw, c) at kw*dw*C + c in a padded row
+    offsets: np.ndarray   # (KW*C,): where each tap of a padded row lies (see below)
     shared: bool          # a band's output rows share their input rows
     band: int             # output rows per work item
     band_elements: int    # a band's padded rows: one thread's workspace
+    vectors: int          # filter vectors per register block, at most
 
 
 @functools.lru_cache(maxsize=256)
-def _pixel_row_plan(g: ConvGeometry, n_threads: int) -> _PixelRowPlan:
-    """The NHWC row layout of a geometry, built once (see :func:`_row_plan`)."""
+def _pixel_row_plan(g: ConvGeometry, n_threads: int, layout: str = "NHWC") -> _PixelRowPlan:
+    """The padded-row layout of a geometry, built once (see :func:`_row_plan`): a row
+    holds Wp pixels of C values (NHWC; tap ``(kw, c)`` at ``kw*dw*C + c``) or C runs of
+    Wp values (NCHW; tap ``(c, kw)`` at ``c*Wp + kw*dw``)."""
     width = row_span(g)
     colmap = source_map(width, g.W, g.pad_left, g.pad_right, g.padding_mode)
     lo = min(width, g.pad_left)
     hi = max(lo, min(width, g.W + g.pad_left))
-    offsets = (np.arange(g.KW, dtype=np.intp)[:, None] * (g.dilation_w * g.C)
-               + np.arange(g.C, dtype=np.intp)[None, :]).reshape(-1)
+    kw, c = np.arange(g.KW, dtype=np.intp), np.arange(g.C, dtype=np.intp)
+    if layout == "NCHW":
+        offsets = (c[:, None] * width + kw[None, :] * g.dilation_w).reshape(-1)
+        vectors = 2 if g.OW < NARROW_ROW else 4
+    else:
+        offsets = (kw[:, None] * (g.dilation_w * g.C) + c[None, :]).reshape(-1)
+        vectors = 4
     band = _band_rows(g, g.C * g.KH * width, n_threads)
     # one row per padded input row unless a stride beyond the kernel's reach would leave
     # rows (and a huge one, a gap as large) that no output row reads
@@ -282,33 +304,38 @@ def _pixel_row_plan(g: ConvGeometry, n_threads: int) -> _PixelRowPlan:
         array.flags.writeable = False
     rows = spanned if shared else band * g.KH
     return _PixelRowPlan(rowmap, colmap, lo, hi, offsets, shared, band,
-                         rows * width * g.C)
+                         rows * width * g.C, vectors)
 
 
-def forward_nhwc(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry, dtype,
-                 n_threads: int, out: np.ndarray, relu: bool = False) -> np.ndarray:
-    """``act(conv2d(x, weight) + bias)`` of channels-last arrays by the NHWC kernel, into
-    ``out`` (N, OH, OW, F); ``x`` (N, H, W, C) must be C-contiguous of ``dtype``.
+def forward_pixel_rows(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGeometry,
+                       dtype, n_threads: int, out: np.ndarray, relu: bool = False,
+                       layout: str = "NHWC", wpack: np.ndarray | None = None) -> np.ndarray:
+    """``act(conv2d(x, weight) + bias)`` by the pixel-row kernel, into ``out``: channels-last
+    arrays (x (N, H, W, C), out (N, OH, OW, F)) or, with ``layout="NCHW"``, channels-first
+    ones; ``x`` must be C-contiguous of ``dtype``.
 
     Per work item (a band of one image's output rows) the input rows under the band are
-    copied padded, pixels of C values as in the input; the kernel then sums every tap
-    for blocks of pixels x vectors of filters (``fastconv/_direct_nhwc_kernels.h``).
+    copied padded; the kernel then sums every tap for blocks of pixels x vectors of
+    filters (``fastconv/_direct_nhwc_kernels.h``). ``wpack``: the filters packed by
+    :func:`pack_weight_rows` for this layout (a layer's cache), else packed here.
     """
     g = geometry
-    plan = _pixel_row_plan(g, n_threads)
+    plan = _pixel_row_plan(g, n_threads, layout)
     lanes = NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
     ldw = -(-g.F // lanes) * lanes
-    # in a reused workspace, as _nhwc.nhwc_weight's: a fresh array per call costs page
-    # faults (resnet-3x3-s2's packed filters are 576 KiB)
-    wpack = pack_weight_nhwc(weight, dtype, workspace("direct-nhwc-weight", dtype,
-                                                      g.C * g.KH * g.KW * ldw))
+    if wpack is None:
+        # in a reused workspace, as _nhwc.nhwc_weight's: a fresh array per call costs page
+        # faults (resnet-3x3-s2's packed filters are 576 KiB)
+        wpack = pack_weight_rows(weight, dtype, workspace("direct-nhwc-weight", dtype,
+                                                          g.C * g.KH * g.KW * ldw), layout)
     b = np.zeros(ldw, dtype)
     if bias is not None:
         b[:g.F] = bias
     scratch = workspace("direct-nhwc", dtype, n_threads * plan.band_elements)
     pointers = workspace("direct-nhwc-rows", np.intp, n_threads * plan.band * g.KH)
-    _conv_direct.forward_nhwc(x, wpack, b, out, scratch, pointers, plan.rowmap, plan.colmap,
-                              plan.lo, plan.hi, g.pad_left, plan.offsets, g.KH, g.stride_h,
-                              g.dilation_h, g.stride_w, plan.shared, plan.band, relu,
-                              WIDE_KERNEL, n_threads)
+    _conv_direct.forward_pixel_rows(x, wpack, b, out, scratch, pointers, plan.rowmap,
+                                    plan.colmap, plan.lo, plan.hi, g.pad_left, plan.offsets,
+                                    g.KH, g.stride_h, g.dilation_h, g.stride_w, plan.shared,
+                                    plan.band, relu, WIDE_KERNEL, layout == "NCHW",
+                                    plan.vectors, n_threads)
     return out

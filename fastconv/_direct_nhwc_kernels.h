@@ -12,6 +12,15 @@
    per pixel feed RB * NV FMAs. The output is channels-last already: each pixel's F
    sums are one contiguous run (a vector past F is stored through `tail`).
 
+   NCHW layers run the same blocks (`plane` > 0): the driver copies each channel's row
+   padded (a row holds C runs of Wp values), tap (kh, c, kw) lies at
+   `row_kh + ow*sw + c*Wp + kw*dw`, and the block's sums go out through a buffer, each
+   filter's RB pixels one run of its output plane (`plane` values apart). Against the
+   implicit GEMM of fastconv/_implicit_kernels.h, whose blocks load the input as
+   vectors and broadcast the filters, the filters here load as aligned vectors and the
+   inputs broadcast: no loads across cache lines, fewer loads per FMA (resnet-3x3-s2
+   1.04-1.11x, see fastconv/_direct.py).
+
    Vectors use GCC's vector extensions: a 64-byte build for AVX-512 (32 registers: RB x NV
    up to 24 sums) and a 32-byte one in the target_clones of FC_TARGET_WIDE for the others
    (16 registers: up to 12 sums). */
@@ -40,7 +49,7 @@
 /* switch (R) over blocks of 1 .. 12, 8 or 6 pixels of NV vectors */
 #define FC_DN_CASE(sfx, NV, R, CH)                                                          \
     case R: fc_dn_block_##sfx(R, NV, CH, rowp, KH, p0, off, ntap, step, wchunk, ldw,       \
-                              bchunk, relu, out, ldo, nf, part); break;
+                              bchunk, relu, out, ldo, nf, part, plane); break;
 #define FC_DN_CASES6(sfx, NV, CH)                                                           \
     FC_DN_CASE(sfx, NV, 6, CH) FC_DN_CASE(sfx, NV, 5, CH) FC_DN_CASE(sfx, NV, 4, CH)        \
     FC_DN_CASE(sfx, NV, 3, CH) FC_DN_CASE(sfx, NV, 2, CH) default: FC_DN_CASE(sfx, NV, 1, CH)
@@ -72,8 +81,9 @@
 #define FC_DN_ROWS_NARROW() {0, 8, 6, 0, 0}
 
 /* FC_DN_ROW(..., CH, NAME, PART): one output row of every filter, out[ow*F + f] for
-   ow < OW, f < F; wpack: [KH][ntap][ldw] (ldw >= F, a whole number of vectors, zero past
-   F); bias: ldw values, zero past F (all zero for none). Two builds: CH 1 sums the taps
+   ow < OW, f < F (with `plane`: out[f*plane + ow]); wpack: [KH][ntap][ldw] (ldw >= F, a
+   whole number of vectors, zero past F); bias: ldw values, zero past F (all zero for
+   none); blocks of at most `vectors` vectors of filters. Two builds: CH 1 sums the taps
    in chunks (in PART, a buffer on the stack), CH 0 in one run (no buffer: with one, and
    the chunked blocks beside, lenet's and cifar's rows ran 1.07-1.18x slower) */
 #define FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, CH,   \
@@ -81,13 +91,14 @@
 TARGET static void NAME(                                                                    \
     const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step,     \
     const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out, ptrdiff_t F,        \
-    ptrdiff_t OW)                                                                           \
+    ptrdiff_t OW, ptrdiff_t plane, int vectors)                                             \
 {                                                                                           \
     static const int rows_for[5] = ROWS();                                                  \
     const ptrdiff_t ldo = F;                                                                \
+    const ptrdiff_t width = (vectors < MAX_NV ? vectors : MAX_NV) * LANES;                  \
     PART;                                                                                   \
-    for (ptrdiff_t f0 = 0; f0 < F; f0 += MAX_NV * LANES) {                                  \
-        const ptrdiff_t nf = F - f0 < MAX_NV * LANES ? F - f0 : MAX_NV * LANES;             \
+    for (ptrdiff_t f0 = 0; f0 < F; f0 += width) {                                           \
+        const ptrdiff_t nf = F - f0 < width ? F - f0 : width;                               \
         const int NV = (int)((nf + LANES - 1) / LANES);                                     \
         const T *wchunk = wpack + f0;                                                       \
         const T *bchunk = bias + f0;                                                        \
@@ -96,7 +107,7 @@ TARGET static void NAME(                                                        
         for (ptrdiff_t k = 0, ow0 = 0; k < blocks; k++) {                                   \
             const int R = (int)((OW - ow0) / (blocks - k));                                 \
             const ptrdiff_t p0 = ow0 * step;                                                \
-            T *out = row_out + ow0 * F + f0;                                                \
+            T *out = plane ? row_out + f0 * plane + ow0 : row_out + ow0 * F + f0;           \
             switch (NV) {                                                                   \
             case 1: switch (R) { CASES1(sfx, 1, CH) } break;                                \
             case 2: switch (R) { CASES2(sfx, 2, CH) } break;                                \
@@ -139,7 +150,7 @@ TARGET static void NAME(                                                        
 static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(                              \
     const int R, const int NV, const int CHUNKED, const T *const *rowp, int KH, ptrdiff_t p0,\
     const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step, const T *w, ptrdiff_t ldw,        \
-    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t nf, T *part)                  \
+    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t nf, T *part, ptrdiff_t plane) \
 {                                                                                          \
     VEC acc[FC_DN_MAX_ROWS][FC_DN_MAX_NV];                                                 \
     /* done: the sums of earlier chunks of FC_DN_CHUNK taps (where `chunks`), in memory  \
@@ -177,6 +188,8 @@ static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(             
             in_chunk += n;                                                                 \
         }                                                                                  \
     }                                                                                      \
+    /* planar output: the sums go through a buffer, then each filter's R pixels in a run */\
+    T planar_[FC_DN_MAX_ROWS][FC_DN_MAX_NV * LANES] __attribute__((aligned(64)));        \
     for (int j = 0; j < R; j++) {                                                          \
         T *o = out + j * ldo;                                                              \
         for (int v = 0; v < NV; v++) {                                                     \
@@ -184,13 +197,19 @@ static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(             
                     + *(const VEC_U *)(bias + v * LANES);                                  \
             if (relu) /* keep where !(s <= 0): NaN stays, -0 becomes 0 */                 \
                 s = (VEC)((IVEC)s & ~(IVEC)(s <= (VEC){0}));                               \
-            if ((v + 1) * LANES <= nf) {                                                   \
+            if (plane) {                                                                   \
+                *(VEC *)(planar_[j] + v * LANES) = s;                                      \
+            } else if ((v + 1) * LANES <= nf) {                                            \
                 *(VEC_U *)(o + v * LANES) = s;                                             \
             } else {                                                                       \
                 STORE_PART(o + v * LANES, s, nf - v * LANES);                              \
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
+    if (plane)                                                                             \
+        for (ptrdiff_t f = 0; f < nf; f++)                                                 \
+            for (int j = 0; j < R; j++)                                                    \
+                out[f * plane + j] = planar_[j][f];                                        \
 }                                                                                          \
                                                                                            \
 FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 0,        \
@@ -221,26 +240,35 @@ FC_DIRECT_NHWC(wide_d, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4, FC_V4, 4,
 #define fc_dn_row_chunked_wide_d fc_dn_row_chunked_d
 #endif
 
+/* fetch the lines of a run of `bytes` into the caches (fastconv/_conv_direct.pyx: the
+   rows of the planes after the one being copied) */
+static inline void fc_prefetch_run(const void *p, ptrdiff_t bytes)
+{
+    for (ptrdiff_t k = 0; k < bytes; k += 64)
+        __builtin_prefetch((const char *)p + k);
+}
+
 /* fc_direct_nhwc_row_*: the build the driver picked, the AVX-512 one with `wide` */
 #define FC_DIRECT_NHWC_DISPATCH(sfx, T)                                                     \
 static inline void fc_direct_nhwc_row_##sfx(                                                \
     int wide, const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap,           \
     ptrdiff_t step, const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out,     \
-    ptrdiff_t F, ptrdiff_t OW)                                                              \
+    ptrdiff_t F, ptrdiff_t OW, ptrdiff_t plane, int vectors)                                \
 {                                                                                           \
     /* chunks only where the taps outnumber one */                                          \
     const int chunked = KH * ntap > FC_DN_CHUNK;                                            \
     if (wide && chunked)                                                                    \
         fc_dn_row_chunked_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu,     \
-                                     row_out, F, OW);                                       \
+                                     row_out, F, OW, plane, vectors);                       \
     else if (wide)                                                                          \
         fc_dn_row_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out,    \
-                             F, OW);                                                        \
+                             F, OW, plane, vectors);                                        \
     else if (chunked)                                                                       \
         fc_dn_row_chunked_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, \
-                                F, OW);                                                     \
+                                F, OW, plane, vectors);                                     \
     else                                                                                    \
-        fc_dn_row_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, F, OW); \
+        fc_dn_row_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, F, OW,  \
+                        plane, vectors);                                                    \
 }
 
 FC_DIRECT_NHWC_DISPATCH(s, float)

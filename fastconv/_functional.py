@@ -56,7 +56,8 @@ def _conv_inputs(x, weight, stride, padding, dilation, groups, padding_mode, lay
 def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
                       backward: bool = False, itemsize: int = 4) -> str:
     """The kernel family to run: ``'direct'`` (depthwise, NCHW; plain layers by the row
-    kernel or the implicit GEMM, NHWC ones' forward by the channels-last row kernel),
+    kernel, the pixel-row kernel or, 1x1, the implicit GEMM; NHWC ones' forward by the
+    pixel-row kernel),
     ``'winograd'`` (3x3, stride 1, dilation 1) or ``'im2col'``;
     ``backward`` asks for the backward pass, whose Winograd part (grad_x) pays off on
     other shapes than the forward; ``itemsize`` is the compute dtype's (4: float32).
@@ -298,10 +299,12 @@ def conv2d(
     algorithm : {'auto', 'im2col', 'direct', 'winograd'}, default 'auto'
         'direct' is a direct convolution kernel: the depthwise one (groups ==
         C) or, for plain layers (groups == 1), register-blocked ones: a row
-        kernel for up to 4 input channels, an implicit GEMM over stride phase
-        planes beyond (the backward: grad_weight by a direct kernel up to 4
-        channels, the rest by im2col); with ``layout='NHWC'`` the forward of plain
-        layers by a channels-last row kernel (the backward by im2col). 'winograd'
+        kernel for up to 4 input channels, beyond it a pixel-row kernel (blocks
+        of output pixels x filters over padded copies of the input rows), 1x1
+        layers an implicit GEMM over stride phase planes (the backward:
+        grad_weight by a direct kernel, the rest by im2col); with
+        ``layout='NHWC'`` the forward of plain layers by the pixel-row kernel's
+        channels-last build (the backward by im2col). 'winograd'
         computes 3x3, stride-1, dilation-1 NCHW convolutions by F(4x4, 3x3)
         (F(3x3, 3x3) or F(2x2, 3x3) where accuracy or a tiny output needs it),
         and the forward and grad_x of such NHWC layers with groups=1 (their
@@ -407,7 +410,8 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
         _winograd.forward_nhwc(xc, weight, b, geometry, n_threads, y)
         return _relu_in_place(y, n_threads) if relu else y
     if layout == "NHWC" and algorithm == "direct":
-        return _direct.forward_nhwc(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
+        return _direct.forward_pixel_rows(xc, weight, b, geometry, dtype, n_threads, y,
+                                          relu=relu)
     if layout == "NHWC":
         _nhwc.forward(xc, weight, b, geometry, dtype, n_threads, out=y)
         return _relu_in_place(y, n_threads) if relu else y
@@ -417,6 +421,13 @@ def _conv2d(x, weight, bias, stride, padding, dilation, groups, padding_mode, la
                 weight, ("implicit", np.dtype(dtype)), lambda w: _direct.pack_weight(w, dtype))
             return _implicit.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu,
                                      wpack=wpack)
+        if geometry.C > _direct.AUTO_MAX_CHANNELS:
+            # wider than 1x1 (fastconv._implicit.WIDER_BY_PIXEL_ROWS): NCHW pixel rows
+            wpack = None if weight_cache is None else weight_cache.get_or_make(
+                weight, ("pixel-rows", np.dtype(dtype)),
+                lambda w: _direct.pack_weight_rows(w, dtype, layout="NCHW"))
+            return _direct.forward_pixel_rows(xc, weight, b, geometry, dtype, n_threads, y,
+                                              relu=relu, layout="NCHW", wpack=wpack)
         return _direct.forward(xc, weight, b, geometry, dtype, n_threads, y, relu=relu)
     if algorithm == "direct":
         w = np.ascontiguousarray(weight, dtype=dtype).reshape(geometry.F, -1)

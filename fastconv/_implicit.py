@@ -1,12 +1,13 @@
 """Implicit GEMM of plain NCHW layers: the forward and the weight gradient without a
 column matrix (phase-plane maps, workspace -> kernel).
 
-The direct forward of a plain layer with many input channels
-(``conv2d(..., algorithm="direct")``, and ``"auto"`` where :func:`pays_off`)
-runs ``fastconv._conv_implicit``: the padded input under a band of output rows is
-split into stride phase planes, in which every tap of NR consecutive output
-positions is one contiguous run; a register-blocked kernel sums those runs for 4
-filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM,
+The direct forward of a 1x1 layer with many input channels
+(``conv2d(..., algorithm="direct")``, and ``"auto"`` where :func:`pays_off`; wider
+layers run ``fastconv._direct``'s pixel-row kernel, see WIDER_BY_PIXEL_ROWS, though
+this kernel computes any plain layer) runs ``fastconv._conv_implicit``: the padded
+input under a band of output rows is split into stride phase planes, in which every
+tap of NR consecutive output positions is one contiguous run; a register-blocked
+kernel sums those runs for 4 filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM,
 no column matrix is written (KH*KW copies of the input on a 3x3 layer) and BLAS
 does not copy it again into packed panels: on resnet-3x3-s2 those two copies were
 15% and 13% of the forward's samples.
@@ -219,21 +220,42 @@ def applies(geometry: ConvGeometry) -> bool:
     return g.groups == 1 and planes <= MAX_PLANE_GROWTH * g.H * g.W + 4096
 
 
-def preferred(geometry: ConvGeometry) -> bool:
-    """Whether the direct forward of this plain layer runs here rather than by the row
-    kernel of ``fastconv._direct``, which is built for a few input channels."""
+#: Plain layers wider than 1x1 run their direct forward by fastconv._direct's pixel-row
+#: kernel (``forward_pixel_rows`` with NCHW rows) rather than here: its blocks load the
+#: filters as vectors and broadcast the inputs, with no loads across cache lines.
+#: Against this kernel (8 images unless said, interleaved, 1 / 2 threads, float32): 3x3
+#: stride 2, 128 -> 128 on 56x56 (resnet-3x3-s2) 1.04-1.06x / 1.06-1.11x, 256 -> 128
+#: 1.03x / 1.05x, 128 -> 256 1.07x / 1.07x, 192 -> 192 on 28x28 1.19x / 1.15x, 32 -> 64
+#: on 112x112 1.02x / 1.09x, one image 1.16x / 1.33x; 5x5 64 -> 64 1.07x / 1.05x, 3x3
+#: dilation 2 1.14x / 1.16x; float64 1.01-1.34x (2 threads). The same thresholds
+#: (pays_off) decide against im2col.
+WIDER_BY_PIXEL_ROWS = True
+
+
+def _plain(geometry: ConvGeometry) -> bool:
+    """A plain layer this kernel applies to, with more channels than fastconv._direct's
+    row kernel is built for."""
     return applies(geometry) and geometry.C > _direct.AUTO_MAX_CHANNELS
 
 
+def preferred(geometry: ConvGeometry) -> bool:
+    """Whether the direct forward of this plain layer runs here: 1x1 layers (wider ones,
+    see WIDER_BY_PIXEL_ROWS, by the pixel-row kernel) with more channels than the row
+    kernel of ``fastconv._direct`` is built for."""
+    return _plain(geometry) and (geometry.KH * geometry.KW == 1 or not WIDER_BY_PIXEL_ROWS)
+
+
 def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
-    """Whether ``algorithm="auto"`` takes this kernel for a plain NCHW layer's forward
-    (after Winograd, which wins where it applies): a kernel wider than 1x1 with filters of
-    at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows streams all of them
+    """Whether ``algorithm="auto"`` takes the direct forward of a plain NCHW layer (after
+    Winograd, which wins where it applies), here or, wider than 1x1, by the pixel-row
+    kernel (thresholds measured with this one, which that beats): a kernel wider than
+    1x1 with filters of at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows
+    streams all of them
     (AUTO_MAX_WEIGHT_BYTES_WIDE for float32 by the AVX-512 build with at least
     AUTO_WIDE_MIN_POSITIONS output pixels per image); a 1x1 layer, a plain GEMM, where
     :func:`pointwise_pays_off`."""
     g = geometry
-    if not preferred(g):
+    if not _plain(g):
         return False
     if g.KH * g.KW == 1:
         return pointwise_pays_off(g, itemsize)

@@ -1,5 +1,7 @@
-"""The channels-last direct kernel (layout="NHWC", algorithm="direct"): pixel blocks and
-filter-vector tails, strides, dilations, padding modes, chunked sums, the fused epilogue."""
+"""The pixel-row direct kernel: channels-last layers (layout="NHWC", algorithm="direct")
+and NCHW plain layers wider than 1x1 with more than four channels (its NCHW rows): pixel
+blocks and filter-vector tails, strides, dilations, padding modes, chunked sums, the fused
+epilogue."""
 
 import itertools
 
@@ -24,14 +26,30 @@ def _problem(rng, N, C, H, W, F, kernel, dtype):
     return x, w, b
 
 
-def _check(x, w, b, dtype, n_threads=2, **args):
-    """The NHWC direct forward of NCHW data ``x`` against the reference, transposed."""
-    want = reference.conv2d(x, w, b, **args).transpose(0, 2, 3, 1)
-    got = fastconv.conv2d(_nhwc(x), w, b, layout="NHWC", algorithm="direct",
-                          n_threads=n_threads, **args)
+def _check(x, w, b, dtype, n_threads=2, layout="NHWC", **args):
+    """The direct forward of NCHW data ``x`` (transposed to channels-last, or with
+    ``layout="NCHW"`` as it is) against the reference."""
+    want = reference.conv2d(x, w, b, **args)
+    if layout == "NHWC":
+        want, x = want.transpose(0, 2, 3, 1), _nhwc(x)
+    got = fastconv.conv2d(x, w, b, layout=layout, algorithm="direct", n_threads=n_threads,
+                          **args)
     assert got.shape == want.shape
     assert_matches(got, want, dtype, w[0].size, "forward")
     return got
+
+
+@pytest.fixture(params=["NHWC", "NCHW"])
+def layout(request, monkeypatch):
+    """Both layouts of the kernel's rows; NCHW layers take it with more than four channels
+    (fewer run the phase-row kernel of fastconv._direct.forward), wider than 1x1, which
+    every call here asserts."""
+    calls = []
+    real = _direct.forward_pixel_rows
+    monkeypatch.setattr(_direct, "forward_pixel_rows",
+                        lambda *a, **k: calls.append(k.get("layout", "NHWC")) or real(*a, **k))
+    yield request.param
+    assert calls and set(calls) == {request.param}
 
 
 @pytest.fixture(params=["narrow", "wide"])
@@ -47,12 +65,14 @@ def kernel_build(request, monkeypatch):
 
 # output widths around the blocks of 6, 8 and 12 pixels (one block, two, a short last one);
 # filter counts around the vectors of 4, 8 and 16 values and the 64-value filter chunks
-@pytest.mark.parametrize("OW", [1, 5, 6, 7, 8, 9, 12, 13, 23, 25, 37])
+@pytest.mark.parametrize("OW", [1, 5, 6, 7, 8, 9, 11, 12, 13, 23, 25, 37])
 @pytest.mark.parametrize("F", [1, 3, 8, 15, 16, 17, 30, 33, 48, 64, 65, 100, 129])
-def test_pixel_and_filter_block_tails(OW, F, dtype, kernel_build):
+def test_pixel_and_filter_block_tails(OW, F, dtype, kernel_build, layout):
     rng = np.random.default_rng(OW * 131 + F)
-    x, w, b = _problem(rng, 2, 3, 5, OW + 2, F, (3, 3), dtype)
-    assert _check(x, w, b, dtype).shape == (2, 3, OW, F)
+    C = 3 if layout == "NHWC" else 5
+    x, w, b = _problem(rng, 2, C, 5, OW + 2, F, (3, 3), dtype)
+    got = _check(x, w, b, dtype, layout=layout)
+    assert got.shape == ((2, 3, OW, F) if layout == "NHWC" else (2, F, 3, OW))
 
 
 @pytest.mark.parametrize("kernel,stride,dilation,padding", [
@@ -69,54 +89,82 @@ def test_strides_dilations_and_padding_modes(kernel, stride, dilation, padding, 
            padding_mode=mode)
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    ((3, 3), 2, 1, 1), ((7, 7), 2, 1, 3), ((5, 5), 1, 1, 0), ((3, 3), 3, 1, (0, 2, 1, 2)),
+    ((3, 2), (2, 3), 2, 1), ((4, 4), (1, 2), (2, 3), "same"), ((2, 5), 4, 1, "full"),
+    ((3, 3), 1, 2, "same"),
+])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("C", [5, 12])
+def test_nchw_strides_dilations_and_padding_modes(kernel, stride, dilation, padding, mode, C,
+                                                  dtype, kernel_build, monkeypatch):
+    """NCHW rows: each channel's row padded by the mode, taps C*Wp apart."""
+    rng = np.random.default_rng(11)
+    x, w, b = _problem(rng, 2, C, 19, 33, 6, kernel, dtype)
+    calls = []
+    real = _direct.forward_pixel_rows
+    monkeypatch.setattr(_direct, "forward_pixel_rows",
+                        lambda *a, **k: calls.append(k["layout"]) or real(*a, **k))
+    _check(x, w, b, dtype, layout="NCHW", stride=stride, padding=padding, dilation=dilation,
+           padding_mode=mode)
+    assert calls == ["NCHW"]
+
+
 # taps (C*KH*KW) past the 256 summed in one run: rows of taps grouped into chunks (C=40:
 # 120 a row), and rows longer than a chunk cut (C=100: 300 a row)
 @pytest.mark.parametrize("C,kernel", [(29, (3, 3)), (40, (3, 3)), (100, (3, 3)), (6, (7, 7)),
-                                      (300, (1, 1))])
-def test_long_sums_run_in_chunks(C, kernel, dtype, kernel_build):
+                                      (300, (1, 2))])
+def test_long_sums_run_in_chunks(C, kernel, dtype, kernel_build, layout):
     rng = np.random.default_rng(C)
     x, w, b = _problem(rng, 2, C, 9, 10, 20, kernel, dtype)
-    _check(x, (w / np.sqrt(w[0].size)).astype(dtype), b, dtype, padding=1)
+    _check(x, (w / np.sqrt(w[0].size)).astype(dtype), b, dtype, padding=1, layout=layout)
 
 
-def test_chunked_float32_error_is_im2cols():
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_chunked_float32_error_is_im2cols(layout):
     """Summed in chunks as the GEMMs sum theirs, the float32 error stays near im2col's
     (one run over 4608 taps had 6.7x its error)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 512, 14, 14))
     w = rng.standard_normal((64, 512, 3, 3)) / np.sqrt(512 * 9)
-    want = reference.conv2d(x, w, stride=2, padding=1).transpose(0, 2, 3, 1)
+    want = reference.conv2d(x, w, stride=2, padding=1)
+    if layout == "NHWC":
+        want, x = want.transpose(0, 2, 3, 1), _nhwc(x)
     errors = {}
     for algorithm in ("direct", "im2col"):
-        got = fastconv.conv2d(_nhwc(x).astype(np.float32), w.astype(np.float32), stride=2,
-                              padding=1, layout="NHWC", algorithm=algorithm)
+        got = fastconv.conv2d(x.astype(np.float32), w.astype(np.float32), stride=2,
+                              padding=1, layout=layout, algorithm=algorithm)
         errors[algorithm] = np.abs(got - want).max() / np.abs(want).max()
     assert errors["direct"] <= 2 * errors["im2col"], errors
 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
-def test_thread_counts_are_bit_identical(n_threads):
+def test_thread_counts_are_bit_identical(n_threads, layout):
     """Each output row's sums are its own: the result does not depend on the threads."""
     rng = np.random.default_rng(2)
-    x, w, b = _problem(rng, 3, 3, 20, 30, 10, (5, 5), np.float32)
-    args = dict(padding=2, layout="NHWC", algorithm="direct")
-    serial = fastconv.conv2d(_nhwc(x), w, b, n_threads=1, **args)
-    np.testing.assert_array_equal(fastconv.conv2d(_nhwc(x), w, b, n_threads=n_threads, **args),
+    x, w, b = _problem(rng, 3, 6, 20, 30, 10, (5, 5), np.float32)
+    if layout == "NHWC":
+        x = _nhwc(x)
+    args = dict(padding=2, layout=layout, algorithm="direct")
+    serial = fastconv.conv2d(x, w, b, n_threads=1, **args)
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, b, n_threads=n_threads, **args),
                                   serial)
 
 
 @pytest.mark.parametrize("F", [7, 40])
-def test_both_builds_sum_alike(F, dtype, monkeypatch):
+def test_both_builds_sum_alike(F, dtype, monkeypatch, layout):
     """Both builds sum each output's taps in the same order: bit-identical results, with
     the bias and the ReLU of the store."""
     if not _conv_direct.wide_kernel():
         pytest.skip("this CPU does not run the AVX-512 kernel")
     rng = np.random.default_rng(3)
-    x, w, b = _problem(rng, 2, 3, 9, 30, F, (5, 5), dtype)
+    x, w, b = _problem(rng, 2, 6, 9, 30, F, (5, 5), dtype)
+    if layout == "NHWC":
+        x = _nhwc(x)
     got = {}
     for wide in (False, True):
         monkeypatch.setattr(_direct, "WIDE_KERNEL", wide)
-        got[wide] = fastconv.conv2d(_nhwc(x), w, b, layout="NHWC", algorithm="direct",
+        got[wide] = fastconv.conv2d(x, w, b, layout=layout, algorithm="direct",
                                     activation="relu")
     np.testing.assert_array_equal(got[True], got[False])
 
@@ -133,6 +181,26 @@ def test_bands_share_input_rows_unless_the_stride_skips_them(stride_h, expect_sh
                           **args)
     np.testing.assert_allclose(got, _nhwc(fastconv.conv2d(x, w, b, algorithm="im2col", **args)),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_nchw_relu_bias_none_out_and_inputs_kept(dtype):
+    rng = np.random.default_rng(16)
+    x, w, b = _problem(rng, 2, 6, 8, 9, 20, (3, 3), dtype)
+    kept = (x.copy(), w.copy(), b.copy())
+    args = dict(padding=1, algorithm="direct")
+    plain = fastconv.conv2d(x, w, b, **args)
+    assert_matches(plain, reference.conv2d(x, w, b, padding=1), dtype, 54, "forward")
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, b, activation="relu", **args),
+                                  np.maximum(plain, 0))
+    assert_matches(fastconv.conv2d(x, w, None, **args), reference.conv2d(x, w, None, padding=1),
+                   dtype, 54, "no bias")
+    for array, before in zip((x, w, b), kept):
+        np.testing.assert_array_equal(array, before)
+    out = np.full_like(plain, np.nan)
+    strided = np.zeros((2, 12, 8, 9), dtype)[:, ::2]
+    strided[...] = x
+    assert fastconv.conv2d(strided, w, b, out=out, **args) is out
+    np.testing.assert_array_equal(out, plain)
 
 
 def test_relu_bias_none_and_inputs_kept(dtype):
@@ -169,14 +237,46 @@ def test_backward_of_direct_runs_by_im2col(dtype):
         np.testing.assert_array_equal(g, v)
 
 
-def test_pack_weight_nhwc_puts_filters_innermost():
+def test_pack_weight_rows_puts_filters_innermost():
     w = np.arange(5 * 2 * 3 * 4, dtype=np.float64).reshape(5, 2, 3, 4)
-    packed = _direct.pack_weight_nhwc(w, np.float64)
+    packed = _direct.pack_weight_rows(w, np.float64)
     assert packed.shape == (3 * 4 * 2, 8)           # filters padded to a 64-byte vector
-    grid = packed.reshape(3, 4, 2, 8)
+    grid = packed.reshape(3, 4, 2, 8)               # [kh][kw][c]: an NHWC row's order
     np.testing.assert_array_equal(grid[1, 2, 0, :5], w[:, 0, 1, 2])
     np.testing.assert_array_equal(grid[..., 5:], 0)
-    assert _direct.pack_weight_nhwc(w, np.float32).shape == (24, 16)
+    assert _direct.pack_weight_rows(w, np.float32).shape == (24, 16)
+    grid = _direct.pack_weight_rows(w, np.float64, layout="NCHW").reshape(3, 2, 4, 8)
+    np.testing.assert_array_equal(grid[1, 0, 2, :5], w[:, 0, 1, 2])   # [kh][c][kw]
+    np.testing.assert_array_equal(grid[..., 5:], 0)
+
+
+def test_nchw_rows_take_long_blocks_where_rows_are_short():
+    """Rows narrower than NARROW_ROW: blocks of 2 filter vectors (12 pixels), else 4."""
+    def vectors(size, layout="NCHW"):
+        g = conv_geometry((2, 16, size, size), (32, 16, 3, 3), 2, 1, 1)
+        return _direct._pixel_row_plan(g, 1, layout).vectors
+
+    assert _direct.NARROW_ROW == 12
+    assert vectors(22) == 2 and vectors(24) == 4     # 11 and 12 output columns
+    assert vectors(22, "NHWC") == 4
+
+
+def test_layer_caches_the_nchw_rows_filters_and_notices_updates(monkeypatch):
+    rng = np.random.default_rng(9)
+    layer = fastconv.Conv2D(8, 8, 3, stride=2, padding=1, rng=rng, dtype=np.float64,
+                            algorithm="direct")
+    x = rng.standard_normal((2, 8, 10, 10))
+    packs = []
+    real_pack = _direct.pack_weight_rows
+    monkeypatch.setattr(_direct, "pack_weight_rows",
+                        lambda *a, **k: packs.append(k) or real_pack(*a, **k))
+    first = layer.forward(x)
+    assert_matches(layer.forward(x), reference.conv2d(x, layer.W, layer.b, 2, 1), np.float64, 72)
+    assert packs == [{"layout": "NCHW"}]
+    layer.W *= 0.5                      # an in-place update: packed again
+    assert_matches(layer.forward(x), reference.conv2d(x, layer.W, layer.b, 2, 1), np.float64, 72)
+    assert len(packs) == 2
+    assert not np.allclose(first, layer.forward(x))
 
 
 def test_auto_takes_the_nhwc_kernel_where_it_measured_faster():
@@ -201,3 +301,32 @@ def test_auto_takes_the_nhwc_kernel_where_it_measured_faster():
     assert _choose_algorithm("auto", geometry(4, groups=2), "NHWC") == "im2col"
     with pytest.raises(ValueError, match="algorithm='direct'"):
         _choose_algorithm("direct", geometry(4, groups=4, F=4), "NHWC")
+
+
+def test_nchw_direct_runs_wider_layers_here_and_1x1_by_the_implicit_gemm(monkeypatch):
+    """algorithm="direct" (and "auto" where fastconv._implicit.pays_off) on plain NCHW
+    layers of more than four channels: pixel rows wider than 1x1, the implicit GEMM's
+    in-place 1x1 kernel otherwise, the phase-row kernel with fewer channels."""
+    from fastconv import _implicit
+
+    ran = []
+    for module, name in ((_direct, "forward_pixel_rows"), (_implicit, "forward"),
+                         (_direct, "forward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k:
+                            ran.append((_name, k.get("layout"))) or _real(*a, **k))
+    rng = np.random.default_rng(12)
+    for C, kernel, algorithm, expect in [
+            (8, (3, 3), "direct", ("forward_pixel_rows", "NCHW")),
+            (8, (1, 1), "direct", ("forward", None)),
+            (3, (3, 3), "direct", ("forward", None))]:
+        x, w, b = _problem(rng, 2, C, 10, 10, 4, kernel, np.float64)
+        ran.clear()
+        got = fastconv.conv2d(x, w, b, stride=2, algorithm=algorithm)
+        assert ran == [expect], (C, kernel)
+        assert_matches(got, reference.conv2d(x, w, b, stride=2), np.float64, w[0].size)
+    resnet = conv_geometry((8, 128, 56, 56), (128, 128, 3, 3), 2, 1, 1)
+    assert _choose_algorithm("auto", resnet, "NCHW") == "direct"
+    assert not _implicit.preferred(resnet)
+    monkeypatch.setattr(_implicit, "WIDER_BY_PIXEL_ROWS", False)
+    assert _implicit.preferred(resnet)

@@ -41,6 +41,14 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def every_plain_layer_runs_here(monkeypatch):
+    """algorithm="direct" runs this kernel for plain layers wider than 1x1 too (by default
+    those run fastconv._direct's pixel-row kernel, tests/test_direct_nhwc.py), so its
+    strips, bands and phases stay tested through the API."""
+    monkeypatch.setattr(_implicit, "WIDER_BY_PIXEL_ROWS", False)
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Bands of one or two rows, channel blocks of 2-3 channels, 5 taps per pass: every
