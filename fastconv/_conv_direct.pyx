@@ -54,7 +54,16 @@ cdef extern from "_direct_nhwc_kernels.h" nogil:
                               Py_ssize_t ntap, Py_ssize_t step, const double *wpack,
                               Py_ssize_t ldw, const double *bias, int relu, double *row_out,
                               Py_ssize_t F, Py_ssize_t OW, Py_ssize_t plane, int vectors)
-    void fc_prefetch_run(const void *p, Py_ssize_t nbytes)
+    void fc_plane_rows_s(const float *image, Py_ssize_t C, Py_ssize_t plane,
+                         const Py_ssize_t *copies, Py_ssize_t n, float *rows, Py_ssize_t Wp,
+                         const Py_ssize_t *colmap, Py_ssize_t lo, Py_ssize_t hi,
+                         Py_ssize_t left, Py_ssize_t pf_first, Py_ssize_t pf_len,
+                         Py_ssize_t ahead)
+    void fc_plane_rows_d(const double *image, Py_ssize_t C, Py_ssize_t plane,
+                         const Py_ssize_t *copies, Py_ssize_t n, double *rows, Py_ssize_t Wp,
+                         const Py_ssize_t *colmap, Py_ssize_t lo, Py_ssize_t hi,
+                         Py_ssize_t left, Py_ssize_t pf_first, Py_ssize_t pf_len,
+                         Py_ssize_t ahead)
 
 cdef enum:
     # planes ahead of the one being copied whose band rows are fetched (plane_rows)
@@ -241,16 +250,6 @@ cdef inline void mapped_pixels(const floating *in_row, floating *out_row,
             memset(out_row + p * C, 0, C * sizeof(floating))
 
 
-cdef inline void mapped_values(const floating *in_row, floating *out_row,
-                               const Py_ssize_t *colmap, Py_ssize_t p0,
-                               Py_ssize_t p1) noexcept nogil:
-    """:func:`mapped_pixels` of one channel's row (one value a pixel)."""
-    cdef Py_ssize_t p, src
-    for p in range(p0, p1):
-        src = colmap[p]
-        out_row[p] = in_row[src] if src >= 0 else 0
-
-
 cdef inline Py_ssize_t row_slot(Py_ssize_t r, int kh, Py_ssize_t R, int KH, Py_ssize_t sh,
                                  Py_ssize_t dh, bint shared) noexcept nogil:
     """The padded row of a band that tap row kh of output row r reads: ``r*sh + kh*dh``
@@ -307,38 +306,33 @@ cdef void pixel_rows(const floating *image, Py_ssize_t C, Py_ssize_t W, Py_ssize
 
 cdef void plane_rows(const floating *image, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
                      Py_ssize_t oh0, Py_ssize_t R, floating *rows, Py_ssize_t row_len,
-                     bint shared, const floating **rowp, const Py_ssize_t *rowmap,
-                     const Py_ssize_t *colmap, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t left,
-                     Py_ssize_t Wp, int KH, Py_ssize_t sh, Py_ssize_t dh) noexcept nogil:
+                     bint shared, const floating **rowp, Py_ssize_t *copies,
+                     const Py_ssize_t *rowmap, const Py_ssize_t *colmap, Py_ssize_t lo,
+                     Py_ssize_t hi, Py_ssize_t left, Py_ssize_t Wp, int KH, Py_ssize_t sh,
+                     Py_ssize_t dh) noexcept nogil:
     """:func:`pixel_rows` of one NCHW image (C planes of H x W): a padded row holds each
-    channel's Wp values in turn (channel c at ``c*Wp``). Channel by channel, so each
-    plane's band rows are read as one run; the rows of the planes PLANES_AHEAD on are
-    fetched meanwhile (C planes are more streams than the hardware prefetchers follow:
-    resnet-3x3-s2's forward 1.05x / 1.06x at 1 / 2 threads, 8 planes on against none)."""
-    cdef Py_ssize_t r, kh, c, p, src_row, lo_row = H, hi_row = -1
-    cdef const floating *in_row
-    cdef floating *out_row
+    channel's Wp values in turn (channel c at ``c*Wp``), copied by ``fc_plane_rows``
+    (the C kernel, channel by channel: see there) from the list of (slot, input row)
+    pairs made here in ``copies`` (room for 2*R*KH values). The rows of the planes
+    PLANES_AHEAD on are fetched meanwhile: resnet-3x3-s2's forward 1.05x / 1.06x at 1 /
+    2 threads, 8 planes on against none."""
+    cdef Py_ssize_t r, kh, src_row, lo_row = H, hi_row = -1, n_copies = 0
     point_rows(rows, row_len, shared, rowp, rowmap, oh0, R, KH, sh, dh)
-    for r in range(R * KH):
-        src_row = rowmap[oh0 * KH + r]
-        if src_row >= 0:
-            lo_row = min(lo_row, src_row)
-            hi_row = max(hi_row, src_row)
-    for c in range(C):
-        if c + PLANES_AHEAD < C and hi_row >= 0:
-            fc_prefetch_run(image + ((c + PLANES_AHEAD) * H + lo_row) * W,
-                            (hi_row + 1 - lo_row) * W * sizeof(floating))
-        for r in range(R):
-            for kh in range(KH):
-                src_row = rowmap[(oh0 + r) * KH + kh]
-                if not stores_row(r, kh, src_row, R, KH, sh, dh, shared):
-                    continue
-                out_row = rows + row_slot(r, kh, R, KH, sh, dh, shared) * row_len + c * Wp
-                in_row = image + (c * H + src_row) * W
-                mapped_values(in_row, out_row, colmap, 0, lo)
-                for p in range(lo, hi):
-                    out_row[p] = in_row[p - left]
-                mapped_values(in_row, out_row, colmap, hi, Wp)
+    for r in range(R):
+        for kh in range(KH):
+            src_row = rowmap[(oh0 + r) * KH + kh]
+            if stores_row(r, kh, src_row, R, KH, sh, dh, shared):
+                copies[2 * n_copies] = row_slot(r, kh, R, KH, sh, dh, shared) * row_len
+                copies[2 * n_copies + 1] = src_row * W
+                n_copies = n_copies + 1
+                lo_row = min(lo_row, src_row)
+                hi_row = max(hi_row, src_row)
+    if floating is float:
+        fc_plane_rows_s(image, C, H * W, copies, n_copies, rows, Wp, colmap, lo, hi, left,
+                        lo_row * W, (hi_row + 1 - lo_row) * W, PLANES_AHEAD)
+    else:
+        fc_plane_rows_d(image, C, H * W, copies, n_copies, rows, Wp, colmap, lo, hi, left,
+                        lo_row * W, (hi_row + 1 - lo_row) * W, PLANES_AHEAD)
 
 
 def forward_pixel_rows(const floating[:, :, :, ::1] x, const floating[:, ::1] wpack,
@@ -364,8 +358,8 @@ def forward_pixel_rows(const floating[:, :, :, ::1] x, const floating[:, ::1] wp
     # IN  wpack: (KH*KW*C, ldw) filters, [kh][kw][c][f] ([kh][c][kw][f] with nchw), zero past F
     # IN  bias: (ldw,), zero past F (all zero for none)
     # OUT y: (N, OH, OW, F), or (N, F, OH, OW) with nchw, every element written
-    # workspace: n_threads equal slices of a band's rows; row_pointers: n_threads *
-    #     band_rows * KH
+    # workspace: n_threads equal slices of a band's rows; row_pointers: n_threads * 3 *
+    #     band_rows * KH (the rows' pointers, and plane_rows' list of copies)
     """
     cdef Py_ssize_t N = x.shape[0], H = x.shape[1], W = x.shape[2], C = x.shape[3]
     cdef Py_ssize_t OH = y.shape[1], OW = y.shape[2], F = y.shape[3]
@@ -396,10 +390,11 @@ def forward_pixel_rows(const floating[:, :, :, ::1] x, const floating[:, ::1] wp
         n, oh0, R = b.n, b.oh0, b.rows
         tid = openmp.omp_get_thread_num()
         rows = &workspace[tid * per_thread]
-        rowp = <const floating **> &row_pointers[tid * band_rows * KH]
+        rowp = <const floating **> &row_pointers[tid * 3 * band_rows * KH]
         if nchw:
             plane_rows(&x[n, 0, 0, 0], C, H, W, oh0, R, rows, row_len, shared, rowp,
-                       &rowmap[0], &colmap[0], lo, hi, left, Wp, KH, sh, dh)
+                       &row_pointers[(tid * 3 + 1) * band_rows * KH], &rowmap[0],
+                       &colmap[0], lo, hi, left, Wp, KH, sh, dh)
         else:
             pixel_rows(&x[n, 0, 0, 0], C, W, oh0, R, rows, row_len, shared, rowp, &rowmap[0],
                        &colmap[0], lo, hi, left, Wp, KH, sh, dh)

@@ -332,7 +332,7 @@ def forward_pixel_rows(x: np.ndarray, weight: np.ndarray, bias, geometry: ConvGe
     if bias is not None:
         b[:g.F] = bias
     scratch = workspace("direct-nhwc", dtype, n_threads * plan.band_elements)
-    pointers = workspace("direct-nhwc-rows", np.intp, n_threads * plan.band * g.KH)
+    pointers = workspace("direct-nhwc-rows", np.intp, n_threads * 3 * plan.band * g.KH)
     _conv_direct.forward_pixel_rows(x, wpack, b, out, scratch, pointers, plan.rowmap,
                                     plan.colmap, plan.lo, plan.hi, g.pad_left, plan.offsets,
                                     g.KH, g.stride_h, g.dilation_h, g.stride_w, plan.shared,

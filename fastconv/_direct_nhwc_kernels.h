@@ -240,13 +240,42 @@ FC_DIRECT_NHWC(wide_d, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4, FC_V4, 4,
 #define fc_dn_row_chunked_wide_d fc_dn_row_chunked_d
 #endif
 
-/* fetch the lines of a run of `bytes` into the caches (fastconv/_conv_direct.pyx: the
-   rows of the planes after the one being copied) */
-static inline void fc_prefetch_run(const void *p, ptrdiff_t bytes)
-{
-    for (ptrdiff_t k = 0; k < bytes; k += 64)
-        __builtin_prefetch((const char *)p + k);
+/* fc_plane_rows_*: the padded rows of one NCHW band (fastconv/_conv_direct.pyx's
+   plane_rows). For every channel c < C and each of the n listed copies i, the row at
+   `rows + copies[2i] + c*Wp` gets the input row at `image + c*plane + copies[2i + 1]`:
+   value p is src[colmap[p]] (0 where colmap[p] is -1), values [lo, hi) src[p - left],
+   one run. Channel by channel, so each plane's band rows are read together, while the
+   rows of the plane `ahead` on ([pf_first, pf_first + pf_len) of it) are fetched: C
+   planes are more streams than the hardware prefetchers follow. Vectorised in the target
+   clones (Cython's loop copied 16 bytes at a time): resnet-3x3-s2's copies alone 1.75x
+   faster (1.31 -> 0.74 ms at 1 thread), its forward 1.00-1.01x (the input's traffic
+   through the caches, not the copy's instructions, is what the kernel then waits on:
+   with no copy at all it ran 1.10x faster). */
+#define FC_PLANE_ROWS(sfx, T)                                                               \
+FC_TARGET_WIDE static void fc_plane_rows_##sfx(                                             \
+    const T *image, ptrdiff_t C, ptrdiff_t plane, const ptrdiff_t *copies, ptrdiff_t n,     \
+    T *rows, ptrdiff_t Wp, const ptrdiff_t *colmap, ptrdiff_t lo, ptrdiff_t hi,             \
+    ptrdiff_t left, ptrdiff_t pf_first, ptrdiff_t pf_len, ptrdiff_t ahead)                  \
+{                                                                                           \
+    for (ptrdiff_t c = 0; c < C; c++) {                                                     \
+        if (c + ahead < C)                                                                  \
+            for (ptrdiff_t k = 0; k < pf_len; k += 64 / (ptrdiff_t)sizeof(T))               \
+                __builtin_prefetch(image + (c + ahead) * plane + pf_first + k);             \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                 \
+            T *restrict out = rows + copies[2 * i] + c * Wp;                                \
+            const T *restrict src = image + c * plane + copies[2 * i + 1];                  \
+            for (ptrdiff_t p = 0; p < lo; p++)                                              \
+                out[p] = colmap[p] < 0 ? 0 : src[colmap[p]];                                \
+            for (ptrdiff_t p = lo; p < hi; p++)                                             \
+                out[p] = src[p - left];                                                     \
+            for (ptrdiff_t p = hi; p < Wp; p++)                                             \
+                out[p] = colmap[p] < 0 ? 0 : src[colmap[p]];                                \
+        }                                                                                   \
+    }                                                                                       \
 }
+
+FC_PLANE_ROWS(s, float)
+FC_PLANE_ROWS(d, double)
 
 /* fc_direct_nhwc_row_*: the build the driver picked, the AVX-512 one with `wide` */
 #define FC_DIRECT_NHWC_DISPATCH(sfx, T)                                                     \
