@@ -27,8 +27,8 @@ from fastconv._padding import source_indices, source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "pays_off_nhwc", "pack_weight", "pack_weight_rows",
-           "forward", "forward_pixel_rows", "backward_weight"]
+__all__ = ["applies", "pays_off", "pays_off_nhwc", "pays_off_rows", "pack_weight",
+           "pack_weight_rows", "forward", "forward_pixel_rows", "backward_weight"]
 
 #: Filters per register block of the kernel (FC_FB in _direct_kernels.h).
 FILTER_BLOCK = 4
@@ -82,6 +82,34 @@ def pays_off_nhwc(geometry: ConvGeometry) -> bool:
     g = geometry
     return (applies(g) and g.KH * g.KW > 1
             and g.C * g.KH * g.KW <= AUTO_MAX_TAPS_NHWC)
+
+
+#: ``algorithm="auto"`` takes the pixel-row kernel for the forward of NCHW plain layers
+#: wider than 1x1 with more than AUTO_MAX_CHANNELS channels (where Winograd does not
+#: apply) up to this many bytes of filters, by item size: each output row streams all of
+#: them through L2. Against im2col + GEMM (3x3 stride 2 unless said, 8 images,
+#: interleaved, median of per-call ratios, 1 / 2 threads, AVX-512 build), float32:
+#: 128 -> 128 to 14x14 (0.56 MiB) 1.32x / 1.33x, 5x5 64 -> 128 1.32x / 1.32x, 192 -> 192
+#: (1.27 MiB) 1.26x / 1.22x, 256 -> 256 to 7x7, 14x14, 28x28 (2.25 MiB) 1.19x / 1.06x,
+#: 1.16x / 1.11x, 1.18x / 1.16x, 256 -> 512 (4.5 MiB) 1.03x / 1.04x, 384 -> 384 (5.06 MiB)
+#: 1.10x / 1.05x and 1.11x / 1.14x, but 512 -> 512 to 7x7 (9 MiB) 0.82x / 0.72x; float64:
+#: 128 -> 128 (1.12 MiB) 1.23x (2 threads), 192 -> 192 (2.53 MiB) 1.14x / 1.13x, 256 -> 256
+#: (4.5 MiB) 0.94-1.25x, 9 MiB and more 0.28-0.94x. The 32-byte build (no AVX-512) was
+#: not measured against im2col: it keeps the implicit GEMM's bound, under which that
+#: kernel had won (fastconv._implicit.AUTO_MAX_WEIGHT_BYTES).
+AUTO_ROWS_MAX_WEIGHT_BYTES = {4: 6 << 20, 8: 3 << 20}
+AUTO_ROWS_MAX_WEIGHT_BYTES_NARROW = 5 << 18
+
+
+def pays_off_rows(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+    """Whether ``algorithm="auto"`` takes the pixel-row kernel for this plain NCHW layer's
+    forward (called for layers wider than 1x1 with more than AUTO_MAX_CHANNELS channels,
+    see fastconv._implicit.pays_off): filters of at most AUTO_ROWS_MAX_WEIGHT_BYTES."""
+    g = geometry
+    weight_bytes = g.F * g.C * g.KH * g.KW * itemsize
+    limit = (AUTO_ROWS_MAX_WEIGHT_BYTES.get(itemsize, 0) if WIDE_KERNEL
+             else AUTO_ROWS_MAX_WEIGHT_BYTES_NARROW)
+    return weight_bytes <= limit
 
 
 def pack_weight(weight: np.ndarray, dtype) -> np.ndarray:

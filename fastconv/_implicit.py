@@ -227,8 +227,8 @@ def applies(geometry: ConvGeometry) -> bool:
 #: stride 2, 128 -> 128 on 56x56 (resnet-3x3-s2) 1.04-1.06x / 1.06-1.11x, 256 -> 128
 #: 1.03x / 1.05x, 128 -> 256 1.07x / 1.07x, 192 -> 192 on 28x28 1.19x / 1.15x, 32 -> 64
 #: on 112x112 1.02x / 1.09x, one image 1.16x / 1.33x; 5x5 64 -> 64 1.07x / 1.05x, 3x3
-#: dilation 2 1.14x / 1.16x; float64 1.01-1.34x (2 threads). The same thresholds
-#: (pays_off) decide against im2col.
+#: dilation 2 1.14x / 1.16x; float64 1.01-1.34x (2 threads). ``auto`` takes it where
+#: ``fastconv._direct.pays_off_rows`` (measured against im2col).
 WIDER_BY_PIXEL_ROWS = True
 
 
@@ -247,18 +247,19 @@ def preferred(geometry: ConvGeometry) -> bool:
 
 def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     """Whether ``algorithm="auto"`` takes the direct forward of a plain NCHW layer (after
-    Winograd, which wins where it applies), here or, wider than 1x1, by the pixel-row
-    kernel (thresholds measured with this one, which that beats): a kernel wider than
-    1x1 with filters of at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows
-    streams all of them
-    (AUTO_MAX_WEIGHT_BYTES_WIDE for float32 by the AVX-512 build with at least
-    AUTO_WIDE_MIN_POSITIONS output pixels per image); a 1x1 layer, a plain GEMM, where
-    :func:`pointwise_pays_off`."""
+    Winograd, which wins where it applies): a 1x1 layer, a plain GEMM, here where
+    :func:`pointwise_pays_off`; a wider one by the pixel-row kernel where
+    ``fastconv._direct.pays_off_rows`` (see WIDER_BY_PIXEL_ROWS), or else here with
+    filters of at most AUTO_MAX_WEIGHT_BYTES, since every band of output rows streams all
+    of them (AUTO_MAX_WEIGHT_BYTES_WIDE for float32 by the AVX-512 build with at least
+    AUTO_WIDE_MIN_POSITIONS output pixels per image)."""
     g = geometry
     if not _plain(g):
         return False
     if g.KH * g.KW == 1:
         return pointwise_pays_off(g, itemsize)
+    if WIDER_BY_PIXEL_ROWS:
+        return _direct.pays_off_rows(g, itemsize)
     weight_bytes = g.F * g.C * g.KH * g.KW * itemsize
     return (weight_bytes <= AUTO_MAX_WEIGHT_BYTES
             or (WIDE_KERNEL and itemsize == 4 and g.OH * g.OW >= AUTO_WIDE_MIN_POSITIONS

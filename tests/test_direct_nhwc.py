@@ -330,3 +330,23 @@ def test_nchw_direct_runs_wider_layers_here_and_1x1_by_the_implicit_gemm(monkeyp
     assert not _implicit.preferred(resnet)
     monkeypatch.setattr(_implicit, "WIDER_BY_PIXEL_ROWS", False)
     assert _implicit.preferred(resnet)
+
+
+def test_auto_takes_nchw_pixel_rows_up_to_the_measured_filter_sizes(monkeypatch):
+    """``fastconv._direct.pays_off_rows``: up to 6 MiB of float32 filters and 3 MiB of
+    float64 ones with the AVX-512 build, the implicit GEMM's 1.25 MiB without it."""
+    def auto(C, F, size, itemsize=4):
+        g = conv_geometry((8, C, size, size), (F, C, 3, 3), 2, 1, 1, 1)
+        return _choose_algorithm("auto", g, "NCHW", False, itemsize)
+
+    monkeypatch.setattr(_direct, "WIDE_KERNEL", True)
+    assert auto(128, 128, 56) == "direct"               # resnet-3x3-s2
+    assert auto(192, 192, 28) == "direct"               # 1.27 MiB to 14x14
+    assert auto(256, 256, 14) == "direct"               # 2.25 MiB to 7x7
+    assert auto(384, 384, 28) == "direct"               # 5.06 MiB
+    assert auto(512, 512, 14) == "im2col"               # 9 MiB
+    assert auto(192, 192, 28, itemsize=8) == "direct"   # 2.53 MiB of float64
+    assert auto(256, 256, 28, itemsize=8) == "im2col"   # 4.5 MiB of float64
+    monkeypatch.setattr(_direct, "WIDE_KERNEL", False)
+    assert auto(128, 128, 56) == "direct"               # 0.56 MiB
+    assert auto(192, 192, 28) == "im2col"
