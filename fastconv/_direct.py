@@ -269,7 +269,7 @@ NHWC_VECTOR_BYTES = 64
 #: vectors (up to 12 pixels), wider ones in blocks of 4 (6 pixels): a block's filters
 #: stream from L2 once per block, so short rows want long blocks. 3x3 stride-2 layers
 #: into 7x7 (8 images, interleaved, 1 / 2 threads): 256 -> 256 1.36x / 1.12x faster in
-#: blocks of 2; into 28x28 on par (0.97-1.02x), 32 -> 64 into 56x56 0.95x.
+#: blocks of 2; into 28x28 0.95-1.05x, 32 -> 64 into 56x56 0.95x / 0.97x.
 NARROW_ROW = 12
 
 

@@ -7,10 +7,10 @@ layers run ``fastconv._direct``'s pixel-row kernel, see WIDER_BY_PIXEL_ROWS, tho
 this kernel computes any plain layer) runs ``fastconv._conv_implicit``: the padded
 input under a band of output rows is split into stride phase planes, in which every
 tap of NR consecutive output positions is one contiguous run; a register-blocked
-kernel sums those runs for 4 filters at a time (``fastconv/_implicit_kernels.h``). Compared with im2col + GEMM,
-no column matrix is written (KH*KW copies of the input on a 3x3 layer) and BLAS
-does not copy it again into packed panels: on resnet-3x3-s2 those two copies were
-15% and 13% of the forward's samples.
+kernel sums those runs for 4 filters at a time (``fastconv/_implicit_kernels.h``).
+Compared with im2col + GEMM, no column matrix is written (KH*KW copies of the input on
+a 3x3 layer) and BLAS does not copy it again into packed panels: on resnet-3x3-s2
+those two copies were 15% and 13% of the forward's samples.
 
 The weight gradient (:func:`backward_weight`; ``"direct"``'s beyond 4 channels, and
 ``"auto"``'s where :func:`pays_off_weight_grad`) lays the input out as column-tap planes
