@@ -183,44 +183,28 @@ def test_bands_share_input_rows_unless_the_stride_skips_them(stride_h, expect_sh
                                rtol=1e-12, atol=1e-12)
 
 
-def test_nchw_relu_bias_none_out_and_inputs_kept(dtype):
-    rng = np.random.default_rng(16)
-    x, w, b = _problem(rng, 2, 6, 8, 9, 20, (3, 3), dtype)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_relu_bias_none_and_inputs_kept(dtype, layout):
+    rng = np.random.default_rng(6)
+    x, w, b = _problem(rng, 2, 3 if layout == "NHWC" else 6, 8, 9, 20, (3, 3), dtype)
+    want, want_no_bias = (reference.conv2d(x, w, bias, padding=1) for bias in (b, None))
+    if layout == "NHWC":
+        x, want, want_no_bias = (a.transpose(0, 2, 3, 1) for a in (x, want, want_no_bias))
+        x = np.ascontiguousarray(x)
     kept = (x.copy(), w.copy(), b.copy())
-    args = dict(padding=1, algorithm="direct")
+    args = dict(padding=1, layout=layout, algorithm="direct")
     plain = fastconv.conv2d(x, w, b, **args)
-    assert_matches(plain, reference.conv2d(x, w, b, padding=1), dtype, 54, "forward")
+    assert_matches(plain, want, dtype, w[0].size, "forward")
     np.testing.assert_array_equal(fastconv.conv2d(x, w, b, activation="relu", **args),
                                   np.maximum(plain, 0))
-    assert_matches(fastconv.conv2d(x, w, None, **args), reference.conv2d(x, w, None, padding=1),
-                   dtype, 54, "no bias")
+    assert_matches(fastconv.conv2d(x, w, None, **args), want_no_bias, dtype, w[0].size,
+                   "no bias")
     for array, before in zip((x, w, b), kept):
         np.testing.assert_array_equal(array, before)
-    out = np.full_like(plain, np.nan)
-    strided = np.zeros((2, 12, 8, 9), dtype)[:, ::2]
-    strided[...] = x
-    assert fastconv.conv2d(strided, w, b, out=out, **args) is out
-    np.testing.assert_array_equal(out, plain)
-
-
-def test_relu_bias_none_and_inputs_kept(dtype):
-    rng = np.random.default_rng(6)
-    x, w, b = _problem(rng, 2, 3, 8, 9, 20, (3, 3), dtype)
-    xh = _nhwc(x)
-    kept = (xh.copy(), w.copy(), b.copy())
-    args = dict(padding=1, layout="NHWC", algorithm="direct")
-    plain = fastconv.conv2d(xh, w, b, **args)
-    np.testing.assert_array_equal(fastconv.conv2d(xh, w, b, activation="relu", **args),
-                                  np.maximum(plain, 0))
-    no_bias = fastconv.conv2d(xh, w, None, **args)
-    assert_matches(no_bias, reference.conv2d(x, w, None, padding=1).transpose(0, 2, 3, 1),
-                   dtype, 27, "no bias")
-    for array, before in zip((xh, w, b), kept):
-        np.testing.assert_array_equal(array, before)
     # a non-contiguous input and an `out` array
-    out = np.empty_like(plain)
-    strided = np.zeros((2, 8, 9, 6), dtype)[..., ::2]
-    strided[...] = xh
+    out = np.full_like(plain, np.nan)
+    strided = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype)[..., ::2]
+    strided[...] = x
     assert fastconv.conv2d(strided, w, b, out=out, **args) is out
     np.testing.assert_array_equal(out, plain)
 
