@@ -95,20 +95,19 @@ def pays_off_nhwc(geometry: ConvGeometry) -> bool:
 #: 1.10x / 1.05x and 1.11x / 1.14x, but 512 -> 512 to 7x7 (9 MiB) 0.82x / 0.72x; float64:
 #: 128 -> 128 (1.12 MiB) 1.23x (2 threads), 192 -> 192 (2.53 MiB) 1.14x / 1.13x, 256 -> 256
 #: (4.5 MiB) 0.94-1.25x, 9 MiB and more 0.28-0.94x. The 32-byte build (no AVX-512) was
-#: not measured against im2col: it keeps the implicit GEMM's bound, under which that
-#: kernel had won (fastconv._implicit.AUTO_MAX_WEIGHT_BYTES).
+#: not measured against im2col: it keeps the bound its caller passes, the implicit
+#: GEMM's, under which that kernel had won (fastconv._implicit.AUTO_MAX_WEIGHT_BYTES).
 AUTO_ROWS_MAX_WEIGHT_BYTES = {4: 6 << 20, 8: 3 << 20}
-AUTO_ROWS_MAX_WEIGHT_BYTES_NARROW = 5 << 18
 
 
-def pays_off_rows(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+def pays_off_rows(geometry: ConvGeometry, itemsize: int, narrow_max_bytes: int) -> bool:
     """Whether ``algorithm="auto"`` takes the pixel-row kernel for this plain NCHW layer's
     forward (called for layers wider than 1x1 with more than AUTO_MAX_CHANNELS channels,
-    see fastconv._implicit.pays_off): filters of at most AUTO_ROWS_MAX_WEIGHT_BYTES."""
+    see fastconv._implicit.pays_off): filters of at most AUTO_ROWS_MAX_WEIGHT_BYTES with
+    the AVX-512 build, ``narrow_max_bytes`` without it."""
     g = geometry
     weight_bytes = g.F * g.C * g.KH * g.KW * itemsize
-    limit = (AUTO_ROWS_MAX_WEIGHT_BYTES.get(itemsize, 0) if WIDE_KERNEL
-             else AUTO_ROWS_MAX_WEIGHT_BYTES_NARROW)
+    limit = AUTO_ROWS_MAX_WEIGHT_BYTES.get(itemsize, 0) if WIDE_KERNEL else narrow_max_bytes
     return weight_bytes <= limit
 
 

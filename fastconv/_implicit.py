@@ -259,7 +259,7 @@ def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
     if g.KH * g.KW == 1:
         return pointwise_pays_off(g, itemsize)
     if WIDER_BY_PIXEL_ROWS:
-        return _direct.pays_off_rows(g, itemsize)
+        return _direct.pays_off_rows(g, itemsize, AUTO_MAX_WEIGHT_BYTES)
     weight_bytes = g.F * g.C * g.KH * g.KW * itemsize
     return (weight_bytes <= AUTO_MAX_WEIGHT_BYTES
             or (WIDE_KERNEL and itemsize == 4 and g.OH * g.OW >= AUTO_WIDE_MIN_POSITIONS
