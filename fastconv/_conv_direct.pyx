@@ -49,11 +49,13 @@ cdef extern from "_direct_nhwc_kernels.h" nogil:
     void fc_direct_nhwc_row_s(bint wide, const float **rowp, int KH, const Py_ssize_t *off,
                               Py_ssize_t ntap, Py_ssize_t step, const float *wpack,
                               Py_ssize_t ldw, const float *bias, int relu, float *row_out,
-                              Py_ssize_t F, Py_ssize_t OW, Py_ssize_t plane, int vectors)
+                              Py_ssize_t F, Py_ssize_t OW, Py_ssize_t plane, Py_ssize_t ostep,
+                              int vectors)
     void fc_direct_nhwc_row_d(bint wide, const double **rowp, int KH, const Py_ssize_t *off,
                               Py_ssize_t ntap, Py_ssize_t step, const double *wpack,
                               Py_ssize_t ldw, const double *bias, int relu, double *row_out,
-                              Py_ssize_t F, Py_ssize_t OW, Py_ssize_t plane, int vectors)
+                              Py_ssize_t F, Py_ssize_t OW, Py_ssize_t plane, Py_ssize_t ostep,
+                              int vectors)
     void fc_plane_rows_s(const float *image, Py_ssize_t C, Py_ssize_t plane,
                          const Py_ssize_t *copies, Py_ssize_t n, float *rows, Py_ssize_t Wp,
                          const Py_ssize_t *colmap, Py_ssize_t lo, Py_ssize_t hi,
@@ -403,8 +405,126 @@ def forward_pixel_rows(const floating[:, :, :, ::1] x, const floating[:, ::1] wp
             if floating is float:
                 fc_direct_nhwc_row_s(wide, rowp + r * KH, KH, &offsets[0], ntap, step,
                                      &wpack[0, 0], wpack.shape[1], &bias[0], relu,
-                                     row_out, F, OW, plane, vectors)
+                                     row_out, F, OW, plane, 1, vectors)
             else:
                 fc_direct_nhwc_row_d(wide, rowp + r * KH, KH, &offsets[0], ntap, step,
                                      &wpack[0, 0], wpack.shape[1], &bias[0], relu,
-                                     row_out, F, OW, plane, vectors)
+                                     row_out, F, OW, plane, 1, vectors)
+
+
+cdef enum:
+    # the columns of input_grad_phases' ``phases`` table
+    PHASE_ROW, PHASE_COL, PHASE_OH, PHASE_OW, PHASE_KH, PHASE_TAPS, PHASE_LO, PHASE_HI,
+    PHASE_LEFT, PHASE_WP, PHASE_SHARED, PHASE_WROW, PHASE_FIELDS
+
+
+def input_grad_phases(const floating[:, :, :, ::1] dy, const floating[:, ::1] wpack,
+                      const floating[::1] zeros, floating[:, :, :, ::1] grad_x,
+                      floating[::1] workspace, Py_ssize_t[::1] row_pointers,
+                      const Py_ssize_t[:, ::1] phases, const Py_ssize_t[:, ::1] rowmaps,
+                      const Py_ssize_t[:, ::1] colmaps, const Py_ssize_t[:, ::1] offsets,
+                      int stride_h, int stride_w, Py_ssize_t band_rows, bint wide,
+                      int vectors, int n_threads):
+    """grad_x of a strided convolution, phase by phase: grad_x's rows ``py + sh*i`` and
+    columns ``px + sw*j`` (phase (py, px)) are a stride-1 correlation of dY with the taps
+    of W that meet them, which the pixel-row kernel sums straight into those positions.
+
+    A work item is a band of phase rows ``i0 .. i0 + band_rows`` of one image, every
+    phase: grad_x's rows ``sh*i0 .. sh*(i0 + band_rows)``, so each cache line of grad_x
+    is completed by one item. Per phase the dY rows under the band are copied padded
+    (:func:`plane_rows`) and each phase row summed by ``fc_direct_nhwc_row`` (output
+    values ``sw`` apart).
+
+    ``phases[p]``: phase p's (py, px), output rows and columns, taps per column
+    (KH), taps per row (C_out * KW), padded columns [lo, hi) that show dY column
+    ``q - left``, the row length Wp, whether its rows are shared (as
+    :func:`forward_pixel_rows`' ``shared``) and its first row of ``wpack``;
+    ``rowmaps[p, i*KH + kh]``, ``colmaps[p, q]``, ``offsets[p, t]``: as
+    :func:`forward_pixel_rows`' rowmap, colmap and offsets for the phase.
+
+    # IN  dy: (N, C_out, OH, OW); wpack: the phases' filters (each as pack_weight_rows
+    #     with NCHW rows), stacked by rows; zeros: (wpack.shape[1],) zeros
+    # OUT grad_x: (N, C_in, H, W); every element written where the phases cover it
+    # workspace: n_threads equal slices of the largest phase band's rows; row_pointers:
+    #     n_threads * 3 * band_rows * (the largest KH)
+    """
+    cdef Py_ssize_t N = dy.shape[0], Cd = dy.shape[1], Hd = dy.shape[2], Wd = dy.shape[3]
+    cdef Py_ssize_t C = grad_x.shape[1], plane = grad_x.shape[2] * grad_x.shape[3]
+    cdef Py_ssize_t n_phases = phases.shape[0]
+    cdef Py_ssize_t most_rows = 0, p
+    for p in range(n_phases):
+        most_rows = max(most_rows, phases[p, PHASE_OH])
+    cdef Py_ssize_t bands = (most_rows + band_rows - 1) // band_rows
+    cdef Py_ssize_t per_thread = workspace.shape[0] // n_threads
+    cdef Py_ssize_t per_pointers = row_pointers.shape[0] // n_threads
+    cdef Py_ssize_t item, n, i0, R, r, Wp, KH
+    cdef Band b
+    cdef int tid
+    cdef floating *rows
+    cdef floating *row_out
+    cdef const floating **rowp
+    cdef const floating *w
+    if phases.shape[1] != PHASE_FIELDS:
+        raise ValueError(f"phases must have {PHASE_FIELDS} columns, got {phases.shape[1]}")
+    if wide and not FC_V4_BUILD_RUNS():
+        raise ValueError("wide: this CPU does not run the AVX-512 kernel")
+    if N == 0 or bands == 0:
+        return
+    for item in prange(N * bands, nogil=True, num_threads=n_threads, schedule="dynamic"):
+        b = band_item(item, bands, band_rows, most_rows)
+        n, i0 = b.n, b.oh0
+        tid = openmp.omp_get_thread_num()
+        rows = &workspace[tid * per_thread]
+        rowp = <const floating **> &row_pointers[tid * per_pointers]
+        for p in range(n_phases):
+            R = min(band_rows, phases[p, PHASE_OH] - i0)
+            if R <= 0:
+                continue
+            KH = phases[p, PHASE_KH]
+            Wp = phases[p, PHASE_WP]
+            plane_rows(&dy[n, 0, 0, 0], Cd, Hd, Wd, i0, R, rows, Wp * Cd,
+                       phases[p, PHASE_SHARED], rowp, &row_pointers[tid * per_pointers
+                                                                    + band_rows * KH],
+                       &rowmaps[p, 0], &colmaps[p, 0], phases[p, PHASE_LO],
+                       phases[p, PHASE_HI], phases[p, PHASE_LEFT], Wp, KH, 1, 1)
+            w = &wpack[phases[p, PHASE_WROW], 0]
+            for r in range(R):
+                row_out = &grad_x[n, 0, phases[p, PHASE_ROW] + (i0 + r) * stride_h,
+                                  phases[p, PHASE_COL]]
+                if floating is float:
+                    fc_direct_nhwc_row_s(wide, rowp + r * KH, KH, &offsets[p, 0],
+                                         phases[p, PHASE_TAPS], 1, w, wpack.shape[1],
+                                         &zeros[0], False, row_out, C, phases[p, PHASE_OW],
+                                         plane, stride_w, vectors)
+                else:
+                    fc_direct_nhwc_row_d(wide, rowp + r * KH, KH, &offsets[p, 0],
+                                         phases[p, PHASE_TAPS], 1, w, wpack.shape[1],
+                                         &zeros[0], False, row_out, C, phases[p, PHASE_OW],
+                                         plane, stride_w, vectors)
+
+
+def pack_phase_weight(const floating[:, :, :, ::1] weight, floating[:, ::1] out,
+                      const Py_ssize_t[::1] tap_row, const Py_ssize_t[::1] tap_step,
+                      int n_threads):
+    """The stride phases' filters for :func:`input_grad_phases`: tap (kh, kw) of filter f
+    and channel c, ``weight[f, c, kh, kw]``, goes to ``out[tap_row[k] + f*tap_step[k],
+    c]`` (k = kh*KW + kw; no row where tap_row[k] < 0), zero past C. With tap_row the
+    phase's first row plus ``t*F*KWp + u`` for its tap (t, u) and tap_step KWp, this is
+    :func:`fastconv._direct.pack_weight_rows` (NCHW rows) of every phase's filters with
+    the channel axes swapped, stacked.
+
+    # IN  weight: (F, C, KH, KW); tap_row, tap_step: (KH*KW,)
+    # OUT out: (rows, ldw >= C), every row some tap names written
+    """
+    cdef Py_ssize_t F = weight.shape[0], C = weight.shape[1], KW = weight.shape[3]
+    cdef Py_ssize_t taps = tap_row.shape[0], ldw = out.shape[1]
+    cdef Py_ssize_t f, k, c, row
+    for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
+        for k in range(taps):
+            if tap_row[k] < 0:
+                continue
+            row = tap_row[k] + f * tap_step[k]
+            for c in range(C):
+                out[row, c] = weight[f, c, k // KW, k % KW]
+            for c in range(C, ldw):
+                out[row, c] = 0

@@ -15,7 +15,8 @@
    NCHW layers run the same blocks (`plane` > 0): the driver copies each channel's row
    padded (a row holds C runs of Wp values), tap (kh, c, kw) lies at
    `row_kh + ow*sw + c*Wp + kw*dw`, and the block's sums go out through a buffer, each
-   filter's RB pixels one run of its output plane (`plane` values apart). Against the
+   filter's RB pixels one run of its output plane (`plane` values apart), or every
+   `ostep`-th value of one (a stride phase of grad_x, fastconv/_stride_phases.py). Against the
    implicit GEMM of fastconv/_implicit_kernels.h, whose blocks load the input as
    vectors and broadcast the filters, the filters here load as aligned vectors and the
    inputs broadcast: no loads across cache lines, fewer loads per FMA (resnet-3x3-s2
@@ -49,7 +50,7 @@
 /* switch (R) over blocks of 1 .. 12, 8 or 6 pixels of NV vectors */
 #define FC_DN_CASE(sfx, NV, R, CH)                                                          \
     case R: fc_dn_block_##sfx(R, NV, CH, rowp, KH, p0, off, ntap, step, wchunk, ldw,       \
-                              bchunk, relu, out, ldo, nf, part, plane); break;
+                              bchunk, relu, out, ldo, nf, part, plane, ostep); break;
 #define FC_DN_CASES6(sfx, NV, CH)                                                           \
     FC_DN_CASE(sfx, NV, 6, CH) FC_DN_CASE(sfx, NV, 5, CH) FC_DN_CASE(sfx, NV, 4, CH)        \
     FC_DN_CASE(sfx, NV, 3, CH) FC_DN_CASE(sfx, NV, 2, CH) default: FC_DN_CASE(sfx, NV, 1, CH)
@@ -81,7 +82,7 @@
 #define FC_DN_ROWS_NARROW() {0, 8, 6, 0, 0}
 
 /* FC_DN_ROW(..., CH, NAME, PART): one output row of every filter, out[ow*F + f] for
-   ow < OW, f < F (with `plane`: out[f*plane + ow]); wpack: [KH][ntap][ldw] (ldw >= F, a
+   ow < OW, f < F (with `plane`: out[f*plane + ow*ostep]); wpack: [KH][ntap][ldw] (ldw >= F, a
    whole number of vectors, zero past F); bias: ldw values, zero past F (all zero for
    none); blocks of at most `vectors` vectors of filters. Two builds: CH 1 sums the taps
    in chunks (in PART, a buffer on the stack), CH 0 in one run (no buffer: with one, and
@@ -91,7 +92,7 @@
 TARGET static void NAME(                                                                    \
     const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step,     \
     const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out, ptrdiff_t F,        \
-    ptrdiff_t OW, ptrdiff_t plane, int vectors)                                             \
+    ptrdiff_t OW, ptrdiff_t plane, ptrdiff_t ostep, int vectors)                            \
 {                                                                                           \
     static const int rows_for[5] = ROWS();                                                  \
     const ptrdiff_t ldo = F;                                                                \
@@ -107,7 +108,7 @@ TARGET static void NAME(                                                        
         for (ptrdiff_t k = 0, ow0 = 0; k < blocks; k++) {                                   \
             const int R = (int)((OW - ow0) / (blocks - k));                                 \
             const ptrdiff_t p0 = ow0 * step;                                                \
-            T *out = plane ? row_out + f0 * plane + ow0 : row_out + ow0 * F + f0;           \
+            T *out = plane ? row_out + f0 * plane + ow0 * ostep : row_out + ow0 * F + f0;   \
             switch (NV) {                                                                   \
             case 1: switch (R) { CASES1(sfx, 1, CH) } break;                                \
             case 2: switch (R) { CASES2(sfx, 2, CH) } break;                                \
@@ -150,7 +151,8 @@ TARGET static void NAME(                                                        
 static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(                              \
     const int R, const int NV, const int CHUNKED, const T *const *rowp, int KH, ptrdiff_t p0,\
     const ptrdiff_t *off, ptrdiff_t ntap, ptrdiff_t step, const T *w, ptrdiff_t ldw,        \
-    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t nf, T *part, ptrdiff_t plane) \
+    const T *bias, int relu, T *out, ptrdiff_t ldo, ptrdiff_t nf, T *part, ptrdiff_t plane, \
+    ptrdiff_t ostep)                                                                       \
 {                                                                                          \
     VEC acc[FC_DN_MAX_ROWS][FC_DN_MAX_NV];                                                 \
     /* done: the sums of earlier chunks of FC_DN_CHUNK taps (where `chunks`), in memory  \
@@ -209,7 +211,7 @@ static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(             
     if (plane)                                                                             \
         for (ptrdiff_t f = 0; f < nf; f++)                                                 \
             for (int j = 0; j < R; j++)                                                    \
-                out[f * plane + j] = planar_[j][f];                                        \
+                out[f * plane + j * ostep] = planar_[j][f];                                \
 }                                                                                          \
                                                                                            \
 FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 0,        \
@@ -282,22 +284,22 @@ FC_PLANE_ROWS(d, double)
 static inline void fc_direct_nhwc_row_##sfx(                                                \
     int wide, const T *const *rowp, int KH, const ptrdiff_t *off, ptrdiff_t ntap,           \
     ptrdiff_t step, const T *wpack, ptrdiff_t ldw, const T *bias, int relu, T *row_out,     \
-    ptrdiff_t F, ptrdiff_t OW, ptrdiff_t plane, int vectors)                                \
+    ptrdiff_t F, ptrdiff_t OW, ptrdiff_t plane, ptrdiff_t ostep, int vectors)               \
 {                                                                                           \
     /* chunks only where the taps outnumber one */                                          \
     const int chunked = KH * ntap > FC_DN_CHUNK;                                            \
     if (wide && chunked)                                                                    \
         fc_dn_row_chunked_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu,     \
-                                     row_out, F, OW, plane, vectors);                       \
+                                     row_out, F, OW, plane, ostep, vectors);                \
     else if (wide)                                                                          \
         fc_dn_row_wide_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out,    \
-                             F, OW, plane, vectors);                                        \
+                             F, OW, plane, ostep, vectors);                                 \
     else if (chunked)                                                                       \
         fc_dn_row_chunked_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, \
-                                F, OW, plane, vectors);                                     \
+                                F, OW, plane, ostep, vectors);                              \
     else                                                                                    \
         fc_dn_row_##sfx(rowp, KH, off, ntap, step, wpack, ldw, bias, relu, row_out, F, OW,  \
-                        plane, vectors);                                                    \
+                        plane, ostep, vectors);                                             \
 }
 
 FC_DIRECT_NHWC_DISPATCH(s, float)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastconv import (_blas, _conv, _direct, _im2col, _implicit, _nhwc, _pool, _tiling,
-                      _winograd)
+from fastconv import (_blas, _conv, _direct, _im2col, _implicit, _nhwc, _pool, _stride_phases,
+                      _tiling, _winograd)
 from fastconv._depthwise_kernels import kernels as _depthwise
 from fastconv._threads import effective_n_threads, single_threaded_blas
 from fastconv._tiling import check_blas_limits, plan
@@ -125,6 +125,9 @@ def _choose_algorithm(algorithm: str, geometry: ConvGeometry, layout: str,
         if (layout == "NCHW" and direct_applies and backward
                 and _implicit.pointwise_input_grad_pays_off(geometry, itemsize)):
             return "direct"             # grad_x: a 1x1 layer on dY, read in place
+        if (layout == "NCHW" and direct_applies and backward
+                and _stride_phases.pays_off(geometry, itemsize)):
+            return "direct"             # grad_x: by stride phases
         return "im2col"
     return algorithm
 
@@ -602,6 +605,11 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         return grad_x, grad_weight, grad_bias
     winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
                       and _winograd.fits_input_grad(geometry))
+    # grad_x without a column matrix: by Winograd, by stride phases, or (a 1x1 layer's
+    # with "auto") by the implicit kernel on dY in place
+    phases_input = algorithm == "direct" and _stride_phases.applies(geometry)
+    in_place_input = winograd_input or (algorithm == "direct" and (
+        phases_input or requested == "auto"))
     weight_algorithm = _weight_grad_algorithm(requested, algorithm, geometry,
                                               np.dtype(dtype).itemsize)
     direct_weight = weight_algorithm == "direct"
@@ -614,7 +622,7 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         _winograd.backward_weight(xc, dy, geometry, n_threads, grad_weight)
     if with_bias and (direct_weight or winograd_weight):
         _conv.channel_sums(dy.reshape(N, F, -1), grad_bias, n_threads)
-    if not ((direct_weight or winograd_weight) and winograd_input):
+    if not ((direct_weight or winograd_weight) and in_place_input):
         tiles, scratch = _plan_and_workspace(geometry, dtype, n_threads)
     if not (direct_weight or winograd_weight):
         partial = workspace("partial", dtype, n_threads * (F * Kg + F)).reshape(n_threads, -1)
@@ -626,8 +634,10 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
                                   transposed_sums=transposed)
         _conv.reduce_rows(partial, weight_and_bias, n_threads,
                           *((geometry.groups, Fg, Kg) if transposed else ()))
-    if requested == "auto" and algorithm == "direct":
-        # (only a 1x1 layer's grad_x, see _choose_algorithm)
+    if phases_input:
+        _stride_phases.backward_input(dy, weight, geometry, dtype, n_threads, grad_x)
+    elif requested == "auto" and algorithm == "direct":
+        # (otherwise only a 1x1 layer's grad_x, see _choose_algorithm)
         _implicit.backward_input_in_place(dy, w2d, geometry, dtype, n_threads, grad_x)
     elif not winograd_input:
         with single_threaded_blas:

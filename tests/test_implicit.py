@@ -269,7 +269,9 @@ def test_auto_rule():
     assert auto(3, 64, 7, stride=2) == "direct"                     # the row kernel's
     assert not _implicit.preferred(conv_geometry((2, 3, 28, 28), (64, 3, 7, 7), 2, 3, 1, 1))
     assert auto(128, 128, 3, stride=2, layout="NHWC") == "direct"   # the NHWC kernel's
-    assert auto(128, 128, 3, stride=2, backward=True) == "im2col"
+    # grad_x: by stride phases (tests/test_stride_phases.py)
+    assert auto(128, 128, 3, stride=2, backward=True) == "direct"
+    assert auto(32, 32, 3, stride=2, backward=True) == "im2col"
 
 
 def test_auto_takes_larger_filters_by_the_wide_kernel_on_larger_outputs(monkeypatch):
@@ -412,16 +414,21 @@ def test_layer_caches_the_packed_filters_and_notices_updates(monkeypatch):
 
 
 def test_backward_of_direct_beyond_four_channels(dtype):
-    """Beyond 4 channels 'direct' runs the implicit weight gradient and grad_x by im2col
-    (the row kernel's weight gradient, built for a few channels, took 2x im2col's time
-    at 128)."""
+    """Beyond 4 channels 'direct' runs the implicit weight gradient (the row kernel's
+    weight gradient, built for a few channels, took 2x im2col's time at 128), and grad_x
+    by im2col, or by stride phases on a strided layer (tests/test_stride_phases.py)."""
     rng = np.random.default_rng(10)
     x, w, b = _problem(rng, 2, 5, 9, 9, 6, (3, 3), dtype)
     dy = rng.standard_normal((2, 6, 5, 5)).astype(dtype)
     got = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="direct")
     want = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="im2col")
-    np.testing.assert_array_equal(got[0], want[0])
+    assert_matches(got[0], reference.conv2d_backward(dy, x, w, 2, 1)[0], dtype, 6 * 9,
+                   "grad_x")
     np.testing.assert_array_equal(got[2], want[2])
+    dy1 = rng.standard_normal((2, 6, 9, 9)).astype(dtype)
+    np.testing.assert_array_equal(
+        fastconv.conv2d_backward(dy1, x, w, padding=1, algorithm="direct")[0],
+        fastconv.conv2d_backward(dy1, x, w, padding=1, algorithm="im2col")[0])
     assert_matches(got[1], reference.conv2d_backward(dy, x, w, 2, 1)[1], dtype, 2 * 25,
                    "grad_weight")
 

@@ -419,7 +419,7 @@ def test_auto_picks_winograd_for_3x3_stride_1_nchw_where_it_pays():
     assert forward(geometry(64, 64, stride=2)) == "direct"
     assert forward(geometry(64, 64, kernel=5)) == "direct"
     assert forward(geometry(64, 64, dilation=2)) == "direct"
-    assert backward(geometry(64, 64, stride=2)) == "im2col"
+    assert backward(geometry(64, 64, stride=2)) == "direct"     # grad_x by stride phases
     assert forward(geometry(64, 64, groups=64)) == "direct"
     # few input channels: only with few filters per channel (the forward) ...
     assert forward(geometry(6, 16)) == "winograd"
