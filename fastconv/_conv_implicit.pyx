@@ -266,9 +266,14 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                     const Py_ssize_t[::1] offsets, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t OH,
                     Py_ssize_t OW, Py_ssize_t band_rows, Py_ssize_t channel_block, int KH, int KW,
                     Py_ssize_t reach, int stride_h, int stride_w, int dilation_w, Py_ssize_t left,
-                    int n_threads):
+                    int n_threads, Py_ssize_t taps_per_channel,
+                    const unsigned char[::1] plane_used):
     """partial[t, f*K + k] = thread t's share of sum_{n, oh, ow} dy[n, f, oh*OW + ow] *
-    (tap k = (c*KH + kh)*KW + kw of output pixel (oh, ow)), K = C*KH*KW.
+    (tap k = (c*KH + kh)*KW + kw of output pixel (oh, ow)), K = C*KH*KW; or, with
+    ``taps_per_channel`` < KH*KW, only the taps ``offsets`` lists for each channel,
+    k = c*taps_per_channel + (the tap's place in that list), K = C*taps_per_channel;
+    ``plane_used[ph*KW + kw]`` says whether those taps read plane (ph, kw) (else it is not
+    laid out).
 
     A work item is a band of ``band_rows`` output rows of one image and a block of
     ``channel_block`` channels (consecutive items share the band's dY rows). Its thread
@@ -287,7 +292,7 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t F = dy.shape[1], P = dy.shape[2]
-    cdef Py_ssize_t K = C * KH * KW
+    cdef Py_ssize_t KK = taps_per_channel, K = C * KK
     cdef Py_ssize_t sh = stride_h, sw = stride_w
     cdef Py_ssize_t plane_size = (band_rows + reach) * OW
     cdef Py_ssize_t per_thread = planes.shape[0] // n_threads
@@ -319,6 +324,8 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                 if row_index[ph] < 0:
                     continue
                 for kw in range(KW):
+                    if not plane_used[ph * KW + kw]:
+                        continue
                     pw = (kw * dilation_w) % sw
                     shift = (kw * dilation_w) // sw
                     lo_q = min(OW, max(0, lo[pw] - shift))
@@ -332,11 +339,11 @@ def backward_weight(const floating[:, :, :, ::1] x, const floating[:, :, ::1] dy
                             copy_phase_row(plane + src_row * W, dst + i * OW, OW,
                                            &colmap[pw * Wq + shift], 1, lo_q, hi_q,
                                            pw - left + shift * sw, sw)
-        sums = &partial[t, c0 * KH * KW]
+        sums = &partial[t, c0 * KK]
         # the band as one row of rows*OW pixels (the planes are OW wide, as dY's rows)
         if floating is float:
-            fc_weight_grad_band_s(band_planes, 0, &offsets[0], cn * KH * KW,
+            fc_weight_grad_band_s(band_planes, 0, &offsets[0], cn * KK,
                                   &dy[n, 0, oh0 * OW], P, F, rows * OW, 1, sums, K)
         else:
-            fc_weight_grad_band_d(band_planes, 0, &offsets[0], cn * KH * KW,
+            fc_weight_grad_band_d(band_planes, 0, &offsets[0], cn * KK,
                                   &dy[n, 0, oh0 * OW], P, F, rows * OW, 1, sums, K)

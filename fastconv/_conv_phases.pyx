@@ -70,11 +70,12 @@ cdef extern from "_winograd_transforms.h" nogil:
                               Py_ssize_t ldd, Py_ssize_t n)
     void fc_phase_dw_gather_x_s(int m, const float *plane, Py_ssize_t W, const Py_ssize_t *rows,
                                 const Py_ssize_t *cols, Py_ssize_t left, Py_ssize_t TW,
-                                Py_ssize_t lo, Py_ssize_t hi, float *D, Py_ssize_t ldd)
+                                Py_ssize_t lo, Py_ssize_t hi, float *D, Py_ssize_t ldd,
+                                Py_ssize_t step)
     void fc_phase_dw_gather_x_d(int m, const double *plane, Py_ssize_t W,
                                 const Py_ssize_t *rows, const Py_ssize_t *cols, Py_ssize_t left,
                                 Py_ssize_t TW, Py_ssize_t lo, Py_ssize_t hi, double *D,
-                                Py_ssize_t ldd)
+                                Py_ssize_t ldd, Py_ssize_t step)
     void fc_phase_scatter_s(int m, const float *Y, Py_ssize_t ldy, float *out, Py_ssize_t OW,
                             Py_ssize_t rows, Py_ssize_t TW, float bias, int relu)
     void fc_phase_scatter_d(int m, const double *Y, Py_ssize_t ldy, double *out, Py_ssize_t OW,
@@ -141,11 +142,11 @@ cdef inline void gather_tiles(int m, const floating *plane, Py_ssize_t W,
 
 cdef inline void gather_x(int m, const floating *plane, Py_ssize_t W, const Py_ssize_t *rows,
                           const Py_ssize_t *cols, Py_ssize_t TW, Py_ssize_t hi, floating *D,
-                          Py_ssize_t ldd) noexcept nogil:
+                          Py_ssize_t ldd, Py_ssize_t step) noexcept nogil:
     if floating is float:
-        fc_phase_dw_gather_x_s(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+        fc_phase_dw_gather_x_s(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd, step)
     else:
-        fc_phase_dw_gather_x_d(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd)
+        fc_phase_dw_gather_x_d(m, plane, W, rows, cols, 0, TW, 0, hi, D, ldd, step)
 
 
 cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floating *out,
@@ -154,6 +155,21 @@ cdef inline void scatter_tiles(int m, const floating *Y, Py_ssize_t ldy, floatin
         fc_phase_scatter_s(m, Y, ldy, out, OW, rows, TW, 0, 0)
     else:
         fc_phase_scatter_d(m, Y, ldy, out, OW, rows, TW, 0, 0)
+
+
+cdef inline void scatter_tiles_strided(int m, const floating *Y, Py_ssize_t ldy,
+                                       floating *out, Py_ssize_t ldo, Py_ssize_t step,
+                                       Py_ssize_t OW, Py_ssize_t rows,
+                                       Py_ssize_t TW) noexcept nogil:
+    """:func:`scatter_tiles` into one stride phase of a plane: tile row value (i, tw*m + j)
+    at ``out[i*ldo + (tw*m + j)*step]`` for columns below OW."""
+    cdef Py_ssize_t i, tw, j, q
+    for i in range(rows):
+        for tw in range(TW):
+            for j in range(m):
+                q = tw * m + j
+                if q < OW:
+                    out[i * ldo + q * step] = Y[(i * m + j) * ldy + tw]
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -336,7 +352,9 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
              const Py_ssize_t[::1] dy_his, const Py_ssize_t[::1] x_rows,
              const Py_ssize_t[::1] x_cols, int m,
              Py_ssize_t rows_per_block, Py_ssize_t sum_chunk, unsigned char[::1] used,
-             int n_threads, bint own_weight_grad=False):
+             int n_threads, bint own_weight_grad=False, Py_ssize_t phase_rows=-1,
+             Py_ssize_t phase_cols=0, Py_ssize_t row0=0, Py_ssize_t col0=0,
+             Py_ssize_t step_h=1, Py_ssize_t step_w=1):
     """grad_x by F(m x m, 2 x 2) and grad_weight's per-thread transform-domain sums by
     F(2 x 2, m x m).
 
@@ -360,9 +378,18 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
     #     used[t] is set (its first block's GEMMs overwrite the row), else garbage
     # OUT used: (n_threads,), written
     # workspace: n_threads equal slices of at least tiles_per_block * (m+1)**2 * (2 + K + C_in)
+
+    With ``phase_rows >= 0``, x and grad_x are one stride phase of the arrays given:
+    ``phase_rows x phase_cols`` values at rows ``row0 + step_h*i`` and columns
+    ``col0 + step_w*j`` (``x_cols`` then holds ``step_w*j``); grad_x's other values are
+    left as they are.
     """
     cdef Py_ssize_t N = x.shape[0], C_in = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t C_out = dy.shape[1], OH_t = dy.shape[2], OW_t = dy.shape[3]
+    # a phase plane's rows are step_h rows of the arrays apart
+    cdef Py_ssize_t ld_plane = step_h * W
+    if phase_rows >= 0:
+        H, W = phase_rows, phase_cols
     cdef Py_ssize_t sh = dy_rows.shape[0], sw = dy_cols.shape[0]
     cdef Py_ssize_t K = sh * sw * C_out
     cdef Py_ssize_t AA = (m + 1) * (m + 1)
@@ -416,8 +443,8 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
             for r in range(r0, r1):
                 n = r // TH
                 th = r - n * TH
-                gather_x(m, &x[n, ci, 0, 0], W, &x_rows[th * m], &x_cols[0], TW, x_hi,
-                         D + (r - r0) * TW, tb)
+                gather_x(m, &x[n, ci, row0, col0], ld_plane, &x_rows[th * m], &x_cols[0],
+                         TW, x_hi, D + (r - r0) * TW, tb, step_w)
             x_transform(m, D, M + ci * tb, C_in * tb, tb)
         # 3. per position, grad_weight's GEMM, then grad_x's M_s = U_s @ V_s over X_s (which
         #    that GEMM has read): the two run back to back while V_s is in cache (dcgan-up's
@@ -434,8 +461,13 @@ def backward(const floating[:, :, :, ::1] dy, const floating[:, :, :, ::1] x,
             for r in range(r0, r1):
                 n = r // TH
                 th = r - n * TH
-                scatter_tiles(m, D + (r - r0) * TW, tb, &grad_x[n, ci, th * m, 0], W,
-                              min(m, H - th * m), TW)
+                if phase_rows < 0:
+                    scatter_tiles(m, D + (r - r0) * TW, tb, &grad_x[n, ci, th * m, 0], W,
+                                  min(m, H - th * m), TW)
+                else:
+                    scatter_tiles_strided(m, D + (r - r0) * TW, tb,
+                                          &grad_x[n, ci, row0 + step_h * th * m, col0],
+                                          ld_plane, step_w, W, min(m, H - th * m), TW)
 
 
 def weight_grad_output(const floating[:, ::1] partial, const unsigned char[::1] used,
@@ -483,3 +515,39 @@ def weight_grad_output(const floating[:, ::1] partial, const unsigned char[::1] 
                         for u in range(2):
                             grad_weight[ci, co, kh0[a] + sh * t, kw0[b] + sw * u] = \
                                 scratch[(ci * K + c) * 4 + t * 2 + u]
+
+
+def stride_phase_taps(const floating[:, :, :, ::1] weight, floating[:, :, :, ::1] taps,
+                      const Py_ssize_t[::1] rows, const Py_ssize_t[::1] cols, int n_threads):
+    """``taps[c, f, t, u] = weight[f, c, rows[t], cols[u]]``: a strided layer's 2x2 stride
+    phase as the weight of a transposed convolution (``fastconv._stride_phases``).
+
+    # IN  weight: (F, C, KH, KW); rows, cols: (2,)
+    # OUT taps: (C, F, 2, 2), every element written
+    """
+    cdef Py_ssize_t F = weight.shape[0], C = weight.shape[1]
+    cdef Py_ssize_t c, f, t, u
+    for c in prange(C, nogil=True, num_threads=n_threads, schedule="static"):
+        for f in range(F):
+            for t in range(2):
+                for u in range(2):
+                    taps[c, f, t, u] = weight[f, c, rows[t], cols[u]]
+
+
+def scatter_stride_phase_taps(const floating[:, :, :, ::1] sums,
+                              floating[:, :, :, ::1] grad_weight, const Py_ssize_t[::1] rows,
+                              const Py_ssize_t[::1] cols, int n_threads):
+    """``grad_weight[f, c, rows[t], cols[u]] = sums[c, f, t, u]``: the transposed
+    convolution's weight gradient back in the strided layer's taps (the inverse of
+    :func:`stride_phase_taps`).
+
+    # IN  sums: (C, F, 2, 2); rows, cols: (2,)
+    # OUT grad_weight: (F, C, KH, KW), the four taps written
+    """
+    cdef Py_ssize_t F = grad_weight.shape[0], C = grad_weight.shape[1]
+    cdef Py_ssize_t c, f, t, u
+    for f in prange(F, nogil=True, num_threads=n_threads, schedule="static"):
+        for c in range(C):
+            for t in range(2):
+                for u in range(2):
+                    grad_weight[f, c, rows[t], cols[u]] = sums[c, f, t, u]

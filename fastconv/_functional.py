@@ -603,6 +603,14 @@ def _conv2d_backward(grad_output, x, weight, stride, padding, dilation, groups, 
         _depthwise.backward(xc, w2d, dy, grad_x, grad_weight.reshape(F, -1), grad_bias,
                             geometry, n_threads)
         return grad_x, grad_weight, grad_bias
+    if (requested == "auto" and algorithm == "direct"
+            and _stride_phases.winograd_pays_off(geometry, np.dtype(dtype).itemsize)):
+        # a strided layer's 2x2 phases by Winograd, grad_x and grad_weight together
+        _stride_phases.backward(dy, xc, w2d.reshape(geometry.weight_shape), geometry, dtype,
+                                n_threads, grad_x, grad_weight)
+        if with_bias:
+            _conv.channel_sums(dy.reshape(N, F, -1), grad_bias, n_threads)
+        return grad_x, grad_weight, grad_bias
     winograd_input = (algorithm == "winograd" and geometry.padding_mode == "zeros"
                       and _winograd.fits_input_grad(geometry))
     # grad_x without a column matrix: by Winograd, by stride phases, or (a 1x1 layer's

@@ -382,13 +382,16 @@ class _WeightGradPlan(NamedTuple):
     channel_block: int    # input channels per work item
     row_phases: int       # row phases some tap reads
     row_index: np.ndarray  # (sh,): the row phase's planes, -1 if no tap reads it
-    offsets: np.ndarray   # (channel_block*KH*KW,): where tap (c, kh, kw) reads in the planes
+    offsets: np.ndarray   # (channel_block*taps,): where tap (c, kh, kw) reads in the planes
     plane_elements: int   # channel_block*row_phases*KW*(band_rows + reach)*OW
+    plane_used: np.ndarray  # (sh*KW,) uint8: whether the taps read plane (ph, kw)
 
 
 @functools.lru_cache(maxsize=256)
-def _weight_grad_plan(g: ConvGeometry, itemsize: int) -> _WeightGradPlan:
-    """Bands and channel blocks whose planes fill about WEIGHT_GRAD_PLANE_BYTES."""
+def _weight_grad_plan(g: ConvGeometry, itemsize: int, taps: tuple | None = None
+                      ) -> _WeightGradPlan:
+    """Bands and channel blocks whose planes fill about WEIGHT_GRAD_PLANE_BYTES; every
+    tap of each channel, or only ``taps`` (indices kh*KW + kw, in that order)."""
     sh, dh = g.stride_h, g.dilation_h
     reach = (g.KH - 1) * dh // sh
     kh = np.arange(g.KH, dtype=np.intp) * dh
@@ -403,11 +406,16 @@ def _weight_grad_plan(g: ConvGeometry, itemsize: int) -> _WeightGradPlan:
     c = np.arange(channel_block, dtype=np.intp)[:, None, None]
     kw = np.arange(g.KW, dtype=np.intp)[None, None, :]
     offsets = ((((c * len(used) + row_index[kh % sh][None, :, None]) * g.KW + kw) * plane
-                + (kh // sh)[None, :, None] * g.OW)).reshape(-1)
-    for array in (row_index, offsets):
+                + (kh // sh)[None, :, None] * g.OW)).reshape(channel_block, -1)
+    taps = tuple(range(g.KH * g.KW)) if taps is None else taps
+    offsets = np.ascontiguousarray(offsets[:, list(taps)]).reshape(-1)
+    plane_used = np.zeros(sh * g.KW, np.uint8)
+    for k in taps:
+        plane_used[(k // g.KW) * dh % sh * g.KW + k % g.KW] = 1
+    for array in (row_index, offsets, plane_used):
         array.flags.writeable = False      # shared by every call with this geometry
     return _WeightGradPlan(band_rows, channel_block, len(used), row_index, offsets,
-                           channel_block * len(used) * g.KW * plane)
+                           channel_block * len(used) * g.KW * plane, plane_used)
 
 
 def pays_off_weight_grad(geometry: ConvGeometry, itemsize: int = 4) -> bool:
@@ -421,17 +429,19 @@ def pays_off_weight_grad(geometry: ConvGeometry, itemsize: int = 4) -> bool:
 
 
 def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeometry, dtype,
-                    n_threads: int, out: np.ndarray) -> np.ndarray:
+                    n_threads: int, out: np.ndarray, taps: tuple | None = None) -> np.ndarray:
     """grad_weight of a plain NCHW layer, ``(F, C*KH*KW)`` into ``out`` (flat), without a
     column matrix: the sums run along dY's rows as they lie and along runs of
     column-tap planes of the input (see ``fastconv._conv_implicit.backward_weight``),
     into per-thread partial sums over the batch that are reduced at the end.
-    ``x`` and ``grad_output`` must be C-contiguous of ``dtype``."""
+    ``x`` and ``grad_output`` must be C-contiguous of ``dtype``. With ``taps`` (indices
+    kh*KW + kw) only those: ``out`` is then ``(F, C, len(taps))``, flat."""
     g = geometry
     itemsize = np.dtype(dtype).itemsize
     plan = _plane_plan(g, itemsize, n_threads)
-    wplan = _weight_grad_plan(g, itemsize)
-    K = g.C * g.KH * g.KW
+    wplan = _weight_grad_plan(g, itemsize, taps)
+    per_channel = g.KH * g.KW if taps is None else len(taps)
+    K = g.C * per_channel
     # + 8: a band's last vector of pixels may read past the last plane (masked, not summed)
     planes = workspace("implicit-planes", dtype, n_threads * (wplan.plane_elements + 8))
     partial = workspace("partial", dtype, n_threads * g.F * K).reshape(n_threads, -1)
@@ -440,6 +450,6 @@ def backward_weight(x: np.ndarray, grad_output: np.ndarray, geometry: ConvGeomet
                                    wplan.row_phases, wplan.offsets, plan.Hq, plan.Wq, g.OH,
                                    g.OW, wplan.band_rows, wplan.channel_block, g.KH, g.KW,
                                    plan.reach, g.stride_h, g.stride_w, g.dilation_w,
-                                   g.pad_left, n_threads)
+                                   g.pad_left, n_threads, per_channel, wplan.plane_used)
     _conv.reduce_rows(partial, out, n_threads)
     return out

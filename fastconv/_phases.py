@@ -159,7 +159,8 @@ def _maps(m: int, H: int, W: int, H_t: int, W_t: int, sh: int, sw: int, ph: int,
     # q = p - top inside [0, ceil((W_t - b)/sw)), dY column sw*p - left
     tops = [(b + pw) // sw for b in range(sw)]
     lefts = np.array([sw * top - b for b, top in enumerate(tops)], dtype=np.intp)
-    los = np.array([min(TW, -(-top // m)) for top in tops], dtype=np.intp)
+    # (a negative top, a stride phase's correlation that crops dY: fastconv._stride_phases)
+    los = np.array([min(TW, max(0, -(-top // m))) for top in tops], dtype=np.intp)
     his = np.array([max(lo, min(TW, (-(-(W_t - b) // sw) - (m + 1) + top) // m + 1))
                     for b, (lo, top) in enumerate(zip(los, tops))], dtype=np.intp)
     maps = (phase_maps(TH, H_t, sh, ph), phase_maps(TW, W_t, sw, pw), lefts, los, his,
@@ -293,16 +294,26 @@ def forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 
 def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
              geometry: ConvGeometry, n_threads: int, grad_x: np.ndarray,
-             grad_weight: np.ndarray) -> None:
+             grad_weight: np.ndarray, x_phase: tuple | None = None,
+             sum_chunks: dict | None = None) -> None:
     """grad_x and grad_weight of a transposed convolution that :func:`applies`.
 
     ``grad_output`` (N, C_out, H_out, W_out), ``x`` (N, C_in, H, W) and
     ``weight`` (C_in, C_out, 2*sh, 2*sw) must be C-contiguous of one float
     dtype; ``grad_x`` and ``grad_weight`` are written in full.
+
+    ``x_phase = (row0, col0, step_h, step_w)``: x (and grad_x) is the stride phase of the
+    arrays given at rows ``row0 + step_h*i`` and columns ``col0 + step_w*j``,
+    ``geometry.OH x geometry.OW`` of them (``fastconv._stride_phases``: a 2x2 phase of a
+    strided layer's backward); grad_x's other values are left as they are.
+    ``sum_chunks``: the GEMMs' sums per BLAS call by tile size, instead of
+    BACKWARD_SUM_CHUNK.
     """
     g = geometry
     dtype = x.dtype
     N, C_in, H, W = x.shape
+    if x_phase is not None:
+        H, W = g.OH, g.OW
     C_out, H_t, W_t = grad_output.shape[1:]
     sh, sw = g.stride_h, g.stride_w
     K = sh * sw * C_out
@@ -310,6 +321,13 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     positions = (m + 1) ** 2
     dy_rows, dy_cols, dy_lefts, dy_los, dy_his, x_rows, x_cols, kh0, kw0 = _maps(
         m, H, W, H_t, W_t, sh, sw, g.pad_top, g.pad_left)
+    phase_args = {}
+    if x_phase is not None:
+        row0, col0, step_h, step_w = x_phase
+        # the phase's columns are step_w apart in x's rows
+        x_cols = np.where(x_cols >= 0, x_cols * step_w, -1)
+        phase_args = dict(phase_rows=H, phase_cols=W, row0=row0, col0=col0, step_h=step_h,
+                          step_w=step_w)
     TW = -(-W // m)
     rows_per_block = _tiling.plan_phase_backward(N, -(-H // m), TW, n_threads)
     per_thread = rows_per_block * TW * positions * (2 + K + C_in)
@@ -324,8 +342,8 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     with single_threaded_blas:
         _conv_phases.backward(grad_output, x, U, grad_x, partial, scratch, dy_rows, dy_cols,
                               dy_lefts, dy_los, dy_his, x_rows, x_cols, m, rows_per_block,
-                              BACKWARD_SUM_CHUNK.get(m, 0), used, n_threads,
-                              _winograd.own_kernel_pays_off(C_in, K, x.itemsize))
+                              (sum_chunks or BACKWARD_SUM_CHUNK).get(m, 0), used, n_threads,
+                              _winograd.own_kernel_pays_off(C_in, K, x.itemsize), **phase_args)
     # the taps' copy is done with: its space holds the transformed sums, 4 per pair
     outputs = workspace("phase-taps", dtype, (C_in + n_threads) * K * 4)
     _conv_phases.weight_grad_output(partial, used, grad_weight, outputs, kh0, kw0, m,

@@ -25,12 +25,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastconv import _conv_direct, _direct
+from fastconv import _conv_direct, _conv_phases, _direct, _implicit
+from fastconv import _phases as _phase_winograd
 from fastconv._padding import source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
-__all__ = ["applies", "pays_off", "backward_input"]
+__all__ = ["applies", "pays_off", "winograd_applies", "winograd_pays_off", "backward_input",
+           "backward"]
 
 
 def applies(geometry: ConvGeometry) -> bool:
@@ -68,6 +70,56 @@ def pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
             and (g.KH > g.stride_h or g.KW > g.stride_w))
 
 
+#: The 2x2 phases' F(4x4, 2x2) GEMMs sum this many terms per BLAS call (the transposed
+#: convolution's BACKWARD_SUM_CHUNK is 64). A phase sums only C_out stacked channels, not
+#: the s*s*C_out of a transposed layer's, and on resnet-3x3-s2 (128 filters) chunks of 64
+#: left grad_x at 10.3x im2col's float32 error (grad_weight 5.5x), chunks of 32 at 7.2x
+#: (4.2x) for 1.00x / 0.99x the time (2 / 1 threads), 16 at 6.1x (5.0x) for 0.98x.
+#: F(3x3, 2x2) stayed at 1.7x (1.2x) but ran 0.95x / 0.96x.
+WINOGRAD_SUM_CHUNKS = {4: 32}
+
+
+def winograd_applies(geometry: ConvGeometry) -> bool:
+    """Whether :func:`backward` can run this layer's backward: it :func:`applies`, some
+    phase meets 2x2 taps (a 3x3 stride-2 layer's one, all four of a 4x4 stride-2 one's),
+    within the phase Winograd's BLAS limits, and the implicit weight gradient takes the
+    other taps."""
+    g = geometry
+    if not applies(g):
+        return False
+    winograd = [p for p in _phases(g) if p.winograd]
+    return (bool(winograd) and all(_phase_winograd.fits(p.geometry) for p in winograd)
+            and _implicit.applies(g))
+
+
+#: ``algorithm="auto"`` takes :func:`backward` where its 2x2 phases run F(4x4, 2x2) (the
+#: phase backward's ``backward_tile``: C * F >= 8192 channel pairs) over at least this
+#: many 2x2 tiles of the phase (over the batch) per channel pair C * F: the filters'
+#: transforms and grad_weight's per-thread sums cost per pair, the savings per tile.
+#: Against the pixel-row phases + implicit grad_weight (whole backward, interleaved,
+#: median of 7, 2 / 1 threads, float32, 8 images, 3x3 stride 2 unless said): 128 -> 128
+#: on 56x56 (resnet-3x3-s2, 0.096 tiles per pair) 1.03-1.07x / 1.07x, 128 -> 256 and 256
+#: -> 128 on 56x56 (0.048) 1.10x / 1.10x and 1.08x / 1.07x, 4x4 stride 2 64 -> 128 on
+#: 32x32 (0.0625) 1.27x / 1.23x; it lost with fewer tiles per pair: one image of
+#: resnet-3x3-s2 (0.012) 0.91x / 0.95x, 256 -> 256 on 28x28 (0.006) 0.87x / 0.91x, 4x4
+#: stride 2 128 -> 256 on 16x16 (0.004) 0.95x / 1.07x, 512 -> 512 on 14x14 0.68x; and
+#: with F(2x2, 2x2) (64 -> 64 on 56x56: 0.99x / 0.93x).
+WINOGRAD_TILES_PER_PAIR = 1 / 32
+
+
+def winograd_pays_off(geometry: ConvGeometry, itemsize: int = 4) -> bool:
+    """Whether ``algorithm="auto"`` takes :func:`backward` for the whole backward: where
+    it :func:`winograd_applies` and grad_x's phases :func:`pays_off`, its 2x2 phases run
+    F(4x4, 2x2) over WINOGRAD_TILES_PER_PAIR tiles per channel pair or more."""
+    g = geometry
+    if not (winograd_applies(g) and pays_off(g, itemsize)):
+        return False
+    winograd = [p.geometry for p in _phases(g) if p.winograd]
+    return all(_phase_winograd.backward_tile(pg) == 4
+               and pg.N * -(-pg.OH // 2) * -(-pg.OW // 2) >= WINOGRAD_TILES_PER_PAIR * g.C * g.F
+               for pg in winograd)
+
+
 class _AxisPhase(NamedTuple):
     """One axis of a phase: the taps that meet it and its correlation's geometry."""
 
@@ -87,6 +139,34 @@ def _axis_phase(phase: int, size: int, kernel: int, stride: int, pad: int,
     # the correlation's output count is dy_size + before + after - len(taps) + 1
     after = count - dy_size - before + len(taps) - 1
     return _AxisPhase(taps, count, before, after)
+
+
+class _Phase(NamedTuple):
+    """One stride phase of grad_x: grad_x's rows ``py + s_h*i``, columns ``px + s_w*j``."""
+
+    py: int
+    px: int
+    rows: _AxisPhase
+    cols: _AxisPhase
+    geometry: ConvGeometry    # the phase as a stride-1 layer of dY: C_out channels in, C_in out
+
+    @property
+    def winograd(self) -> bool:
+        """A 2x2 phase, which :func:`backward` runs by Winograd (``fastconv._phases``)."""
+        return len(self.rows.taps) == len(self.cols.taps) == 2
+
+
+@functools.lru_cache(maxsize=64)
+def _phases(g: ConvGeometry) -> tuple:
+    """The phases of a layer that :func:`applies`, those of at least one grad_x value."""
+    rows = [_axis_phase(py, g.H, g.KH, g.stride_h, g.pad_top, g.OH) for py in range(g.stride_h)]
+    cols = [_axis_phase(px, g.W, g.KW, g.stride_w, g.pad_left, g.OW)
+            for px in range(g.stride_w)]
+    return tuple(_Phase(py, px, rp, cp, ConvGeometry(
+        g.N, g.F, g.OH, g.OW, g.C, len(rp.taps), len(cp.taps), 1, 1, rp.before, rp.after,
+        cp.before, cp.after, 1, 1, rp.size, cp.size))
+        for py, rp in enumerate(rows) for px, cp in enumerate(cols)
+        if rp.size > 0 and cp.size > 0)
 
 
 class _PhasePlan(NamedTuple):
@@ -115,40 +195,37 @@ def _padded(arrays) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _phase_plan(g: ConvGeometry, n_threads: int) -> _PhasePlan:
-    rows = [_axis_phase(py, g.H, g.KH, g.stride_h, g.pad_top, g.OH) for py in range(g.stride_h)]
-    cols = [_axis_phase(px, g.W, g.KW, g.stride_w, g.pad_left, g.OW)
-            for px in range(g.stride_w)]
-    table, rowmaps, colmaps, offsets, geometries = [], [], [], [], []
+def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
+                ) -> _PhasePlan | None:
+    """The pixel-row kernel's plan of every phase, or of those :func:`backward` does not
+    run by Winograd (None where that leaves none)."""
+    phases = [p for p in _phases(g) if not (without_winograd and p.winograd)]
+    if not phases:
+        return None
+    table, rowmaps, colmaps, offsets = [], [], [], []
     tap_row = np.full(g.KH * g.KW, -1, np.intp)
     tap_step = np.zeros(g.KH * g.KW, np.intp)
     wrow = 0
-    for py, rp in enumerate(rows):
-        for px, cp in enumerate(cols):
-            if rp.size == 0 or cp.size == 0:
-                continue
-            KH, KW = len(rp.taps), len(cp.taps)
-            # the phase as a stride-1 layer of dY: C_out channels in, C_in out
-            pg = ConvGeometry(g.N, g.F, g.OH, g.OW, g.C, KH, KW, 1, 1, rp.before, rp.after,
-                              cp.before, cp.after, 1, 1, rp.size, cp.size)
-            width = cp.size + KW - 1
-            lo = min(width, max(0, cp.before))
-            hi = max(lo, min(width, g.OW + cp.before))
-            row = np.array((py, px, rp.size, cp.size, KH, g.F * KW, lo, hi, cp.before, width,
-                        True, wrow), np.intp)
-            table.append(row)
-            rowmaps.append(_direct._row_plan(pg).rowmap)
-            colmaps.append(source_map(width, g.OW, cp.before, cp.after, "zeros"))
-            kw, c = np.arange(KW, dtype=np.intp), np.arange(g.F, dtype=np.intp)
-            offsets.append((c[:, None] * width + kw[None, :]).reshape(-1))
-            # phase row t, dY channel f, column u: row wrow + (t*F + f)*KW + u
-            for t, kh in enumerate(rp.taps):
-                for u, kw in enumerate(cp.taps):
-                    tap_row[kh * g.KW + kw] = wrow + t * g.F * KW + u
-                    tap_step[kh * g.KW + kw] = KW
-            geometries.append(pg)
-            wrow += KH * KW * g.F
+    for phase in phases:
+        rp, cp, pg = phase.rows, phase.cols, phase.geometry
+        KH, KW = pg.KH, pg.KW
+        width = cp.size + KW - 1
+        lo = min(width, max(0, cp.before))
+        hi = max(lo, min(width, g.OW + cp.before))
+        table.append(np.array((phase.py, phase.px, rp.size, cp.size, KH, g.F * KW, lo, hi,
+                               cp.before, width, True, wrow), np.intp))
+        rowmaps.append(_direct._row_plan(pg).rowmap)
+        colmaps.append(source_map(width, g.OW, cp.before, cp.after, "zeros"))
+        kw, c = np.arange(KW, dtype=np.intp), np.arange(g.F, dtype=np.intp)
+        offsets.append((c[:, None] * width + kw[None, :]).reshape(-1))
+        # phase row t, dY channel f, column u: row wrow + (t*F + f)*KW + u
+        for t, kh in enumerate(rp.taps):
+            for u, kw in enumerate(cp.taps):
+                tap_row[kh * g.KW + kw] = wrow + t * g.F * KW + u
+                tap_step[kh * g.KW + kw] = KW
+        wrow += KH * KW * g.F
     # one band for every phase: the one whose rows take the most room sets it
+    geometries = [p.geometry for p in phases]
     widest = max(geometries, key=lambda pg: pg.KH * (pg.OW + pg.KW - 1))
     band = _direct._band_rows(widest, g.F * widest.KH * (widest.OW + widest.KW - 1),
                               n_threads)
@@ -161,20 +238,16 @@ def _phase_plan(g: ConvGeometry, n_threads: int) -> _PhasePlan:
                       tap_row, tap_step, wrow, band, band_elements, pointers, vectors)
 
 
-def pack_weight(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: int,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """The phases' filters for :func:`backward_input`: phase p's taps of ``weight``
+def pack_weight(weight: np.ndarray, plan: _PhasePlan, dtype, n_threads: int) -> np.ndarray:
+    """The phases' filters for :func:`backward_input`: each phase's taps of ``weight``
     (F, C, KH, KW) with the channel axes swapped, packed as
-    :func:`fastconv._direct.pack_weight_rows` packs NCHW rows, stacked by rows; into
-    ``out`` (that many C-contiguous elements of ``dtype``) where given."""
-    g = geometry
-    plan = _phase_plan(g, n_threads)
+    :func:`fastconv._direct.pack_weight_rows` packs NCHW rows, stacked by rows, in a
+    reused workspace (a fresh array per call costs page faults)."""
+    F, C = weight.shape[:2]
     lanes = _direct.NHWC_VECTOR_BYTES // np.dtype(dtype).itemsize
-    ldw = -(-g.C // lanes) * lanes
-    if out is None:
-        # in a reused workspace: a fresh array per call costs page faults
-        out = workspace("phase-weight", dtype, plan.weight_rows * ldw)
-    packed = out[:plan.weight_rows * ldw].reshape(plan.weight_rows, ldw)
+    ldw = -(-C // lanes) * lanes
+    out = workspace("phase-weight", dtype, plan.weight_rows * ldw)
+    packed = out.reshape(plan.weight_rows, ldw)
     _conv_direct.pack_phase_weight(np.ascontiguousarray(weight, dtype=dtype), packed,
                                    plan.tap_row, plan.tap_step, n_threads)
     return packed
@@ -182,14 +255,15 @@ def pack_weight(weight: np.ndarray, geometry: ConvGeometry, dtype, n_threads: in
 
 def backward_input(grad_output: np.ndarray, weight: np.ndarray, geometry: ConvGeometry,
                    dtype, n_threads: int, grad_x: np.ndarray,
-                   wpack: np.ndarray | None = None) -> np.ndarray:
+                   without_winograd: bool = False) -> np.ndarray:
     """grad_x of the layer (``geometry``, :func:`applies`) by its stride phases, into
-    ``grad_x`` (N, C, H, W), every element written. ``grad_output`` must be C-contiguous
-    of ``dtype``; ``wpack``: the weight already packed by :func:`pack_weight`."""
+    ``grad_x`` (N, C, H, W), every element written (with ``without_winograd``, all but
+    the 2x2 phases' elements). ``grad_output`` must be C-contiguous of ``dtype``."""
     g = geometry
-    plan = _phase_plan(g, n_threads)
-    if wpack is None:
-        wpack = pack_weight(weight, g, dtype, n_threads)
+    plan = _phase_plan(g, n_threads, without_winograd)
+    if plan is None:
+        return grad_x
+    wpack = pack_weight(weight, plan, dtype, n_threads)
     zeros = np.zeros(wpack.shape[1], dtype)
     scratch = workspace("direct-nhwc", dtype, n_threads * plan.band_elements)
     pointers = workspace("direct-nhwc-rows", np.intp, n_threads * plan.pointers)
@@ -198,3 +272,38 @@ def backward_input(grad_output: np.ndarray, weight: np.ndarray, geometry: ConvGe
                                    g.stride_h, g.stride_w, plan.band_rows,
                                    _direct.WIDE_KERNEL, plan.vectors, n_threads)
     return grad_x
+
+
+def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
+             geometry: ConvGeometry, dtype, n_threads: int, grad_x: np.ndarray,
+             grad_weight: np.ndarray) -> None:
+    """grad_x and grad_weight of a layer that :func:`winograd_applies`: each 2x2 phase of
+    grad_x, with its four taps of grad_weight, by the phase Winograd of a stride-1 2x2
+    transposed convolution (``fastconv._phases.backward``: its x is that phase of x, its
+    grad_output dY, its filters the phase's taps with the channel axes swapped), reading
+    and writing the phase in place; the other phases by :func:`backward_input`, the other
+    taps by the implicit weight gradient (``fastconv._implicit.backward_weight``).
+    ``grad_output``, ``x`` and ``weight`` must be C-contiguous of ``dtype``; ``grad_x``
+    (N, C, H, W) and ``grad_weight`` (F, C, KH, KW) are written in full."""
+    g = geometry
+    backward_input(grad_output, weight, g, dtype, n_threads, grad_x, without_winograd=True)
+    winograd_taps = []
+    for phase in _phases(g):
+        if not phase.winograd:
+            continue
+        rt = np.array(phase.rows.taps, np.intp)
+        ct = np.array(phase.cols.taps, np.intp)
+        # the transposed convolution's weight (C, F, 2, 2): tap (t, u) = W[:, :, rt[t], ct[u]]
+        taps = workspace("phase-taps-2x2", dtype, g.C * g.F * 4).reshape(g.C, g.F, 2, 2)
+        _conv_phases.stride_phase_taps(weight, taps, rt, ct, n_threads)
+        sums = workspace("phase-grad-weight", dtype, taps.size).reshape(taps.shape)
+        _phase_winograd.backward(grad_output, x, taps, phase.geometry, n_threads, grad_x, sums,
+                                 x_phase=(phase.py, phase.px, g.stride_h, g.stride_w),
+                                 sum_chunks=WINOGRAD_SUM_CHUNKS)
+        _conv_phases.scatter_stride_phase_taps(sums, grad_weight, rt, ct, n_threads)
+        winograd_taps += [kh * g.KW + kw for kh in phase.rows.taps for kw in phase.cols.taps]
+    rest = tuple(k for k in range(g.KH * g.KW) if k not in winograd_taps)
+    if rest:
+        out = workspace("phase-weight-grad-rest", dtype, g.F * g.C * len(rest))
+        _implicit.backward_weight(x, grad_output, g, dtype, n_threads, out, taps=rest)
+        grad_weight.reshape(g.F, g.C, -1)[:, :, list(rest)] = out.reshape(g.F, g.C, -1)

@@ -1631,10 +1631,10 @@ FC_TARGET static void fc_phase2_dw_output_s(
 /* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+   cols[tw*2 + j] = step*(tw*2 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase2_dw_gather_x_s(
     const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 2; i++) {
         float *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
@@ -1651,7 +1651,7 @@ FC_TARGET static void fc_phase2_dw_gather_x_s(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+            d0[tw] = base[step * (2 * tw + 0)]; d1[tw] = base[step * (2 * tw + 1)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 2;
@@ -1836,10 +1836,10 @@ FC_TARGET static void fc_phase2_dw_output_d(
 /* The 2x2 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*2 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*2 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*2 + j] = tw*2 + j - left there, a strided copy. */
+   cols[tw*2 + j] = step*(tw*2 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase2_dw_gather_x_d(
     const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 2; i++) {
         double *restrict d0 = D + (i * 2 + 0) * ldd, *restrict d1 = D + (i * 2 + 1) * ldd;
@@ -1856,7 +1856,7 @@ FC_TARGET static void fc_phase2_dw_gather_x_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[2 * tw + 0]; d1[tw] = base[2 * tw + 1];
+            d0[tw] = base[step * (2 * tw + 0)]; d1[tw] = base[step * (2 * tw + 1)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 2;
@@ -2065,10 +2065,10 @@ FC_TARGET static void fc_phase3_dw_output_s(
 /* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+   cols[tw*3 + j] = step*(tw*3 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase3_dw_gather_x_s(
     const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 3; i++) {
         float *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
@@ -2085,7 +2085,7 @@ FC_TARGET static void fc_phase3_dw_gather_x_s(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+            d0[tw] = base[step * (3 * tw + 0)]; d1[tw] = base[step * (3 * tw + 1)]; d2[tw] = base[step * (3 * tw + 2)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 3;
@@ -2277,10 +2277,10 @@ FC_TARGET static void fc_phase3_dw_output_d(
 /* The 3x3 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*3 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*3 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*3 + j] = tw*3 + j - left there, a strided copy. */
+   cols[tw*3 + j] = step*(tw*3 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase3_dw_gather_x_d(
     const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 3; i++) {
         double *restrict d0 = D + (i * 3 + 0) * ldd, *restrict d1 = D + (i * 3 + 1) * ldd, *restrict d2 = D + (i * 3 + 2) * ldd;
@@ -2297,7 +2297,7 @@ FC_TARGET static void fc_phase3_dw_gather_x_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[3 * tw + 0]; d1[tw] = base[3 * tw + 1]; d2[tw] = base[3 * tw + 2];
+            d0[tw] = base[step * (3 * tw + 0)]; d1[tw] = base[step * (3 * tw + 1)]; d2[tw] = base[step * (3 * tw + 2)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 3;
@@ -2514,10 +2514,10 @@ FC_TARGET static void fc_phase4_dw_output_s(
 /* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*4 + j] = tw*4 + j - left there, a strided copy. */
+   cols[tw*4 + j] = step*(tw*4 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase4_dw_gather_x_s(
     const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 4; i++) {
         float *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
@@ -2534,7 +2534,7 @@ FC_TARGET static void fc_phase4_dw_gather_x_s(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[4 * tw + 0]; d1[tw] = base[4 * tw + 1]; d2[tw] = base[4 * tw + 2]; d3[tw] = base[4 * tw + 3];
+            d0[tw] = base[step * (4 * tw + 0)]; d1[tw] = base[step * (4 * tw + 1)]; d2[tw] = base[step * (4 * tw + 2)]; d3[tw] = base[step * (4 * tw + 3)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 4;
@@ -2733,10 +2733,10 @@ FC_TARGET static void fc_phase4_dw_output_d(
 /* The 4x4 input tile of every tile tw < TW of one tile row of one plane, as
    streams: D[(i*4 + j)*ldd + tw] = plane[rows[i]*W + cols[tw*4 + j]], 0 where the
    row or column map is -1 (padding, or past the input). Tiles [lo, hi) are interior:
-   cols[tw*4 + j] = tw*4 + j - left there, a strided copy. */
+   cols[tw*4 + j] = step*(tw*4 + j) - left there, a strided copy. */
 FC_TARGET static void fc_phase4_dw_gather_x_d(
     const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols,
-    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+    ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
     for (int i = 0; i < 4; i++) {
         double *restrict d0 = D + (i * 4 + 0) * ldd, *restrict d1 = D + (i * 4 + 1) * ldd, *restrict d2 = D + (i * 4 + 2) * ldd, *restrict d3 = D + (i * 4 + 3) * ldd;
@@ -2753,7 +2753,7 @@ FC_TARGET static void fc_phase4_dw_gather_x_d(
             d0[tw] = c[0] < 0 ? 0 : src[c[0]]; d1[tw] = c[1] < 0 ? 0 : src[c[1]]; d2[tw] = c[2] < 0 ? 0 : src[c[2]]; d3[tw] = c[3] < 0 ? 0 : src[c[3]];
         }
         for (ptrdiff_t tw = lo; tw < hi; tw++) {
-            d0[tw] = base[4 * tw + 0]; d1[tw] = base[4 * tw + 1]; d2[tw] = base[4 * tw + 2]; d3[tw] = base[4 * tw + 3];
+            d0[tw] = base[step * (4 * tw + 0)]; d1[tw] = base[step * (4 * tw + 1)]; d2[tw] = base[step * (4 * tw + 2)]; d3[tw] = base[step * (4 * tw + 3)];
         }
         for (ptrdiff_t tw = hi; tw < TW; tw++) {
             const ptrdiff_t *c = cols + tw * 4;
@@ -2794,9 +2794,9 @@ static inline void fc_phase_dw_output_s(int m, const float *src, ptrdiff_t lds, 
     if (m == 2) fc_phase2_dw_output_s(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_output_s(src, lds, dst, ldd, n); else fc_phase4_dw_output_s(src, lds, dst, ldd, n);
 }
 
-static inline void fc_phase_dw_gather_x_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd)
+static inline void fc_phase_dw_gather_x_s(int m, const float *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, float *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    if (m == 2) fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_phase3_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase4_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else if (m == 3) fc_phase3_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase4_dw_gather_x_s(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_scatter_s(int m, const float *Y, ptrdiff_t ldy, float *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, float bias, int relu)
@@ -2834,9 +2834,9 @@ static inline void fc_phase_dw_output_d(int m, const double *src, ptrdiff_t lds,
     if (m == 2) fc_phase2_dw_output_d(src, lds, dst, ldd, n); else if (m == 3) fc_phase3_dw_output_d(src, lds, dst, ldd, n); else fc_phase4_dw_output_d(src, lds, dst, ldd, n);
 }
 
-static inline void fc_phase_dw_gather_x_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd)
+static inline void fc_phase_dw_gather_x_d(int m, const double *plane, ptrdiff_t W, const ptrdiff_t *rows, const ptrdiff_t *cols, ptrdiff_t left, ptrdiff_t TW, ptrdiff_t lo, ptrdiff_t hi, double *D, ptrdiff_t ldd, ptrdiff_t step)
 {
-    if (m == 2) fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else if (m == 3) fc_phase3_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd); else fc_phase4_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd);
+    if (m == 2) fc_phase2_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else if (m == 3) fc_phase3_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step); else fc_phase4_dw_gather_x_d(plane, W, rows, cols, left, TW, lo, hi, D, ldd, step);
 }
 
 static inline void fc_phase_scatter_d(int m, const double *Y, ptrdiff_t ldy, double *out, ptrdiff_t OW, ptrdiff_t rows, ptrdiff_t TW, double bias, int relu)

@@ -510,3 +510,16 @@ def test_weight_grad_inputs_untouched_and_workspace_bounded():
 
     small, large = run_in_thread(sizes)
     assert small == large
+
+
+@pytest.mark.parametrize("taps", [(0,), (1, 3, 4, 5, 7), (8, 2)])
+def test_weight_grad_of_some_taps(taps, dtype):
+    """``taps``: only those taps of each channel, compact, as the full gradient's."""
+    rng = np.random.default_rng(len(taps))
+    x, w, _ = _problem(rng, 2, 7, 13, 11, 5, (3, 3), dtype)
+    g = _geometry(x, w, stride=2, padding=1)
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    full = _weight_grad(x, w, dy, dtype, stride=2, padding=1).reshape(5, 7, 9)
+    some = np.full(5 * 7 * len(taps), np.nan, dtype)
+    _implicit.backward_weight(x, dy, g, dtype, 2, some, taps=taps)
+    np.testing.assert_array_equal(some.reshape(5, 7, -1), full[:, :, list(taps)])

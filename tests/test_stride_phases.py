@@ -168,3 +168,90 @@ def test_inputs_untouched_and_layer_backward():
     layer.W[...] = w
     layer.forward(x)
     np.testing.assert_array_equal(layer.backward(dy), grad_x)
+
+
+#: layers with 2x2 phases: 3x3 stride 2 (one), 4x4 stride 2 (all four), 5x5 stride 2
+#: (one of four), strides of 3 and 1 on one axis, a phase whose correlation crops dY
+#: (padding beyond the kernel's reach on the left), 'same'
+WINOGRAD_GEOMETRIES = [
+    ((3, 3), 2, 1), ((3, 3), 2, 0), ((3, 3), 2, 2), ((4, 4), 2, 1), ((5, 5), 2, 2),
+    ((6, 5), (3, 2), (3, 2, 3, 0)), ((3, 2), (2, 1), 1), ((2, 6), (1, 3), (0, 1, 2, 4)),
+    ((3, 3), 2, "same"),
+]
+
+
+def _winograd_backward(rng, N, C, H, W, F, kernel, stride, padding, dtype, n_threads=2):
+    """(grad_x, grad_weight) of :func:`_stride_phases.backward` from NaN-filled arrays, and
+    the reference's."""
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, *kernel)).astype(dtype)
+    g = _geometry(x.shape, w.shape, stride, padding)
+    assert _stride_phases.winograd_applies(g)
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    grad_x, grad_weight = np.full(x.shape, np.nan, dtype), np.full(w.shape, np.nan, dtype)
+    _stride_phases.backward(dy, x, w, g, dtype, n_threads, grad_x, grad_weight)
+    want = reference.conv2d_backward(dy, x, w, stride, padding)
+    return (grad_x, grad_weight), want[:2], g
+
+
+@pytest.mark.parametrize("kernel,stride,padding", WINOGRAD_GEOMETRIES)
+@pytest.mark.parametrize("H,W", [(11, 13), (14, 9)])
+def test_winograd_route_matches_the_reference(kernel, stride, padding, H, W, dtype):
+    """Each 2x2 phase (and its four taps of grad_weight) by the phase Winograd, reading x
+    and writing grad_x in place; the other phases and taps by the direct kernels."""
+    rng = np.random.default_rng(H + W)
+    got, want, g = _winograd_backward(rng, 2, 6, H, W, 5, kernel, stride, padding, dtype)
+    assert_matches(got[0], want[0], dtype, 5 * kernel[0] * kernel[1], "grad_x")
+    assert_matches(got[1], want[1], dtype, 2 * g.OH * g.OW, "grad_weight")
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_winograd_route_with_f4_tiles(n_threads, dtype):
+    """Enough channel pairs for F(4x4, 2x2), on planes whose tiles end part-way."""
+    rng = np.random.default_rng(n_threads)
+    got, want, g = _winograd_backward(rng, 2, 96, 15, 17, 96, (3, 3), 2, 1, dtype, n_threads)
+    phase = [p for p in _stride_phases._phases(g) if p.winograd][0]
+    assert fastconv._phases.backward_tile(phase.geometry) == 4
+    assert_matches(got[0], want[0], dtype, 96 * 9, "grad_x")
+    assert_matches(got[1], want[1], dtype, 2 * g.OH * g.OW, "grad_weight")
+
+
+def test_winograd_auto_rule():
+    def pays(N=8, C=128, size=56, F=128, kernel=3):
+        g = conv_geometry((N, C, size, size), (F, C, kernel, kernel), 2, 1, 1, 1)
+        return _stride_phases.winograd_pays_off(g)
+
+    assert pays()                                   # resnet-3x3-s2
+    assert pays(C=256) and pays(F=256)
+    assert pays(C=64, size=32, kernel=4)            # every phase 2x2
+    assert not pays(N=1)                            # few tiles for the filters
+    assert not pays(C=256, size=28, F=256)
+    assert not pays(C=64, F=64)                     # F(2x2, 2x2)
+    assert not pays(C=32, F=512)                    # grad_x's phases: few channels
+    assert not _stride_phases.winograd_applies(conv_geometry((8, 64, 56, 56), (64, 64, 3, 3),
+                                                             3, 1, 1, 1))   # no 2x2 phase
+
+
+def test_conv2d_backward_takes_the_winograd_route(monkeypatch):
+    calls = []
+    original = _stride_phases.backward
+    monkeypatch.setattr(_stride_phases, "backward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 96, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((96, 96, 3, 3)).astype(np.float32)
+    g = _geometry(x.shape, w.shape, 2, 1)
+    assert _stride_phases.winograd_pays_off(g)
+    dy = rng.standard_normal(g.output_shape).astype(np.float32)
+    copies = [a.copy() for a in (x, w, dy)]
+    got = fastconv.conv2d_backward(dy, x, w, stride=2, padding=1)
+    assert calls
+    for a, c in zip((x, w, dy), copies):
+        np.testing.assert_array_equal(a, c)
+    want = reference.conv2d_backward(dy, x, w, 2, 1)
+    assert_matches(got[0], want[0], np.float32, 96 * 9, "grad_x")
+    assert_matches(got[1], want[1], np.float32, 5 * 256, "grad_weight")
+    assert_matches(got[2], want[2], np.float32, 5 * 256, "grad_bias")
+    calls.clear()
+    fastconv.conv2d_backward(dy, x, w, stride=2, padding=1, algorithm="direct")
+    assert not calls                                # only 'auto' takes it

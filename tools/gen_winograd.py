@@ -291,12 +291,13 @@ KERNEL_SIGNATURES = {
 #: The phase kernels' signatures (fc_phase<m>_<kind>): the transforms take streams, the
 #: gathers a plane, the weight transform filters.
 _STREAMS = KERNEL_SIGNATURES["input"]
+# both gathers read planes with a column step (dY's phase planes; x's stride phases)
+_STRIDED_GATHER = (KERNEL_SIGNATURES["gather"][0] + ", ptrdiff_t step",
+                   KERNEL_SIGNATURES["gather"][1] + ", step")
 PHASE_KERNEL_SIGNATURES = {
     "input": _STREAMS, "output": _STREAMS, "weight": KERNEL_SIGNATURES["weight"],
-    "gather": (KERNEL_SIGNATURES["gather"][0] + ", ptrdiff_t step",
-               KERNEL_SIGNATURES["gather"][1] + ", step"),
-    "dw_x": _STREAMS, "dw_output": _STREAMS,
-    "dw_gather_x": KERNEL_SIGNATURES["gather"], "scatter": KERNEL_SIGNATURES["scatter"],
+    "gather": _STRIDED_GATHER, "dw_x": _STREAMS, "dw_output": _STREAMS,
+    "dw_gather_x": _STRIDED_GATHER, "scatter": KERNEL_SIGNATURES["scatter"],
 }
 
 #: grad_weight's kernels (fc_winodw<n>_<kind>, n the dY tile size).
@@ -423,7 +424,8 @@ def phase_kernels(matrices) -> list[str]:
                                    suffix, f"dK = AT M A for n (filter, channel) pairs: "
                                    f"{a * a} streams in (row stride lds),\n   each pair's 2x2 "
                                    "kernel gradient at dst[t*4 .. t*4 + 3].", interleaved=True))
-            parts.append(gather(m, m, ctype, suffix, function=f"{name}_dw_gather_x"))
+            parts.append(gather(m, m, ctype, suffix, function=f"{name}_dw_gather_x",
+                                strided=True))
             if m not in _load_variants():
                 parts.append(scatter(m, ctype, suffix))
     parts.append("/* ---- the phase kernels for output tiles m x m ---- */\n")
