@@ -384,7 +384,9 @@ def _conv_call(module, pass_: str, shape: Shape, arrays: dict, **kwargs) -> Call
 
 def auto_algorithm(shape: Shape, pass_: str) -> str:
     """What ``algorithm="auto"`` runs for this row; for the backward, grad_x's family,
-    then grad_weight's after a slash where they differ (``im2col/direct``)."""
+    then grad_weight's after a slash where they differ (``im2col/direct``), or ``phases``
+    for a strided layer's backward by stride phases with the 2x2 ones by Winograd
+    (``fastconv._stride_phases.backward``)."""
     if shape.transposed:
         from fastconv._transposed import _transposed_algorithm
         from fastconv._validation import transposed_geometry
@@ -392,11 +394,14 @@ def auto_algorithm(shape: Shape, pass_: str) -> str:
         geometry = transposed_geometry(shape.input_shape, shape.weight_shape, shape.stride,
                                        shape.pad, 0, shape.groups, 1)
         return _transposed_algorithm("auto", geometry, backward=pass_ == "backward")
+    from fastconv import _stride_phases
     from fastconv._functional import _choose_algorithm, _weight_grad_algorithm
     from fastconv._validation import conv_geometry
 
     geometry = conv_geometry(shape.input_shape, shape.weight_shape, shape.stride, shape.pad, 1,
                              shape.groups)
+    if pass_ == "backward" and _stride_phases.winograd_pays_off(geometry):
+        return "phases"
     algorithm = _choose_algorithm("auto", geometry, "NCHW", backward=pass_ == "backward")
     if pass_ == "forward" or (algorithm == "direct" and shape.groups > 1):
         return algorithm                                # (depthwise: both by its kernels)

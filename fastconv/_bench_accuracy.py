@@ -45,9 +45,13 @@ def _applicable(shape) -> list[str]:
 
 
 def _auto(geometry, pass_: str) -> str:
-    """What ``algorithm="auto"`` runs for one pass of this geometry."""
+    """What ``algorithm="auto"`` runs for one pass of this geometry ("winograd" for a
+    strided layer's backward whose 2x2 stride phases run by Winograd)."""
+    from fastconv import _stride_phases
     from fastconv._functional import _choose_algorithm, _weight_grad_algorithm
 
+    if pass_ != "forward" and _stride_phases.winograd_pays_off(geometry):
+        return "winograd"
     algorithm = _choose_algorithm("auto", geometry, "NCHW", backward=pass_ != "forward")
     if pass_ == "grad_weight":
         return _weight_grad_algorithm("auto", algorithm, geometry)
@@ -59,6 +63,7 @@ def measure_accuracy(shapes: Iterable, threads: int,
     """One row per plain shape and pass (forward, grad_x, grad_weight) with each algorithm's
     error."""
     import fastconv
+    from fastconv import _stride_phases
     from fastconv._bench import relative_error
     from fastconv._validation import conv_geometry
 
@@ -80,17 +85,30 @@ def measure_accuracy(shapes: Iterable, threads: int,
         exact["grad_x"], exact["grad_weight"], _ = fastconv.conv2d_backward(
             a64["grad_output"], a64["x"], a64["weight"], s, p, algorithm="im2col",
             n_threads=threads)
+        # a strided layer's grad_x by stride phases: 'direct' runs them by the pixel-row
+        # kernel; 'auto' may run its 2x2 phases by Winograd (with grad_weight's taps)
+        phases = _stride_phases.applies(geometry)
+        phase_winograd = _stride_phases.winograd_pays_off(geometry)
         for pass_ in ("forward", "grad_x", "grad_weight"):
             row = {"shape": shape.name, "pass": pass_, "auto": _auto(geometry, pass_)}
-            for algorithm in _applicable(shape):
+            algorithms = _applicable(shape)
+            if pass_ != "forward" and phase_winograd:
+                algorithms = algorithms + ["winograd"]
+            for algorithm in algorithms:
                 if pass_ == "forward":
                     got = fastconv.conv2d(a32["x"], a32["weight"], a32["bias"], s, p,
                                           algorithm=algorithm, n_threads=threads)
-                elif algorithm == "direct" and pass_ == "grad_x" and row["auto"] != "direct":
+                elif (algorithm == "direct" and pass_ == "grad_x" and row["auto"] != "direct"
+                      and not phases):
                     continue            # an explicit 'direct' runs im2col's grad_x
                 else:
-                    # a direct grad_x is auto's (a 1x1 layer's, read in place)
-                    run = "auto" if algorithm == "direct" and pass_ == "grad_x" else algorithm
+                    # the stride phases' Winograd is auto's; a direct grad_x of an unstrided
+                    # layer is auto's too (a 1x1 layer's, read in place)
+                    run = algorithm
+                    if algorithm == "winograd" and phase_winograd:
+                        run = "auto"
+                    elif algorithm == "direct" and pass_ == "grad_x" and not phases:
+                        run = "auto"
                     grads = fastconv.conv2d_backward(a32["grad_output"], a32["x"], a32["weight"],
                                                      s, p, algorithm=run, n_threads=threads)
                     got = grads[0] if pass_ == "grad_x" else grads[1]

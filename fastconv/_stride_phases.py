@@ -1,5 +1,5 @@
 """grad_x of strided convolutions by stride phases, each summed in place by the
-pixel-row kernel.
+pixel-row kernel, or the whole backward with the 2x2 phases by Winograd.
 
 grad_x of a convolution with stride s is ``col2im(W.T @ dY)``: every dY value scatters
 into KH*KW input positions. Seen from grad_x instead, input row ``ix = s*i + py``
@@ -16,6 +16,12 @@ rows of one image, all phases, so each cache line of grad_x is completed by one 
 ran only 1.01-1.03x GEMM + col2im: README "Stride phases"). Each phase is the pixel-row
 kernel's NCHW layer (``fastconv._direct.forward_pixel_rows``) with its outputs stored
 ``s_w`` apart.
+
+A 2x2 phase is also the grad_x of a stride-1 2x2 transposed convolution (input: x's phase,
+output gradient: dY), whose grad_weight is the layer's four taps of that phase. So
+:func:`backward` runs such phases by the transposed layers' phase Winograd
+(``fastconv._phases.backward``, which reads x's phase and writes grad_x's in place), the
+rest by the pixel-row phases and the implicit weight gradient of the other taps.
 """
 
 from __future__ import annotations

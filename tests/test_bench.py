@@ -327,7 +327,30 @@ def test_accuracy_rows_compare_every_applicable_algorithm():
     assert "grad_x" in format_table(rows, ACCURACY_COLUMNS)
 
 
+def test_accuracy_rows_of_a_strided_layer_with_winograd_phases():
+    """A stride-2 layer whose backward runs its 2x2 phases by Winograd ('auto' only):
+    its winograd column is auto's, its direct grad_x the pixel-row phases'."""
+    from fastconv._bench_accuracy import measure_accuracy
+
+    wide = Shape("wide-s2", N=5, C=96, H=32, W=32, F=96, KH=3, KW=3, stride=2, pad=1)
+    forward, grad_x, grad_weight = measure_accuracy([wide], threads=2)
+    assert forward["auto"] == "direct" and forward.get("winograd_err") is None
+    for row in (grad_x, grad_weight):
+        assert row["auto"] == "winograd"
+        assert 0 < row["winograd_err"] < 1e-5 and 0 < row["direct_err"] < 1e-5
+        assert row["winograd_vs_im2col"] < 10
+
+
 def test_cli_accuracy(capsys):
     assert _bench.main(["--accuracy", "--only", "cifar-3x3", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "winograd / im2col" in out and "cifar-3x3" in out
+
+
+def test_auto_algorithm_names_the_stride_phases():
+    """resnet-3x3-s2's backward runs by stride phases, its 2x2 phase by Winograd."""
+    shape = {s.name: s for s in _bench.SUITE}["resnet-3x3-s2"]
+    assert _bench.auto_algorithm(shape, "backward") == "phases"
+    assert _bench.auto_algorithm(shape, "forward") == "direct"
+    stem = {s.name: s for s in _bench.SUITE}["resnet-stem"]
+    assert _bench.auto_algorithm(stem, "backward") == "im2col/direct"    # 3 channels
