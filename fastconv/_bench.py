@@ -323,7 +323,8 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def time_call(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+def time_call(fn: Callable[[], object], repeat: int,
+              warmup: float = 0.0) -> tuple[float, object]:
     """Median wall time of ``fn()`` in milliseconds over ``repeat`` runs.
 
     One untimed warm-up run comes first, so cached workspaces, page faults and
@@ -332,10 +333,16 @@ def time_call(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     ~0.1 s after a multi-threaded call and halved the speed of an OpenMP
     region started right after (measured on resnet-3x3: 32 ms vs 16 ms).
     Returns the median and the warm-up's result (for a correctness check that
-    costs no extra run).
+    costs no extra run). ``warmup``: seconds of untimed calls after the warm-up
+    run, so the timed ones see a steady state rather than the first calls after
+    the pause (on the 2-core VM fastconv's first ~0.3 s of 2-thread work after an
+    idle pause ran slower: README "Threads").
     """
     time.sleep(SETTLE_SECONDS)
     result = fn()
+    deadline = time.perf_counter() + warmup
+    while time.perf_counter() < deadline:
+        fn()
     times = []
     for _ in range(max(repeat, 1)):
         start = time.perf_counter()
@@ -498,6 +505,7 @@ def run_suite(
     torch: Optional[bool] = None,
     onnxruntime: Optional[bool] = False,
     progress: Optional[Callable[[str], None]] = None,
+    warmup: float = 0.0,
 ) -> list[dict]:
     """Time every shape x pass and return one dict per table row.
 
@@ -526,6 +534,9 @@ def run_suite(
         takes time and only ``--compare`` asks for it.
     progress : callable, optional
         Called with one line of text per row (``main`` sends them to stderr).
+    warmup : float
+        Seconds of untimed calls before each measurement's timed runs, every
+        implementation alike (:func:`time_call`).
 
     Returns
     -------
@@ -554,7 +565,8 @@ def run_suite(
         with threadpool_limits(limits=threads, user_api="blas"):
             for pass_ in PASSES:
                 row = _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
-                                threads, dtype, repeat, reference_repeat, gemm, ort_modules)
+                                threads, dtype, repeat, reference_repeat, gemm, ort_modules,
+                                warmup)
                 rows.append(row)
                 if progress is not None:
                     progress(_progress_line(row))
@@ -562,11 +574,12 @@ def run_suite(
 
 
 def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
-              threads, dtype, repeat, reference_repeat, gemm, ort_modules=None) -> dict:
+              threads, dtype, repeat, reference_repeat, gemm, ort_modules=None,
+              warmup: float = 0.0) -> dict:
     """Measure one table row (see :func:`run_suite` for the keys)."""
     flops = shape.flops(pass_)
     fast_ms, fast_result = time_call(
-        _conv_call(fastconv, pass_, shape, arrays, n_threads=threads), repeat)
+        _conv_call(fastconv, pass_, shape, arrays, n_threads=threads), repeat, warmup)
     row = {
         "shape": shape.name, "pass": pass_, "dtype": dtype.name, "threads": threads,
         "algorithm": auto_algorithm(shape, pass_), "flops": flops, "fastconv_ms": fast_ms, "gflops": flops / (fast_ms * 1e-3) / 1e9,
@@ -577,14 +590,14 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
     }
     if ref_module is not None:
         ref_ms, ref_result = time_call(
-            _conv_call(ref_module, pass_, shape, arrays), reference_repeat)
+            _conv_call(ref_module, pass_, shape, arrays), reference_repeat, warmup)
         row["reference_ms"] = ref_ms
         row["speedup"] = ref_ms / fast_ms
         row["rel_err"] = relative_error(fast_result, ref_result)
         del ref_result
     if ort_modules is not None and pass_ == "forward":
         ort_call = _bench_onnx.forward_call(ort_modules, shape, arrays, threads)
-        row["ort_ms"], ort_result = time_call(ort_call, repeat)
+        row["ort_ms"], ort_result = time_call(ort_call, repeat, warmup)
         row["vs_ort"] = row["ort_ms"] / fast_ms
         row["ort_rel_err"] = relative_error(ort_result, fast_result)
         del ort_result
@@ -592,21 +605,22 @@ def _time_row(shape, pass_, arrays, fastconv, ref_module, torch_module,
     if shape.is_plain:
         row["nhwc_ms"], _ = time_call(
             _conv_call(fastconv, pass_, shape, nhwc_arrays(arrays), n_threads=threads,
-                       layout="NHWC"), repeat)
+                       layout="NHWC"), repeat, warmup)
         row["nhwc_vs_nchw"] = row["nhwc_ms"] / fast_ms
     if shape.groups == shape.C > 1 and not shape.transposed:
         row["im2col_ms"], _ = time_call(
             _conv_call(fastconv, pass_, shape, arrays, n_threads=threads, algorithm="im2col"),
-            repeat)
+            repeat, warmup)
         row["vs_im2col"] = row["im2col_ms"] / fast_ms
     if gemm and pass_ == "forward" and shape.groups == 1:
-        row["gemm_ms"], _ = time_call(gemm_call(shape, dtype), repeat)
+        row["gemm_ms"], _ = time_call(gemm_call(shape, dtype), repeat, warmup)
         row["vs_gemm"] = fast_ms / row["gemm_ms"]
     if torch_module is not None:
         saved = torch_module.get_num_threads()
         torch_module.set_num_threads(threads)
         try:
-            row["torch_ms"], _ = time_call(_torch_call(torch_module, pass_, shape, arrays), repeat)
+            row["torch_ms"], _ = time_call(_torch_call(torch_module, pass_, shape, arrays),
+                                           repeat, warmup)
         finally:
             torch_module.set_num_threads(saved)
         row["vs_torch"] = row["torch_ms"] / fast_ms
@@ -661,6 +675,7 @@ def run_pool_suite(
     reference_repeat: Optional[int] = None,
     torch: Optional[bool] = None,
     progress: Optional[Callable[[str], None]] = None,
+    warmup: float = 0.0,
 ) -> list[dict]:
     """Time fastconv's pooling against the NumPy reference: one dict per shape x pass.
 
@@ -685,12 +700,12 @@ def run_pool_suite(
                 if module is None:
                     continue
                 calls = _pool_calls(module, shape, arrays, **kwargs)
-                timed[impl] = [time_call(call, n) for call in calls]
+                timed[impl] = [time_call(call, n, warmup) for call in calls]
             if torch_module is not None:
                 saved = torch_module.get_num_threads()
                 torch_module.set_num_threads(threads)
                 try:
-                    timed["torch"] = [time_call(call, repeat)
+                    timed["torch"] = [time_call(call, repeat, warmup)
                                       for call in _torch_pool_calls(torch_module, shape, arrays)]
                 finally:
                     torch_module.set_num_threads(saved)
@@ -953,6 +968,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=_positive_int, default=None, metavar="R",
                         help="timed runs per measurement, after one warm-up "
                              f"(default {DEFAULT_REPEAT})")
+    parser.add_argument("--warmup", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                        help="untimed calls for this long before each measurement's timed "
+                             "runs (every implementation alike): a steady state instead of "
+                             "the first calls after the settle pause (default 0)")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the pure-NumPy reference")
     parser.add_argument("--no-torch", dest="torch", action="store_false",
@@ -975,6 +994,13 @@ def _build_parser() -> argparse.ArgumentParser:
                              "forward + backward at batch N and 2N "
                              f"(default shape: {DEFAULT_MEMORY_SHAPE})")
     return parser
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -1116,14 +1142,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"{threads} threads, {repeat} repeats")
         rows = run_suite(shapes, threads, args.dtype, repeat, reference=args.reference,
                          reference_repeat=reference_repeat, torch=torch,
-                         onnxruntime=onnxruntime, progress=_stderr)
+                         onnxruntime=onnxruntime, progress=_stderr, warmup=args.warmup)
         print(format_table(rows))
         print()
     if pool_shapes:
         _stderr(f"timing {len(pool_shapes)} pooling shape(s), forward and backward")
         rows = run_pool_suite(pool_shapes, threads, args.dtype, repeat, reference=args.reference,
-                              reference_repeat=reference_repeat, torch=torch, progress=_stderr)
+                              reference_repeat=reference_repeat, torch=torch, progress=_stderr,
+                              warmup=args.warmup)
         print(format_table(rows))
         print()
-    print(describe_environment(threads, args.dtype, f"median of {repeat} runs after a warm-up"))
+    how = f"median of {repeat} runs after a warm-up"
+    if args.warmup > 0:
+        how += f" and {args.warmup:g} s of untimed calls"
+    print(describe_environment(threads, args.dtype, how))
     return 0

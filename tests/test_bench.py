@@ -7,6 +7,7 @@ handling. Timing values and ratios are never asserted on.
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -354,3 +355,25 @@ def test_auto_algorithm_names_the_stride_phases():
     assert _bench.auto_algorithm(shape, "forward") == "direct"
     stem = {s.name: s for s in _bench.SUITE}["resnet-stem"]
     assert _bench.auto_algorithm(stem, "backward") == "im2col/direct"    # 3 channels
+
+
+def test_time_call_warmup_runs_untimed_calls_first(monkeypatch):
+    """``warmup`` seconds of untimed calls come between the warm-up run and the timed
+    ones; without it, one warm-up run and ``repeat`` timed ones."""
+    monkeypatch.setattr(_bench, "SETTLE_SECONDS", 0)
+    calls = []
+    _bench.time_call(lambda: calls.append(1), 3)
+    assert len(calls) == 4
+    calls.clear()
+    _bench.time_call(lambda: calls.append(1) or time.sleep(0.002), 3, warmup=0.05)
+    assert len(calls) >= 4 + 10
+
+
+def test_cli_warmup(capsys):
+    assert _bench.main(["--only", "cifar-3x3", "--batch", "1", "--repeat", "1",
+                        "--no-reference", "--no-torch", "--warmup", "0.01"]) == 0
+    assert "0.01 s of untimed calls" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _bench.main(["--warmup", "-1"])
+    with pytest.raises(SystemExit):
+        _bench.main(["--warmup", "nan"])
