@@ -312,7 +312,8 @@ def _pixel_row_plan(g: ConvGeometry, n_threads: int, layout: str = "NHWC") -> _P
     Wp values (NCHW; tap ``(c, kw)`` at ``c*Wp + kw*dw``)."""
     width = row_span(g)
     colmap = source_map(width, g.W, g.pad_left, g.pad_right, g.padding_mode)
-    lo = min(width, g.pad_left)
+    # (a negative padding crops the input: a stride phase of grad_x, fastconv._stride_phases)
+    lo = min(width, max(0, g.pad_left))
     hi = max(lo, min(width, g.W + g.pad_left))
     kw, c = np.arange(g.KW, dtype=np.intp), np.arange(g.C, dtype=np.intp)
     if layout == "NCHW":

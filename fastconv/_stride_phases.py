@@ -33,7 +33,6 @@ import numpy as np
 
 from fastconv import _conv_direct, _conv_phases, _direct, _implicit
 from fastconv import _phases as _phase_winograd
-from fastconv._padding import source_map
 from fastconv._validation import ConvGeometry
 from fastconv._workspace import workspace
 
@@ -215,15 +214,14 @@ def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
     for phase in phases:
         rp, cp, pg = phase.rows, phase.cols, phase.geometry
         KH, KW = pg.KH, pg.KW
-        width = cp.size + KW - 1
-        lo = min(width, max(0, cp.before))
-        hi = max(lo, min(width, g.OW + cp.before))
-        table.append(np.array((phase.py, phase.px, rp.size, cp.size, KH, g.F * KW, lo, hi,
-                               cp.before, width, True, wrow), np.intp))
-        rowmaps.append(_direct._row_plan(pg).rowmap)
-        colmaps.append(source_map(width, g.OW, cp.before, cp.after, "zeros"))
-        kw, c = np.arange(KW, dtype=np.intp), np.arange(g.F, dtype=np.intp)
-        offsets.append((c[:, None] * width + kw[None, :]).reshape(-1))
+        # the phase's padded rows as the pixel-row kernel's NCHW forward lays them out
+        rows = _direct._pixel_row_plan(pg, n_threads, "NCHW")
+        width = len(rows.colmap)
+        table.append(np.array((phase.py, phase.px, rp.size, cp.size, KH, g.F * KW, rows.lo,
+                               rows.hi, cp.before, width, rows.shared, wrow), np.intp))
+        rowmaps.append(rows.rowmap)
+        colmaps.append(rows.colmap)
+        offsets.append(rows.offsets)
         # phase row t, dY channel f, column u: row wrow + (t*F + f)*KW + u
         for t, kh in enumerate(rp.taps):
             for u, kw in enumerate(cp.taps):
@@ -235,6 +233,7 @@ def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
     widest = max(geometries, key=lambda pg: pg.KH * (pg.OW + pg.KW - 1))
     band = _direct._band_rows(widest, g.F * widest.KH * (widest.OW + widest.KW - 1),
                               n_threads)
+    # a band's rows: R + KH - 1 of them (stride 1: the band's output rows share them)
     band_elements = max((band + pg.KH - 1) * (pg.OW + pg.KW - 1) * g.F for pg in geometries)
     pointers = 3 * band * max(pg.KH for pg in geometries)
     vectors = 2 if max(pg.OW for pg in geometries) < _direct.NARROW_ROW else 4
