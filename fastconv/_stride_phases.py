@@ -199,6 +199,27 @@ def _padded(arrays) -> np.ndarray:
     return out
 
 
+class _WinogradSplit(NamedTuple):
+    """What :func:`backward` runs by Winograd and what by the direct kernels."""
+
+    phases: tuple         # per 2x2 phase: (phase, row taps, column taps as index arrays)
+    rest: tuple           # the other taps, kh*KW + kw
+
+
+@functools.lru_cache(maxsize=64)
+def _winograd_split(g: ConvGeometry) -> _WinogradSplit:
+    phases, taken = [], set()
+    for phase in _phases(g):
+        if phase.winograd:
+            rt, ct = (np.array(taps, np.intp) for taps in (phase.rows.taps, phase.cols.taps))
+            for array in (rt, ct):
+                array.flags.writeable = False
+            phases.append((phase, rt, ct))
+            taken.update(kh * g.KW + kw for kh in rt for kw in ct)
+    return _WinogradSplit(tuple(phases),
+                          tuple(k for k in range(g.KH * g.KW) if k not in taken))
+
+
 @functools.lru_cache(maxsize=64)
 def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
                 ) -> _PhasePlan | None:
@@ -207,7 +228,7 @@ def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
     phases = [p for p in _phases(g) if not (without_winograd and p.winograd)]
     if not phases:
         return None
-    table, rowmaps, colmaps, offsets = [], [], [], []
+    table, rowmaps, colmaps, offsets, row_plans = [], [], [], [], []
     tap_row = np.full(g.KH * g.KW, -1, np.intp)
     tap_step = np.zeros(g.KH * g.KW, np.intp)
     wrow = 0
@@ -222,21 +243,21 @@ def _phase_plan(g: ConvGeometry, n_threads: int, without_winograd: bool = False
         rowmaps.append(rows.rowmap)
         colmaps.append(rows.colmap)
         offsets.append(rows.offsets)
+        row_plans.append(rows)
         # phase row t, dY channel f, column u: row wrow + (t*F + f)*KW + u
         for t, kh in enumerate(rp.taps):
             for u, kw in enumerate(cp.taps):
                 tap_row[kh * g.KW + kw] = wrow + t * g.F * KW + u
                 tap_step[kh * g.KW + kw] = KW
         wrow += KH * KW * g.F
-    # one band for every phase: the one whose rows take the most room sets it
+    # one band for every phase: the smallest of the phases' own (the one whose rows take
+    # the most room), and the wider blocks where any phase's rows are long enough
+    band = min(plan.band for plan in row_plans)
+    vectors = max(plan.vectors for plan in row_plans)
     geometries = [p.geometry for p in phases]
-    widest = max(geometries, key=lambda pg: pg.KH * (pg.OW + pg.KW - 1))
-    band = _direct._band_rows(widest, g.F * widest.KH * (widest.OW + widest.KW - 1),
-                              n_threads)
     # a band's rows: R + KH - 1 of them (stride 1: the band's output rows share them)
     band_elements = max((band + pg.KH - 1) * (pg.OW + pg.KW - 1) * g.F for pg in geometries)
     pointers = 3 * band * max(pg.KH for pg in geometries)
-    vectors = 2 if max(pg.OW for pg in geometries) < _direct.NARROW_ROW else 4
     for array in (tap_row, tap_step):
         array.flags.writeable = False
     return _PhasePlan(_padded(table), _padded(rowmaps), _padded(colmaps), _padded(offsets),
@@ -292,12 +313,8 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
     (N, C, H, W) and ``grad_weight`` (F, C, KH, KW) are written in full."""
     g = geometry
     backward_input(grad_output, weight, g, dtype, n_threads, grad_x, without_winograd=True)
-    winograd_taps = []
-    for phase in _phases(g):
-        if not phase.winograd:
-            continue
-        rt = np.array(phase.rows.taps, np.intp)
-        ct = np.array(phase.cols.taps, np.intp)
+    split = _winograd_split(g)
+    for phase, rt, ct in split.phases:
         # the transposed convolution's weight (C, F, 2, 2): tap (t, u) = W[:, :, rt[t], ct[u]]
         taps = workspace("phase-taps-2x2", dtype, g.C * g.F * 4).reshape(g.C, g.F, 2, 2)
         _conv_phases.stride_phase_taps(weight, taps, rt, ct, n_threads)
@@ -306,8 +323,7 @@ def backward(grad_output: np.ndarray, x: np.ndarray, weight: np.ndarray,
                                  x_phase=(phase.py, phase.px, g.stride_h, g.stride_w),
                                  sum_chunks=WINOGRAD_SUM_CHUNKS)
         _conv_phases.scatter_stride_phase_taps(sums, grad_weight, rt, ct, n_threads)
-        winograd_taps += [kh * g.KW + kw for kh in phase.rows.taps for kw in phase.cols.taps]
-    rest = tuple(k for k in range(g.KH * g.KW) if k not in winograd_taps)
+    rest = split.rest
     if rest:
         out = workspace("phase-weight-grad-rest", dtype, g.F * g.C * len(rest))
         _implicit.backward_weight(x, grad_output, g, dtype, n_threads, out, taps=rest)
