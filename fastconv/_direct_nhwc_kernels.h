@@ -139,11 +139,109 @@ TARGET static void NAME(                                                        
 #define FC_DN_STORE_PART_WIDE_D(p, v, n)                                                    \
     _mm512_mask_storeu_pd((p), (__mmask8)((1u << (n)) - 1), (__m512d)(v))
 
+/* The block's sums acc[j][v] (pixels j < R, filters v*LANES + l < nf) stored planar:
+   filter f's R pixels at out[f*plane + j*ostep]. Through a buffer, value by value (any
+   build, any ostep) ... */
+#define FC_DN_STORE_PLANAR_COPY(T, VEC, LANES)                                              \
+    do {                                                                                    \
+        T planar_[FC_DN_MAX_ROWS][FC_DN_MAX_NV * LANES] __attribute__((aligned(64)));      \
+        for (int j = 0; j < R; j++)                                                         \
+            for (int v = 0; v < NV; v++)                                                    \
+                *(VEC *)(planar_[j] + v * LANES) = acc[j][v];                              \
+        for (ptrdiff_t f = 0; f < nf; f++)                                                  \
+            for (int j = 0; j < R; j++)                                                     \
+                out[f * plane + j * ostep] = planar_[j][f];                                 \
+    } while (0)
+
+#if FC_HAVE_V4_BUILD
+/* ... or, in the AVX-512 float build for ostep 1 and 2 (a stride phase of grad_x), by
+   transposing each vector's 16 filters x 8 pixels in registers and storing every
+   filter's pixels with one masked store, spread to the even lanes for ostep 2: the
+   stride phases stored value by value cost their pixel-row kernel ~1.2x (README "Stride
+   phases"). r: pixels 0 .. 7 (n of them valid) of 16 filters, out: the first filter's
+   first pixel; filters past nf are not stored. */
+static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x16_s(
+    const __m512 *r, int n, float *out, ptrdiff_t plane, ptrdiff_t ostep, ptrdiff_t nf)
+{
+    /* per 128-bit lane b: t = rows (2i, 2i+1) of filters 4b .. 4b+3 interleaved */
+    const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
+    const __m512 t4 = _mm512_unpacklo_ps(r[4], r[5]), t5 = _mm512_unpackhi_ps(r[4], r[5]);
+    const __m512 t6 = _mm512_unpacklo_ps(r[6], r[7]), t7 = _mm512_unpackhi_ps(r[6], r[7]);
+    /* u[i] (u[4 + i]): rows 0 .. 3 (4 .. 7) of filter 4b + i in lane b */
+    const __m512 u[8] = {
+        _mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE),
+        _mm512_shuffle_ps(t1, t3, 0x44), _mm512_shuffle_ps(t1, t3, 0xEE),
+        _mm512_shuffle_ps(t4, t6, 0x44), _mm512_shuffle_ps(t4, t6, 0xEE),
+        _mm512_shuffle_ps(t5, t7, 0x44), _mm512_shuffle_ps(t5, t7, 0xEE)};
+    /* lanes 0 .. 1 (2 .. 3) of u[i] and u[4 + i]: filters i, 4 + i (8 + i, 12 + i) */
+    const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29,
+                                         30, 31);
+    /* ostep 2: pixel j to lane 2j, of the first (second) filter of a vector */
+    const __m512i spread0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i spread1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14,
+                                              14, 15, 15);
+    const __mmask8 run = (__mmask8)((1u << n) - 1);
+    const __mmask16 even = (__mmask16)(0x5555u & ((1u << (2 * n)) - 1));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        const __m512 pair[2] = {_mm512_permutex2var_ps(u[i], lo, u[4 + i]),
+                                _mm512_permutex2var_ps(u[i], hi, u[4 + i])};
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const ptrdiff_t f0 = 8 * h + i, f1 = 8 * h + 4 + i;
+            if (ostep == 1) {
+                if (f0 < nf)
+                    _mm256_mask_storeu_ps(out + f0 * plane, run,
+                                          _mm512_castps512_ps256(pair[h]));
+                if (f1 < nf)
+                    _mm256_mask_storeu_ps(out + f1 * plane, run,
+                                          _mm512_extractf32x8_ps(pair[h], 1));
+            } else {
+                if (f0 < nf)
+                    _mm512_mask_storeu_ps(out + f0 * plane, even,
+                                          _mm512_permutexvar_ps(spread0, pair[h]));
+                if (f1 < nf)
+                    _mm512_mask_storeu_ps(out + f1 * plane, even,
+                                          _mm512_permutexvar_ps(spread1, pair[h]));
+            }
+        }
+    }
+}
+
+/* acc's pixels in groups of 8 (the last padded with zeros, not stored) */
+#define FC_DN_STORE_PLANAR_WIDE_S(T, VEC, LANES)                                            \
+    do {                                                                                    \
+        if (ostep > 2) {                                                                    \
+            FC_DN_STORE_PLANAR_COPY(T, VEC, LANES);                                         \
+            break;                                                                          \
+        }                                                                                   \
+        _Pragma("GCC unroll 2")                                                             \
+        for (int g = 0; g < R; g += 8)                                                      \
+            _Pragma("GCC unroll 4")                                                         \
+            for (int v = 0; v < NV; v++) {                                                  \
+                __m512 r_[8];                                                               \
+                _Pragma("GCC unroll 8")                                                     \
+                for (int i = 0; i < 8; i++)                                                 \
+                    r_[i] = g + i < R ? (__m512)acc[g + i][v] : _mm512_setzero_ps();        \
+                fc_dn_store_8x16_s(r_, R - g < 8 ? R - g : 8,                               \
+                                   out + v * LANES * plane + g * ostep, plane, ostep,       \
+                                   nf - v * LANES);                                         \
+            }                                                                               \
+    } while (0)
+#endif
+
+/* GCC cannot see that a block reads `done` only after a chunk wrote it (`chunks`) once
+   its loops are unrolled; the warning points into this macro's definition, so the
+   pragma encloses the definition and the builds below */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 /* FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS,
    CASES1 .. CASES4, STORE_PART): one build of the kernel, blocks of up to MAX_NV vectors
    of LANES, ROWS[NV] pixels at most for NV vectors (CASESn: the switch over those). */
 #define FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS, \
-                       CASES1, CASES2, CASES3, CASES4, STORE_PART)                          \
+                       CASES1, CASES2, CASES3, CASES4, STORE_PART, STORE_PLANAR)            \
 /* out[j*ldo + f] = act(bias[f] + sum over taps) for pixels j < R and filters f < nf      \
    (<= NV*LANES); rowp[kh] + p0: row kh's input at the block's first pixel, rowp[kh]       \
    NULL where the row is all padding (skipped); off[t]: tap t = kw*C + c's offset in a     \
@@ -190,17 +288,18 @@ static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(             
             in_chunk += n;                                                                 \
         }                                                                                  \
     }                                                                                      \
-    /* planar output: the sums go through a buffer, then each filter's R pixels in a run */\
-    T planar_[FC_DN_MAX_ROWS][FC_DN_MAX_NV * LANES] __attribute__((aligned(64)));        \
+    /* unrolled, so that acc stays in registers through the planar store */               \
+    _Pragma("GCC unroll 12")                                                               \
     for (int j = 0; j < R; j++) {                                                          \
         T *o = out + j * ldo;                                                              \
+        _Pragma("GCC unroll 4")                                                            \
         for (int v = 0; v < NV; v++) {                                                     \
             VEC s = (chunks ? done[j * FC_DN_MAX_NV + v] + acc[j][v] : acc[j][v])          \
                     + *(const VEC_U *)(bias + v * LANES);                                  \
             if (relu) /* keep where !(s <= 0): NaN stays, -0 becomes 0 */                 \
                 s = (VEC)((IVEC)s & ~(IVEC)(s <= (VEC){0}));                               \
             if (plane) {                                                                   \
-                *(VEC *)(planar_[j] + v * LANES) = s;                                      \
+                acc[j][v] = s;                                                             \
             } else if ((v + 1) * LANES <= nf) {                                            \
                 *(VEC_U *)(o + v * LANES) = s;                                             \
             } else {                                                                       \
@@ -208,10 +307,13 @@ static inline FC_ALWAYS_INLINE BLOCK_TARGET void fc_dn_block_##sfx(             
             }                                                                              \
         }                                                                                  \
     }                                                                                      \
-    if (plane)                                                                             \
-        for (ptrdiff_t f = 0; f < nf; f++)                                                 \
-            for (int j = 0; j < R; j++)                                                    \
-                out[f * plane + j * ostep] = planar_[j][f];                                \
+    /* planar output: each filter's R pixels one run (or every ostep-th value of one);    \
+       with chunks, the taps are many and the stores' instructions few among them, and   \
+       the transposes cost resnet-3x3-s2's forward 1.035x */                              \
+    if (plane && CHUNKED)                                                                  \
+        FC_DN_STORE_PLANAR_COPY(T, VEC, LANES);                                            \
+    else if (plane)                                                                        \
+        STORE_PLANAR(T, VEC, LANES);                                                       \
 }                                                                                          \
                                                                                            \
 FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 0,        \
@@ -222,18 +324,18 @@ FC_DN_ROW(sfx, T, LANES, TARGET, MAX_NV, ROWS, CASES1, CASES2, CASES3, CASES4, 1
 
 FC_DIRECT_NHWC(s, float, fc_v8sf, fc_v8sf_u, fc_v8si, 8, , FC_TARGET_WIDE, 2,
                FC_DN_ROWS_NARROW, FC_DN_CASES8, FC_DN_CASES6, FC_DN_NO_CASES, FC_DN_NO_CASES,
-               FC_DN_STORE_PART_S)
+               FC_DN_STORE_PART_S, FC_DN_STORE_PLANAR_COPY)
 FC_DIRECT_NHWC(d, double, fc_v4df, fc_v4df_u, fc_v4di, 4, , FC_TARGET_WIDE, 2,
                FC_DN_ROWS_NARROW, FC_DN_CASES8, FC_DN_CASES6, FC_DN_NO_CASES, FC_DN_NO_CASES,
-               FC_DN_STORE_PART_D)
+               FC_DN_STORE_PART_D, FC_DN_STORE_PLANAR_COPY)
 
 #if FC_HAVE_V4_BUILD
 FC_DIRECT_NHWC(wide_s, float, fc_v16sf, fc_v16sf_u, fc_v16si, 16, FC_V4, FC_V4, 4,
                FC_DN_ROWS_WIDE, FC_DN_CASES12, FC_DN_CASES12, FC_DN_CASES8, FC_DN_CASES6,
-               FC_DN_STORE_PART_WIDE_S)
+               FC_DN_STORE_PART_WIDE_S, FC_DN_STORE_PLANAR_WIDE_S)
 FC_DIRECT_NHWC(wide_d, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4, FC_V4, 4,
                FC_DN_ROWS_WIDE, FC_DN_CASES12, FC_DN_CASES12, FC_DN_CASES8, FC_DN_CASES6,
-               FC_DN_STORE_PART_WIDE_D)
+               FC_DN_STORE_PART_WIDE_D, FC_DN_STORE_PLANAR_COPY)
 #else
 /* never called: FC_V4_BUILD_RUNS() is 0 */
 #define fc_dn_row_wide_s fc_dn_row_s
@@ -241,6 +343,7 @@ FC_DIRECT_NHWC(wide_d, double, fc_v8df, fc_v8df_u, fc_v8di, 8, FC_V4, FC_V4, 4,
 #define fc_dn_row_chunked_wide_s fc_dn_row_chunked_s
 #define fc_dn_row_chunked_wide_d fc_dn_row_chunked_d
 #endif
+#pragma GCC diagnostic pop
 
 /* fc_plane_rows_*: the padded rows of one NCHW band (fastconv/_conv_direct.pyx's
    plane_rows). For every channel c < C and each of the n listed copies i, the row at
