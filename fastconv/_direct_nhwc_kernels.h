@@ -14,9 +14,10 @@
 
    NCHW layers run the same blocks (`plane` > 0): the driver copies each channel's row
    padded (a row holds C runs of Wp values), tap (kh, c, kw) lies at
-   `row_kh + ow*sw + c*Wp + kw*dw`, and the block's sums go out through a buffer, each
+   `row_kh + ow*sw + c*Wp + kw*dw`, and the block's sums go out transposed, each
    filter's RB pixels one run of its output plane (`plane` values apart), or every
-   `ostep`-th value of one (a stride phase of grad_x, fastconv/_stride_phases.py). Against the
+   `ostep`-th value of one (a stride phase of grad_x, fastconv/_stride_phases.py): by
+   masked stores in the AVX-512 float build, through a buffer otherwise. Against the
    implicit GEMM of fastconv/_implicit_kernels.h, whose blocks load the input as
    vectors and broadcast the filters, the filters here load as aligned vectors and the
    inputs broadcast: no loads across cache lines, fewer loads per FMA (resnet-3x3-s2
