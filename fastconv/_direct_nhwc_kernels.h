@@ -16,8 +16,9 @@
    padded (a row holds C runs of Wp values), tap (kh, c, kw) lies at
    `row_kh + ow*sw + c*Wp + kw*dw`, and the block's sums go out transposed, each
    filter's RB pixels one run of its output plane (`plane` values apart), or every
-   `ostep`-th value of one (a stride phase of grad_x, fastconv/_stride_phases.py): by
-   masked stores in the AVX-512 float build, through a buffer otherwise. Against the
+   `ostep`-th value of one (a stride phase of grad_x, fastconv/_stride_phases.py):
+   transposed in registers in the float builds (FC_DN_STORE_PLANAR_*), through a buffer in
+   the float64 ones and where taps are summed in chunks. Against the
    implicit GEMM of fastconv/_implicit_kernels.h, whose blocks load the input as
    vectors and broadcast the filters, the filters here load as aligned vectors and the
    inputs broadcast: no loads across cache lines, fewer loads per FMA (resnet-3x3-s2
@@ -201,7 +202,7 @@ static inline FC_ALWAYS_INLINE void fc_dn_store_8x8_s(const fc_v8sf *r, int n, f
 /* acc's pixels (FC_DN_ROWS_NARROW: at most 8), padded with zeros */
 #define FC_DN_STORE_PLANAR_NARROW_S(T, VEC, LANES)                                          \
     do {                                                                                    \
-        if (ostep != 1) {                                                                   \
+        if (ostep != 1 || R > 8) {                                                          \
             FC_DN_STORE_PLANAR_COPY(T, VEC, LANES);                                         \
             break;                                                                          \
         }                                                                                   \
@@ -218,10 +219,11 @@ static inline FC_ALWAYS_INLINE void fc_dn_store_8x8_s(const fc_v8sf *r, int n, f
 #if FC_HAVE_V4_BUILD
 /* ... or, in the AVX-512 float build for ostep 1 and 2 (a stride phase of grad_x), by
    transposing each vector's 16 filters x 8 pixels in registers and storing every
-   filter's pixels with one masked store, spread to the even lanes for ostep 2: the
-   stride phases stored value by value cost their pixel-row kernel ~1.2x (README "Stride
-   phases"). r: pixels 0 .. 7 (n of them valid) of 16 filters, out: the first filter's
-   first pixel; filters past nf are not stored. */
+   filter's pixels with one masked store, spread to the even lanes for ostep 2 (A/B
+   against the buffer, 1 / 2 threads: cifar-3x3's forward 1.10x / 1.44x, lenet-mnist's
+   1.48x / 1.54x, resnet-stem's 1.06x / 1.10x, resnet-3x3-s2's pixel-row stride phases
+   1.01-1.04x). r: pixels 0 .. 7 (n of them valid) of 16 filters, out: the first
+   filter's first pixel; filters past nf are not stored. */
 static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x16_s(
     const __m512 *r, int n, float *out, ptrdiff_t plane, ptrdiff_t ostep, ptrdiff_t nf)
 {
@@ -300,8 +302,10 @@ static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x16_s(
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 /* FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS,
-   CASES1 .. CASES4, STORE_PART): one build of the kernel, blocks of up to MAX_NV vectors
-   of LANES, ROWS[NV] pixels at most for NV vectors (CASESn: the switch over those). */
+   CASES1 .. CASES4, STORE_PART, STORE_PLANAR): one build of the kernel, blocks of up to
+   MAX_NV vectors of LANES, ROWS[NV] pixels at most for NV vectors (CASESn: the switch
+   over those); STORE_PART stores a vector's first lanes, STORE_PLANAR a block of NCHW
+   output (FC_DN_STORE_PLANAR_*). */
 #define FC_DIRECT_NHWC(sfx, T, VEC, VEC_U, IVEC, LANES, BLOCK_TARGET, TARGET, MAX_NV, ROWS, \
                        CASES1, CASES2, CASES3, CASES4, STORE_PART, STORE_PLANAR)            \
 /* out[j*ldo + f] = act(bias[f] + sum over taps) for pixels j < R and filters f < nf      \
