@@ -155,6 +155,46 @@ TARGET static void NAME(                                                        
                 out[f * plane + j * ostep] = planar_[j][f];                                 \
     } while (0)
 
+/* FC_DN_TRANSPOSE_8X8(NAME, TARGET, VEC, IVEC, LO, HI, F1, F2): NAME(r, c) sets c[f] to
+   column f of the 8 x 8 matrix whose rows are r[0 .. 7], by three rounds of two-vector
+   shuffles (GCC's generic ones): LO / HI interleave rows 2i and 2i + 1 value by value
+   (unpacklo / unpackhi: per 16-byte lane for floats, per lane pair for doubles), the
+   second round gathers rows 0 .. 3 (4 .. 7) of two columns into one vector (columns 0
+   and 4, F1 and F1 + 4, F2 and F2 + 4, 3 and 7), the third joins each column's halves. */
+#define FC_DN_TRANSPOSE_8X8(NAME, TARGET, VEC, IVEC, LO, HI, F1, F2)                        \
+static inline FC_ALWAYS_INLINE TARGET void NAME(const VEC *r, VEC *c)                       \
+{                                                                                           \
+    const IVEC lo = LO, hi = HI;                                                            \
+    const IVEC even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};       \
+    const IVEC first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};   \
+    const int column[4] = {0, F1, F2, 3};                                                   \
+    VEC t[8], u[8];                                                                         \
+    _Pragma("GCC unroll 4")                                                                 \
+    for (int i = 0; i < 4; i++) {                                                           \
+        t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo);                           \
+        t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi);                       \
+    }                                                                                       \
+    _Pragma("GCC unroll 2")                                                                 \
+    for (int h = 0; h < 2; h++) {                                                           \
+        u[4 * h] = __builtin_shuffle(t[4 * h], t[4 * h + 2], even);                         \
+        u[4 * h + 1] = __builtin_shuffle(t[4 * h], t[4 * h + 2], odd);                      \
+        u[4 * h + 2] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], even);                 \
+        u[4 * h + 3] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], odd);                  \
+    }                                                                                       \
+    _Pragma("GCC unroll 4")                                                                 \
+    for (int i = 0; i < 4; i++) {                                                           \
+        c[column[i]] = __builtin_shuffle(u[i], u[4 + i], first);                            \
+        c[column[i] + 4] = __builtin_shuffle(u[i], u[4 + i], second);                       \
+    }                                                                                       \
+}
+
+/* floats: unpacklo / unpackhi per 16-byte lane; doubles: per lane pair */
+#define FC_DN_LO_S {0, 8, 1, 9, 4, 12, 5, 13}
+#define FC_DN_HI_S {2, 10, 3, 11, 6, 14, 7, 15}
+#define FC_DN_LO_D {0, 8, 2, 10, 4, 12, 6, 14}
+#define FC_DN_HI_D {1, 9, 3, 11, 5, 13, 7, 15}
+FC_DN_TRANSPOSE_8X8(fc_dn_transpose_8x8_s, , fc_v8sf, fc_v8si, FC_DN_LO_S, FC_DN_HI_S, 1, 2)
+
 /* ... or, in the 32-byte float build for ostep 1, by transposing each vector's 8
    filters x 8 pixels in registers (GCC's generic shuffles: AVX2's unpack / shuffle /
    permute2f128 in the x86-64-v3 clone) and storing each filter's pixels as one run
@@ -165,28 +205,8 @@ TARGET static void NAME(                                                        
 static inline FC_ALWAYS_INLINE void fc_dn_store_8x8_s(const fc_v8sf *r, int n, float *out,
                                                       ptrdiff_t plane, ptrdiff_t nf)
 {
-    const fc_v8si lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-    const fc_v8si even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
-    const fc_v8si first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
-    fc_v8sf t[8], u[8], c[8];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo);
-        t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi);
-    }
-    /* u[i] (u[4 + i]): rows 0 .. 3 (4 .. 7) of filters i and 4 + i, one per 16-byte lane */
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; h++) {
-        u[4 * h] = __builtin_shuffle(t[4 * h], t[4 * h + 2], even);
-        u[4 * h + 1] = __builtin_shuffle(t[4 * h], t[4 * h + 2], odd);
-        u[4 * h + 2] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], even);
-        u[4 * h + 3] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], odd);
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        c[i] = __builtin_shuffle(u[i], u[4 + i], first);
-        c[4 + i] = __builtin_shuffle(u[i], u[4 + i], second);
-    }
+    fc_v8sf c[8];
+    fc_dn_transpose_8x8_s(r, c);
 #pragma GCC unroll 8
     for (int f = 0; f < 8; f++) {
         float *o = out + f * plane;
@@ -225,8 +245,11 @@ static inline FC_ALWAYS_INLINE void fc_dn_store_8x8_s(const fc_v8sf *r, int n, f
    1.01-1.04x). r: pixels 0 .. 7 (n of them valid) of 16 filters, out: the first
    filter's first pixel; filters past nf are not stored. */
 static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x16_s(
-    const __m512 *r, int n, float *out, ptrdiff_t plane, ptrdiff_t ostep, ptrdiff_t nf)
+    const fc_v16sf *rows, int n, float *out, ptrdiff_t plane, ptrdiff_t ostep, ptrdiff_t nf)
 {
+    __m512 r[8];
+    for (int i = 0; i < 8; i++)
+        r[i] = (__m512)rows[i];
     /* per 128-bit lane b: t = rows (2i, 2i+1) of filters 4b .. 4b+3 interleaved */
     const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]);
     const __m512 t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
@@ -278,32 +301,13 @@ static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x16_s(
    shuffles), each filter's run one masked store, or two spread to the even lanes for
    ostep 2 (A/B against the buffer, float64, 1 / 2 threads: cifar-3x3's forward 1.09x /
    1.23x, lenet-mnist's 1.28x / 1.43x, resnet-stem's 1.04x, the stride phases 1.01x) */
+FC_DN_TRANSPOSE_8X8(fc_dn_transpose_8x8_d, FC_V4, fc_v8df, fc_v8di, FC_DN_LO_D, FC_DN_HI_D, 2, 1)
+
 static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x8_d(
     const fc_v8df *r, int n, double *out, ptrdiff_t plane, ptrdiff_t ostep, ptrdiff_t nf)
 {
-    const fc_v8di lo = {0, 8, 2, 10, 4, 12, 6, 14}, hi = {1, 9, 3, 11, 5, 13, 7, 15};
-    const fc_v8di even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
-    const fc_v8di first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
-    fc_v8df t[8], u[8], c[8];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], lo);
-        t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], hi);
-    }
-    /* u[4h + k]: rows 4h .. 4h+3 of filters (2, 6), (0, 4) ... see c below */
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; h++) {
-        u[4 * h] = __builtin_shuffle(t[4 * h], t[4 * h + 2], even);     /* filters 0, 4 */
-        u[4 * h + 1] = __builtin_shuffle(t[4 * h], t[4 * h + 2], odd);  /* 2, 6 */
-        u[4 * h + 2] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], even); /* 1, 5 */
-        u[4 * h + 3] = __builtin_shuffle(t[4 * h + 1], t[4 * h + 3], odd);  /* 3, 7 */
-    }
-    static const int filter_of[4] = {0, 2, 1, 3};
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        c[filter_of[i]] = __builtin_shuffle(u[i], u[4 + i], first);
-        c[filter_of[i] + 4] = __builtin_shuffle(u[i], u[4 + i], second);
-    }
+    fc_v8df c[8];
+    fc_dn_transpose_8x8_d(r, c);
     const __mmask8 run = (__mmask8)((1u << n) - 1);
     const __m512i spread0 = _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3);
     const __m512i spread1 = _mm512_setr_epi64(4, 4, 5, 5, 6, 6, 7, 7);
@@ -325,7 +329,10 @@ static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x8_d(
     }
 }
 
-#define FC_DN_STORE_PLANAR_WIDE_D(T, VEC, LANES)                                            \
+/* acc's pixels in groups of 8 (the last padded with zeros, not stored), each group's
+   vectors stored by STORE8 (fc_dn_store_8x16_s, fc_dn_store_8x8_d); ostep > 2 through the
+   buffer */
+#define FC_DN_STORE_PLANAR_GROUPS(T, VEC, LANES, STORE8)                                    \
     do {                                                                                    \
         if (ostep > 2) {                                                                    \
             FC_DN_STORE_PLANAR_COPY(T, VEC, LANES);                                         \
@@ -335,36 +342,19 @@ static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x8_d(
         for (int g = 0; g < R; g += 8)                                                      \
             _Pragma("GCC unroll 4")                                                         \
             for (int v = 0; v < NV; v++) {                                                  \
-                fc_v8df r_[8];                                                              \
+                VEC r_[8];                                                                  \
                 _Pragma("GCC unroll 8")                                                     \
                 for (int i = 0; i < 8; i++)                                                 \
-                    r_[i] = g + i < R ? acc[g + i][v] : (fc_v8df){0};                       \
-                fc_dn_store_8x8_d(r_, R - g < 8 ? R - g : 8,                                \
-                                  out + v * LANES * plane + g * ostep, plane, ostep,        \
-                                  nf - v * LANES);                                          \
+                    r_[i] = g + i < R ? acc[g + i][v] : (VEC){0};                           \
+                STORE8(r_, R - g < 8 ? R - g : 8, out + v * LANES * plane + g * ostep,      \
+                       plane, ostep, nf - v * LANES);                                       \
             }                                                                               \
     } while (0)
-
-/* acc's pixels in groups of 8 (the last padded with zeros, not stored) */
 #define FC_DN_STORE_PLANAR_WIDE_S(T, VEC, LANES)                                            \
-    do {                                                                                    \
-        if (ostep > 2) {                                                                    \
-            FC_DN_STORE_PLANAR_COPY(T, VEC, LANES);                                         \
-            break;                                                                          \
-        }                                                                                   \
-        _Pragma("GCC unroll 2")                                                             \
-        for (int g = 0; g < R; g += 8)                                                      \
-            _Pragma("GCC unroll 4")                                                         \
-            for (int v = 0; v < NV; v++) {                                                  \
-                __m512 r_[8];                                                               \
-                _Pragma("GCC unroll 8")                                                     \
-                for (int i = 0; i < 8; i++)                                                 \
-                    r_[i] = g + i < R ? (__m512)acc[g + i][v] : _mm512_setzero_ps();        \
-                fc_dn_store_8x16_s(r_, R - g < 8 ? R - g : 8,                               \
-                                   out + v * LANES * plane + g * ostep, plane, ostep,       \
-                                   nf - v * LANES);                                         \
-            }                                                                               \
-    } while (0)
+    FC_DN_STORE_PLANAR_GROUPS(T, VEC, LANES, fc_dn_store_8x16_s)
+#define FC_DN_STORE_PLANAR_WIDE_D(T, VEC, LANES)                                            \
+    FC_DN_STORE_PLANAR_GROUPS(T, VEC, LANES, fc_dn_store_8x8_d)
+
 #endif
 
 /* GCC cannot see that a block reads `done` only after a chunk wrote it (`chunks`) once
