@@ -209,9 +209,9 @@ static inline FC_ALWAYS_INLINE void fc_dn_store_8x8_s(const fc_v8sf *r, int n, f
     fc_dn_transpose_8x8_s(r, c);
 #pragma GCC unroll 8
     for (int f = 0; f < 8; f++) {
-        float *o = out + f * plane;
         if (f >= nf)
             continue;
+        float *o = out + f * plane;
         if (n == 8)
             *(fc_v8sf_u *)o = c[f];
         else
@@ -315,9 +315,9 @@ static inline FC_ALWAYS_INLINE FC_V4 void fc_dn_store_8x8_d(
     const __mmask8 even1 = (__mmask8)(n > 4 ? 0x55u & ((1u << (2 * (n - 4))) - 1) : 0);
 #pragma GCC unroll 8
     for (int f = 0; f < 8; f++) {
-        double *o = out + f * plane;
         if (f >= nf)
             continue;
+        double *o = out + f * plane;
         if (ostep == 1) {
             _mm512_mask_storeu_pd(o, run, (__m512d)c[f]);
         } else {
