@@ -77,6 +77,38 @@ def test_channel_tails_and_one_row_bands(C, F, dtype, kernel_build, one_row_band
     assert_matches(got, want, dtype, F * 9, "grad_x")
 
 
+def _taps_per_phase(size, stride, pad):
+    """How many kernel taps along one axis each phase of it meets: input index
+    ``stride*i + p`` meets the taps ``k = p + pad (mod stride)``."""
+    return [sum(1 for k in range(size) if (k - p - pad) % stride == 0) for p in range(stride)]
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [
+    ((3, 3), 2, 1), ((3, 3), 2, 0), ((3, 3), 2, (0, 1, 1, 0)), ((5, 5), 2, 2), ((4, 4), 2, 1)])
+@pytest.mark.parametrize("C", [20, 40])
+def test_without_winograd_leaves_the_2x2_phases_alone(kernel, stride, padding, C, dtype,
+                                                      kernel_build):
+    """The pass before the Winograd one writes every other phase in place, its values
+    ``s_w`` apart (masked stores spread to every other lane in the AVX-512 builds), and
+    must not touch the 2x2 phases' elements, which lie between them: those stay NaN."""
+    rng = np.random.default_rng(C)
+    N, H, W, F = 2, 13, 15, 7
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, *kernel)).astype(dtype)
+    g = _geometry(x.shape, w.shape, stride, padding)
+    dy = rng.standard_normal(g.output_shape).astype(dtype)
+    got = np.full(x.shape, np.nan, dtype)
+    _stride_phases.backward_input(dy, w, g, dtype, 2, got, without_winograd=True)
+    want = reference.conv2d_backward(dy, x, w, stride, padding)[0]
+    rows = np.array(_taps_per_phase(g.KH, g.stride_h, g.pad_top))[np.arange(H) % g.stride_h]
+    cols = np.array(_taps_per_phase(g.KW, g.stride_w, g.pad_left))[np.arange(W) % g.stride_w]
+    winograd = (rows[:, None] == 2) & (cols[None, :] == 2)
+    assert winograd.any()
+    assert np.isnan(got[..., winograd]).all()
+    assert_matches(got[..., ~winograd], want[..., ~winograd], dtype, F * kernel[0] * kernel[1],
+                   "grad_x")
+
+
 def test_many_taps_sum_in_chunks(dtype):
     """A phase of more taps than the kernel sums in one run (FC_DN_CHUNK: 256)."""
     rng = np.random.default_rng(3)
